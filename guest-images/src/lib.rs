@@ -1,0 +1,2 @@
+//! Runtime shared by the EL1 test guests.
+#![no_std]
