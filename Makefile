@@ -1,0 +1,70 @@
+# vmfork: build, boot and test the EL2 monitor on QEMU's virt board.
+#
+#   make                build the monitor, the guest images and the host tools
+#   make qemu-virt      build and boot the monitor interactively (Ctrl-A X quits QEMU)
+#                       SMP=4 MEM=2G QEMU_ARGS='...' APPEND='log=debug'
+#   make test           every test: host unit/property tests, then the QEMU integration tests
+#   make lint           cargo fmt --check and clippy (host and bare-metal crates)
+#   make clean          remove build output
+
+SHELL        := /bin/bash
+CARGO        ?= cargo
+QEMU         ?= qemu-system-aarch64
+TARGET       := aarch64-unknown-none
+PROFILE_DIR  := target/$(TARGET)/release
+MONITOR      := $(PROFILE_DIR)/vmfork-monitor
+SMP          ?= 4
+MEM          ?= 2G
+APPEND       ?=
+QEMU_ARGS    ?=
+
+# The board: EL2 (virtualization=on), GICv3, PSCI over SMC. pauth-impdef=on: QEMU's default
+# pointer-authentication algorithm is about 3x slower to emulate.
+QEMU_MACHINE := -M virt,virtualization=on,gic-version=3 -cpu max,pauth-impdef=on
+
+.PHONY: all build monitor guests tools qemu-virt test test-host test-qemu lint clean ensure-qemu
+
+all: build
+
+build: monitor guests tools
+
+monitor:
+	$(CARGO) build --release --target $(TARGET) -p vmfork-monitor
+
+guests:
+	$(CARGO) build --release --target $(TARGET) -p vmfork-guests
+
+tools:
+	$(CARGO) build --release -p vmfork
+
+# Installs QEMU when it is missing: with apt-get as root, otherwise says what to run.
+ensure-qemu:
+	@if ! command -v $(QEMU) >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "$(QEMU) not found: installing qemu-system-arm"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-arm; \
+	  else \
+	    echo "$(QEMU) not found. Install it with: sudo apt-get install -y qemu-system-arm" >&2; exit 1; \
+	  fi; \
+	fi
+
+qemu-virt: ensure-qemu build
+	$(QEMU) $(QEMU_MACHINE) -smp $(SMP) -m $(MEM) -nographic -semihosting \
+	  -kernel $(MONITOR) $(if $(APPEND),-append "$(APPEND)") $(QEMU_ARGS)
+
+test: ensure-qemu build test-host test-qemu
+
+test-host:
+	$(CARGO) test
+
+test-qemu: ensure-qemu build
+	$(CARGO) test --release -p vmfork-tests
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --release -p vmfork-tests --all-targets -- -D warnings
+	$(CARGO) clippy --release --target $(TARGET) -p vmfork-monitor -p vmfork-guests -- -D warnings
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,159 @@
+//! The monitor's console: the board's PL011 UART, a lock that keeps lines from different CPUs
+//! whole, and the `log` logger on top of it.
+//!
+//! The lock records which CPU holds it, so that a fault or panic raised while a CPU is printing
+//! can still print its report from that same CPU instead of deadlocking.
+
+use core::fmt::{self, Write};
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::percpu::cpu_index;
+
+/// Where QEMU's virt board puts its PL011; used until the device tree has been read.
+pub const EARLY_UART_BASE: usize = 0x0900_0000;
+
+static UART_BASE: AtomicUsize = AtomicUsize::new(EARLY_UART_BASE);
+const NO_OWNER: usize = usize::MAX;
+static OWNER: AtomicUsize = AtomicUsize::new(NO_OWNER);
+
+/// PL011 data register offset.
+const UARTDR: usize = 0x00;
+/// PL011 flag register offset.
+const UARTFR: usize = 0x18;
+/// UARTFR.TXFF: transmit FIFO full.
+const FR_TXFF: u32 = 1 << 5;
+
+/// Uses the PL011 at `base` (from the device tree) from now on.
+pub fn set_uart_base(base: usize) {
+    UART_BASE.store(base, Ordering::SeqCst);
+}
+
+fn put_byte(b: u8) {
+    let base = UART_BASE.load(Ordering::Relaxed);
+    // SAFETY: `base` is the PL011 named by the device tree (or QEMU virt's fixed one), mapped as
+    // Device memory (or accessed with the MMU off, which is Device too). Volatile accesses of the
+    // register width are how the UART is driven.
+    unsafe {
+        while core::ptr::read_volatile((base + UARTFR) as *const u32) & FR_TXFF != 0 {
+            core::hint::spin_loop();
+        }
+        core::ptr::write_volatile((base + UARTDR) as *mut u32, b as u32);
+    }
+}
+
+/// Writer that sends text to the UART, turning `\n` into `\r\n`.
+struct Uart;
+
+impl Write for Uart {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for b in s.bytes() {
+            if b == b'\n' {
+                put_byte(b'\r');
+            }
+            put_byte(b);
+        }
+        Ok(())
+    }
+}
+
+/// Holds the console for one CPU. Re-entrant on the same CPU (an exception raised while printing
+/// may print its own report).
+struct ConsoleGuard {
+    release: bool,
+}
+
+impl ConsoleGuard {
+    fn acquire(force_after_spins: Option<u64>) -> Self {
+        let me = cpu_index();
+        let mut spins = 0u64;
+        loop {
+            match OWNER.compare_exchange(NO_OWNER, me, Ordering::Acquire, Ordering::Relaxed) {
+                Ok(_) => return Self { release: true },
+                Err(owner) if owner == me => return Self { release: false },
+                Err(_) => {
+                    spins += 1;
+                    if force_after_spins.is_some_and(|limit| spins > limit) {
+                        // Another CPU holds the console and does not let go (it may be wedged):
+                        // an emergency report matters more than a clean line.
+                        return Self { release: false };
+                    }
+                    core::hint::spin_loop();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for ConsoleGuard {
+    fn drop(&mut self) {
+        if self.release {
+            OWNER.store(NO_OWNER, Ordering::Release);
+        }
+    }
+}
+
+/// Prints formatted text as one uninterrupted block.
+pub fn print(args: fmt::Arguments) {
+    let _guard = ConsoleGuard::acquire(None);
+    let _ = Uart.write_fmt(args);
+}
+
+/// Prints a fault or panic report: like [`print`], but it will not wait forever for a CPU that
+/// holds the console.
+pub fn emergency_print(args: fmt::Arguments) {
+    let _guard = ConsoleGuard::acquire(Some(10_000_000));
+    let _ = Uart.write_fmt(args);
+}
+
+/// `print!` on the monitor console.
+#[macro_export]
+macro_rules! print {
+    ($($arg:tt)*) => { $crate::console::print(format_args!($($arg)*)) };
+}
+
+/// `println!` on the monitor console; the whole line is written under the console lock.
+#[macro_export]
+macro_rules! println {
+    () => { $crate::console::print(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::console::print(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// The `log` backend: `[seconds.micros] LEVEL cpuN: message`, one line at a time.
+struct Logger;
+
+impl log::Log for Logger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let (ticks, freq) = crate::arch::counter();
+        let micros = if freq == 0 {
+            0
+        } else {
+            (ticks as u128 * 1_000_000 / freq as u128) as u64
+        };
+        print(format_args!(
+            "[{:>5}.{:06}] {:<5} cpu{}: {}\n",
+            micros / 1_000_000,
+            micros % 1_000_000,
+            record.level(),
+            cpu_index(),
+            record.args()
+        ));
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: Logger = Logger;
+
+/// Installs the logger with the given maximum level.
+pub fn init_logger(level: log::LevelFilter) {
+    // set_logger fails only if a logger is already installed; then the level still applies.
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(level);
+}
