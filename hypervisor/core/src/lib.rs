@@ -10,4 +10,5 @@
 extern crate alloc;
 
 pub mod addr;
+pub mod cmdline;
 pub mod platform;
