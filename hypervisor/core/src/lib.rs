@@ -10,3 +10,6 @@
 extern crate alloc;
 
 pub mod addr;
+pub mod frame;
+pub mod cmdline;
+pub mod platform;
