@@ -10,6 +10,6 @@
 extern crate alloc;
 
 pub mod addr;
-pub mod frame;
 pub mod cmdline;
+pub mod frame;
 pub mod platform;

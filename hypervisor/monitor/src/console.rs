@@ -98,6 +98,12 @@ pub fn print(args: fmt::Arguments) {
     let _ = Uart.write_fmt(args);
 }
 
+/// Prints without the console lock and without reading TPIDR_EL2: for the one message printed
+/// when the monitor was started at the wrong exception level, where EL2 registers are undefined.
+pub fn print_unlocked(args: fmt::Arguments) {
+    let _ = Uart.write_fmt(args);
+}
+
 /// Prints a fault or panic report: like [`print`], but it will not wait forever for a CPU that
 /// holds the console.
 pub fn emergency_print(args: fmt::Arguments) {

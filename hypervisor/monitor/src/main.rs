@@ -68,9 +68,7 @@ fn has_dtb_magic(addr: usize) -> bool {
 
 /// Finds the DTB: x0 if it points at one, else the start of RAM (QEMU's place for ELF kernels).
 fn locate_dtb(x0: usize) -> Option<&'static [u8]> {
-    let addr = [x0, RAM_BASE_DTB]
-        .into_iter()
-        .find(|&a| has_dtb_magic(a))?;
+    let addr = [x0, RAM_BASE_DTB].into_iter().find(|&a| has_dtb_magic(a))?;
     // SAFETY: a DTB header is 40 bytes and the magic says one starts at `addr`.
     let header = unsafe { core::slice::from_raw_parts(addr as *const u8, 40) };
     let size = platform::blob_size(header).ok()?;
@@ -128,7 +126,12 @@ extern "C" fn rust_main_el2(x0: usize) -> ! {
     if let Err(e) = arch::mmu::init(DEVICE_WINDOW, &ram) {
         fatal(&alloc::format!("cannot build the EL2 identity map: {e}"));
     }
-    boot(dtb, platform, (image_start, image_end), (heap_start, heap_end))
+    boot(
+        dtb,
+        platform,
+        (image_start, image_end),
+        (heap_start, heap_end),
+    )
 }
 
 fn boot(dtb: &[u8], platform: Platform, image: (u64, u64), heap: (u64, u64)) -> ! {
@@ -148,11 +151,28 @@ fn boot(dtb: &[u8], platform: Platform, image: (u64, u64), heap: (u64, u64)) -> 
     );
     let dtb_range = (dtb.as_ptr() as u64, dtb.as_ptr() as u64 + dtb.len() as u64);
     log::debug!("device tree at {:#x}..{:#x}", dtb_range.0, dtb_range.1);
-    log::debug!("image {:#x}..{:#x}, heap {:#x}..{:#x}", image.0, image.1, heap.0, heap.1);
+    log::debug!(
+        "image {:#x}..{:#x}, heap {:#x}..{:#x}",
+        image.0,
+        image.1,
+        heap.0,
+        heap.1
+    );
     for r in &platform.ram {
         log::debug!("ram {:#x}..{:#x}", r.base, r.base + r.size);
     }
-    log::debug!("platform: {platform:?}");
+    log::debug!(
+        "{} cpus, uart {:x?}, gic {:x?}, psci {:?}, {} virtio-mmio slots, fw_cfg {:x?}",
+        platform.cpus.len(),
+        platform.uart.as_ref().map(|u| u.region.base),
+        platform
+            .gic
+            .as_ref()
+            .map(|g| (g.version, g.distributor.base)),
+        platform.psci,
+        platform.virtio_mmio.len(),
+        platform.fw_cfg.as_ref().map(|r| r.base)
+    );
     if let Some(psci) = platform.psci {
         arch::psci::set_conduit(psci);
     }
@@ -165,7 +185,26 @@ fn boot(dtb: &[u8], platform: Platform, image: (u64, u64), heap: (u64, u64)) -> 
     let cpus = start_secondaries(&platform);
     let ram_mib: u64 = platform.ram.iter().map(|r| r.size).sum::<u64>() >> 20;
     println!("monitor: ready cpus={cpus} mem={ram_mib}");
+    selftest(vmfork_core::cmdline::value(bootargs, "selftest"));
     idle()
+}
+
+/// `selftest=panic|fault` on the command line makes the monitor fail on purpose once it is ready,
+/// so that tests can check what a panic or an unexpected exception prints and how QEMU exits.
+fn selftest(what: Option<&str>) {
+    match what {
+        None => {}
+        Some("panic") => panic!("selftest: panic requested on the command line"),
+        Some("fault") => {
+            // An address far above RAM that the identity map leaves unmapped.
+            let addr = 0x40_0000_0000usize as *const u64;
+            // SAFETY: not sound on purpose: the read faults and the exception handler stops the
+            // machine; nothing is read.
+            let v = unsafe { core::ptr::read_volatile(addr) };
+            log::error!("selftest: read of unmapped {addr:p} returned {v:#x}");
+        }
+        Some(other) => log::warn!("unknown selftest={other}; expected panic or fault"),
+    }
 }
 
 /// Starts every other CPU of the device tree and waits for each to come online.
@@ -186,7 +225,7 @@ fn start_secondaries(platform: &Platform) -> usize {
             arch::boot::MAX_CPUS
         );
     }
-    let entry = arch::boot::_secondary_start as usize as u64;
+    let entry = arch::boot::_secondary_start as *const () as u64;
     let mut started = 1;
     for (i, &mpidr) in others.iter().enumerate() {
         let index = i + 1;
@@ -218,10 +257,7 @@ extern "C" fn rust_main_secondary(index: usize) -> ! {
     percpu::set_cpu_index(index);
     arch::exception::install_vectors();
     arch::mmu::enable_on_this_cpu();
-    log::debug!(
-        "cpu{index} online (MPIDR {:#x})",
-        arch::mpidr_affinity()
-    );
+    log::debug!("cpu{index} online (MPIDR {:#x})", arch::mpidr_affinity());
     ONLINE.fetch_add(1, Ordering::SeqCst);
     idle()
 }
@@ -235,8 +271,8 @@ fn idle() -> ! {
 /// Entered at any exception level other than EL2: say what is needed and power off.
 #[no_mangle]
 extern "C" fn rust_main_wrong_el(x0: usize, el: u64) -> ! {
-    percpu::set_cpu_index(0);
-    console::print(format_args!(
+    // TPIDR_EL2 and every other EL2 register are undefined below EL2: print without the lock.
+    console::print_unlocked(format_args!(
         "needs EL2: start QEMU with -M virt,virtualization=on (the monitor was entered at EL{el})\n"
     ));
     // Power off through the conduit the device tree names (HVC when QEMU has no EL2).
@@ -246,7 +282,13 @@ extern "C" fn rust_main_wrong_el(x0: usize, el: u64) -> ! {
             fdt.find_node("/psci")
                 .and_then(|n| n.property("method"))
                 .and_then(|p| p.as_str())
-                .map(|m| if m == "smc" { platform::PsciConduit::Smc } else { platform::PsciConduit::Hvc })
+                .map(|m| {
+                    if m == "smc" {
+                        platform::PsciConduit::Smc
+                    } else {
+                        platform::PsciConduit::Hvc
+                    }
+                })
         })
         .unwrap_or(platform::PsciConduit::Hvc);
     arch::psci::set_conduit(conduit);

@@ -21,7 +21,10 @@ pub struct TrapFrame {
 }
 
 const FRAME_SIZE: usize = core::mem::size_of::<TrapFrame>();
-const _: () = assert!(FRAME_SIZE % 16 == 0, "the stack pointer must stay 16-byte aligned");
+const _: () = assert!(
+    FRAME_SIZE % 16 == 0,
+    "the stack pointer must stay 16-byte aligned"
+);
 
 /// Which of the 16 vector entries was taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -39,7 +39,10 @@ static TCR: AtomicU64 = AtomicU64::new(0);
 /// caches on for the calling CPU. Runs once, on the boot CPU, with the heap already usable.
 pub fn init(device: (u64, u64), ram: &[(u64, u64)]) -> Result<(), aarch64_paging::MapError> {
     let mut idmap = IdMap::new(1, El2);
-    idmap.map_range(&MemoryRegion::new(device.0 as usize, device.1 as usize), DEVICE)?;
+    idmap.map_range(
+        &MemoryRegion::new(device.0 as usize, device.1 as usize),
+        DEVICE,
+    )?;
     for &(start, end) in ram {
         idmap.map_range(&MemoryRegion::new(start as usize, end as usize), NORMAL)?;
     }
