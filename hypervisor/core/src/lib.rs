@@ -10,3 +10,5 @@
 extern crate alloc;
 
 pub mod addr;
+pub mod guest_dtb;
+pub mod psci;
