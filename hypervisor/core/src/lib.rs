@@ -11,4 +11,5 @@ extern crate alloc;
 
 pub mod addr;
 pub mod guest_dtb;
+pub mod loader;
 pub mod psci;
