@@ -264,7 +264,7 @@ fn validate(cfg: &GuestDtbConfig) -> Result<(), DtbError> {
             (layout::UART_BASE, layout::UART_SIZE),
             (cfg.ram_base, cfg.ram_size),
         ];
-        if ipa % size != 0
+        if !ipa.is_multiple_of(size)
             || ipa.checked_add(size).is_none()
             || devices.iter().any(|&(b, l)| overlaps(ipa, size, b, l))
         {

@@ -11,5 +11,6 @@ extern crate alloc;
 
 pub mod addr;
 pub mod guest_dtb;
+pub mod guest_spec;
 pub mod loader;
 pub mod psci;
