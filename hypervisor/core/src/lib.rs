@@ -13,3 +13,7 @@ pub mod addr;
 pub mod cmdline;
 pub mod frame;
 pub mod platform;
+pub mod guest_dtb;
+pub mod guest_spec;
+pub mod loader;
+pub mod psci;
