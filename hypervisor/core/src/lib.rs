@@ -17,3 +17,4 @@ pub mod guest_dtb;
 pub mod guest_spec;
 pub mod loader;
 pub mod psci;
+pub mod esr;
