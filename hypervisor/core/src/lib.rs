@@ -11,4 +11,5 @@ extern crate alloc;
 
 pub mod addr;
 pub mod cmdline;
+pub mod esr;
 pub mod platform;
