@@ -763,8 +763,11 @@ fn child_translation(
     if ranges.is_empty() {
         return ctx.translation.clone();
     }
+    if address_cells > 4 || ctx.address_cells > 4 || size_cells > 4 {
+        return Translation::None;
+    }
     let entry = (address_cells + ctx.address_cells + size_cells) as usize * 4;
-    if entry == 0 || address_cells > 4 || ctx.address_cells > 4 || size_cells > 4 {
+    if entry == 0 {
         return Translation::None;
     }
     let windows = ranges

@@ -735,3 +735,43 @@ proptest! {
         prop_assert_eq!(platform::parse(&blob), platform::parse(GICV2));
     }
 }
+
+#[test]
+fn huge_cell_counts_are_not_a_panic() {
+    // A bus whose cell counts would overflow 32-bit arithmetic: an error, not an overflow.
+    let mut b = Builder::default();
+    b.begin("")
+        .prop("#address-cells", &cells(&[0xffff_fffe]))
+        .prop("#size-cells", &cells(&[1]));
+    b.begin("bus")
+        .prop("#address-cells", &cells(&[0xffff_ffff]))
+        .prop("#size-cells", &cells(&[0xffff_ffff]))
+        .prop("ranges", &cells(&[0, 0, 0]));
+    b.begin("virtio@0")
+        .prop("compatible", &string("virtio,mmio"))
+        .prop("reg", &cells(&[0, 0x200]))
+        .end();
+    b.end();
+    b.end();
+    assert!(matches!(
+        platform::parse(&b.finish()),
+        Err(PlatformError::Malformed {
+            node: "virtio-mmio",
+            ..
+        })
+    ));
+    // A memory node read with such cell counts is malformed.
+    let mut b = Builder::default();
+    b.begin("")
+        .prop("#address-cells", &cells(&[0xffff_ffff]))
+        .prop("#size-cells", &cells(&[1]));
+    b.begin("memory@0")
+        .prop("device_type", &string("memory"))
+        .prop("reg", &cells(&[0, 0]))
+        .end();
+    b.end();
+    assert!(matches!(
+        platform::parse(&b.finish()),
+        Err(PlatformError::Malformed { node: "memory", .. })
+    ));
+}
