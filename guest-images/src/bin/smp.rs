@@ -1,12 +1,15 @@
 //! `smp`: starts every CPU in the DTB with PSCI `CPU_ON`, one at a time so the output order is
-//! fixed; each reports its MPIDR. Then all CPUs hammer a shared lock-protected counter to check
+//! fixed; each sets up its GIC redistributor, takes one interrupt from its own virtual timer
+//! and reports its MPIDR. Then all CPUs hammer a shared lock-protected counter to check
 //! that the spin lock (exclusive accesses) works across CPUs, and the boot CPU powers off.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]
 mod guest {
     use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use vmfork_guests::{boot_info, exit, fail, println, psci, smp, sysreg, timer, BootInfo};
+    use vmfork_guests::{
+        boot_info, exit, fail, gic, println, psci, smp, sysreg, timer, BootInfo, MAX_CPUS,
+    };
 
     /// Increments each CPU makes to the shared counter.
     const LOCK_ROUNDS: u64 = 10_000;
@@ -22,7 +25,41 @@ mod guest {
     /// The shared counter; a plain u64 behind the lock.
     static COUNTER: spin::Mutex<u64> = spin::Mutex::new(0);
 
+    /// Per CPU: its own virtual timer interrupt arrived.
+    static TIMER_SEEN: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+
+    fn on_timer(_intid: u32) {
+        timer::disable();
+        if let Some(seen) = smp::current_cpu_index().and_then(|i| TIMER_SEEN.get(i)) {
+            seen.store(true, Ordering::Release);
+        }
+    }
+
+    /// Brings up this CPU's redistributor and CPU interface and waits for one interrupt from
+    /// this CPU's virtual timer (PPI 27), proving per-CPU interrupt delivery.
+    fn timer_check(index: usize) {
+        if let Err(e) = gic::init_cpu() {
+            fail!("smp: FAIL cpu {index}: {e}");
+        }
+        if let Err(e) = gic::enable_ppi(timer::VIRTUAL_TIMER_INTID, gic::DEFAULT_PRIORITY) {
+            fail!("smp: FAIL cpu {index}: {e}");
+        }
+        timer::arm_in(timer::ticks_from_ms(1));
+        loop {
+            sysreg::irq_disable();
+            if TIMER_SEEN[index].load(Ordering::Acquire) {
+                break;
+            }
+            sysreg::wfi();
+            sysreg::irq_enable();
+        }
+        if let Err(e) = gic::disable_ppi(timer::VIRTUAL_TIMER_INTID) {
+            fail!("smp: FAIL cpu {index}: {e}");
+        }
+    }
+
     fn report(index: usize) {
+        timer_check(index);
         let mpidr = sysreg::mpidr_affinity();
         let expected = boot_info().and_then(|b| b.platform.cpus().get(index).copied());
         if expected != Some(mpidr) {
@@ -55,6 +92,12 @@ mod guest {
 
     fn main(boot: &'static BootInfo) -> ! {
         let cpus = boot.platform.cpus();
+        if let Err(e) = gic::init() {
+            fail!("smp: FAIL {e}");
+        }
+        if let Err(e) = gic::set_handler(timer::VIRTUAL_TIMER_INTID, on_timer) {
+            fail!("smp: FAIL {e}");
+        }
         report(boot.boot_cpu);
         UP.store(1, Ordering::Release);
         let timeout = timer::ticks_from_ms(START_TIMEOUT_MS);
