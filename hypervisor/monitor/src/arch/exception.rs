@@ -87,6 +87,14 @@ global_asm!(
     b       el2_exception_common
 .endm
 
+// Exceptions from a guest (lower EL) leave the guest through the world switch in vcpu.rs.
+.macro VENTRY_GUEST index
+    .balign 0x80
+    stp     x0, x1, [sp, #-16]!
+    mov     x1, #\index
+    b       vmfork_guest_exit
+.endm
+
 .section .text.vectors, "ax"
 .balign 0x800
 .global el2_vectors
@@ -99,14 +107,14 @@ el2_vectors:
     VENTRY 5
     VENTRY 6
     VENTRY 7
-    VENTRY 8
-    VENTRY 9
-    VENTRY 10
-    VENTRY 11
-    VENTRY 12
-    VENTRY 13
-    VENTRY 14
-    VENTRY 15
+    VENTRY_GUEST 8
+    VENTRY_GUEST 9
+    VENTRY_GUEST 10
+    VENTRY_GUEST 11
+    VENTRY_GUEST 12
+    VENTRY_GUEST 13
+    VENTRY_GUEST 14
+    VENTRY_GUEST 15
 
 el2_exception_common:
     stp     x2, x3, [sp, #16]

@@ -1,0 +1,127 @@
+//! The EL1 (and EL0) system registers a guest owns, saved and restored around a run.
+//!
+//! The monitor runs at EL2 and never uses these registers itself, so they hold the guest's
+//! values while it runs and are stored back into an [`El1Sysregs`] when another vCPU needs the
+//! CPU. Everything a guest can change is here, so a fork copies a complete vCPU.
+
+/// Defines [`El1Sysregs`] with one field per register and the load/store code for all of them.
+macro_rules! el1_sysregs {
+    ($(#[$doc:meta])* $name:ident { $($field:ident => $reg:literal),* $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, Default, PartialEq, Eq)]
+        pub struct $name {
+            $(
+                #[doc = concat!("`", $reg, "`")]
+                pub $field: u64,
+            )*
+        }
+
+        impl $name {
+            /// Writes every register of `self` into the CPU.
+            ///
+            /// # Safety
+            /// Only while this CPU runs this vCPU: the values become the EL1 context the next
+            /// `eret` to EL1 runs with.
+            pub unsafe fn load(&self) {
+                $(
+                    // SAFETY: writing an EL1 register at EL2 only changes the context of the
+                    // guest about to run (the caller's contract); the monitor does not use it.
+                    unsafe { core::arch::asm!(concat!("msr ", $reg, ", {0}"), in(reg) self.$field, options(nostack, preserves_flags)) };
+                )*
+                // Context synchronization so the writes are in effect before the ERET
+                // (ARM ARM: direct writes to system registers need an ISB to be observed).
+                aarch64_cpu::asm::barrier::isb(aarch64_cpu::asm::barrier::SY);
+            }
+
+            /// Reads every register from the CPU into `self`.
+            pub fn store(&mut self) {
+                $(
+                    // SAFETY: reading an EL1 system register at EL2 has no side effect.
+                    unsafe { core::arch::asm!(concat!("mrs {0}, ", $reg), out(reg) self.$field, options(nostack, preserves_flags)) };
+                )*
+            }
+        }
+    };
+}
+
+el1_sysregs! {
+    /// A vCPU's EL1/EL0 system registers (names as in the ARM ARM, lower case).
+    El1Sysregs {
+    sctlr_el1 => "sctlr_el1",
+    actlr_el1 => "actlr_el1",
+    cpacr_el1 => "cpacr_el1",
+    ttbr0_el1 => "ttbr0_el1",
+    ttbr1_el1 => "ttbr1_el1",
+    tcr_el1 => "tcr_el1",
+    esr_el1 => "esr_el1",
+    afsr0_el1 => "afsr0_el1",
+    afsr1_el1 => "afsr1_el1",
+    far_el1 => "far_el1",
+    mair_el1 => "mair_el1",
+    amair_el1 => "amair_el1",
+    vbar_el1 => "vbar_el1",
+    contextidr_el1 => "contextidr_el1",
+    cntkctl_el1 => "cntkctl_el1",
+    par_el1 => "par_el1",
+    mdscr_el1 => "mdscr_el1",
+    csselr_el1 => "csselr_el1",
+    tpidr_el0 => "tpidr_el0",
+    tpidrro_el0 => "tpidrro_el0",
+    tpidr_el1 => "tpidr_el1",
+    sp_el0 => "sp_el0",
+    sp_el1 => "sp_el1",
+    elr_el1 => "elr_el1",
+    spsr_el1 => "spsr_el1",
+    cntv_ctl_el0 => "cntv_ctl_el0",
+    cntv_cval_el0 => "cntv_cval_el0",
+    }
+}
+
+el1_sysregs! {
+    /// The pointer-authentication keys (FEAT_PAuth), switched only on CPUs that have them:
+    /// on others the registers do not exist and touching them is UNDEFINED.
+    PauthKeys {
+    apiakeylo_el1 => "S3_0_C2_C1_0",
+    apiakeyhi_el1 => "S3_0_C2_C1_1",
+    apibkeylo_el1 => "S3_0_C2_C1_2",
+    apibkeyhi_el1 => "S3_0_C2_C1_3",
+    apdakeylo_el1 => "S3_0_C2_C2_0",
+    apdakeyhi_el1 => "S3_0_C2_C2_1",
+    apdbkeylo_el1 => "S3_0_C2_C2_2",
+    apdbkeyhi_el1 => "S3_0_C2_C2_3",
+    apgakeylo_el1 => "S3_0_C2_C3_0",
+    apgakeyhi_el1 => "S3_0_C2_C3_1",
+    }
+}
+
+/// True when the CPU implements pointer authentication (any of ID_AA64ISAR1_EL1.{APA, API,
+/// GPA, GPI} or ID_AA64ISAR2_EL1.{APA3, GPA3} non-zero), so the key registers exist.
+pub fn has_pauth() -> bool {
+    let isar1: u64;
+    let isar2: u64;
+    // SAFETY: reading ID registers has no side effect. ID_AA64ISAR2_EL1 is written by its
+    // encoding (S3_0_C0_C6_2), which reads as zero on CPUs that predate it.
+    unsafe {
+        core::arch::asm!("mrs {0}, id_aa64isar1_el1", out(reg) isar1, options(nostack));
+        core::arch::asm!("mrs {0}, S3_0_C0_C6_2", out(reg) isar2, options(nostack));
+    }
+    let field = |v: u64, shift: u32| (v >> shift) & 0xf;
+    field(isar1, 4) != 0       // APA
+        || field(isar1, 8) != 0 // API
+        || field(isar1, 24) != 0 // GPA
+        || field(isar1, 28) != 0 // GPI
+        || field(isar2, 12) != 0 // APA3
+        || field(isar2, 8) != 0 // GPA3
+}
+
+impl El1Sysregs {
+    /// The registers of a vCPU that has just been reset: MMU and caches off, as the Linux boot
+    /// protocol and a CPU coming out of reset both expect. SCTLR_EL1 has its RES1 bits set
+    /// (bits 11, 20, 22, 23, 28, 29) and EE=0 (little endian).
+    pub fn reset() -> Self {
+        Self {
+            sctlr_el1: (1 << 11) | (1 << 20) | (1 << 22) | (1 << 23) | (1 << 28) | (1 << 29),
+            ..Self::default()
+        }
+    }
+}
