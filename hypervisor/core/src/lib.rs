@@ -10,3 +10,6 @@
 extern crate alloc;
 
 pub mod addr;
+pub mod mmio;
+pub mod vgic;
+pub mod vuart;
