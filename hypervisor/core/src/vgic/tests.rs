@@ -974,3 +974,108 @@ mod prop {
         }
     }
 }
+
+mod prop_level {
+    //! Level-sensitive sources against a reference: a line per INTID and the guest's active
+    //! state. The guest must see an interrupt exactly while its line is high and it is not
+    //! active, and every deactivation of a level interrupt must be observable (EOI bit).
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The virtual timer PPI and two SPIs, with distinct priorities.
+    const SOURCES: [(u32, u8); 3] = [(VTIMER_INTID, 0x20), (33, 0x80), (40, 0x40)];
+
+    #[derive(Clone, Copy, Debug)]
+    enum Op {
+        Line(usize, bool),
+        /// Enter, optionally acknowledge the most urgent pending LR, optionally deactivate
+        /// it (or a previously held one) before exiting.
+        Run {
+            take: bool,
+            deactivate: bool,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..SOURCES.len(), any::<bool>()).prop_map(|(i, l)| Op::Line(i, l)),
+            (any::<bool>(), any::<bool>())
+                .prop_map(|(take, deactivate)| Op::Run { take, deactivate }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        #[test]
+        fn level_interrupts_follow_their_lines(ops in proptest::collection::vec(op(), 1..80)) {
+            let mut g = gic(1);
+            for &(intid, prio) in &SOURCES {
+                enable(&mut g, 0, intid, prio);
+            }
+            let mut line = [false; SOURCES.len()];
+            let mut active = [false; SOURCES.len()];
+            let idx = |intid: u32| SOURCES.iter().position(|s| s.0 == intid);
+            for op in ops {
+                match op {
+                    Op::Line(i, l) => {
+                        g.set_irq_level(SOURCES[i].0, 0, l)
+                            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                        line[i] = l;
+                    }
+                    Op::Run { take, deactivate } => {
+                        let mut s = g.fill_lrs(0, 4).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                        for (i, &(intid, _)) in SOURCES.iter().enumerate() {
+                            let lr = lrs(&s).into_iter().find(|l| l.vintid() == intid);
+                            let expect = match (line[i] && !active[i], active[i]) {
+                                (true, _) => Some(LrState::Pending),
+                                (false, true) => Some(LrState::Active),
+                                (false, false) => None,
+                            };
+                            prop_assert_eq!(lr.map(|l| l.state()), expect, "INTID {}", intid);
+                            if let Some(l) = lr {
+                                prop_assert!(l.eoi(), "level interrupts always carry EOI");
+                            }
+                        }
+                        let mut taken = None;
+                        if take {
+                            let pick = (0..4)
+                                .filter(|&n| ListRegister(s.lrs[n]).state() == LrState::Pending)
+                                .min_by_key(|&n| ListRegister(s.lrs[n]).priority());
+                            if let Some(n) = pick {
+                                let lr = ListRegister(s.lrs[n]);
+                                let i = idx(lr.vintid()).ok_or_else(|| TestCaseError::fail("unknown INTID"))?;
+                                s.lrs[n] = lr.with_state(LrState::Active).0;
+                                active[i] = true;
+                                taken = Some(n);
+                            }
+                        }
+                        if deactivate {
+                            // Deactivate the one just taken, else any active one.
+                            let n = taken.or_else(|| {
+                                (0..4).find(|&n| ListRegister(s.lrs[n]).state() == LrState::Active)
+                            });
+                            if let Some(n) = n {
+                                let lr = ListRegister(s.lrs[n]);
+                                let i = idx(lr.vintid()).ok_or_else(|| TestCaseError::fail("unknown INTID"))?;
+                                s.lrs[n] = lr.with_state(LrState::Invalid).0;
+                                active[i] = false;
+                            }
+                        }
+                        g.sync_from_lrs(0, &s).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    }
+                }
+                let best = SOURCES
+                    .iter()
+                    .enumerate()
+                    .filter(|&(i, _)| line[i] && !active[i])
+                    .min_by_key(|&(_, s)| s.1)
+                    .map(|(_, s)| s.0);
+                prop_assert_eq!(g.pending_for(0).map(|p| p.intid), best);
+                let ispend = rread(&mut g, sgi_base(0) + GICD_ISPENDR, 4);
+                prop_assert_eq!(ispend & (1 << VTIMER_INTID) != 0, line[0]);
+                let isactive = dread(&mut g, GICD_ISACTIVER + 4, 4);
+                prop_assert_eq!(isactive & (1 << 1) != 0, active[1]);
+            }
+        }
+    }
+}
