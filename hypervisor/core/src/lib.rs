@@ -18,3 +18,6 @@ pub mod guest_dtb;
 pub mod guest_spec;
 pub mod loader;
 pub mod psci;
+pub mod mmio;
+pub mod vgic;
+pub mod vuart;
