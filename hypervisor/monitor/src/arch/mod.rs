@@ -6,6 +6,8 @@ pub mod exception;
 pub mod mmu;
 pub mod psci;
 pub mod semihosting;
+pub mod sysregs;
+pub mod vcpu;
 
 /// The calling CPU's exception level (CurrentEL.EL).
 pub fn current_el() -> u64 {
