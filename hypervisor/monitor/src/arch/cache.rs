@@ -1,0 +1,93 @@
+//! Cache and TLB maintenance for stage 2.
+
+use vmfork_core::addr::{Ipa, PhysAddr};
+use vmfork_core::stage2::{TlbOps, Vmid};
+
+/// Smallest data-cache line size the maintenance loops step by. CTR_EL0.DminLine is at least 16
+/// bytes architecturally; QEMU's `max` CPU reports 64.
+const DCACHE_LINE: u64 = 64;
+
+/// Cleans `[pa, pa + len)` from the data cache to the point of coherency and invalidates the
+/// whole instruction cache, so that code the monitor wrote into guest memory through its
+/// cacheable map is what a guest fetches, with its MMU and caches off or on (ARM ARM D7.5.9:
+/// "data and instruction cache coherency": DC CVAC, DSB, IC IALLUIS, DSB, ISB).
+pub fn sync_for_guest_exec(pa: PhysAddr, len: u64) {
+    let mut addr = pa.0 & !(DCACHE_LINE - 1);
+    let end = pa.0 + len;
+    while addr < end {
+        // SAFETY: cleaning a line of RAM the monitor maps has no effect on its contents.
+        unsafe { core::arch::asm!("dc cvac, {0}", in(reg) addr, options(nostack)) };
+        addr += DCACHE_LINE;
+    }
+    // SAFETY: barriers and instruction-cache invalidation only affect ordering and caches.
+    unsafe { core::arch::asm!("dsb ish", "ic ialluis", "dsb ish", "isb", options(nostack)) };
+}
+
+/// Stage-2 TLB maintenance on the real CPU (see `vmfork_core::stage2::tlb` for the sequence).
+/// TLBI by IPA and `vmalls12e1is` act on the VMID in this CPU's VTTBR_EL2, so each operation
+/// loads the target VM's VTTBR_EL2 and puts the previous value back afterwards.
+pub struct HwTlb {
+    /// VTTBR_EL2 value of each VMID's tables, looked up by the VMID being flushed.
+    pub vttbr_of: fn(Vmid) -> u64,
+}
+
+fn with_vttbr(vttbr: u64, f: impl FnOnce()) {
+    let old: u64;
+    // SAFETY: the monitor runs at EL2 with stage 2 unused by itself; VTTBR_EL2 only selects the
+    // VMID that the following TLB maintenance targets and is restored before returning. The ISB
+    // makes the new VMID current for the TLBIs (ARM ARM: system register writes need context
+    // synchronization before instructions that depend on them).
+    unsafe {
+        core::arch::asm!("mrs {old}, vttbr_el2", "msr vttbr_el2, {new}", "isb", old = out(reg) old, new = in(reg) vttbr, options(nostack));
+    }
+    f();
+    // SAFETY: puts back the value read above.
+    unsafe { core::arch::asm!("msr vttbr_el2, {0}", "isb", in(reg) old, options(nostack)) };
+}
+
+impl TlbOps for HwTlb {
+    fn flush_ipa(&mut self, vmid: Vmid, ipa: Ipa) {
+        with_vttbr((self.vttbr_of)(vmid), || {
+            // SAFETY: TLB maintenance only drops cached translations. Sequence (ARM ARM D8.14,
+            // "TLB maintenance requirements"): `dsb ishst` makes the descriptor store visible to
+            // the walkers before the invalidation; `tlbi ipas2e1is` drops the stage-2 entry for
+            // the IPA on all CPUs of the Inner Shareable domain; `dsb ish` completes it; then
+            // `tlbi vmalle1is` drops combined stage-1+2 entries, which are tagged by VA and so
+            // cannot be found by IPA; the final `dsb ish; isb` complete and synchronise.
+            unsafe {
+                core::arch::asm!(
+                    "dsb ishst",
+                    "tlbi ipas2e1is, {0}",
+                    "dsb ish",
+                    "tlbi vmalle1is",
+                    "dsb ish",
+                    "isb",
+                    in(reg) ipa.0 >> 12,
+                    options(nostack)
+                );
+            }
+        });
+    }
+
+    fn flush_vmid(&mut self, vmid: Vmid) {
+        with_vttbr((self.vttbr_of)(vmid), || {
+            // SAFETY: as above; `tlbi vmalls12e1is` drops every stage-1 and stage-2 entry of the
+            // current VMID on all CPUs of the Inner Shareable domain.
+            unsafe {
+                core::arch::asm!(
+                    "dsb ishst",
+                    "tlbi vmalls12e1is",
+                    "dsb ish",
+                    "isb",
+                    options(nostack)
+                );
+            }
+        });
+    }
+
+    fn sync_tables(&mut self) {
+        // SAFETY: a barrier: prior descriptor stores become visible to the table walkers before
+        // a later store publishes a valid entry that reaches them (ARM ARM D8.2.6).
+        unsafe { core::arch::asm!("dsb ishst", options(nostack)) };
+    }
+}
