@@ -11,3 +11,5 @@ extern crate alloc;
 
 pub mod addr;
 pub mod frame;
+pub mod physmem;
+pub mod stage2;
