@@ -21,3 +21,5 @@ pub mod psci;
 pub mod mmio;
 pub mod vgic;
 pub mod vuart;
+pub mod physmem;
+pub mod stage2;
