@@ -5,6 +5,7 @@ pub mod boot;
 pub mod exception;
 pub mod mmu;
 pub mod psci;
+pub mod cache;
 pub mod semihosting;
 pub mod sysregs;
 pub mod vcpu;
