@@ -533,6 +533,10 @@ pub struct Qemu {
 
 impl Qemu {
     /// Starts QEMU. Panics with a clear message if `qemu-system-aarch64` is not installed.
+    ///
+    /// QEMU runs in its own process group and is SIGKILLed by the kernel when the thread that
+    /// called `start` exits (`PR_SET_PDEATHSIG`), so that it never outlives a killed test
+    /// process. Hence a `Qemu` must not outlive the thread that started it.
     pub fn start(cfg: QemuConfig) -> Qemu {
         let name = cfg.name.clone().unwrap_or_else(default_name);
         let program: OsString = std::env::var_os("VMFORK_QEMU")

@@ -241,9 +241,16 @@ fn wait_for_panics_on_timeout() {
 
 #[test]
 fn wait_for_regex_panics_on_timeout() {
-    let prog = write_program(&print_program("value=x\n", None));
+    let prog = write_program(&print_program("value=x\nend\n", None));
     let msg = expect_failure("regex_timeout", || {
         let qemu = Qemu::start(QemuConfig::plain(&prog.path).name("regex_timeout"));
+        // Let all output arrive without moving the cursor (QEMU may start slowly on a loaded
+        // machine), so that the short wait below fails only because nothing matches.
+        let deadline = Instant::now() + DEFAULT_TIMEOUT;
+        while qemu.count("end\n") == 0 {
+            assert!(Instant::now() < deadline, "no output");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         qemu.wait_for_regex(r"value=\d+", Duration::from_secs(3));
     });
     assert!(msg.contains("timed out after 3.0 s"), "{msg}");
