@@ -60,7 +60,7 @@ const REAP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default lifetime cap of one QEMU, enforced by a watchdog thread.
 const DEFAULT_HARD_CAP: Duration = Duration::from_secs(1800);
 /// Longest test-name part of a temp-dir name, so that Unix socket paths in it stay short.
-const MAX_NAME_LEN: usize = 40;
+const MAX_NAME_LEN: usize = 48;
 
 /// Makes every [`Qemu`] temp dir unique within this test process.
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -533,6 +533,10 @@ pub struct Qemu {
 
 impl Qemu {
     /// Starts QEMU. Panics with a clear message if `qemu-system-aarch64` is not installed.
+    ///
+    /// QEMU runs in its own process group and is SIGKILLed by the kernel when the thread that
+    /// called `start` exits (`PR_SET_PDEATHSIG`), so that it never outlives a killed test
+    /// process. Hence a `Qemu` must not outlive the thread that started it.
     pub fn start(cfg: QemuConfig) -> Qemu {
         let name = cfg.name.clone().unwrap_or_else(default_name);
         let program: OsString = std::env::var_os("VMFORK_QEMU")
@@ -559,6 +563,29 @@ impl Qemu {
             .stderr(Stdio::piped());
         // A process group of its own, so that killing the group leaves no orphan behind.
         std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        // Being in its own group, QEMU no longer gets the terminal's ^C; if the test process dies
+        // without running Drop (^C, a killed `cargo test`), the kernel kills QEMU instead.
+        let parent = std::process::id();
+        let die_with_parent = move || {
+            // SIGKILL fits in c_ulong; prctl's unused arguments must be zero.
+            let sig = libc::SIGKILL as libc::c_ulong;
+            // SAFETY: runs in the forked child before exec; prctl(2) takes plain integers here.
+            if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig, 0, 0, 0) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before the prctl: then nobody would ever kill QEMU.
+            // SAFETY: getppid(2) cannot fail and has no preconditions.
+            if u32::try_from(unsafe { libc::getppid() }).ok() != Some(parent) {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        };
+        // SAFETY: the closure runs between fork and exec, where only async-signal-safe calls are
+        // allowed: it calls prctl(2) and getppid(2) only and allocates nothing (an `io::Error` made
+        // from an OS error code is not heap-allocated).
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, die_with_parent);
+        }
         let mut child = match command.spawn() {
             Ok(child) => child,
             Err(e) => {
@@ -986,10 +1013,10 @@ mod tests {
         assert_eq!(sanitize("boot::ready_line"), "boot__ready_line");
         assert_eq!(sanitize(""), "qemu");
         assert_eq!(sanitize("..//"), "__");
-        let long = "a".repeat(30) + &"b".repeat(30);
+        let long = "a".repeat(40) + &"b".repeat(40);
         let s = sanitize(&long);
         assert_eq!(s.len(), MAX_NAME_LEN);
-        assert!(s.ends_with(&"b".repeat(30)));
+        assert!(s.ends_with(&"b".repeat(40)));
     }
 
     #[test]

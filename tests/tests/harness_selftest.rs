@@ -241,9 +241,16 @@ fn wait_for_panics_on_timeout() {
 
 #[test]
 fn wait_for_regex_panics_on_timeout() {
-    let prog = write_program(&print_program("value=x\n", None));
+    let prog = write_program(&print_program("value=x\nend\n", None));
     let msg = expect_failure("regex_timeout", || {
         let qemu = Qemu::start(QemuConfig::plain(&prog.path).name("regex_timeout"));
+        // Let all output arrive without moving the cursor (QEMU may start slowly on a loaded
+        // machine), so that the short wait below fails only because nothing matches.
+        let deadline = Instant::now() + DEFAULT_TIMEOUT;
+        while qemu.count("end\n") == 0 {
+            assert!(Instant::now() < deadline, "no output");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         qemu.wait_for_regex(r"value=\d+", Duration::from_secs(3));
     });
     assert!(msg.contains("timed out after 3.0 s"), "{msg}");
@@ -393,4 +400,54 @@ fn missing_image_names_the_path_and_make() {
     );
     assert!(msg.contains("no-such-guest-image"), "{msg}");
     assert!(msg.contains("Run `make`"), "{msg}");
+}
+
+/// The state letter of a process in /proc (`Z` for a zombie), or `None` if it is gone.
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) S ...": the state follows the last ')'.
+    stat.rsplit(')').next()?.trim_start().chars().next()
+}
+
+#[test]
+fn qemu_dies_with_the_thread_that_started_it_even_if_leaked() {
+    // Stands in for a test process killed without unwinding (^C): Drop never runs, yet QEMU
+    // must not outlive its parent. PR_SET_PDEATHSIG fires when the spawning thread exits.
+    let prog = write_program(&print_program("hello\n", None));
+    let path = prog.path.clone();
+    let pid = std::thread::spawn(move || {
+        let qemu = Qemu::start(QemuConfig::plain(&path).name("leaked"));
+        qemu.wait_for("hello", DEFAULT_TIMEOUT);
+        let pid = qemu.pid();
+        std::mem::forget(qemu);
+        pid
+    })
+    .join()
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Gone, or a zombie waiting for the leaked handle's (never-run) reap.
+    while !matches!(proc_state(pid), None | Some('Z')) {
+        assert!(
+            Instant::now() < deadline,
+            "leaked QEMU {pid} is still alive"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let dir = std::env::temp_dir()
+        .join("vmfork-tests")
+        .join(format!("leaked-{}-", std::process::id()));
+    // The leaked Qemu's temp dir was never removed; clean it up.
+    let root = dir.parent().unwrap();
+    let prefix = dir.file_name().unwrap().to_string_lossy().into_owned();
+    for entry in std::fs::read_dir(root).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with(&prefix)
+        {
+            std::fs::remove_dir_all(&path).unwrap();
+        }
+    }
 }
