@@ -72,7 +72,8 @@ vmfork_enter_guest:
     ldp     q26, q27, [x1, #416]
     ldp     q28, q29, [x1, #448]
     ldp     q30, q31, [x1, #480]
-    ldp     x2, x3, [x0, #{fpcr}]
+    add     x1, x0, #{fpcr}
+    ldp     x2, x3, [x1]
     msr     fpcr, x2
     msr     fpsr, x3
     ldp     x2, x3, [x0, #{pc}]
@@ -144,7 +145,8 @@ vmfork_guest_exit:
     stp     q30, q31, [x2, #480]
     mrs     x3, fpcr
     mrs     x4, fpsr
-    stp     x3, x4, [x0, #{fpcr}]
+    add     x2, x0, #{fpcr}
+    stp     x3, x4, [x2]
 
     mov     x0, x1
     ldp     x19, x20, [sp, #0]
