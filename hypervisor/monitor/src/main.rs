@@ -11,6 +11,7 @@ extern crate alloc;
 
 mod arch;
 mod console;
+mod fwcfg;
 mod heap;
 mod mem;
 mod percpu;
@@ -181,6 +182,7 @@ fn boot(dtb: &[u8], platform: Platform, image: (u64, u64), heap: (u64, u64)) -> 
     }
     let (free, total) = mem::frame_counts();
     log::debug!("frames: {free} free of {total}");
+    fwcfg::log_guests(&platform, bootargs);
 
     let cpus = start_secondaries(&platform);
     let ram_mib: u64 = platform.ram.iter().map(|r| r.size).sum::<u64>() >> 20;
