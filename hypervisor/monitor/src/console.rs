@@ -23,6 +23,52 @@ const UARTFR: usize = 0x18;
 /// UARTFR.TXFF: transmit FIFO full.
 const FR_TXFF: u32 = 1 << 5;
 
+/// INTID of the console UART's interrupt, from the device tree.
+static UART_INTID: AtomicUsize = AtomicUsize::new(0);
+/// PL011 interrupt mask set/clear register offset.
+const UARTIMSC: usize = 0x38;
+/// UARTFR.RXFE: receive FIFO empty.
+const FR_RXFE: u32 = 1 << 4;
+/// UARTIMSC.RXIM and RTIM: receive and receive-timeout interrupts.
+const IMSC_RX: u32 = (1 << 4) | (1 << 6);
+
+/// Records the console UART's INTID (0 = unknown: no console input).
+pub fn set_uart_intid(intid: u32) {
+    UART_INTID.store(intid as usize, Ordering::SeqCst);
+}
+
+/// INTID of the console UART, if known.
+pub fn rx_intid() -> Option<u32> {
+    match UART_INTID.load(Ordering::SeqCst) {
+        0 => None,
+        n => Some(n as u32),
+    }
+}
+
+/// Unmasks the UART's receive interrupts, so typed characters raise its interrupt.
+pub fn enable_rx_interrupt() {
+    let base = UART_BASE.load(Ordering::Relaxed);
+    // SAFETY: the console PL011's mask register, a Device-memory register of the UART the
+    // monitor owns; enabling the RX and RX-timeout interrupts has no other effect.
+    unsafe {
+        let imsc = (base + UARTIMSC) as *mut u32;
+        core::ptr::write_volatile(imsc, core::ptr::read_volatile(imsc) | IMSC_RX);
+    }
+}
+
+/// A byte typed on the console, if one is waiting.
+pub fn read_byte() -> Option<u8> {
+    let base = UART_BASE.load(Ordering::Relaxed);
+    // SAFETY: reads of the console PL011's flag and data registers; reading DR pops the FIFO,
+    // which is the intent.
+    unsafe {
+        if core::ptr::read_volatile((base + UARTFR) as *const u32) & FR_RXFE != 0 {
+            return None;
+        }
+        Some(core::ptr::read_volatile((base + UARTDR) as *const u32) as u8)
+    }
+}
+
 /// Uses the PL011 at `base` (from the device tree) from now on.
 pub fn set_uart_base(base: usize) {
     UART_BASE.store(base, Ordering::SeqCst);

@@ -1,0 +1,394 @@
+//! The per-physical-CPU scheduler: pick a runnable vCPU, run it for a time slice (the EL2
+//! physical timer ends the slice), handle its exits, and go round again. An idle CPU waits for an
+//! interrupt with the timer armed for the earliest virtual-timer deadline of a waiting vCPU.
+
+use alloc::boxed::Box;
+use alloc::collections::VecDeque;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use aarch64_cpu::registers::{Readable, ESR_EL2, FAR_EL2, HPFAR_EL2};
+use spin::Mutex;
+use vmfork_core::esr::Esr;
+use vmfork_core::stage2::vtcr_el2;
+use vmfork_core::vgic::CpuIfState;
+
+use crate::arch::boot::MAX_CPUS;
+use crate::arch::gic;
+use crate::arch::timer;
+use crate::arch::vcpu::{enter_guest, GuestExit};
+use crate::vm::{self, Next, Syndrome, VcpuCtx, VcpuState, VmState, VMS};
+
+/// SGI used to make another physical CPU leave its guest (it then reloads state or reschedules).
+pub const KICK_SGI: u32 = 0;
+/// Length of a time slice in microseconds.
+const SLICE_MICROS: u64 = 4_000;
+/// Longest an idle CPU sleeps before looking at the run queue again, in microseconds.
+const IDLE_MICROS: u64 = 20_000;
+/// Key that moves console focus to the next VM: Ctrl-T.
+pub const FOCUS_KEY: u8 = 0x14;
+
+static SLICE_OVER: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+static IDLE: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+/// Bytes typed on the monitor console, waiting to go to the focused VM.
+static RX: Mutex<VecDeque<u8>> = Mutex::new(VecDeque::new());
+static HCR_GUEST: AtomicU64 = AtomicU64::new(0);
+static VTCR: AtomicU64 = AtomicU64::new(0);
+static NR_LRS: AtomicU64 = AtomicU64::new(0);
+
+/// HCR_EL2 while a guest runs. VM: stage 2 on; SWIO: set/way cache ops become clean+invalidate;
+/// FMO/IMO/AMO: physical FIQ/IRQ/SError go to EL2 (and the guest gets virtual ones); FB and
+/// BSU=inner shareable: the guest's TLB and cache maintenance is broadcast, so a vCPU that
+/// migrates finds no stale entries; TWI/TWE: WFI/WFE trap so an idle vCPU gives up its CPU; TSC:
+/// SMC traps (PSCI is emulated); RW: EL1 is AArch64; APK/API: pointer authentication does not
+/// trap (its keys are switched with the vCPU).
+fn hcr_guest(pauth: bool) -> u64 {
+    let mut v = (1 << 0)
+        | (1 << 1)
+        | (1 << 3)
+        | (1 << 4)
+        | (1 << 5)
+        | (1 << 9)
+        | (1 << 10)
+        | (1 << 13)
+        | (1 << 14)
+        | (1 << 19)
+        | (1 << 31);
+    if pauth {
+        v |= (1 << 40) | (1 << 41);
+    }
+    v
+}
+
+/// HCR_EL2 while the monitor runs: stage 2 off, physical interrupts still routed to EL2 (so WFI
+/// wakes and they stay pending for the monitor), EL1 AArch64.
+const HCR_MONITOR: u64 = (1 << 3) | (1 << 4) | (1 << 5) | (1 << 31);
+
+fn write_hcr(v: u64) {
+    // SAFETY: HCR_EL2 configures how lower ELs run; the values used are the two documented
+    // above. The ISB synchronises the change before the next instruction (ARM ARM D19.2).
+    unsafe { core::arch::asm!("msr hcr_el2, {0}", "isb", in(reg) v, options(nostack)) };
+}
+
+fn write_vttbr(v: u64) {
+    // SAFETY: selects the guest's stage-2 tables and VMID; only used while HCR_EL2.VM is set
+    // for that guest. ISB as for HCR_EL2.
+    unsafe { core::arch::asm!("msr vttbr_el2, {0}", "isb", in(reg) v, options(nostack)) };
+}
+
+fn write_vmpidr(v: u64) {
+    // SAFETY: VMPIDR_EL2 is what the guest reads as MPIDR_EL1; no effect on the monitor.
+    unsafe { core::arch::asm!("msr vmpidr_el2, {0}", in(reg) v, options(nostack)) };
+}
+
+/// Per-CPU setup for running guests: VTCR_EL2, the physical interrupts the scheduler uses, and
+/// their handlers. Called on every CPU once the GIC is up.
+pub fn init_cpu(cpu: usize) {
+    if cpu == 0 {
+        let mmfr0: u64;
+        let mmfr1: u64;
+        // SAFETY: reading ID registers has no side effects.
+        unsafe {
+            core::arch::asm!("mrs {0}, id_aa64mmfr0_el1", out(reg) mmfr0, options(nostack));
+            core::arch::asm!("mrs {0}, id_aa64mmfr1_el1", out(reg) mmfr1, options(nostack));
+        }
+        let ps = ((mmfr0 & 0xf) as u8).min(0b101);
+        let vmid16 = (mmfr1 >> 4) & 0xf == 0b0010;
+        VTCR.store(vtcr_el2(ps, vmid16), Ordering::SeqCst);
+        VMS.lock().set_vmid_bits(if vmid16 { 16 } else { 8 });
+        HCR_GUEST.store(
+            hcr_guest(crate::arch::sysregs::has_pauth()),
+            Ordering::SeqCst,
+        );
+        NR_LRS.store(gic::ich_vtr().list_registers as u64, Ordering::SeqCst);
+        let _ = gic::register_handler(timer::intid(), on_slice_timer);
+        let _ = gic::register_handler(vm::VTIMER_INTID, on_nothing);
+        let _ = gic::register_handler(25, on_nothing); // GIC maintenance interrupt
+        let _ = gic::register_handler(KICK_SGI, on_nothing);
+        if let Some(intid) = crate::console::rx_intid() {
+            let _ = gic::register_handler(intid, on_console_rx);
+            let _ = gic::enable_spi(intid, 0);
+            crate::console::enable_rx_interrupt();
+        }
+    }
+    let vtcr = VTCR.load(Ordering::SeqCst);
+    // SAFETY: VTCR_EL2 describes the stage-2 tables all VMs use (vmfork_core::stage2); no guest
+    // runs yet on this CPU. ISB as for HCR_EL2.
+    unsafe { core::arch::asm!("msr vtcr_el2, {0}", "isb", in(reg) vtcr, options(nostack)) };
+    write_hcr(HCR_MONITOR);
+    timer::set_guest_timer_access();
+    for intid in [timer::intid(), vm::VTIMER_INTID, 25] {
+        let _ = gic::enable_ppi(intid, 0x80);
+    }
+}
+
+fn on_nothing(_intid: u32) {}
+
+fn on_slice_timer(_intid: u32) {
+    timer::cancel();
+    SLICE_OVER[crate::percpu::cpu_index()].store(true, Ordering::SeqCst);
+}
+
+fn on_console_rx(_intid: u32) {
+    let mut rx = RX.lock();
+    while let Some(b) = crate::console::read_byte() {
+        if rx.len() < 4096 {
+            rx.push_back(b);
+        }
+    }
+}
+
+/// Sends the kick SGI to each CPU in `cpus` (other than the caller).
+pub fn kick(cpus: &[usize]) {
+    let me = crate::percpu::cpu_index();
+    for &c in cpus {
+        if c != me {
+            let _ = gic::send_sgi(KICK_SGI, c);
+        }
+    }
+}
+
+/// Adds every idle CPU to `kicks`, so that one of them picks up a vCPU that became runnable.
+pub fn wake_idle(kicks: &mut Vec<usize>) {
+    for (c, idle) in IDLE.iter().enumerate() {
+        if idle.load(Ordering::SeqCst) {
+            kicks.push(c);
+        }
+    }
+}
+
+/// Hands typed bytes to the focused VM; Ctrl-T moves the focus to the next VM.
+fn deliver_console_input() {
+    let bytes: Vec<u8> = {
+        let mut rx = RX.lock();
+        if rx.is_empty() {
+            return;
+        }
+        rx.drain(..).collect()
+    };
+    let mut kicks = Vec::new();
+    {
+        let mut t = VMS.lock();
+        for b in bytes {
+            if b == FOCUS_KEY {
+                let next = t
+                    .focus
+                    .and_then(|f| t.vms.range(f + 1..).next().map(|(&id, _)| id))
+                    .or_else(|| t.vms.keys().next().copied());
+                t.focus = next;
+                match next {
+                    Some(id) => crate::println!("monitor: console focus on vm{id}"),
+                    None => crate::println!("monitor: no VM to focus"),
+                }
+                continue;
+            }
+            let Some(id) = t.focus else { continue };
+            if let Some(vm) = t.vms.get_mut(&id) {
+                if !vm.uart.push_rx(b) {
+                    break; // the guest's FIFO is full: drop the rest, like a real UART
+                }
+                if let Some(v) = vm.uart_irq_changed() {
+                    vm.kick_vcpu(v, &mut kicks);
+                }
+            }
+        }
+    }
+    kick(&kicks);
+}
+
+/// The scheduler loop of physical CPU `cpu`. Never returns.
+pub fn run(cpu: usize) -> ! {
+    loop {
+        if cpu == 0 {
+            deliver_console_input();
+        }
+        let picked = VMS.lock().pick(cpu);
+        match picked {
+            Some((id, vcpu, ctx)) => run_vcpu(cpu, id, vcpu, ctx),
+            None => idle(cpu),
+        }
+    }
+}
+
+fn idle(cpu: usize) {
+    IDLE[cpu].store(true, Ordering::SeqCst);
+    let now = timer::now();
+    let mut deadline = now + timer::ticks_from_micros(IDLE_MICROS);
+    if let Some(d) = VMS.lock().next_timer_deadline() {
+        deadline = deadline.min(d);
+    }
+    // Look again after publishing IDLE: a vCPU made runnable in between would otherwise wait
+    // for the next tick.
+    if VMS.lock().has_runnable() {
+        IDLE[cpu].store(false, Ordering::SeqCst);
+        return;
+    }
+    timer::arm_at(deadline.max(now + 1));
+    // WFI wakes on a pending physical interrupt even with PSTATE.I set at EL2 (ARM ARM D1.16.2,
+    // "Wait for Interrupt"); the interrupt is then handled here by polling.
+    aarch64_cpu::asm::wfi();
+    IDLE[cpu].store(false, Ordering::SeqCst);
+    gic::dispatch_pending();
+    SLICE_OVER[cpu].store(false, Ordering::SeqCst);
+}
+
+fn load_cpuif(s: &CpuIfState) {
+    let n = NR_LRS.load(Ordering::Relaxed) as usize;
+    for i in 0..n.min(s.lrs.len()) {
+        let _ = gic::write_lr(i, s.lrs[i]);
+    }
+    let aprs = aprs_implemented();
+    for i in 0..aprs {
+        let _ = gic::write_ap0r(i, s.ap0r[i] as u64);
+        let _ = gic::write_ap1r(i, s.ap1r[i] as u64);
+    }
+    gic::write_ich_vmcr(s.vmcr);
+    gic::write_ich_hcr(s.hcr);
+}
+
+fn store_cpuif(s: &mut CpuIfState) {
+    let n = NR_LRS.load(Ordering::Relaxed) as usize;
+    s.nr_lrs = n;
+    for i in 0..n.min(s.lrs.len()) {
+        s.lrs[i] = gic::read_lr(i).unwrap_or(0);
+    }
+    let aprs = aprs_implemented();
+    for i in 0..aprs {
+        s.ap0r[i] = gic::read_ap0r(i).unwrap_or(0) as u32;
+        s.ap1r[i] = gic::read_ap1r(i).unwrap_or(0) as u32;
+    }
+    s.vmcr = gic::read_ich_vmcr();
+    s.hcr = gic::read_ich_hcr();
+    // The virtual interface stays off while the monitor runs: no maintenance interrupts.
+    gic::write_ich_hcr(0);
+}
+
+/// ICH_AP<n>R registers implemented: 1, 2 or 4 for 5, 6 or 7 preemption bits.
+fn aprs_implemented() -> usize {
+    match gic::ich_vtr().pre_bits {
+        0..=5 => 1,
+        6 => 2,
+        _ => 4,
+    }
+}
+
+fn run_vcpu(cpu: usize, id: u32, vcpu: usize, mut ctx: Box<VcpuCtx>) {
+    let slice_end = timer::now() + timer::ticks_from_micros(SLICE_MICROS);
+    SLICE_OVER[cpu].store(false, Ordering::SeqCst);
+    let pauth = crate::arch::sysregs::has_pauth();
+    let nr_lrs = NR_LRS.load(Ordering::Relaxed) as usize;
+    loop {
+        // Prepare under the lock: deliver a due virtual-timer interrupt, fill the list registers.
+        let setup = {
+            let mut t = VMS.lock();
+            match t.vms.get_mut(&id) {
+                Some(vm) if vm.state == VmState::Running => {
+                    vm.check_vtimer(vcpu, &mut ctx, timer::now());
+                    match vm.vgic.fill_lrs(vcpu, nr_lrs) {
+                        Ok(cpuif) => ctx.cpuif = cpuif,
+                        Err(e) => log::error!("vm{id}: vgic fill failed: {e:?}"),
+                    }
+                    Some((
+                        vm.s2.as_ref().map_or(0, |s| s.vttbr_el2()),
+                        vm.cntvoff,
+                        vm.vcpus[vcpu].mpidr,
+                    ))
+                }
+                _ => None,
+            }
+        };
+        let Some((vttbr, cntvoff, mpidr)) = setup else {
+            VMS.lock().put_back(id, vcpu, ctx, VcpuState::Runnable);
+            return;
+        };
+
+        write_vttbr(vttbr);
+        timer::write_cntvoff(cntvoff);
+        write_vmpidr(mpidr | (1 << 31));
+        // SAFETY: the registers being loaded are this vCPU's own saved context.
+        unsafe {
+            ctx.sys.load();
+            if pauth {
+                ctx.pauth.load();
+            }
+        }
+        load_cpuif(&ctx.cpuif);
+        timer::arm_at(slice_end);
+        write_hcr(HCR_GUEST.load(Ordering::Relaxed));
+        // SAFETY: VTTBR_EL2, HCR_EL2, VTCR_EL2, CNTVOFF_EL2, the GIC virtual interface and the
+        // EL1 registers all describe this vCPU of this VM, whose stage-2 tables map only its own
+        // RAM and the pages the monitor gave it.
+        let exit = unsafe { enter_guest(&mut ctx.regs) };
+        let syn = Syndrome {
+            esr: Esr(ESR_EL2.get()),
+            far: FAR_EL2.get(),
+            hpfar: HPFAR_EL2.get(),
+        };
+        write_hcr(HCR_MONITOR);
+        ctx.sys.store();
+        if pauth {
+            ctx.pauth.store();
+        }
+        // The guest's virtual timer must not fire while someone else runs: its state is saved.
+        // SAFETY: disabling the EL1 virtual timer only affects the guest context just saved.
+        unsafe { core::arch::asm!("msr cntv_ctl_el0, xzr", "isb", options(nostack)) };
+        store_cpuif(&mut ctx.cpuif);
+        if exit == GuestExit::Irq {
+            gic::dispatch_pending();
+        }
+        if cpu == 0 {
+            deliver_console_input();
+        }
+
+        let mut t = VMS.lock();
+        let now = timer::now();
+        let (next, kicks) = match t.vms.get_mut(&id) {
+            None => (Next::Leave, Vec::new()),
+            Some(vm) => {
+                if let Err(e) = vm.vgic.sync_from_lrs(vcpu, &ctx.cpuif) {
+                    log::error!("vm{id}: vgic sync failed: {e:?}");
+                }
+                vm.check_vtimer(vcpu, &mut ctx, now);
+                match exit {
+                    GuestExit::Sync => vm::handle_sync(&mut t, id, vcpu, &mut ctx, syn),
+                    GuestExit::Irq | GuestExit::Fiq => (Next::Resume, Vec::new()),
+                    GuestExit::SError | GuestExit::Aarch32(_) => {
+                        let reason = alloc::format!(
+                            "{exit:?} from the guest (ESR {:#x}, PC {:#x})",
+                            syn.esr.0,
+                            ctx.regs.pc
+                        );
+                        (Next::Leave, t.stop(id, reason))
+                    }
+                }
+            }
+        };
+        let slice_over = SLICE_OVER[cpu].load(Ordering::SeqCst) || now >= slice_end;
+        let state = match next {
+            Next::Resume if !slice_over => None,
+            Next::Resume | Next::Yield | Next::Leave => Some(VcpuState::Runnable),
+            Next::Wait => {
+                let pending = t.vms.get(&id).is_some_and(|vm| vm.vgic.has_pending(vcpu));
+                Some(if pending {
+                    VcpuState::Runnable
+                } else {
+                    VcpuState::Waiting
+                })
+            }
+            Next::Off => Some(VcpuState::Off),
+        };
+        match state {
+            None => {
+                drop(t);
+                kick(&kicks);
+            }
+            Some(state) => {
+                t.put_back(id, vcpu, ctx, state);
+                drop(t);
+                kick(&kicks);
+                timer::cancel();
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,997 @@
+//! Virtual machines: their vCPUs, stage-2 tables and emulated devices, and what happens when a
+//! guest exits to the monitor.
+//!
+//! All VMs live in one table behind one lock ([`VMS`]). A physical CPU takes a runnable vCPU's
+//! context out of the table, runs it without the lock, and takes the lock again to handle each
+//! exit. Every piece of a VM's state is plain data (`Clone`), so a VM can be copied whole.
+
+use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use spin::Mutex;
+use vmfork_core::addr::{Ipa, PAGE_SIZE};
+use vmfork_core::esr::{Esr, ExceptionClass};
+use vmfork_core::guest_dtb::{self, layout, GuestDtbConfig};
+use vmfork_core::loader;
+use vmfork_core::mmio::{MmioAccess, MmioResult};
+use vmfork_core::psci::{self, PsciCall, PsciReturn};
+use vmfork_core::stage2::{FaultOutcome, MemCtx, Perms, Stage2, Stage2Error, Vmid};
+use vmfork_core::vgic::{CpuIfState, Vgic, VgicConfig};
+use vmfork_core::vuart::Vuart;
+
+use crate::arch::cache::HwTlb;
+use crate::arch::sysregs::{El1Sysregs, PauthKeys};
+use crate::arch::vcpu::GuestRegs;
+use crate::physmem::IdentityMem;
+
+/// PSTATE of a vCPU that starts: EL1h (EL1 with SP_EL1), D, A, I and F masked.
+pub const PSTATE_EL1H_MASKED: u64 = 0x3c5;
+/// Virtual timer PPI as the guest sees it (INTID 27).
+pub const VTIMER_INTID: u32 = 27;
+/// CNTV_CTL_EL0 bits.
+const CNTV_ENABLE: u64 = 1 << 0;
+const CNTV_IMASK: u64 = 1 << 1;
+
+/// A running vCPU's complete register state.
+#[derive(Clone, Debug, Default)]
+pub struct VcpuCtx {
+    /// General-purpose, PC/PSTATE and FP/SIMD registers.
+    pub regs: GuestRegs,
+    /// EL1/EL0 system registers.
+    pub sys: El1Sysregs,
+    /// Pointer-authentication keys.
+    pub pauth: PauthKeys,
+    /// GIC virtual CPU interface (list registers are filled from the vGIC at each entry).
+    pub cpuif: CpuIfState,
+}
+
+/// Scheduling state of one vCPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuState {
+    /// Powered off (not started by PSCI CPU_ON yet, or CPU_OFF).
+    Off,
+    /// Ready to run.
+    Runnable,
+    /// Running on the physical CPU with this index; its context is out of the table.
+    Running(usize),
+    /// In WFI: waits for an interrupt or its virtual timer.
+    Waiting,
+}
+
+/// One virtual CPU.
+#[derive(Clone, Debug)]
+pub struct Vcpu {
+    /// Context while not running (`None` while a physical CPU holds it).
+    pub ctx: Option<Box<VcpuCtx>>,
+    /// Scheduling state.
+    pub state: VcpuState,
+    /// MPIDR affinity the guest sees (VMPIDR_EL2 without the RES1 bit).
+    pub mpidr: u64,
+}
+
+/// Why a VM does not run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmState {
+    /// Its vCPUs are scheduled.
+    Running,
+    /// Stopped on purpose or by the monitor, with the reason; its memory and state are kept.
+    Paused(String),
+    /// Being torn down (the reason); gone once no physical CPU runs one of its vCPUs.
+    Stopping(String),
+}
+
+/// A virtual machine.
+pub struct Vm {
+    /// The VM's id (vmN), never reused while the monitor runs.
+    pub id: u32,
+    /// Name from its configuration.
+    pub name: String,
+    /// Scheduling state of the whole VM.
+    pub state: VmState,
+    /// Stage-2 translation tables (None only during teardown).
+    pub s2: Option<Stage2>,
+    /// Its vCPUs.
+    pub vcpus: Vec<Vcpu>,
+    /// Emulated GICv3 distributor and redistributors.
+    pub vgic: Vgic,
+    /// Emulated PL011.
+    pub uart: Vuart,
+    /// CNTVOFF_EL2: virtual time = physical count - cntvoff.
+    pub cntvoff: u64,
+    /// Guest RAM size in bytes (at [`layout::RAM_BASE`]).
+    pub ram_size: u64,
+    /// Console output not yet ended by a newline.
+    pub line: Vec<u8>,
+    /// Guest exits handled.
+    pub exits: u64,
+}
+
+/// Everything the monitor knows about its VMs.
+pub struct VmTable {
+    /// VMs by id.
+    pub vms: BTreeMap<u32, Vm>,
+    next_id: u32,
+    vmids: VmidAllocator,
+    /// VM whose console receives what is typed on the monitor's console.
+    pub focus: Option<u32>,
+    /// Round-robin cursor: (vm id, vcpu index) last picked.
+    cursor: (u32, usize),
+}
+
+/// The one lock over all VMs.
+pub static VMS: Mutex<VmTable> = Mutex::new(VmTable {
+    vms: BTreeMap::new(),
+    next_id: 1,
+    vmids: VmidAllocator::new(),
+    focus: None,
+    cursor: (0, 0),
+});
+
+/// Hands out VMIDs. A VMID is flushed from every TLB when its VM is destroyed (`destroy` does a
+/// `flush_vmid`), so it can be given to the next VM at once: that is the whole rollover scheme,
+/// and with 16-bit VMIDs (65,535 usable) there is no generation counter to wrap.
+pub struct VmidAllocator {
+    used: BTreeMap<u16, ()>,
+    next: u16,
+    limit: u16,
+}
+
+impl VmidAllocator {
+    const fn new() -> Self {
+        Self {
+            used: BTreeMap::new(),
+            next: 1,
+            limit: 255,
+        }
+    }
+
+    /// Sets how many VMIDs the CPU has (8 or 16 bits).
+    pub fn set_bits(&mut self, bits: u32) {
+        self.limit = if bits >= 16 { u16::MAX } else { 255 };
+    }
+
+    fn alloc(&mut self) -> Option<Vmid> {
+        for _ in 0..self.limit {
+            let v = self.next;
+            self.next = if self.next >= self.limit { 1 } else { self.next + 1 };
+            if !self.used.contains_key(&v) {
+                self.used.insert(v, ());
+                return Some(Vmid(v));
+            }
+        }
+        None
+    }
+
+    fn free(&mut self, v: Vmid) {
+        self.used.remove(&v.0);
+    }
+}
+
+/// Runs `f` with the frame allocator, physical memory and TLB maintenance the stage-2 code needs.
+/// Lock order: [`VMS`] first, then the frame allocator.
+pub fn with_mem<R>(f: impl FnOnce(&mut MemCtx<'_, IdentityMem, HwTlb>) -> R) -> R {
+    let mut frames = crate::mem::FRAMES.lock();
+    let frames = frames
+        .as_mut()
+        .expect("the frame allocator is set up before any VM exists");
+    let mut mem = IdentityMem;
+    let mut tlb = HwTlb;
+    let mut cx = MemCtx {
+        frames,
+        mem: &mut mem,
+        tlb: &mut tlb,
+    };
+    f(&mut cx)
+}
+
+/// What a new guest is made of.
+pub struct GuestSpec<'a> {
+    /// Name for logs and the tool.
+    pub name: String,
+    /// Kernel image (Linux arm64 `Image` or ELF).
+    pub kernel: &'a [u8],
+    /// Optional initrd.
+    pub initrd: Option<&'a [u8]>,
+    /// RAM in bytes (a multiple of 2 MiB).
+    pub mem: u64,
+    /// Number of vCPUs.
+    pub cpus: u32,
+    /// Kernel command line.
+    pub cmdline: String,
+}
+
+/// Why a VM could not be created. Nothing is left behind.
+#[derive(Debug)]
+pub enum CreateError {
+    /// No VMID left.
+    NoVmid,
+    /// The stage-2 code failed (usually out of memory).
+    Stage2(Stage2Error),
+    /// The kernel image cannot be loaded.
+    Load(loader::LoadError),
+    /// The guest DTB cannot be built.
+    Dtb(guest_dtb::DtbError),
+    /// The vGIC refused the configuration.
+    Config(String),
+}
+
+impl core::fmt::Display for CreateError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            CreateError::NoVmid => write!(f, "no VMID left"),
+            CreateError::Stage2(e) => write!(f, "{e}"),
+            CreateError::Load(e) => write!(f, "cannot load the kernel: {e}"),
+            CreateError::Dtb(e) => write!(f, "cannot build the guest device tree: {e}"),
+            CreateError::Config(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// A 16-byte generation ID for `microsoft,vmgenid`, different for every VM and every fork.
+fn new_generation_id(vm: u32) -> [u8; 16] {
+    let (now, _) = crate::arch::counter();
+    let mut x = now ^ ((vm as u64) << 32) ^ 0x9e37_79b9_7f4a_7c15;
+    let mut out = [0u8; 16];
+    for chunk in out.chunks_mut(8) {
+        // splitmix64: a cheap, well-mixed sequence from the counter and the VM id.
+        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        chunk.copy_from_slice(&z.to_le_bytes());
+    }
+    out
+}
+
+impl VmTable {
+    /// Tells the VMID allocator how wide VMIDs are on this CPU.
+    pub fn set_vmid_bits(&mut self, bits: u32) {
+        self.vmids.set_bits(bits);
+    }
+
+    /// Creates a VM from `spec`, loads its kernel, DTB and initrd, and makes vCPU 0 runnable.
+    pub fn create(&mut self, spec: &GuestSpec) -> Result<u32, CreateError> {
+        let vmid = self.vmids.alloc().ok_or(CreateError::NoVmid)?;
+        match self.build(spec, vmid) {
+            Ok(vm) => {
+                let id = vm.id;
+                self.vms.insert(id, vm);
+                if self.focus.is_none() {
+                    self.focus = Some(id);
+                }
+                Ok(id)
+            }
+            Err(e) => {
+                self.vmids.free(vmid);
+                Err(e)
+            }
+        }
+    }
+
+    fn build(&mut self, spec: &GuestSpec, vmid: Vmid) -> Result<Vm, CreateError> {
+        let id = self.next_id;
+        let cpus = spec.cpus.clamp(1, layout::MAX_VCPUS);
+        let initrd_len = spec.initrd.map_or(0, |i| i.len() as u64);
+        let mut dtb_cfg = GuestDtbConfig {
+            vcpus: cpus,
+            ram_base: layout::RAM_BASE,
+            ram_size: spec.mem,
+            bootargs: spec.cmdline.clone(),
+            initrd: (initrd_len > 0).then_some((0, 0)),
+            vmgenid: Some(layout::VMGENID_BASE),
+            ..GuestDtbConfig::default()
+        };
+        // The DTB's size does not depend on the initrd's address: size it first, plan, then
+        // build it for real with the planned addresses.
+        let probe = guest_dtb::build(&dtb_cfg).map_err(CreateError::Dtb)?;
+        let plan = loader::plan(
+            spec.kernel,
+            layout::RAM_BASE,
+            spec.mem,
+            initrd_len,
+            probe.len() as u64,
+        )
+        .map_err(CreateError::Load)?;
+        dtb_cfg.initrd = plan.initrd.as_ref().map(|r| (r.start, r.end));
+        let dtb = guest_dtb::build(&dtb_cfg).map_err(CreateError::Dtb)?;
+        let vgic = Vgic::new(&VgicConfig::qemu_virt(cpus as usize))
+            .map_err(|e| CreateError::Config(format!("vgic: {e:?}")))?;
+
+        let s2 = with_mem(|cx| -> Result<Stage2, Stage2Error> {
+            let mut s2 = Stage2::new(cx, vmid)?;
+            let result = (|| {
+                s2.map_ram(cx, Ipa(layout::RAM_BASE), spec.mem / PAGE_SIZE, Perms::RWX)?;
+                // The vmgenid page: guest-readable only, outside RAM (Linux claims its region).
+                s2.map_ram(
+                    cx,
+                    Ipa(layout::VMGENID_BASE),
+                    1,
+                    Perms {
+                        write: false,
+                        exec: false,
+                    },
+                )?;
+                s2.write_guest(cx, Ipa(layout::VMGENID_BASE), &new_generation_id(id))?;
+                for seg in &plan.segments {
+                    s2.write_guest(cx, Ipa(seg.ipa), &spec.kernel[seg.src.clone()])?;
+                }
+                s2.write_guest(cx, Ipa(plan.dtb.start), &dtb)?;
+                if let (Some(r), Some(initrd)) = (&plan.initrd, spec.initrd) {
+                    s2.write_guest(cx, Ipa(r.start), initrd)?;
+                }
+                Ok(())
+            })();
+            match result {
+                Ok(()) => Ok(s2),
+                Err(e) => {
+                    // Give every frame back before reporting.
+                    let _ = s2.destroy(cx);
+                    Err(e)
+                }
+            }
+        })
+        .map_err(CreateError::Stage2)?;
+
+        let has_pauth = crate::arch::sysregs::has_pauth();
+        let mut vcpus = Vec::new();
+        for i in 0..cpus {
+            let mut ctx = Box::new(VcpuCtx {
+                sys: El1Sysregs::reset(),
+                ..VcpuCtx::default()
+            });
+            let _ = has_pauth;
+            let state = if i == 0 {
+                ctx.regs.pc = plan.entry;
+                ctx.regs.x[..4].copy_from_slice(&plan.boot_registers());
+                ctx.regs.pstate = PSTATE_EL1H_MASKED;
+                VcpuState::Runnable
+            } else {
+                VcpuState::Off
+            };
+            vcpus.push(Vcpu {
+                ctx: Some(ctx),
+                state,
+                mpidr: layout::vcpu_mpidr_affinity(i),
+            });
+        }
+        self.next_id += 1;
+        let (now, _) = crate::arch::counter();
+        log::info!(
+            "vm{id}: created '{}' with {} MiB, {cpus} vCPU(s), entry {:#x}, VMID {}",
+            spec.name,
+            spec.mem >> 20,
+            plan.entry,
+            vmid.0
+        );
+        Ok(Vm {
+            id,
+            name: spec.name.clone(),
+            state: VmState::Running,
+            s2: Some(s2),
+            vcpus,
+            vgic,
+            uart: Vuart::new(),
+            // The guest's virtual count starts near zero, like on a fresh machine.
+            cntvoff: now,
+            ram_size: spec.mem,
+            line: Vec::new(),
+            exits: 0,
+        })
+    }
+
+    /// Picks a vCPU for physical CPU `cpu` to run: wakes waiting vCPUs whose interrupt or timer
+    /// is due, then takes the next runnable one after the round-robin cursor. Returns the VM id,
+    /// vCPU index and its context, now marked as running on `cpu`.
+    pub fn pick(&mut self, cpu: usize) -> Option<(u32, usize, Box<VcpuCtx>)> {
+        let now = crate::arch::counter().0;
+        for vm in self.vms.values_mut() {
+            if vm.state != VmState::Running {
+                continue;
+            }
+            for i in 0..vm.vcpus.len() {
+                if vm.vcpus[i].state == VcpuState::Waiting {
+                    vm.wake_if_due(i, now);
+                }
+            }
+        }
+        let keys: Vec<(u32, usize)> = self
+            .vms
+            .iter()
+            .filter(|(_, vm)| vm.state == VmState::Running)
+            .flat_map(|(&id, vm)| (0..vm.vcpus.len()).map(move |i| (id, i)))
+            .collect();
+        if keys.is_empty() {
+            return None;
+        }
+        let start = keys
+            .iter()
+            .position(|&k| k > self.cursor)
+            .unwrap_or(0);
+        for n in 0..keys.len() {
+            let (id, i) = keys[(start + n) % keys.len()];
+            let vm = self.vms.get_mut(&id)?;
+            if vm.vcpus[i].state == VcpuState::Runnable {
+                if let Some(ctx) = vm.vcpus[i].ctx.take() {
+                    vm.vcpus[i].state = VcpuState::Running(cpu);
+                    self.cursor = (id, i);
+                    return Some((id, i, ctx));
+                }
+            }
+        }
+        None
+    }
+
+    /// Earliest physical-counter time at which a waiting vCPU's virtual timer fires.
+    pub fn next_timer_deadline(&self) -> Option<u64> {
+        self.vms
+            .values()
+            .filter(|vm| vm.state == VmState::Running)
+            .flat_map(|vm| {
+                vm.vcpus.iter().filter_map(move |v| {
+                    let ctx = v.ctx.as_ref()?;
+                    (v.state == VcpuState::Waiting).then(|| vm.timer_deadline(ctx))?
+                })
+            })
+            .min()
+    }
+
+    /// Hands a vCPU's context back after it ran, with its new state. Tears the VM down if it is
+    /// stopping and this was the last of its vCPUs on a CPU.
+    pub fn put_back(&mut self, id: u32, vcpu: usize, ctx: Box<VcpuCtx>, state: VcpuState) {
+        let Some(vm) = self.vms.get_mut(&id) else {
+            return;
+        };
+        vm.vcpus[vcpu].ctx = Some(ctx);
+        vm.vcpus[vcpu].state = state;
+        if matches!(vm.state, VmState::Stopping(_)) && !vm.any_running() {
+            self.destroy(id);
+        }
+    }
+
+    /// Stops VM `id` for `reason`: it is torn down now if none of its vCPUs is on a CPU, else
+    /// when the last one comes back. Returns the physical CPUs to kick.
+    pub fn stop(&mut self, id: u32, reason: String) -> Vec<usize> {
+        let Some(vm) = self.vms.get_mut(&id) else {
+            return Vec::new();
+        };
+        log::info!("vm{id}: stopping: {reason}");
+        vm.state = VmState::Stopping(reason);
+        let cpus = vm.running_cpus();
+        if cpus.is_empty() {
+            self.destroy(id);
+        }
+        cpus
+    }
+
+    fn destroy(&mut self, id: u32) {
+        let Some(mut vm) = self.vms.remove(&id) else {
+            return;
+        };
+        vm.flush_console_line();
+        if let Some(s2) = vm.s2.take() {
+            let vmid = s2.vmid();
+            match with_mem(|cx| s2.destroy(cx)) {
+                Ok(()) => self.vmids.free(vmid),
+                Err(e) => log::error!("vm{id}: teardown of its stage-2 tables failed: {e}"),
+            }
+        }
+        if self.focus == Some(id) {
+            self.focus = self.vms.keys().next().copied();
+        }
+        let (free, total) = crate::mem::frame_counts();
+        log::info!("vm{id}: destroyed; frames free {free} of {total}");
+    }
+
+    /// True when some vCPU of a running VM is ready to run.
+    pub fn has_runnable(&self) -> bool {
+        self.vms.values().any(|vm| {
+            vm.state == VmState::Running
+                && vm.vcpus.iter().any(|v| v.state == VcpuState::Runnable)
+        })
+    }
+
+    /// Number of VMs that exist.
+    pub fn count(&self) -> usize {
+        self.vms.len()
+    }
+}
+
+impl Vm {
+    fn any_running(&self) -> bool {
+        self.vcpus
+            .iter()
+            .any(|v| matches!(v.state, VcpuState::Running(_)))
+    }
+
+    fn running_cpus(&self) -> Vec<usize> {
+        self.vcpus
+            .iter()
+            .filter_map(|v| match v.state {
+                VcpuState::Running(c) => Some(c),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Physical-counter time at which the vCPU's virtual timer condition becomes true, if it is
+    /// enabled and not masked.
+    pub fn timer_deadline(&self, ctx: &VcpuCtx) -> Option<u64> {
+        let ctl = ctx.sys.cntv_ctl_el0;
+        (ctl & CNTV_ENABLE != 0 && ctl & CNTV_IMASK == 0)
+            .then(|| ctx.sys.cntv_cval_el0.saturating_add(self.cntvoff))
+    }
+
+    /// If the vCPU's virtual timer has fired (condition true, not masked), injects its PPI and
+    /// masks the timer in the saved context so it does not fire again until the guest rearms it
+    /// (the guest's handler writes CNTV_CTL_EL0 itself; ISTATUS is unaffected by IMASK).
+    pub fn check_vtimer(&mut self, vcpu: usize, ctx: &mut VcpuCtx, now: u64) {
+        if let Some(deadline) = self.timer_deadline(ctx) {
+            if now >= deadline {
+                ctx.sys.cntv_ctl_el0 |= CNTV_IMASK;
+                if let Err(e) = self.vgic.inject_edge(VTIMER_INTID, vcpu) {
+                    log::warn!("vm{}: cannot inject the virtual timer: {e:?}", self.id);
+                }
+            }
+        }
+    }
+
+    fn wake_if_due(&mut self, vcpu: usize, now: u64) {
+        if let Some(mut ctx) = self.vcpus[vcpu].ctx.take() {
+            self.check_vtimer(vcpu, &mut ctx, now);
+            self.vcpus[vcpu].ctx = Some(ctx);
+        }
+        if self.vgic.has_pending(vcpu) {
+            self.vcpus[vcpu].state = VcpuState::Runnable;
+        }
+    }
+
+    /// Prints the guest's console output, one `[vmN] ` line at a time.
+    pub fn drain_console(&mut self) {
+        let out: Vec<u8> = self.uart.take_output().collect();
+        for b in out {
+            match b {
+                b'\n' => self.flush_console_line(),
+                b'\r' => {}
+                _ => {
+                    self.line.push(b);
+                    if self.line.len() >= 1024 {
+                        self.flush_console_line();
+                    }
+                }
+            }
+        }
+    }
+
+    fn flush_console_line(&mut self) {
+        if self.line.is_empty() {
+            return;
+        }
+        let text = String::from_utf8_lossy(&self.line);
+        crate::println!("[vm{}] {}", self.id, text);
+        self.line.clear();
+    }
+
+    /// Re-evaluates the UART's interrupt line after any UART activity. Returns the vCPU to kick.
+    pub fn uart_irq_changed(&mut self) -> Option<usize> {
+        let level = self.uart.irq_level();
+        self.vgic
+            .set_irq_level(vmfork_core::vuart::PL011_INTID, 0, level)
+            .ok()
+            .flatten()
+    }
+}
+
+/// What the physical CPU does after an exit was handled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Run the same vCPU again.
+    Resume,
+    /// The vCPU waits for an interrupt (WFI).
+    Wait,
+    /// Give the CPU to another vCPU (WFE, PSCI CPU_OFF of itself handled separately).
+    Yield,
+    /// The vCPU is off (CPU_OFF).
+    Off,
+    /// The VM is stopping or paused: put the vCPU back.
+    Leave,
+}
+
+/// The syndrome registers of a synchronous exit.
+#[derive(Clone, Copy, Debug)]
+pub struct Syndrome {
+    /// ESR_EL2.
+    pub esr: Esr,
+    /// FAR_EL2.
+    pub far: u64,
+    /// HPFAR_EL2.
+    pub hpfar: u64,
+}
+
+/// Handles a synchronous exit of vCPU `vcpu` of VM `id`. Returns what to do next and the
+/// physical CPUs to kick (vCPUs that got an interrupt while running elsewhere).
+pub fn handle_sync(
+    t: &mut VmTable,
+    id: u32,
+    vcpu: usize,
+    ctx: &mut VcpuCtx,
+    syn: Syndrome,
+) -> (Next, Vec<usize>) {
+    let mut kicks = Vec::new();
+    let Some(vm) = t.vms.get_mut(&id) else {
+        return (Next::Leave, kicks);
+    };
+    vm.exits += 1;
+    let esr = syn.esr;
+    let next = match esr.ec() {
+        ExceptionClass::DataAbortLowerEl => data_abort(vm, vcpu, ctx, syn, &mut kicks),
+        ExceptionClass::InstructionAbortLowerEl => instruction_abort(vm, ctx, syn),
+        ExceptionClass::HvcA64 => hypercall(vm, vcpu, ctx, &mut kicks),
+        ExceptionClass::SmcA64 => {
+            // A trapped SMC returns to the SMC itself (ARM ARM D1.10.2): step over it.
+            ctx.regs.pc += 4;
+            hypercall(vm, vcpu, ctx, &mut kicks)
+        }
+        ExceptionClass::WfiWfe => {
+            ctx.regs.pc += 4;
+            let is_wfe = esr.iss() & 1 == 1;
+            if is_wfe {
+                Next::Yield
+            } else if vm.vgic.has_pending(vcpu) {
+                Next::Resume
+            } else {
+                Next::Wait
+            }
+        }
+        ExceptionClass::MsrMrsTrap => sysreg(vm, vcpu, ctx, esr, &mut kicks),
+        _ => {
+            let reason = format!(
+                "unhandled exception from the guest: {} (EC {:#04x}), ESR {:#x}, FAR {:#x}, HPFAR {:#x}, PC {:#x}",
+                esr.ec().name(),
+                esr.ec_raw(),
+                esr.0,
+                syn.far,
+                syn.hpfar,
+                ctx.regs.pc
+            );
+            dump_vcpu(id, vcpu, ctx);
+            kicks.extend(t.stop(id, reason));
+            return (Next::Leave, kicks);
+        }
+    };
+    // A stop requested while handling (SYSTEM_OFF, a fatal access) wins.
+    let next = match t.vms.get(&id).map(|vm| &vm.state) {
+        Some(VmState::Running) => next,
+        _ => Next::Leave,
+    };
+    (next, kicks)
+}
+
+fn dump_vcpu(id: u32, vcpu: usize, ctx: &VcpuCtx) {
+    let mut s = format!(
+        "vm{id} vcpu{vcpu}: PC {:#018x} PSTATE {:#x} SP_EL1 {:#x} ELR_EL1 {:#x} ESR_EL1 {:#x} FAR_EL1 {:#x}\n",
+        ctx.regs.pc,
+        ctx.regs.pstate,
+        ctx.sys.sp_el1,
+        ctx.sys.elr_el1,
+        ctx.sys.esr_el1,
+        ctx.sys.far_el1
+    );
+    for (i, x) in ctx.regs.x.iter().enumerate() {
+        s += &format!("  x{i:<2}={x:#018x}{}", if i % 4 == 3 { "\n" } else { "" });
+    }
+    crate::println!("{s}");
+}
+
+/// Injects a synchronous external abort into the guest as the hardware would for an access
+/// that no device answers (ARM ARM D1.10: exception entry to EL1): ESR_EL1 describes a data or
+/// instruction abort with DFSC/IFSC 0b010000, FAR_EL1 the faulting VA, and the vCPU continues
+/// at its EL1 vector.
+fn inject_abort(ctx: &mut VcpuCtx, far: u64, instruction: bool) {
+    let from_el0 = ctx.regs.pstate & 0xf == 0;
+    let ec: u64 = match (instruction, from_el0) {
+        (false, true) => 0x24,
+        (false, false) => 0x25,
+        (true, true) => 0x20,
+        (true, false) => 0x21,
+    };
+    let esr = (ec << 26) | (1 << 25) | 0x10;
+    inject_exception(ctx, esr, Some(far));
+}
+
+/// Injects an UNDEFINED exception (EC 0) for an instruction the monitor does not emulate.
+fn inject_undef(ctx: &mut VcpuCtx) {
+    inject_exception(ctx, 1 << 25, None);
+}
+
+fn inject_exception(ctx: &mut VcpuCtx, esr: u64, far: Option<u64>) {
+    let pstate = ctx.regs.pstate;
+    let vector_offset = match pstate & 0xf {
+        0b0000 => 0x400,  // from EL0 (AArch64): lower EL, synchronous
+        0b0100 => 0x000,  // EL1t: current EL with SP_EL0
+        _ => 0x200,       // EL1h: current EL with SP_ELx
+    };
+    ctx.sys.esr_el1 = esr;
+    if let Some(far) = far {
+        ctx.sys.far_el1 = far;
+    }
+    ctx.sys.elr_el1 = ctx.regs.pc;
+    ctx.sys.spsr_el1 = pstate;
+    ctx.regs.pc = ctx.sys.vbar_el1 + vector_offset;
+    ctx.regs.pstate = PSTATE_EL1H_MASKED;
+}
+
+fn instruction_abort(vm: &mut Vm, ctx: &mut VcpuCtx, syn: Syndrome) -> Next {
+    let ipa = vmfork_core::esr::hpfar_to_ipa(syn.hpfar, syn.far);
+    let Some(s2) = vm.s2.as_mut() else {
+        return Next::Leave;
+    };
+    match with_mem(|cx| s2.handle_fault(cx, ipa, false)) {
+        Ok(FaultOutcome::Retry) => Next::Resume,
+        Ok(FaultOutcome::OutOfMemory) => {
+            vm.state = VmState::Paused(format!("out of memory on an instruction fetch at IPA {ipa}"));
+            log::warn!("vm{}: paused: out of memory", vm.id);
+            Next::Leave
+        }
+        Ok(_) => {
+            log::warn!(
+                "vm{}: instruction fetch from IPA {ipa} (PC {:#x}) outside RAM: external abort injected",
+                vm.id,
+                ctx.regs.pc
+            );
+            inject_abort(ctx, syn.far, true);
+            Next::Resume
+        }
+        Err(e) => {
+            vm.state = VmState::Stopping(format!("stage-2 error at IPA {ipa}: {e}"));
+            Next::Leave
+        }
+    }
+}
+
+fn data_abort(
+    vm: &mut Vm,
+    vcpu: usize,
+    ctx: &mut VcpuCtx,
+    syn: Syndrome,
+    kicks: &mut Vec<usize>,
+) -> Next {
+    let ipa = vmfork_core::esr::hpfar_to_ipa(syn.hpfar, syn.far);
+    let iss = syn.esr.data_abort();
+    let write = iss.as_ref().is_some_and(|d| d.wnr);
+    let Some(s2) = vm.s2.as_mut() else {
+        return Next::Leave;
+    };
+    match with_mem(|cx| s2.handle_fault(cx, ipa, write)) {
+        Ok(FaultOutcome::Retry) => return Next::Resume,
+        Ok(FaultOutcome::OutOfMemory) => {
+            vm.state = VmState::Paused(format!(
+                "out of memory copying a page for a write to IPA {ipa}"
+            ));
+            log::warn!("vm{}: paused: no free frame for a copy-on-write fault at {ipa}", vm.id);
+            return Next::Leave;
+        }
+        Ok(FaultOutcome::NotMapped) | Ok(FaultOutcome::PermissionDenied) => {}
+        Err(e) => {
+            vm.state = VmState::Stopping(format!("stage-2 error at IPA {ipa}: {e}"));
+            return Next::Leave;
+        }
+    }
+    // Not RAM: an emulated device, or nothing.
+    let Some(access) = iss.and_then(|d| d.access()) else {
+        log::warn!(
+            "vm{}: access to IPA {ipa} without a valid syndrome (PC {:#x}): external abort injected",
+            vm.id,
+            ctx.regs.pc
+        );
+        inject_abort(ctx, syn.far, false);
+        return Next::Resume;
+    };
+    let size = access.size as u8;
+    let write_value = access.write.then(|| {
+        let v = if access.register == 31 { 0 } else { ctx.regs.x[access.register as usize] };
+        if size >= 8 { v } else { v & ((1u64 << (size as u32 * 8)) - 1) }
+    });
+    let a = ipa.0;
+    let result = if (layout::GICD_BASE..layout::GICD_BASE + layout::GICD_SIZE).contains(&a) {
+        vm.vgic.dist_access(
+            vcpu,
+            MmioAccess { offset: a - layout::GICD_BASE, size, write: write_value },
+        )
+    } else if (layout::GICR_BASE..layout::GICR_BASE + layout::gicr_size(vm.vcpus.len() as u32))
+        .contains(&a)
+    {
+        vm.vgic.redist_access(
+            vcpu,
+            MmioAccess { offset: a - layout::GICR_BASE, size, write: write_value },
+        )
+    } else if (layout::UART_BASE..layout::UART_BASE + layout::UART_SIZE).contains(&a) {
+        let r = vmfork_core::mmio::MmioDevice::access(
+            &mut vm.uart,
+            vcpu,
+            MmioAccess { offset: a - layout::UART_BASE, size, write: write_value },
+        );
+        vm.drain_console();
+        if let Some(k) = vm.uart_irq_changed() {
+            vm.kick_vcpu(k, kicks);
+        }
+        r
+    } else {
+        MmioResult::Fault
+    };
+    match result {
+        MmioResult::Read(v) => {
+            let v = if access.sign_extend && size < 8 {
+                let shift = 64 - size as u32 * 8;
+                (((v << shift) as i64) >> shift) as u64
+            } else {
+                v
+            };
+            let v = if access.sixty_four { v } else { v & 0xffff_ffff };
+            if access.register != 31 {
+                ctx.regs.x[access.register as usize] = v;
+            }
+            ctx.regs.pc += 4;
+            Next::Resume
+        }
+        MmioResult::Written => {
+            ctx.regs.pc += 4;
+            Next::Resume
+        }
+        MmioResult::Fault => {
+            log::warn!(
+                "vm{}: {} of {} bytes at IPA {ipa} (PC {:#x}) hits no RAM or device: external abort injected",
+                vm.id,
+                if access.write { "write" } else { "read" },
+                size,
+                ctx.regs.pc
+            );
+            inject_abort(ctx, syn.far, false);
+            Next::Resume
+        }
+    }
+}
+
+impl Vm {
+    /// Marks a vCPU that has a new interrupt: a waiting one becomes runnable (and an idle CPU is
+    /// woken for it); one running on a CPU gets that CPU kicked so it reloads its list registers.
+    pub fn kick_vcpu(&mut self, vcpu: usize, kicks: &mut Vec<usize>) {
+        match self.vcpus.get(vcpu).map(|v| v.state) {
+            Some(VcpuState::Waiting) => {
+                self.vcpus[vcpu].state = VcpuState::Runnable;
+                crate::sched::wake_idle(kicks);
+            }
+            Some(VcpuState::Running(c)) => kicks.push(c),
+            _ => {}
+        }
+    }
+}
+
+fn hypercall(vm: &mut Vm, vcpu: usize, ctx: &mut VcpuCtx, kicks: &mut Vec<usize>) -> Next {
+    let x = &ctx.regs.x;
+    let call = psci::decode(x[0], x[1], x[2], x[3]);
+    let mut next = Next::Resume;
+    let ret: u64 = match call {
+        PsciCall::Version => psci::PSCI_VERSION_1_1 as u64,
+        PsciCall::SmcccVersion => psci::SMCCC_VERSION_1_1 as u64,
+        PsciCall::Features { function_id } => psci::ret(psci::psci_features(function_id)),
+        PsciCall::SmcccArchFeatures { function_id } => {
+            psci::ret(psci::smccc_arch_features(function_id))
+        }
+        PsciCall::MigrateInfoType => psci::MIGRATE_INFO_TYPE_NOT_PRESENT as u64,
+        PsciCall::CpuOn {
+            target_cpu,
+            entry_point,
+            context_id,
+        } => cpu_on(vm, target_cpu, entry_point, context_id, kicks),
+        PsciCall::CpuOff => {
+            next = Next::Off;
+            0
+        }
+        PsciCall::AffinityInfo {
+            target_affinity,
+            lowest_affinity_level,
+        } => {
+            if lowest_affinity_level != 0 {
+                PsciReturn::InvalidParameters.to_x0()
+            } else {
+                match vm.vcpus.iter().find(|v| v.mpidr == target_affinity & 0xff_00ff_ffff) {
+                    None => PsciReturn::InvalidParameters.to_x0(),
+                    Some(v) if v.state == VcpuState::Off => 1, // OFF
+                    Some(_) => 0,                              // ON
+                }
+            }
+        }
+        PsciCall::SystemOff => {
+            vm.state = VmState::Stopping(String::from("powered off (PSCI SYSTEM_OFF)"));
+            0
+        }
+        PsciCall::SystemReset => {
+            vm.state = VmState::Stopping(String::from(
+                "reset requested (PSCI SYSTEM_RESET): torn down",
+            ));
+            0
+        }
+        PsciCall::VendorHypCallUid => {
+            let uid = psci::VMFORK_UID;
+            ctx.regs.x[1] = uid[1] as u64;
+            ctx.regs.x[2] = uid[2] as u64;
+            ctx.regs.x[3] = uid[3] as u64;
+            uid[0] as u64
+        }
+        PsciCall::VendorHypRevision => {
+            ctx.regs.x[1] = psci::VMFORK_REVISION.1 as u64;
+            psci::VMFORK_REVISION.0 as u64
+        }
+        _ => PsciReturn::NotSupported.to_x0(),
+    };
+    ctx.regs.x[0] = ret;
+    let _ = vcpu;
+    next
+}
+
+fn cpu_on(vm: &mut Vm, target: u64, entry: u64, context: u64, kicks: &mut Vec<usize>) -> u64 {
+    let Some(i) = vm
+        .vcpus
+        .iter()
+        .position(|v| v.mpidr == target & 0xff_00ff_ffff)
+    else {
+        return PsciReturn::InvalidParameters.to_x0();
+    };
+    if vm.vcpus[i].state != VcpuState::Off {
+        return PsciReturn::AlreadyOn.to_x0();
+    }
+    let Some(ctx) = vm.vcpus[i].ctx.as_mut() else {
+        return PsciReturn::InternalFailure.to_x0();
+    };
+    ctx.regs = GuestRegs::default();
+    ctx.regs.pc = entry;
+    ctx.regs.x[0] = context;
+    ctx.regs.pstate = PSTATE_EL1H_MASKED;
+    ctx.sys = El1Sysregs::reset();
+    ctx.pauth = PauthKeys::default();
+    vm.vcpus[i].state = VcpuState::Runnable;
+    crate::sched::wake_idle(kicks);
+    0
+}
+
+/// ICC_SGI1R_EL1 as Op0/Op1/CRn/CRm/Op2 = 3/0/12/11/5.
+const ICC_SGI1R_EL1: (u8, u8, u8, u8, u8) = (3, 0, 12, 11, 5);
+
+fn sysreg(
+    vm: &mut Vm,
+    vcpu: usize,
+    ctx: &mut VcpuCtx,
+    esr: Esr,
+    kicks: &mut Vec<usize>,
+) -> Next {
+    let Some(iss) = esr.sys_reg() else {
+        inject_undef(ctx);
+        return Next::Resume;
+    };
+    let (op0, op1, crn, crm, op2) = ICC_SGI1R_EL1;
+    if iss.is(op0, op1, crn, crm, op2) && !iss.read {
+        let value = if iss.rt == 31 { 0 } else { ctx.regs.x[iss.rt as usize] };
+        match vm.vgic.send_sgi(vcpu, value) {
+            Ok(targets) => {
+                for t in targets.iter() {
+                    vm.kick_vcpu(t, kicks);
+                }
+            }
+            Err(e) => log::debug!("vm{}: SGI write {value:#x} refused: {e:?}", vm.id),
+        }
+        ctx.regs.pc += 4;
+        return Next::Resume;
+    }
+    log::debug!(
+        "vm{} vcpu{vcpu}: {} at PC {:#x} is not emulated: UNDEFINED injected",
+        vm.id,
+        iss,
+        ctx.regs.pc
+    );
+    inject_undef(ctx);
+    Next::Resume
+}
