@@ -182,6 +182,11 @@ fn boot(dtb: &[u8], platform: Platform, image: (u64, u64), heap: (u64, u64)) -> 
     let (free, total) = mem::frame_counts();
     log::debug!("frames: {free} free of {total}");
 
+    if let Err(e) = arch::init_interrupts_boot(&platform) {
+        fatal(&alloc::format!(
+            "cannot set up the interrupt controller: {e}"
+        ));
+    }
     let cpus = start_secondaries(&platform);
     let ram_mib: u64 = platform.ram.iter().map(|r| r.size).sum::<u64>() >> 20;
     println!("monitor: ready cpus={cpus} mem={ram_mib}");
@@ -189,12 +194,13 @@ fn boot(dtb: &[u8], platform: Platform, image: (u64, u64), heap: (u64, u64)) -> 
     idle()
 }
 
-/// `selftest=panic|fault` on the command line makes the monitor fail on purpose once it is ready,
+/// `selftest=panic|fault|irq` on the command line makes the monitor fail on purpose once it is ready,
 /// so that tests can check what a panic or an unexpected exception prints and how QEMU exits.
 fn selftest(what: Option<&str>) {
     match what {
         None => {}
         Some("panic") => panic!("selftest: panic requested on the command line"),
+        Some("irq") => arch::gic::irq_selftest(),
         Some("fault") => {
             // An address far above RAM that the identity map leaves unmapped.
             let addr = 0x40_0000_0000usize as *const u64;
@@ -203,7 +209,7 @@ fn selftest(what: Option<&str>) {
             let v = unsafe { core::ptr::read_volatile(addr) };
             log::error!("selftest: read of unmapped {addr:p} returned {v:#x}");
         }
-        Some(other) => log::warn!("unknown selftest={other}; expected panic or fault"),
+        Some(other) => log::warn!("unknown selftest={other}; expected panic, fault or irq"),
     }
 }
 
@@ -257,14 +263,19 @@ extern "C" fn rust_main_secondary(index: usize) -> ! {
     percpu::set_cpu_index(index);
     arch::exception::install_vectors();
     arch::mmu::enable_on_this_cpu();
+    if let Err(e) = arch::init_interrupts_this_cpu(index) {
+        log::error!("cpu{index}: cannot set up its interrupt controller interface: {e}");
+    }
     log::debug!("cpu{index} online (MPIDR {:#x})", arch::mpidr_affinity());
     ONLINE.fetch_add(1, Ordering::SeqCst);
     idle()
 }
 
+/// Waits for interrupts (IPIs, timer) forever, handling them as they come.
 fn idle() -> ! {
+    arch::gic::irq_enable();
     loop {
-        aarch64_cpu::asm::wfe();
+        aarch64_cpu::asm::wfi();
     }
 }
 

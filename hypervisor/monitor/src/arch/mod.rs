@@ -3,9 +3,11 @@
 
 pub mod boot;
 pub mod exception;
+pub mod gic;
 pub mod mmu;
 pub mod psci;
 pub mod semihosting;
+pub mod timer;
 
 /// The calling CPU's exception level (CurrentEL.EL).
 pub fn current_el() -> u64 {
@@ -26,4 +28,24 @@ pub fn counter() -> (u64, u64) {
     // can occur speculatively and out of order).
     aarch64_cpu::asm::barrier::isb(aarch64_cpu::asm::barrier::SY);
     (CNTPCT_EL0.get(), CNTFRQ_EL0.get())
+}
+
+/// Interrupt bring-up on the boot CPU: the distributor, the EL2 timer's INTID from the device
+/// tree, then the boot CPU's own interface ([`init_interrupts_this_cpu`]).
+pub fn init_interrupts_boot(
+    platform: &vmfork_core::platform::Platform,
+) -> Result<(), gic::GicError> {
+    gic::init_distributor(platform.gic.as_ref().ok_or(gic::GicError::NoGic)?)?;
+    if let Some(t) = &platform.timer {
+        timer::set_intid(t.hyp_phys);
+    }
+    init_interrupts_this_cpu(0)
+}
+
+/// Interrupt bring-up on each CPU (index `cpu`), with the MMU on: its redistributor and CPU
+/// interface, and its EL2 timer stopped.
+pub fn init_interrupts_this_cpu(cpu: usize) -> Result<(), gic::GicError> {
+    gic::init_cpu(cpu)?;
+    timer::init_cpu();
+    Ok(())
 }
