@@ -194,8 +194,9 @@ fn boot(dtb: &[u8], platform: Platform, image: (u64, u64), heap: (u64, u64)) -> 
     idle()
 }
 
-/// `selftest=panic|fault|irq` on the command line makes the monitor fail on purpose once it is ready,
-/// so that tests can check what a panic or an unexpected exception prints and how QEMU exits.
+/// `selftest=panic|fault` on the command line makes the monitor fail on purpose once it is ready,
+/// so that tests can check what a panic or an unexpected exception prints and how QEMU exits;
+/// `selftest=irq` checks timer interrupts and SGIs on every CPU (`arch::gic::irq_selftest`).
 fn selftest(what: Option<&str>) {
     match what {
         None => {}
