@@ -12,9 +12,13 @@ extern crate alloc;
 mod arch;
 mod console;
 mod fwcfg;
+mod guests;
 mod heap;
 mod mem;
 mod percpu;
+mod physmem;
+mod sched;
+mod vm;
 
 use core::sync::atomic::{AtomicUsize, Ordering};
 
@@ -26,8 +30,9 @@ use vmfork_core::platform::{self, Platform};
 const DEVICE_WINDOW: (u64, u64) = (0, 0x4000_0000);
 /// Where QEMU puts its DTB for an ELF kernel when x0 does not say.
 const RAM_BASE_DTB: usize = 0x4000_0000;
-/// Fixed part of the heap; the rest grows with RAM (frame metadata is 8 bytes per 4 KiB frame).
-const HEAP_FIXED: u64 = 8 << 20;
+/// Fixed part of the heap; the rest grows with RAM (1/16 of it): frame metadata (8 bytes per
+/// 4 KiB frame) and guest images read from fw_cfg before they are copied into guest RAM.
+const HEAP_FIXED: u64 = 16 << 20;
 
 /// Exit status for an unexpected exception.
 pub const EXIT_EXCEPTION: u32 = 1;
@@ -93,7 +98,7 @@ fn heap_range(dtb: &[u8], image_end: u64) -> Option<(u64, u64)> {
         .map(|r| r.size.unwrap_or(0) as u64)
         .sum();
     let start = (image_end + 0xfff) & !0xfff;
-    let want = HEAP_FIXED + total / 128;
+    let want = HEAP_FIXED + total / 16;
     let end = (start + want).min(start + (bank_end - start) / 2) & !0xfff;
     (end > start).then_some((start, end))
 }
@@ -184,19 +189,45 @@ fn boot(dtb: &[u8], platform: Platform, image: (u64, u64), heap: (u64, u64)) -> 
     log::debug!("frames: {free} free of {total}");
     fwcfg::log_guests(&platform, bootargs);
 
+    if let Err(e) = arch::init_interrupts_boot(&platform) {
+        fatal(&alloc::format!(
+            "cannot set up the interrupt controller: {e}"
+        ));
+    }
+    if let Some(uart) = &platform.uart {
+        console::set_uart_intid(uart.intid.unwrap_or(0));
+    }
+    sched::init_cpu(0);
+    let guests = guests::create_boot_guests(&platform);
     let cpus = start_secondaries(&platform);
     let ram_mib: u64 = platform.ram.iter().map(|r| r.size).sum::<u64>() >> 20;
     println!("monitor: ready cpus={cpus} mem={ram_mib}");
-    selftest(vmfork_core::cmdline::value(bootargs, "selftest"));
-    idle()
+    log::info!("{guests} guest(s) started");
+    let test = vmfork_core::cmdline::value(bootargs, "selftest");
+    if test.is_some() {
+        // Self-tests take over the CPUs: secondaries wait for interrupts instead of scheduling.
+        START.store(START_IDLE, Ordering::SeqCst);
+        selftest(test);
+        idle()
+    }
+    START.store(START_SCHEDULER, Ordering::SeqCst);
+    sched::run(0)
 }
 
+/// What secondary CPUs do once the boot CPU is ready: nothing yet, schedule vCPUs, or idle.
+static START: AtomicUsize = AtomicUsize::new(START_WAIT);
+const START_WAIT: usize = 0;
+const START_SCHEDULER: usize = 1;
+const START_IDLE: usize = 2;
+
 /// `selftest=panic|fault` on the command line makes the monitor fail on purpose once it is ready,
-/// so that tests can check what a panic or an unexpected exception prints and how QEMU exits.
+/// so that tests can check what a panic or an unexpected exception prints and how QEMU exits;
+/// `selftest=irq` checks timer interrupts and SGIs on every CPU (`arch::gic::irq_selftest`).
 fn selftest(what: Option<&str>) {
     match what {
         None => {}
         Some("panic") => panic!("selftest: panic requested on the command line"),
+        Some("irq") => arch::gic::irq_selftest(),
         Some("fault") => {
             // An address far above RAM that the identity map leaves unmapped.
             let addr = 0x40_0000_0000usize as *const u64;
@@ -205,7 +236,7 @@ fn selftest(what: Option<&str>) {
             let v = unsafe { core::ptr::read_volatile(addr) };
             log::error!("selftest: read of unmapped {addr:p} returned {v:#x}");
         }
-        Some(other) => log::warn!("unknown selftest={other}; expected panic or fault"),
+        Some(other) => log::warn!("unknown selftest={other}; expected panic, fault or irq"),
     }
 }
 
@@ -259,14 +290,26 @@ extern "C" fn rust_main_secondary(index: usize) -> ! {
     percpu::set_cpu_index(index);
     arch::exception::install_vectors();
     arch::mmu::enable_on_this_cpu();
+    if let Err(e) = arch::init_interrupts_this_cpu(index) {
+        log::error!("cpu{index}: cannot set up its interrupt controller interface: {e}");
+    }
+    sched::init_cpu(index);
     log::debug!("cpu{index} online (MPIDR {:#x})", arch::mpidr_affinity());
     ONLINE.fetch_add(1, Ordering::SeqCst);
-    idle()
+    loop {
+        match START.load(Ordering::SeqCst) {
+            START_SCHEDULER => sched::run(index),
+            START_IDLE => idle(),
+            _ => core::hint::spin_loop(),
+        }
+    }
 }
 
+/// Waits for interrupts (IPIs, timer) forever, handling them as they come.
 fn idle() -> ! {
+    arch::gic::irq_enable();
     loop {
-        aarch64_cpu::asm::wfe();
+        aarch64_cpu::asm::wfi();
     }
 }
 

@@ -156,7 +156,11 @@ impl VmidAllocator {
     fn alloc(&mut self) -> Option<Vmid> {
         for _ in 0..self.limit {
             let v = self.next;
-            self.next = if self.next >= self.limit { 1 } else { self.next + 1 };
+            self.next = if self.next >= self.limit {
+                1
+            } else {
+                self.next + 1
+            };
             if !self.used.contains_key(&v) {
                 self.used.insert(v, ());
                 return Some(Vmid(v));
@@ -407,10 +411,7 @@ impl VmTable {
         if keys.is_empty() {
             return None;
         }
-        let start = keys
-            .iter()
-            .position(|&k| k > self.cursor)
-            .unwrap_or(0);
+        let start = keys.iter().position(|&k| k > self.cursor).unwrap_or(0);
         for n in 0..keys.len() {
             let (id, i) = keys[(start + n) % keys.len()];
             let vm = self.vms.get_mut(&id)?;
@@ -489,8 +490,7 @@ impl VmTable {
     /// True when some vCPU of a running VM is ready to run.
     pub fn has_runnable(&self) -> bool {
         self.vms.values().any(|vm| {
-            vm.state == VmState::Running
-                && vm.vcpus.iter().any(|v| v.state == VcpuState::Runnable)
+            vm.state == VmState::Running && vm.vcpus.iter().any(|v| v.state == VcpuState::Runnable)
         })
     }
 
@@ -710,9 +710,9 @@ fn inject_undef(ctx: &mut VcpuCtx) {
 fn inject_exception(ctx: &mut VcpuCtx, esr: u64, far: Option<u64>) {
     let pstate = ctx.regs.pstate;
     let vector_offset = match pstate & 0xf {
-        0b0000 => 0x400,  // from EL0 (AArch64): lower EL, synchronous
-        0b0100 => 0x000,  // EL1t: current EL with SP_EL0
-        _ => 0x200,       // EL1h: current EL with SP_ELx
+        0b0000 => 0x400, // from EL0 (AArch64): lower EL, synchronous
+        0b0100 => 0x000, // EL1t: current EL with SP_EL0
+        _ => 0x200,      // EL1h: current EL with SP_ELx
     };
     ctx.sys.esr_el1 = esr;
     if let Some(far) = far {
@@ -732,7 +732,9 @@ fn instruction_abort(vm: &mut Vm, ctx: &mut VcpuCtx, syn: Syndrome) -> Next {
     match with_mem(|cx| s2.handle_fault(cx, ipa, false)) {
         Ok(FaultOutcome::Retry) => Next::Resume,
         Ok(FaultOutcome::OutOfMemory) => {
-            vm.state = VmState::Paused(format!("out of memory on an instruction fetch at IPA {ipa}"));
+            vm.state = VmState::Paused(format!(
+                "out of memory on an instruction fetch at IPA {ipa}"
+            ));
             log::warn!("vm{}: paused: out of memory", vm.id);
             Next::Leave
         }
@@ -771,7 +773,10 @@ fn data_abort(
             vm.state = VmState::Paused(format!(
                 "out of memory copying a page for a write to IPA {ipa}"
             ));
-            log::warn!("vm{}: paused: no free frame for a copy-on-write fault at {ipa}", vm.id);
+            log::warn!(
+                "vm{}: paused: no free frame for a copy-on-write fault at {ipa}",
+                vm.id
+            );
             return Next::Leave;
         }
         Ok(FaultOutcome::NotMapped) | Ok(FaultOutcome::PermissionDenied) => {}
@@ -792,27 +797,47 @@ fn data_abort(
     };
     let size = access.size as u8;
     let write_value = access.write.then(|| {
-        let v = if access.register == 31 { 0 } else { ctx.regs.x[access.register as usize] };
-        if size >= 8 { v } else { v & ((1u64 << (size as u32 * 8)) - 1) }
+        let v = if access.register == 31 {
+            0
+        } else {
+            ctx.regs.x[access.register as usize]
+        };
+        if size >= 8 {
+            v
+        } else {
+            v & ((1u64 << (size as u32 * 8)) - 1)
+        }
     });
     let a = ipa.0;
     let result = if (layout::GICD_BASE..layout::GICD_BASE + layout::GICD_SIZE).contains(&a) {
         vm.vgic.dist_access(
             vcpu,
-            MmioAccess { offset: a - layout::GICD_BASE, size, write: write_value },
+            MmioAccess {
+                offset: a - layout::GICD_BASE,
+                size,
+                write: write_value,
+            },
         )
     } else if (layout::GICR_BASE..layout::GICR_BASE + layout::gicr_size(vm.vcpus.len() as u32))
         .contains(&a)
     {
         vm.vgic.redist_access(
             vcpu,
-            MmioAccess { offset: a - layout::GICR_BASE, size, write: write_value },
+            MmioAccess {
+                offset: a - layout::GICR_BASE,
+                size,
+                write: write_value,
+            },
         )
     } else if (layout::UART_BASE..layout::UART_BASE + layout::UART_SIZE).contains(&a) {
         let r = vmfork_core::mmio::MmioDevice::access(
             &mut vm.uart,
             vcpu,
-            MmioAccess { offset: a - layout::UART_BASE, size, write: write_value },
+            MmioAccess {
+                offset: a - layout::UART_BASE,
+                size,
+                write: write_value,
+            },
         );
         vm.drain_console();
         if let Some(k) = vm.uart_irq_changed() {
@@ -830,7 +855,11 @@ fn data_abort(
             } else {
                 v
             };
-            let v = if access.sixty_four { v } else { v & 0xffff_ffff };
+            let v = if access.sixty_four {
+                v
+            } else {
+                v & 0xffff_ffff
+            };
             if access.register != 31 {
                 ctx.regs.x[access.register as usize] = v;
             }
@@ -898,7 +927,11 @@ fn hypercall(vm: &mut Vm, vcpu: usize, ctx: &mut VcpuCtx, kicks: &mut Vec<usize>
             if lowest_affinity_level != 0 {
                 PsciReturn::InvalidParameters.to_x0()
             } else {
-                match vm.vcpus.iter().find(|v| v.mpidr == target_affinity & 0xff_00ff_ffff) {
+                match vm
+                    .vcpus
+                    .iter()
+                    .find(|v| v.mpidr == target_affinity & 0xff_00ff_ffff)
+                {
                     None => PsciReturn::InvalidParameters.to_x0(),
                     Some(v) if v.state == VcpuState::Off => 1, // OFF
                     Some(_) => 0,                              // ON
@@ -961,20 +994,18 @@ fn cpu_on(vm: &mut Vm, target: u64, entry: u64, context: u64, kicks: &mut Vec<us
 /// ICC_SGI1R_EL1 as Op0/Op1/CRn/CRm/Op2 = 3/0/12/11/5.
 const ICC_SGI1R_EL1: (u8, u8, u8, u8, u8) = (3, 0, 12, 11, 5);
 
-fn sysreg(
-    vm: &mut Vm,
-    vcpu: usize,
-    ctx: &mut VcpuCtx,
-    esr: Esr,
-    kicks: &mut Vec<usize>,
-) -> Next {
+fn sysreg(vm: &mut Vm, vcpu: usize, ctx: &mut VcpuCtx, esr: Esr, kicks: &mut Vec<usize>) -> Next {
     let Some(iss) = esr.sys_reg() else {
         inject_undef(ctx);
         return Next::Resume;
     };
     let (op0, op1, crn, crm, op2) = ICC_SGI1R_EL1;
     if iss.is(op0, op1, crn, crm, op2) && !iss.read {
-        let value = if iss.rt == 31 { 0 } else { ctx.regs.x[iss.rt as usize] };
+        let value = if iss.rt == 31 {
+            0
+        } else {
+            ctx.regs.x[iss.rt as usize]
+        };
         match vm.vgic.send_sgi(vcpu, value) {
             Ok(targets) => {
                 for t in targets.iter() {

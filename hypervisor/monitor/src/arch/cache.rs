@@ -25,10 +25,13 @@ pub fn sync_for_guest_exec(pa: PhysAddr, len: u64) {
 
 /// Stage-2 TLB maintenance on the real CPU (see `vmfork_core::stage2::tlb` for the sequence).
 /// TLBI by IPA and `vmalls12e1is` act on the VMID in this CPU's VTTBR_EL2, so each operation
-/// loads the target VM's VTTBR_EL2 and puts the previous value back afterwards.
-pub struct HwTlb {
-    /// VTTBR_EL2 value of each VMID's tables, looked up by the VMID being flushed.
-    pub vttbr_of: fn(Vmid) -> u64,
+/// loads the target VMID into VTTBR_EL2 and puts the previous value back afterwards. Only the
+/// VMID field matters to TLB maintenance, so the table address is left 0: HCR_EL2.VM is clear
+/// while the monitor runs, so no walk uses it.
+pub struct HwTlb;
+
+fn vttbr_for(vmid: Vmid) -> u64 {
+    (vmid.0 as u64) << 48
 }
 
 fn with_vttbr(vttbr: u64, f: impl FnOnce()) {
@@ -47,7 +50,7 @@ fn with_vttbr(vttbr: u64, f: impl FnOnce()) {
 
 impl TlbOps for HwTlb {
     fn flush_ipa(&mut self, vmid: Vmid, ipa: Ipa) {
-        with_vttbr((self.vttbr_of)(vmid), || {
+        with_vttbr(vttbr_for(vmid), || {
             // SAFETY: TLB maintenance only drops cached translations. Sequence (ARM ARM D8.14,
             // "TLB maintenance requirements"): `dsb ishst` makes the descriptor store visible to
             // the walkers before the invalidation; `tlbi ipas2e1is` drops the stage-2 entry for
@@ -70,7 +73,7 @@ impl TlbOps for HwTlb {
     }
 
     fn flush_vmid(&mut self, vmid: Vmid) {
-        with_vttbr((self.vttbr_of)(vmid), || {
+        with_vttbr(vttbr_for(vmid), || {
             // SAFETY: as above; `tlbi vmalls12e1is` drops every stage-1 and stage-2 entry of the
             // current VMID on all CPUs of the Inner Shareable domain.
             unsafe {

@@ -104,7 +104,8 @@ el2_vectors:
     VENTRY 2
     VENTRY 3
     VENTRY 4
-    VENTRY 5
+    .balign 0x80                        // 5: IRQ at EL2: the GIC dispatcher (arch/gic.rs)
+    b       el2_irq_current_el
     VENTRY 6
     VENTRY 7
     VENTRY_GUEST 8

@@ -2,12 +2,14 @@
 //! Everything that needs real hardware (or QEMU) lives here; the logic is in `vmfork-core`.
 
 pub mod boot;
+pub mod cache;
 pub mod exception;
+pub mod gic;
 pub mod mmu;
 pub mod psci;
-pub mod cache;
 pub mod semihosting;
 pub mod sysregs;
+pub mod timer;
 pub mod vcpu;
 
 /// The calling CPU's exception level (CurrentEL.EL).
@@ -29,4 +31,24 @@ pub fn counter() -> (u64, u64) {
     // can occur speculatively and out of order).
     aarch64_cpu::asm::barrier::isb(aarch64_cpu::asm::barrier::SY);
     (CNTPCT_EL0.get(), CNTFRQ_EL0.get())
+}
+
+/// Interrupt bring-up on the boot CPU: the distributor, the EL2 timer's INTID from the device
+/// tree, then the boot CPU's own interface ([`init_interrupts_this_cpu`]).
+pub fn init_interrupts_boot(
+    platform: &vmfork_core::platform::Platform,
+) -> Result<(), gic::GicError> {
+    gic::init_distributor(platform.gic.as_ref().ok_or(gic::GicError::NoGic)?)?;
+    if let Some(t) = &platform.timer {
+        timer::set_intid(t.hyp_phys);
+    }
+    init_interrupts_this_cpu(0)
+}
+
+/// Interrupt bring-up on each CPU (index `cpu`), with the MMU on: its redistributor and CPU
+/// interface, and its EL2 timer stopped.
+pub fn init_interrupts_this_cpu(cpu: usize) -> Result<(), gic::GicError> {
+    gic::init_cpu(cpu)?;
+    timer::init_cpu();
+    Ok(())
 }
