@@ -11,6 +11,7 @@ extern crate alloc;
 
 mod arch;
 mod console;
+mod control;
 mod fwcfg;
 mod heap;
 mod mem;
@@ -184,10 +185,15 @@ fn boot(dtb: &[u8], platform: Platform, image: (u64, u64), heap: (u64, u64)) -> 
     log::debug!("frames: {free} free of {total}");
     fwcfg::log_guests(&platform, bootargs);
 
+    control::init(&platform, bootargs);
+
     let cpus = start_secondaries(&platform);
     let ram_mib: u64 = platform.ram.iter().map(|r| r.size).sum::<u64>() >> 20;
     println!("monitor: ready cpus={cpus} mem={ram_mib}");
     selftest(vmfork_core::cmdline::value(bootargs, "selftest"));
+    if control::echo_enabled() {
+        control::echo_forever()
+    }
     idle()
 }
 
