@@ -11,6 +11,7 @@ extern crate alloc;
 
 mod arch;
 mod console;
+mod control;
 mod fwcfg;
 mod guests;
 mod heap;
@@ -198,6 +199,7 @@ fn boot(dtb: &[u8], platform: Platform, image: (u64, u64), heap: (u64, u64)) -> 
         console::set_uart_intid(uart.intid.unwrap_or(0));
     }
     sched::init_cpu(0);
+    control::init(&platform, bootargs);
     let guests = guests::create_boot_guests(&platform);
     let cpus = start_secondaries(&platform);
     let ram_mib: u64 = platform.ram.iter().map(|r| r.size).sum::<u64>() >> 20;
@@ -209,6 +211,10 @@ fn boot(dtb: &[u8], platform: Platform, image: (u64, u64), heap: (u64, u64)) -> 
         START.store(START_IDLE, Ordering::SeqCst);
         selftest(test);
         idle()
+    }
+    if control::echo_enabled() {
+        START.store(START_IDLE, Ordering::SeqCst);
+        control::echo_forever()
     }
     START.store(START_SCHEDULER, Ordering::SeqCst);
     sched::run(0)

@@ -1,0 +1,108 @@
+//! The control channel: how the host's `vmfork` tool talks to the monitor.
+//!
+//! This module owns the transport ([`virtio::ControlPort`], a virtio console wired by QEMU to a
+//! Unix socket) and the service that consumes its bytes. [`init`] probes for the device at boot;
+//! [`poll`] moves whatever has arrived through the service and is meant to be called
+//! periodically from the boot CPU's idle loop (interrupts come later).
+//!
+//! Services, chosen with `control=` on the monitor's command line:
+//! - none (the default): bytes stay queued for the protocol handler, which is not wired yet;
+//! - `control=echo`: a debug service that sends every received byte straight back, and makes the
+//!   boot CPU serve the channel forever after `monitor: ready` ([`echo_forever`]).
+
+pub mod virtio;
+
+use spin::Mutex;
+use vmfork_core::platform::Platform;
+
+use virtio::ControlPort;
+
+/// Bytes moved per [`poll`] step: one virtio buffer.
+const POLL_CHUNK: usize = 4096;
+
+/// What the monitor does with the bytes that arrive on the control channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Service {
+    /// Leave them queued (the device then stops taking bytes from the host once its receive
+    /// buffers are full).
+    Idle,
+    /// Send every byte back (`control=echo`), for testing the transport.
+    Echo,
+}
+
+/// The control channel's state: `None` until [`init`] found a device.
+struct Channel {
+    port: ControlPort,
+    service: Service,
+}
+
+static CHANNEL: Mutex<Option<Channel>> = Mutex::new(None);
+
+/// Probes for the control device, logs the outcome and picks the service from `bootargs`.
+/// Returns true when there is a control channel. Call once, on the boot CPU, after the frame
+/// allocator and the heap are up.
+pub fn init(platform: &Platform, bootargs: &str) -> bool {
+    let service = match vmfork_core::cmdline::value(bootargs, "control") {
+        None => Service::Idle,
+        Some("echo") => Service::Echo,
+        Some(other) => {
+            log::warn!("unknown control={other}; expected echo");
+            Service::Idle
+        }
+    };
+    match ControlPort::probe(platform) {
+        Some(port) => {
+            log::info!("control: virtio console at {:#x}", port.base());
+            if service == Service::Echo {
+                log::info!("control: echo service on");
+            }
+            *CHANNEL.lock() = Some(Channel { port, service });
+            true
+        }
+        None => {
+            log::info!("control: no virtio console; the control channel is off");
+            false
+        }
+    }
+}
+
+/// One step of the control service: takes up to one buffer of received bytes and handles them.
+/// Returns true when it did some work (call again soon), false when the channel was quiet or
+/// there is none. Never blocks for long: a send waits at most the transport's send timeout.
+pub fn poll() -> bool {
+    let mut guard = CHANNEL.lock();
+    let Some(ch) = guard.as_mut() else {
+        return false;
+    };
+    match ch.service {
+        Service::Idle => false,
+        Service::Echo => {
+            let mut buf = [0u8; POLL_CHUNK];
+            let n = ch.port.recv(&mut buf);
+            if n == 0 {
+                return false;
+            }
+            if let Err(e) = ch.port.send(&buf[..n]) {
+                log::warn!("control: echo of {n} bytes: {e}");
+            }
+            true
+        }
+    }
+}
+
+/// True when the echo service is on: the boot CPU should then call [`echo_forever`].
+pub fn echo_enabled() -> bool {
+    CHANNEL
+        .lock()
+        .as_ref()
+        .is_some_and(|ch| ch.service == Service::Echo)
+}
+
+/// Serves the echo service on this CPU forever, busy-polling the device (no interrupts yet).
+pub fn echo_forever() -> ! {
+    loop {
+        if !poll() {
+            core::hint::spin_loop();
+        }
+    }
+}
