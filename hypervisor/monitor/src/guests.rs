@@ -7,7 +7,7 @@ use alloc::string::String;
 use vmfork_core::guest_spec::FwCfgFile;
 use vmfork_core::platform::Platform;
 
-use crate::fwcfg::{FwCfg, FwCfgError};
+use crate::fwcfg::FwCfg;
 use crate::vm::{GuestSpec, VMS};
 
 fn lookup<'a>(dir: &'a [FwCfgFile], name: &str) -> Result<&'a FwCfgFile, String> {
@@ -36,18 +36,16 @@ pub fn create_boot_guests(platform: &Platform) -> usize {
             return 0;
         }
     };
-    let specs = match dev.guest_specs(&dir) {
-        Ok(s) => s,
-        Err(e) => {
-            log::error!("fw_cfg: guest files: {e}");
-            return 0;
-        }
+    // Malformed names and configs were already reported, one line each, by
+    // `fwcfg::log_guests`; such guests are skipped here without a second line.
+    let Ok(specs) = dev.guest_specs(&dir) else {
+        return 0;
     };
     let mut created = 0;
     for (files, config) in specs {
         let n = files.index;
+        let Ok(config) = config else { continue };
         let result = (|| -> Result<u32, String> {
-            let config = config.map_err(|e: FwCfgError| format!("{e}"))?;
             let kernel = dev
                 .read_file_vec(lookup(&dir, &files.kernel)?)
                 .map_err(|e| format!("reading the kernel: {e}"))?;

@@ -64,7 +64,7 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
 }
 
 fn has_dtb_magic(addr: usize) -> bool {
-    if addr == 0 || addr % 8 != 0 {
+    if addr == 0 || !addr.is_multiple_of(8) {
         return false;
     }
     // SAFETY: `addr` is either what the loader passed in x0 or the start of RAM; both are RAM on

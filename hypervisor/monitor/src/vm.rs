@@ -6,7 +6,7 @@
 //! exit. Every piece of a VM's state is plain data (`Clone`), so a VM can be copied whole.
 
 use alloc::boxed::Box;
-use alloc::collections::BTreeMap;
+use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -134,7 +134,7 @@ pub static VMS: Mutex<VmTable> = Mutex::new(VmTable {
 /// `flush_vmid`), so it can be given to the next VM at once: that is the whole rollover scheme,
 /// and with 16-bit VMIDs (65,535 usable) there is no generation counter to wrap.
 pub struct VmidAllocator {
-    used: BTreeMap<u16, ()>,
+    used: BTreeSet<u16>,
     next: u16,
     limit: u16,
 }
@@ -142,7 +142,7 @@ pub struct VmidAllocator {
 impl VmidAllocator {
     const fn new() -> Self {
         Self {
-            used: BTreeMap::new(),
+            used: BTreeSet::new(),
             next: 1,
             limit: 255,
         }
@@ -161,8 +161,7 @@ impl VmidAllocator {
             } else {
                 self.next + 1
             };
-            if !self.used.contains_key(&v) {
-                self.used.insert(v, ());
+            if self.used.insert(v) {
                 return Some(Vmid(v));
             }
         }
@@ -285,7 +284,7 @@ impl VmTable {
             ram_base: layout::RAM_BASE,
             ram_size: spec.mem,
             bootargs: spec.cmdline.clone(),
-            initrd: (initrd_len > 0).then_some((0, 0)),
+            initrd: (initrd_len > 0).then_some((layout::RAM_BASE, layout::RAM_BASE + initrd_len)),
             vmgenid: Some(layout::VMGENID_BASE),
             ..GuestDtbConfig::default()
         };
@@ -484,7 +483,15 @@ impl VmTable {
             self.focus = self.vms.keys().next().copied();
         }
         let (free, total) = crate::mem::frame_counts();
-        log::info!("vm{id}: destroyed; frames free {free} of {total}");
+        let reason = match &vm.state {
+            VmState::Stopping(r) => r.as_str(),
+            _ => "stopped",
+        };
+        log::info!(
+            "vm{id}: '{}' {reason}; destroyed, its {} MiB of RAM returned; frames free {free} of {total}",
+            vm.name,
+            vm.ram_size >> 20
+        );
     }
 
     /// True when some vCPU of a running VM is ready to run.
@@ -492,11 +499,6 @@ impl VmTable {
         self.vms.values().any(|vm| {
             vm.state == VmState::Running && vm.vcpus.iter().any(|v| v.state == VcpuState::Runnable)
         })
-    }
-
-    /// Number of VMs that exist.
-    pub fn count(&self) -> usize {
-        self.vms.len()
     }
 }
 
@@ -795,7 +797,7 @@ fn data_abort(
         inject_abort(ctx, syn.far, false);
         return Next::Resume;
     };
-    let size = access.size as u8;
+    let size = access.size;
     let write_value = access.write.then(|| {
         let v = if access.register == 31 {
             0

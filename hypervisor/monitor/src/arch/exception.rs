@@ -22,7 +22,7 @@ pub struct TrapFrame {
 
 const FRAME_SIZE: usize = core::mem::size_of::<TrapFrame>();
 const _: () = assert!(
-    FRAME_SIZE % 16 == 0,
+    FRAME_SIZE.is_multiple_of(16),
     "the stack pointer must stay 16-byte aligned"
 );
 

@@ -61,7 +61,7 @@ pub fn init(device: (u64, u64), ram: &[(u64, u64)]) -> Result<(), aarch64_paging
         | (0b01 << 8)             // IRGN0: inner write-back, write-allocate
         | (0b01 << 10)            // ORGN0: outer write-back, write-allocate
         | (0b11 << 12)            // SH0: inner shareable
-        | (0b00 << 14)            // TG0: 4 KiB granule
+        // TG0 (bits 15:14) = 0b00: 4 KiB granule
         | (ps << 16)              // PS
         | (1 << 23)               // RES1
         | (1 << 31); // RES1
