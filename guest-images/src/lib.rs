@@ -7,8 +7,8 @@
 //! the CPUs' MPIDRs.
 //!
 //! The crate has two halves:
-//! - portable modules ([`fdt`], [`bootargs`], [`pattern`], [`psci_abi`], [`vmfork_abi`])
-//!   that compile and are unit-tested on the host;
+//! - portable modules ([`fdt`], [`bootargs`], [`pattern`], [`psci_abi`], [`vmfork_abi`],
+//!   [`cow`]) that compile and are unit-tested on the host;
 //! - the bare-metal runtime (boot assembly, exception vectors, PL011 console, GICv3, virtual
 //!   timer, PSCI calls, vmfork detection and hypercalls, exit, SMP start-up) that only exists for
 //!   `target_os = "none"`.
@@ -19,6 +19,7 @@
 #![deny(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 
 pub mod bootargs;
+pub mod cow;
 pub mod fdt;
 pub mod pattern;
 pub mod psci_abi;
