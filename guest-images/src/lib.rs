@@ -7,10 +7,10 @@
 //! the CPUs' MPIDRs.
 //!
 //! The crate has two halves:
-//! - portable modules ([`fdt`], [`bootargs`], [`pattern`], [`psci_abi`]) that compile and are
-//!   unit-tested on the host;
+//! - portable modules ([`fdt`], [`bootargs`], [`pattern`], [`psci_abi`], [`vmfork_abi`],
+//!   [`cow`]) that compile and are unit-tested on the host;
 //! - the bare-metal runtime (boot assembly, exception vectors, PL011 console, GICv3, virtual
-//!   timer, PSCI calls, semihosting exit, SMP start-up) that only exists for
+//!   timer, PSCI calls, vmfork detection and hypercalls, exit, SMP start-up) that only exists for
 //!   `target_os = "none"`.
 //!
 //! A guest program names its entry point with [`entry!`]; the runtime calls it on the boot CPU
@@ -19,15 +19,19 @@
 #![deny(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 
 pub mod bootargs;
+pub mod cow;
 pub mod fdt;
 pub mod pattern;
 pub mod psci_abi;
+pub mod vmfork_abi;
 
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 pub mod arch;
 
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
-pub use arch::{boot::boot_info, boot::BootInfo, console, exit, gic, psci, smp, sysreg, timer};
+pub use arch::{
+    boot::boot_info, boot::BootInfo, console, exit, gic, psci, runtime, smp, sysreg, timer,
+};
 
 /// Most CPUs the runtime can start (one secondary stack each) and the DTB reader records.
 pub const MAX_CPUS: usize = 16;
@@ -67,7 +71,7 @@ macro_rules! println {
     };
 }
 
-/// Prints a formatted line, then powers the machine off with a failing exit status.
+/// Prints a formatted line, then stops with a failing status (`exit::fail`).
 #[macro_export]
 macro_rules! fail {
     ($($arg:tt)*) => {{

@@ -173,3 +173,65 @@ fn smp_smp1() {
 fn smp_smp4() {
     smp(4);
 }
+
+/// Runs `cowcheck` to its end (exit 0) and returns its `cowcheck:` lines.
+fn cowcheck(smp: u32, append: &str, name: &str) -> Vec<String> {
+    let mut q = start("cowcheck", smp, append, name);
+    assert_eq!(q.wait_exit(DEFAULT_TIMEOUT), 0, "log:\n{}", q.serial());
+    assert_clean(&mut q);
+    lines_with(&mut q, "cowcheck:")
+}
+
+/// Without the monitor the fork hypercall is not supported: phase 1 runs on every CPU, then
+/// the guest says so and powers off cleanly.
+fn cowcheck_without_monitor(smp: u32) {
+    assert_eq!(
+        cowcheck(smp, "", &format!("cowcheck_plain_smp{smp}")),
+        [
+            format!("cowcheck: filled mib=4 cpus={smp}"),
+            "cowcheck: fork not supported (-1)".to_string(),
+        ]
+    );
+}
+
+#[test]
+fn cowcheck_without_monitor_smp1() {
+    cowcheck_without_monitor(1);
+}
+
+#[test]
+fn cowcheck_without_monitor_smp4() {
+    cowcheck_without_monitor(4);
+}
+
+/// `simulate=` runs phase 2 without a fork, so the rewrite/check and code-patching paths are
+/// exercised on plain QEMU too.
+#[test]
+fn cowcheck_simulated_parent_and_child() {
+    assert_eq!(
+        cowcheck(4, "simulate=parent mib=2", "cowcheck_plain_sim_parent"),
+        [
+            "cowcheck: filled mib=2 cpus=4",
+            "cowcheck: parent vm=1 child=2",
+            "cowcheck: code ok value=43",
+            "cowcheck: parent ok",
+        ]
+    );
+    assert_eq!(
+        cowcheck(3, "simulate=child cpus=2", "cowcheck_plain_sim_child"),
+        [
+            "cowcheck: filled mib=4 cpus=2",
+            "cowcheck: child vm=2 parent=1 generation=1",
+            "cowcheck: code ok value=44",
+            "cowcheck: child ok",
+        ]
+    );
+}
+
+#[test]
+fn cowcheck_rejects_more_cpus_than_the_dtb_has() {
+    let mut q = start("cowcheck", 2, "cpus=3", "cowcheck_plain_badcpus");
+    let line = q.wait_for("cowcheck: FAIL", DEFAULT_TIMEOUT);
+    assert!(line.contains("cpus=3: the DTB has 2 cpus"), "{line}");
+    assert_eq!(q.wait_exit(DEFAULT_TIMEOUT), 1, "log:\n{}", q.serial());
+}

@@ -9,7 +9,7 @@
 //! Under the vmfork monitor x0 holds the DTB's address. So: x0 if it points at the DTB magic,
 //! else [`DEFAULT_DTB_ADDR`](crate::DEFAULT_DTB_ADDR).
 
-use super::{console, psci, sysreg};
+use super::{console, psci, runtime, sysreg};
 use crate::fdt::{self, Fdt, Platform, FDT_HEADER_SIZE};
 use crate::MAX_CPUS;
 use core::arch::global_asm;
@@ -181,6 +181,7 @@ extern "C" fn __vmfork_boot_primary(x0: u64) -> ! {
         console::init(uart);
     }
     psci::set_conduit(platform.psci);
+    runtime::detect();
     let affinity = sysreg::mpidr_affinity();
     let Some(boot_cpu) = platform.cpu_index(affinity) else {
         crate::fail!("boot: MPIDR affinity {affinity:#x} is not in the DTB's /cpus");
@@ -199,7 +200,7 @@ extern "C" fn __vmfork_boot_primary(x0: u64) -> ! {
     });
     if info.platform.bootargs.has("verbose") {
         crate::println!(
-            "boot: x0={:#x}, dtb at {:#x} ({}), image {:#x}..{:#x}, cpu {} of {}, EL{}",
+            "boot: x0={:#x}, dtb at {:#x} ({}), image {:#x}..{:#x}, cpu {} of {}, EL{}, vmfork {}",
             info.entry_x0,
             info.dtb_addr,
             if info.dtb_from_x0 {
@@ -211,7 +212,8 @@ extern "C" fn __vmfork_boot_primary(x0: u64) -> ! {
             info.image_end,
             info.boot_cpu,
             info.platform.cpus().len(),
-            sysreg::current_el()
+            sysreg::current_el(),
+            if runtime::under_vmfork() { "yes" } else { "no" }
         );
     }
     // SAFETY: every guest binary defines this symbol through entry!, which checks its type.

@@ -1,8 +1,9 @@
 //! Ending the run: power off through PSCI `SYSTEM_OFF` (QEMU exits with status 0), or fail
 //! through the Arm semihosting `SYS_EXIT` call (QEMU run with `-semihosting` exits with
-//! status 1), and the panic handler.
+//! status 1; under the vmfork monitor `SYSTEM_OFF` instead, see [`fail`]), and the panic
+//! handler.
 
-use super::{console, psci, sysreg};
+use super::{console, psci, runtime, sysreg};
 use core::arch::asm;
 use core::sync::atomic::{AtomicBool, Ordering};
 
@@ -33,11 +34,16 @@ pub fn power_off() -> ! {
     fail()
 }
 
-/// Stops the machine with a failing status: semihosting exit 1, else `SYSTEM_OFF`, else spin.
-/// Safe to re-enter (a missing semihosting host makes `HLT` trap back into the runtime).
+/// Stops with a failing status.
+///
+/// On plain QEMU: semihosting exit 1, else (no `-semihosting`: the `HLT` traps and the handler
+/// comes back here) `SYSTEM_OFF`, else spin. Under the vmfork monitor never semihosting: QEMU
+/// would take the `HLT` itself and end the whole machine, every other VM with it; `SYSTEM_OFF`
+/// powers off only this VM (the `FAIL` line the caller printed is the failure report).
+/// Safe to re-enter.
 pub fn fail() -> ! {
     sysreg::irq_disable();
-    if !FAILING.swap(true, Ordering::SeqCst) {
+    if !FAILING.swap(true, Ordering::SeqCst) && !runtime::under_vmfork() {
         semihosting_exit(1);
     }
     let _ = psci::system_off();

@@ -10,6 +10,7 @@ pub mod exceptions;
 pub mod exit;
 pub mod gic;
 pub mod psci;
+pub mod runtime;
 pub mod smp;
 pub mod sysreg;
 pub mod timer;
