@@ -30,7 +30,8 @@ pub mod arch;
 
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 pub use arch::{
-    boot::boot_info, boot::BootInfo, console, exit, gic, psci, runtime, smp, sysreg, timer,
+    boot::boot_info, boot::BootInfo, console, exceptions, exit, gic, psci, runtime, smp, sysreg,
+    timer,
 };
 
 /// Most CPUs the runtime can start (one secondary stack each) and the DTB reader records.

@@ -32,7 +32,11 @@ fn plain_lines(image: &str, smp: u32, cmdline: &str, last: &str) -> Vec<String> 
     }
     let mut q = Qemu::start(cfg);
     q.wait_for(last, DEFAULT_TIMEOUT);
-    assert_eq!(q.wait_exit(DEFAULT_TIMEOUT), 0, "plain run of {image} failed");
+    assert_eq!(
+        q.wait_exit(DEFAULT_TIMEOUT),
+        0,
+        "plain run of {image} failed"
+    );
     q.serial()
         .lines()
         .map(|l| l.trim_end_matches('\r').to_string())
@@ -48,6 +52,20 @@ fn vm_lines(q: &Qemu, vm: u32) -> Vec<String> {
         .filter_map(|l| l.trim_end_matches('\r').strip_prefix(&prefix))
         .map(str::to_string)
         .collect()
+}
+
+/// Waits until `pattern` has appeared `n` times anywhere in the log (for events of several VMs
+/// that may come in any order).
+fn wait_count(q: &Qemu, pattern: &str, n: usize) {
+    let deadline = std::time::Instant::now() + DEFAULT_TIMEOUT;
+    while q.count(pattern) < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "`{pattern}` did not appear {n} times:\n{}",
+            q.serial()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 fn monitor(name: &str) -> QemuConfig {
@@ -71,8 +89,15 @@ fn same_output_both_ways(image: &str, cpus: u32, cmdline: &str, last: &str) {
     ));
     q.wait_for("monitor: ready", DEFAULT_TIMEOUT);
     q.wait_for(&format!("[vm1] {last}"), DEFAULT_TIMEOUT);
-    q.wait_for("vm1: 'guest0' powered off (PSCI SYSTEM_OFF); destroyed", DEFAULT_TIMEOUT);
-    assert_eq!(vm_lines(&q, 1), expected, "{image}: output differs from plain QEMU");
+    q.wait_for(
+        "vm1: 'guest0' powered off (PSCI SYSTEM_OFF); destroyed",
+        DEFAULT_TIMEOUT,
+    );
+    assert_eq!(
+        vm_lines(&q, 1),
+        expected,
+        "{image}: output differs from plain QEMU"
+    );
     q.expect_no("unexpected exception");
     q.expect_no("panic");
     q.kill();
@@ -107,15 +132,7 @@ fn four_guests_share_two_cpus_and_all_progress() {
     let mut q = Qemu::start(cfg);
     q.wait_for("monitor: ready", DEFAULT_TIMEOUT);
     // The four finish in any order: wait until all four have been torn down.
-    let deadline = std::time::Instant::now() + DEFAULT_TIMEOUT;
-    while q.count("powered off (PSCI SYSTEM_OFF); destroyed") < 4 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not all four guests finished:\n{}",
-            q.serial()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    wait_count(&q, "powered off (PSCI SYSTEM_OFF); destroyed", 4);
     let serial = q.serial();
     for vm in 1..=4 {
         let lines = vm_lines(&q, vm);
@@ -131,7 +148,10 @@ fn four_guests_share_two_cpus_and_all_progress() {
         let tick = serial
             .find(&format!("[vm{vm}] counter: tick 2"))
             .expect("a tick line");
-        assert!(tick < first_done, "vm{vm} only started after another VM had finished");
+        assert!(
+            tick < first_done,
+            "vm{vm} only started after another VM had finished"
+        );
     }
     q.kill();
 }
@@ -150,7 +170,10 @@ fn powered_off_guest_gives_every_frame_back() {
         r"vm1: 'guest0' powered off \(PSCI SYSTEM_OFF\); destroyed, its 32 MiB of RAM returned; frames free (\d+) of (\d+)",
         DEFAULT_TIMEOUT,
     );
-    assert_eq!(before[1], after[1], "free frames after teardown differ from boot");
+    assert_eq!(
+        before[1], after[1],
+        "free frames after teardown differ from boot"
+    );
     assert_eq!(before[2], after[2]);
     q.kill();
 }
@@ -162,14 +185,48 @@ fn a_guest_that_fails_to_load_does_not_stop_the_others() {
     std::fs::create_dir_all(&dir).expect("temp dir");
     let junk = dir.join("junk.bin");
     std::fs::write(&junk, vec![0x5au8; 8192]).expect("write junk");
-    let cfg = monitor("bad_kernel_then_good").arg("-fw_cfg").arg(&format!(
-        "name=opt/vmfork/0/kernel,file={}",
-        junk.display()
-    ));
+    let cfg = monitor("bad_kernel_then_good")
+        .arg("-fw_cfg")
+        .arg(&format!("name=opt/vmfork/0/kernel,file={}", junk.display()));
     let mut q = Qemu::start(guest_args(cfg, 1, "hello", ""));
-    q.wait_for("guest 0: not started: cannot load the kernel", DEFAULT_TIMEOUT);
+    q.wait_for(
+        "guest 0: not started: cannot load the kernel",
+        DEFAULT_TIMEOUT,
+    );
     q.wait_for("monitor: ready", DEFAULT_TIMEOUT);
     q.wait_for("[vm1] hello: bye", DEFAULT_TIMEOUT);
     q.kill();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_accesses_abort_in_the_guest_while_others_run() {
+    let expected = plain_lines("badaccess", 1, "", "badaccess: still running");
+    let cfg = guest_args(monitor("badaccess_and_counter"), 0, "badaccess", "");
+    let mut q = Qemu::start(guest_args(cfg, 1, "counter", "cmdline=ticks=5"));
+    q.wait_for("monitor: ready", DEFAULT_TIMEOUT);
+    wait_count(&q, "powered off (PSCI SYSTEM_OFF); destroyed", 2);
+    assert_eq!(q.count("[vm2] counter: done 5"), 1);
+    // The guest saw the same aborts as on plain QEMU (data abort, external abort, WnR right).
+    assert_eq!(vm_lines(&q, 1), expected);
+    assert_eq!(q.count("hits no RAM or device: external abort injected"), 2);
+    q.kill();
+}
+
+#[test]
+fn an_unhandled_exception_class_stops_only_that_vm() {
+    let cfg = guest_args(monitor("sve_trap"), 0, "badaccess", "cmdline=trap=sve");
+    let mut q = Qemu::start(guest_args(cfg, 1, "counter", "cmdline=ticks=5"));
+    q.wait_for("monitor: ready", DEFAULT_TIMEOUT);
+    let stop = q.wait_for(
+        "vm1: stopping: unhandled exception from the guest: trapped SVE access (EC 0x19)",
+        DEFAULT_TIMEOUT,
+    );
+    assert!(stop.contains("PC 0x"), "{stop}");
+    wait_count(&q, "[vm2] counter: done 5", 1);
+    // The dump names the vCPU and shows its registers.
+    assert_eq!(q.count("vm1 vcpu0: PC "), 1);
+    assert!(q.count("x30=") >= 1);
+    q.expect_no("badaccess: SVE vector length");
+    q.kill();
 }

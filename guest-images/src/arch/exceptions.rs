@@ -150,6 +150,21 @@ const SOURCE_NAMES: [&str; 4] = [
 
 /// Vector index of an IRQ taken from EL1 using SP_EL1 (the only expected exception).
 const IRQ_CURRENT_EL_SPX: u64 = 5;
+/// Vector index of a synchronous exception taken from EL1 using SP_EL1.
+const SYNC_CURRENT_EL_SPX: u64 = 4;
+
+/// A handler for synchronous exceptions at EL1: gets ESR_EL1, FAR_EL1 and the frame, and returns
+/// true when it dealt with the exception (it may move `frame.elr` past the instruction).
+pub type SyncHandler = fn(esr: u64, far: u64, frame: &mut ExceptionFrame) -> bool;
+
+static SYNC_HANDLER: core::sync::atomic::AtomicPtr<()> =
+    core::sync::atomic::AtomicPtr::new(core::ptr::null_mut());
+
+/// Installs `handler` for synchronous exceptions taken at EL1 (for guests that provoke faults on
+/// purpose); without one, any such exception fails the guest.
+pub fn set_sync_handler(handler: SyncHandler) {
+    SYNC_HANDLER.store(handler as *mut (), core::sync::atomic::Ordering::SeqCst);
+}
 
 /// Called by the vector code with the vector index (source * 4 + kind) and the saved frame.
 #[no_mangle]
@@ -157,6 +172,17 @@ extern "C" fn __vmfork_exception(vector: u64, frame: &mut ExceptionFrame) {
     if vector == IRQ_CURRENT_EL_SPX {
         gic::handle_irq();
         return;
+    }
+    if vector == SYNC_CURRENT_EL_SPX {
+        let p = SYNC_HANDLER.load(core::sync::atomic::Ordering::SeqCst);
+        if !p.is_null() {
+            // SAFETY: the only non-null value ever stored is a `SyncHandler` (set_sync_handler);
+            // function and data pointers have the same size on AArch64.
+            let handler = unsafe { core::mem::transmute::<*mut (), SyncHandler>(p) };
+            if handler(sysreg::esr_el1(), sysreg::far_el1(), frame) {
+                return;
+            }
+        }
     }
     let kind = KIND_NAMES[(vector & 3) as usize];
     let source = SOURCE_NAMES[((vector >> 2) & 3) as usize];

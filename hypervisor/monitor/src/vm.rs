@@ -692,7 +692,7 @@ fn dump_vcpu(id: u32, vcpu: usize, ctx: &VcpuCtx) {
 /// that no device answers (ARM ARM D1.10: exception entry to EL1): ESR_EL1 describes a data or
 /// instruction abort with DFSC/IFSC 0b010000, FAR_EL1 the faulting VA, and the vCPU continues
 /// at its EL1 vector.
-fn inject_abort(ctx: &mut VcpuCtx, far: u64, instruction: bool) {
+fn inject_abort(ctx: &mut VcpuCtx, far: u64, instruction: bool, write: bool) {
     let from_el0 = ctx.regs.pstate & 0xf == 0;
     let ec: u64 = match (instruction, from_el0) {
         (false, true) => 0x24,
@@ -700,7 +700,9 @@ fn inject_abort(ctx: &mut VcpuCtx, far: u64, instruction: bool) {
         (true, true) => 0x20,
         (true, false) => 0x21,
     };
-    let esr = (ec << 26) | (1 << 25) | 0x10;
+    // IL (bit 25): 32-bit instruction; WnR (bit 6) for a store; DFSC/IFSC 0b010000.
+    let wnr = if write && !instruction { 1 << 6 } else { 0 };
+    let esr = (ec << 26) | (1 << 25) | wnr | 0x10;
     inject_exception(ctx, esr, Some(far));
 }
 
@@ -746,7 +748,7 @@ fn instruction_abort(vm: &mut Vm, ctx: &mut VcpuCtx, syn: Syndrome) -> Next {
                 vm.id,
                 ctx.regs.pc
             );
-            inject_abort(ctx, syn.far, true);
+            inject_abort(ctx, syn.far, true, false);
             Next::Resume
         }
         Err(e) => {
@@ -794,7 +796,7 @@ fn data_abort(
             vm.id,
             ctx.regs.pc
         );
-        inject_abort(ctx, syn.far, false);
+        inject_abort(ctx, syn.far, false, write);
         return Next::Resume;
     };
     let size = access.size;
@@ -880,7 +882,7 @@ fn data_abort(
                 size,
                 ctx.regs.pc
             );
-            inject_abort(ctx, syn.far, false);
+            inject_abort(ctx, syn.far, false, access.write);
             Next::Resume
         }
     }
