@@ -3,6 +3,10 @@
 #   make                build the monitor, the guest images and the host tools
 #   make qemu-virt      build and boot the monitor interactively (Ctrl-A X quits QEMU)
 #                       SMP=4 MEM=2G QEMU_ARGS='...' APPEND='log=debug'
+#                       GUEST=<image> [GUEST_INITRD=<file>] [GUEST_MEM=64M] [GUEST_CPUS=1]
+#                       [GUEST_CMDLINE=...]  boots one guest; GUESTS='<image> <image> ...'
+#                       adds more guests with the default configuration. An image is a path or
+#                       the name of a guest in guest-images (hello, counter, memcheck, smp, ...).
 #   make test           every test: host unit/property tests, then the QEMU integration tests
 #   make lint           cargo fmt --check and clippy (host and bare-metal crates)
 #   make clean          remove build output
@@ -17,6 +21,23 @@ SMP          ?= 4
 MEM          ?= 2G
 APPEND       ?=
 QEMU_ARGS    ?=
+GUEST        ?=
+GUEST_INITRD ?=
+GUEST_MEM    ?=
+GUEST_CPUS   ?=
+GUEST_CMDLINE ?=
+GUESTS       ?=
+
+comma := ,
+# A guest image: a path to a file, or the name of one of our guest images.
+guest_path = $(if $(wildcard $(1)),$(1),$(PROFILE_DIR)/$(1))
+GUEST_CONFIG = $(strip $(if $(GUEST_MEM),mem=$(GUEST_MEM)) $(if $(GUEST_CPUS),cpus=$(GUEST_CPUS)) $(if $(GUEST_CMDLINE),cmdline=$(GUEST_CMDLINE)))
+# Guests reach the monitor as QEMU fw_cfg files opt/vmfork/<n>/{kernel,initrd,config}
+# (docs/GUESTS.md); fw_cfg's string= needs commas doubled.
+GUEST_FWCFG := $(if $(GUEST),\
+  -fw_cfg name=opt/vmfork/0/kernel$(comma)file=$(call guest_path,$(GUEST)) \
+  $(if $(GUEST_INITRD),-fw_cfg name=opt/vmfork/0/initrd$(comma)file=$(GUEST_INITRD)) \
+  $(if $(GUEST_CONFIG),-fw_cfg 'name=opt/vmfork/0/config$(comma)string=$(subst $(comma),$(comma)$(comma),$(GUEST_CONFIG))'))
 
 # The board: EL2 (virtualization=on), GICv3, PSCI over SMC. pauth-impdef=on: QEMU's default
 # pointer-authentication algorithm is about 3x slower to emulate.
@@ -49,8 +70,14 @@ ensure-qemu:
 	fi
 
 qemu-virt: ensure-qemu build
+	@i=$(if $(GUEST),1,0); more=""; \
+	for g in $(GUESTS); do \
+	  p=$$g; [ -f "$$p" ] || p=$(PROFILE_DIR)/$$g; \
+	  more="$$more -fw_cfg name=opt/vmfork/$$i/kernel,file=$$p"; i=$$((i+1)); \
+	done; \
+	set -x; \
 	$(QEMU) $(QEMU_MACHINE) -smp $(SMP) -m $(MEM) -nographic -semihosting \
-	  -kernel $(MONITOR) $(if $(APPEND),-append "$(APPEND)") $(QEMU_ARGS)
+	  -kernel $(MONITOR) $(if $(APPEND),-append "$(APPEND)") $(GUEST_FWCFG) $$more $(QEMU_ARGS)
 
 test: ensure-qemu build test-host test-qemu
 
