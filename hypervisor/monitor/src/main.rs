@@ -12,6 +12,7 @@ extern crate alloc;
 mod arch;
 mod console;
 mod control;
+mod fork;
 mod fwcfg;
 mod guests;
 mod heap;

@@ -17,7 +17,7 @@ use crate::arch::boot::MAX_CPUS;
 use crate::arch::gic;
 use crate::arch::timer;
 use crate::arch::vcpu::{enter_guest, GuestExit};
-use crate::vm::{self, Next, Syndrome, VcpuCtx, VcpuState, VmState, VMS};
+use crate::vm::{self, Next, Syndrome, VcpuCtx, VcpuState, VMS};
 
 /// SGI used to make another physical CPU leave its guest (it then reloads state or reschedules).
 pub const KICK_SGI: u32 = 0;
@@ -146,6 +146,13 @@ pub fn kick(cpus: &[usize]) {
             let _ = gic::send_sgi(KICK_SGI, c);
         }
     }
+}
+
+/// Wakes every idle CPU (after a VM became schedulable again).
+pub fn kick_idle() {
+    let mut kicks = Vec::new();
+    wake_idle(&mut kicks);
+    kick(&kicks);
 }
 
 /// Adds every idle CPU to `kicks`, so that one of them picks up a vCPU that became runnable.
@@ -282,7 +289,7 @@ fn run_vcpu(cpu: usize, id: u32, vcpu: usize, mut ctx: Box<VcpuCtx>) {
         let setup = {
             let mut t = VMS.lock();
             match t.vms.get_mut(&id) {
-                Some(vm) if vm.state == VmState::Running => {
+                Some(vm) if vm.schedulable() => {
                     vm.check_vtimer(vcpu, &mut ctx, timer::now());
                     match vm.vgic.fill_lrs(vcpu, nr_lrs) {
                         Ok(cpuif) => ctx.cpuif = cpuif,

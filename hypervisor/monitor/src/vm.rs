@@ -107,14 +107,29 @@ pub struct Vm {
     pub line: Vec<u8>,
     /// Guest exits handled.
     pub exits: u64,
+    /// The VM this one was forked from.
+    pub parent: Option<u32>,
+    /// Fork generation: 0 for a VM created from an image, the parent's + 1 for a fork.
+    pub generation: u64,
+    /// The 16 bytes of its `microsoft,vmgenid` page.
+    pub genid: [u8; 16],
+    /// Where `reset` puts the VM back to (forks only).
+    pub fork_point: Option<crate::fork::ForkSnapshot>,
+    /// An operation that needs every vCPU of this VM off the CPUs (fork, reset); while it is
+    /// set no vCPU of the VM is scheduled.
+    pub pending: Option<crate::fork::PendingOp>,
+    /// Counters for `vmfork stats`.
+    pub stats: crate::fork::VmStats,
 }
 
 /// Everything the monitor knows about its VMs.
 pub struct VmTable {
     /// VMs by id.
     pub vms: BTreeMap<u32, Vm>,
-    next_id: u32,
-    vmids: VmidAllocator,
+    /// Id the next VM gets.
+    pub next_id: u32,
+    /// VMIDs in use.
+    pub vmids: VmidAllocator,
     /// VM whose console receives what is typed on the monitor's console.
     pub focus: Option<u32>,
     /// Round-robin cursor: (vm id, vcpu index) last picked.
@@ -153,7 +168,8 @@ impl VmidAllocator {
         self.limit = if bits >= 16 { u16::MAX } else { 255 };
     }
 
-    fn alloc(&mut self) -> Option<Vmid> {
+    /// A free VMID, now marked used.
+    pub fn alloc(&mut self) -> Option<Vmid> {
         for _ in 0..self.limit {
             let v = self.next;
             self.next = if self.next >= self.limit {
@@ -168,7 +184,8 @@ impl VmidAllocator {
         None
     }
 
-    fn free(&mut self, v: Vmid) {
+    /// Gives back a VMID whose TLB entries have been flushed.
+    pub fn free(&mut self, v: Vmid) {
         self.used.remove(&v.0);
     }
 }
@@ -234,7 +251,7 @@ impl core::fmt::Display for CreateError {
 }
 
 /// A 16-byte generation ID for `microsoft,vmgenid`, different for every VM and every fork.
-fn new_generation_id(vm: u32) -> [u8; 16] {
+pub fn new_generation_id(vm: u32) -> [u8; 16] {
     let (now, _) = crate::arch::counter();
     let mut x = now ^ ((vm as u64) << 32) ^ 0x9e37_79b9_7f4a_7c15;
     let mut out = [0u8; 16];
@@ -301,6 +318,7 @@ impl VmTable {
         .map_err(CreateError::Load)?;
         dtb_cfg.initrd = plan.initrd.as_ref().map(|r| (r.start, r.end));
         let dtb = guest_dtb::build(&dtb_cfg).map_err(CreateError::Dtb)?;
+        let genid = new_generation_id(id);
         let vgic = Vgic::new(&VgicConfig::qemu_virt(cpus as usize))
             .map_err(|e| CreateError::Config(format!("vgic: {e:?}")))?;
 
@@ -318,7 +336,7 @@ impl VmTable {
                         exec: false,
                     },
                 )?;
-                s2.write_guest(cx, Ipa(layout::VMGENID_BASE), &new_generation_id(id))?;
+                s2.write_guest(cx, Ipa(layout::VMGENID_BASE), &genid)?;
                 for seg in &plan.segments {
                     s2.write_guest(cx, Ipa(seg.ipa), &spec.kernel[seg.src.clone()])?;
                 }
@@ -383,6 +401,12 @@ impl VmTable {
             ram_size: spec.mem,
             line: Vec::new(),
             exits: 0,
+            parent: None,
+            generation: 0,
+            genid,
+            fork_point: None,
+            pending: None,
+            stats: Default::default(),
         })
     }
 
@@ -392,7 +416,7 @@ impl VmTable {
     pub fn pick(&mut self, cpu: usize) -> Option<(u32, usize, Box<VcpuCtx>)> {
         let now = crate::arch::counter().0;
         for vm in self.vms.values_mut() {
-            if vm.state != VmState::Running {
+            if !vm.schedulable() {
                 continue;
             }
             for i in 0..vm.vcpus.len() {
@@ -404,7 +428,7 @@ impl VmTable {
         let keys: Vec<(u32, usize)> = self
             .vms
             .iter()
-            .filter(|(_, vm)| vm.state == VmState::Running)
+            .filter(|(_, vm)| vm.schedulable())
             .flat_map(|(&id, vm)| (0..vm.vcpus.len()).map(move |i| (id, i)))
             .collect();
         if keys.is_empty() {
@@ -429,7 +453,7 @@ impl VmTable {
     pub fn next_timer_deadline(&self) -> Option<u64> {
         self.vms
             .values()
-            .filter(|vm| vm.state == VmState::Running)
+            .filter(|vm| vm.schedulable())
             .flat_map(|vm| {
                 vm.vcpus.iter().filter_map(move |v| {
                     let ctx = v.ctx.as_ref()?;
@@ -447,8 +471,13 @@ impl VmTable {
         };
         vm.vcpus[vcpu].ctx = Some(ctx);
         vm.vcpus[vcpu].state = state;
-        if matches!(vm.state, VmState::Stopping(_)) && !vm.any_running() {
+        if vm.any_running() {
+            return;
+        }
+        if matches!(vm.state, VmState::Stopping(_)) {
             self.destroy(id);
+        } else if vm.pending.is_some() {
+            crate::fork::run_pending(self, id);
         }
     }
 
@@ -467,11 +496,17 @@ impl VmTable {
         cpus
     }
 
-    fn destroy(&mut self, id: u32) {
+    /// Removes VM `id` and frees everything it holds. None of its vCPUs may be on a CPU.
+    pub fn destroy(&mut self, id: u32) {
         let Some(mut vm) = self.vms.remove(&id) else {
             return;
         };
         vm.flush_console_line();
+        if let Some(fp) = vm.fork_point.take() {
+            if let Err(e) = with_mem(|cx| fp.release(cx)) {
+                log::error!("vm{id}: releasing its fork point failed: {e}");
+            }
+        }
         if let Some(s2) = vm.s2.take() {
             let vmid = s2.vmid();
             match with_mem(|cx| s2.destroy(cx)) {
@@ -496,20 +531,27 @@ impl VmTable {
 
     /// True when some vCPU of a running VM is ready to run.
     pub fn has_runnable(&self) -> bool {
-        self.vms.values().any(|vm| {
-            vm.state == VmState::Running && vm.vcpus.iter().any(|v| v.state == VcpuState::Runnable)
-        })
+        self.vms
+            .values()
+            .any(|vm| vm.schedulable() && vm.vcpus.iter().any(|v| v.state == VcpuState::Runnable))
     }
 }
 
 impl Vm {
-    fn any_running(&self) -> bool {
+    /// True when its vCPUs may be put on a CPU: running, with no fork or reset waiting.
+    pub fn schedulable(&self) -> bool {
+        self.state == VmState::Running && self.pending.is_none()
+    }
+
+    /// True when one of its vCPUs is on a CPU.
+    pub fn any_running(&self) -> bool {
         self.vcpus
             .iter()
             .any(|v| matches!(v.state, VcpuState::Running(_)))
     }
 
-    fn running_cpus(&self) -> Vec<usize> {
+    /// The CPUs its vCPUs run on.
+    pub fn running_cpus(&self) -> Vec<usize> {
         self.vcpus
             .iter()
             .filter_map(|v| match v.state {
@@ -665,8 +707,8 @@ pub fn handle_sync(
         }
     };
     // A stop requested while handling (SYSTEM_OFF, a fatal access) wins.
-    let next = match t.vms.get(&id).map(|vm| &vm.state) {
-        Some(VmState::Running) => next,
+    let next = match t.vms.get(&id) {
+        Some(vm) if vm.schedulable() => next,
         _ => Next::Leave,
     };
     (next, kicks)
@@ -959,6 +1001,25 @@ fn hypercall(vm: &mut Vm, vcpu: usize, ctx: &mut VcpuCtx, kicks: &mut Vec<usize>
             ctx.regs.x[3] = uid[3] as u64;
             uid[0] as u64
         }
+        PsciCall::Vmfork(psci::VmforkCall::Identity) => {
+            ctx.regs.x[1] = vm.parent.map_or(u64::MAX, u64::from);
+            ctx.regs.x[2] = vm.generation;
+            vm.id as u64
+        }
+        PsciCall::Vmfork(psci::VmforkCall::Fork { .. }) => {
+            // Every vCPU of the VM must be off the CPUs first: this one leaves now, the others
+            // are kicked; the last one back runs the fork (crate::fork::run_pending), which
+            // also writes this call's result into X0 of parent and child.
+            vm.pending = Some(crate::fork::PendingOp::Fork {
+                caller: Some(vcpu),
+                count: 1,
+                paused: false,
+                ticket: None,
+            });
+            kicks.extend(vm.running_cpus());
+            next = Next::Leave;
+            ctx.regs.x[0]
+        }
         PsciCall::VendorHypRevision => {
             ctx.regs.x[1] = psci::VMFORK_REVISION.1 as u64;
             psci::VMFORK_REVISION.0 as u64
@@ -966,7 +1027,6 @@ fn hypercall(vm: &mut Vm, vcpu: usize, ctx: &mut VcpuCtx, kicks: &mut Vec<usize>
         _ => PsciReturn::NotSupported.to_x0(),
     };
     ctx.regs.x[0] = ret;
-    let _ = vcpu;
     next
 }
 

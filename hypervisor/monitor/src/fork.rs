@@ -1,0 +1,374 @@
+//! Forking and resetting whole VMs.
+//!
+//! A fork needs every vCPU of the parent off the CPUs, so it is a *pending operation*: the
+//! request (the guest's fork hypercall, or the monitor's API) marks the VM, which stops its vCPUs
+//! from being scheduled and kicks the CPUs running them; the CPU that puts back the last running
+//! vCPU then performs it (`run_pending`). The copy itself is `Stage2::fork` (constant time: the
+//! parent's root entries become markers) plus a clone of every vCPU context and device model.
+
+use alloc::collections::BTreeMap;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use spin::Mutex;
+use vmfork_core::addr::Ipa;
+use vmfork_core::guest_dtb::layout;
+use vmfork_core::psci::PsciReturn;
+use vmfork_core::stage2::{ForkPoint, MemCtx, Stage2, Stage2Error, TlbOps};
+use vmfork_core::vgic::Vgic;
+use vmfork_core::vuart::Vuart;
+
+use crate::vm::{new_generation_id, with_mem, Vcpu, Vm, VmState, VmTable};
+
+/// INTID of the `microsoft,vmgenid` interrupt (an SPI), raised in a child after its fork.
+pub const VMGENID_INTID: u32 = layout::spi_intid(layout::VMGENID_SPI);
+
+/// Everything a fork needs to be put back to its fork point.
+pub struct ForkSnapshot {
+    /// The stage-2 tables as they were at the fork (shared with the parent and siblings).
+    pub point: ForkPoint,
+    /// vCPU states and contexts at the fork (the forking vCPU's X0 already holds 0).
+    pub vcpus: Vec<Vcpu>,
+    /// The interrupt controller at the fork (with the vmgenid interrupt pending).
+    pub vgic: Vgic,
+    /// The UART at the fork.
+    pub uart: Vuart,
+}
+
+impl ForkSnapshot {
+    /// Drops the snapshot's references on the shared tables.
+    pub fn release<M: vmfork_core::physmem::PhysMem, T: TlbOps>(
+        self,
+        cx: &mut MemCtx<'_, M, T>,
+    ) -> Result<(), Stage2Error> {
+        self.point.release(cx)
+    }
+}
+
+/// An operation that waits for every vCPU of a VM to leave the CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PendingOp {
+    /// Fork `count` children.
+    Fork {
+        /// The vCPU that made the fork hypercall (its X0 gets the result), if a guest asked.
+        caller: Option<usize>,
+        /// How many children.
+        count: u32,
+        /// Leave the children paused at the fork point.
+        paused: bool,
+        /// Where the monitor's API wants the result.
+        ticket: Option<u64>,
+    },
+    /// Put the VM back to its fork point.
+    Reset {
+        /// Where the monitor's API wants the result.
+        ticket: Option<u64>,
+    },
+}
+
+/// Per-VM counters.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VmStats {
+    /// Children forked from this VM.
+    pub forks: u64,
+    /// Counter ticks the last fork took, from the request being run to the children existing.
+    pub last_fork_ticks: u64,
+    /// Resets to the fork point.
+    pub resets: u64,
+    /// Counter ticks the last reset took.
+    pub last_reset_ticks: u64,
+}
+
+/// Why a fork or reset failed. Nothing was changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForkError {
+    /// No VM with that id.
+    NoSuchVm(u32),
+    /// Not enough free frames.
+    OutOfMemory,
+    /// No VMID left.
+    NoVmid,
+    /// Reset of a VM that is not a fork.
+    NotAFork(u32),
+    /// The VM is being torn down.
+    Stopping(u32),
+    /// Another fork or reset of the VM is already waiting.
+    Busy(u32),
+    /// A stage-2 error other than running out of memory (a bug).
+    Internal(String),
+}
+
+impl core::fmt::Display for ForkError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            ForkError::NoSuchVm(id) => write!(f, "no such VM: vm{id}"),
+            ForkError::OutOfMemory => write!(f, "out of memory"),
+            ForkError::NoVmid => write!(f, "no VMID left"),
+            ForkError::NotAFork(id) => write!(f, "vm{id} is not a fork: it has no fork point"),
+            ForkError::Stopping(id) => write!(f, "vm{id} is being torn down"),
+            ForkError::Busy(id) => write!(f, "vm{id} already has a fork or reset waiting"),
+            ForkError::Internal(e) => write!(f, "internal error: {e}"),
+        }
+    }
+}
+
+fn stage2_error(e: Stage2Error) -> ForkError {
+    match e {
+        Stage2Error::OutOfMemory => ForkError::OutOfMemory,
+        e => ForkError::Internal(format!("{e}")),
+    }
+}
+
+/// Results of operations requested through the monitor's API, by ticket.
+static RESULTS: Mutex<BTreeMap<u64, Result<Vec<u32>, ForkError>>> = Mutex::new(BTreeMap::new());
+static NEXT_TICKET: AtomicU64 = AtomicU64::new(1);
+
+/// Asks for `op` on VM `id` (with a fresh ticket in it). It runs at once if none of the VM's
+/// vCPUs is on a CPU, else when the last one comes back. Returns the ticket to collect the
+/// result with [`take_result`], and the CPUs to kick.
+pub fn request(t: &mut VmTable, id: u32, op: PendingOp) -> Result<(u64, Vec<usize>), ForkError> {
+    let ticket = NEXT_TICKET.fetch_add(1, Ordering::Relaxed);
+    let op = match op {
+        PendingOp::Fork {
+            caller,
+            count,
+            paused,
+            ..
+        } => PendingOp::Fork {
+            caller,
+            count,
+            paused,
+            ticket: Some(ticket),
+        },
+        PendingOp::Reset { .. } => PendingOp::Reset {
+            ticket: Some(ticket),
+        },
+    };
+    let vm = t.vms.get_mut(&id).ok_or(ForkError::NoSuchVm(id))?;
+    if matches!(vm.state, VmState::Stopping(_)) {
+        return Err(ForkError::Stopping(id));
+    }
+    if vm.pending.is_some() {
+        return Err(ForkError::Busy(id));
+    }
+    vm.pending = Some(op);
+    let kicks = vm.running_cpus();
+    if kicks.is_empty() {
+        run_pending(t, id);
+    }
+    Ok((ticket, kicks))
+}
+
+/// The result of the operation with `ticket`, once it has run.
+pub fn take_result(ticket: u64) -> Option<Result<Vec<u32>, ForkError>> {
+    RESULTS.lock().remove(&ticket)
+}
+
+/// Runs VM `id`'s pending operation. None of its vCPUs may be on a CPU.
+pub fn run_pending(t: &mut VmTable, id: u32) {
+    let Some(op) = t.vms.get_mut(&id).and_then(|vm| vm.pending.take()) else {
+        return;
+    };
+    match op {
+        PendingOp::Fork {
+            caller,
+            count,
+            paused,
+            ticket,
+        } => {
+            let result = fork_now(t, id, count, paused, caller);
+            if let Err(e) = &result {
+                log::warn!("vm{id}: fork failed: {e}");
+                if let Some(vm) = t.vms.get_mut(&id) {
+                    if let Some(ctx) = caller.and_then(|c| vm.vcpus[c].ctx.as_mut()) {
+                        ctx.regs.x[0] = match e {
+                            ForkError::OutOfMemory => PsciReturn::InternalFailure.to_x0(),
+                            _ => PsciReturn::Denied.to_x0(),
+                        };
+                    }
+                }
+            }
+            if let Some(ticket) = ticket {
+                RESULTS.lock().insert(ticket, result);
+            }
+        }
+        PendingOp::Reset { ticket } => {
+            let result = reset_now(t, id).map(|()| Vec::new());
+            if let Err(e) = &result {
+                log::warn!("vm{id}: reset failed: {e}");
+            }
+            if let Some(ticket) = ticket {
+                RESULTS.lock().insert(ticket, result);
+            }
+        }
+    }
+    crate::sched::kick_idle();
+}
+
+/// Frees a child that was being built when a later step failed.
+fn discard(t: &mut VmTable, s2: Stage2, fp: ForkPoint) {
+    let vmid = s2.vmid();
+    let result = with_mem(|cx| {
+        fp.release(cx)?;
+        s2.destroy(cx)
+    });
+    match result {
+        Ok(()) => t.vmids.free(vmid),
+        Err(e) => log::error!("discarding a half-built fork failed: {e}"),
+    }
+}
+
+/// Forks VM `id` `count` times, now. All or nothing.
+fn fork_now(
+    t: &mut VmTable,
+    id: u32,
+    count: u32,
+    paused: bool,
+    caller: Option<usize>,
+) -> Result<Vec<u32>, ForkError> {
+    let t0 = crate::arch::counter().0;
+    let mut built: Vec<Vm> = Vec::new();
+    for _ in 0..count.max(1) {
+        match fork_one(t, id, paused, caller) {
+            Ok(child) => built.push(child),
+            Err(e) => {
+                for mut child in built {
+                    if let (Some(s2), Some(snap)) = (child.s2.take(), child.fork_point.take()) {
+                        discard(t, s2, snap.point);
+                    }
+                }
+                return Err(e);
+            }
+        }
+    }
+    let ticks = crate::arch::counter().0.wrapping_sub(t0);
+    let ids: Vec<u32> = built.iter().map(|c| c.id).collect();
+    for child in built {
+        t.vms.insert(child.id, child);
+    }
+    let parent = t.vms.get_mut(&id).ok_or(ForkError::NoSuchVm(id))?;
+    parent.stats.forks += ids.len() as u64;
+    parent.stats.last_fork_ticks = ticks;
+    if let Some(ctx) = caller.and_then(|c| parent.vcpus[c].ctx.as_mut()) {
+        ctx.regs.x[0] = ids[0] as u64;
+    }
+    log::info!(
+        "vm{id}: forked {} in {ticks} counter ticks ({} us)",
+        ids.iter()
+            .map(|c| format!("vm{c}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        crate::arch::timer::micros_from_ticks(ticks)
+    );
+    Ok(ids)
+}
+
+fn fork_one(
+    t: &mut VmTable,
+    id: u32,
+    paused: bool,
+    caller: Option<usize>,
+) -> Result<Vm, ForkError> {
+    let vmid = t.vmids.alloc().ok_or(ForkError::NoVmid)?;
+    let child_id = t.next_id;
+    let parent = t.vms.get_mut(&id).ok_or(ForkError::NoSuchVm(id))?;
+    if matches!(parent.state, VmState::Stopping(_)) {
+        t.vmids.free(vmid);
+        return Err(ForkError::Stopping(id));
+    }
+    // What the parent printed so far is the parent's; the child starts with an empty line.
+    parent.drain_console();
+    let Some(s2) = parent.s2.as_mut() else {
+        t.vmids.free(vmid);
+        return Err(ForkError::Stopping(id));
+    };
+    let (mut child_s2, point) = match with_mem(|cx| s2.fork(cx, vmid)) {
+        Ok(r) => r,
+        Err(e) => {
+            t.vmids.free(vmid);
+            return Err(stage2_error(e));
+        }
+    };
+    let genid = new_generation_id(child_id);
+    if let Err(e) = with_mem(|cx| child_s2.write_guest(cx, Ipa(layout::VMGENID_BASE), &genid)) {
+        discard(t, child_s2, point);
+        return Err(stage2_error(e));
+    }
+    let parent = t.vms.get(&id).ok_or(ForkError::NoSuchVm(id))?;
+    let mut vcpus = parent.vcpus.clone();
+    if let Some(ctx) = caller.and_then(|c| vcpus[c].ctx.as_mut()) {
+        ctx.regs.x[0] = 0; // the fork hypercall returns 0 in the child
+    }
+    let mut vgic = parent.vgic.clone();
+    // Linux (6.10+) reseeds its RNG when the vmgenid interrupt says the ID changed.
+    if let Err(e) = vgic.inject_edge(VMGENID_INTID, 0) {
+        log::warn!("vm{child_id}: cannot raise the vmgenid interrupt: {e:?}");
+    }
+    let snapshot = ForkSnapshot {
+        point,
+        vcpus: vcpus.clone(),
+        vgic: vgic.clone(),
+        uart: parent.uart.clone(),
+    };
+    let child = Vm {
+        id: child_id,
+        name: format!("{}.{child_id}", parent.name),
+        state: if paused {
+            VmState::Paused(String::from("forked paused"))
+        } else {
+            VmState::Running
+        },
+        s2: Some(child_s2),
+        vcpus,
+        vgic,
+        uart: parent.uart.clone(),
+        cntvoff: parent.cntvoff,
+        ram_size: parent.ram_size,
+        line: Vec::new(),
+        exits: 0,
+        parent: Some(id),
+        generation: parent.generation + 1,
+        genid,
+        fork_point: Some(snapshot),
+        pending: None,
+        stats: VmStats::default(),
+    };
+    t.next_id += 1;
+    Ok(child)
+}
+
+/// Puts fork `id` back to its fork point: memory (dropping only the pages it made private),
+/// vCPUs and devices. Virtual time is not rewound: CNTVOFF stays, so the guest's clock goes on.
+fn reset_now(t: &mut VmTable, id: u32) -> Result<(), ForkError> {
+    let t0 = crate::arch::counter().0;
+    let vm = t.vms.get_mut(&id).ok_or(ForkError::NoSuchVm(id))?;
+    if matches!(vm.state, VmState::Stopping(_)) {
+        return Err(ForkError::Stopping(id));
+    }
+    let snap = vm.fork_point.as_ref().ok_or(ForkError::NotAFork(id))?;
+    let s2 = vm.s2.as_mut().ok_or(ForkError::Stopping(id))?;
+    let genid = vm.genid;
+    with_mem(|cx| -> Result<(), Stage2Error> {
+        s2.reset(cx, &snap.point)?;
+        // The fork point's memory holds the parent's generation ID: write the child's again.
+        s2.write_guest(cx, Ipa(layout::VMGENID_BASE), &genid)
+    })
+    .map_err(stage2_error)?;
+    vm.vcpus = snap.vcpus.clone();
+    vm.vgic = snap.vgic.clone();
+    vm.uart = snap.uart.clone();
+    vm.line.clear();
+    if matches!(vm.state, VmState::Paused(_)) {
+        vm.state = VmState::Running;
+    }
+    let ticks = crate::arch::counter().0.wrapping_sub(t0);
+    vm.stats.resets += 1;
+    vm.stats.last_reset_ticks = ticks;
+    log::info!(
+        "vm{id}: reset to its fork point in {ticks} counter ticks ({} us)",
+        crate::arch::timer::micros_from_ticks(ticks)
+    );
+    Ok(())
+}
