@@ -20,6 +20,8 @@ pub const VENDOR_HYP_CALL_UID: u32 = 0x8600_FF01;
 pub const VMFORK_FORK: u32 = 0xC600_0001;
 /// `VMFORK_IDENTITY` (SMC64 fast call): this VM's ID, its parent's ID and its fork generation.
 pub const VMFORK_IDENTITY: u32 = 0xC600_0002;
+/// `VMFORK_RESET` (SMC64 fast call): a fork goes back to its fork point.
+pub const VMFORK_RESET: u32 = 0xC600_0003;
 
 /// The vmfork monitor's Call UID, UUID `5b32c928-3b06-4833-8220-53dae7fde2ad`, as the four
 /// 32-bit words it returns in W0-W3: bytes 0-3 of the UUID in W0, each word little-endian
@@ -69,6 +71,8 @@ pub struct Identity {
     pub parent: Option<u64>,
     /// Fork generation (x2): 0 for an original VM, the parent's plus one for a child.
     pub generation: u64,
+    /// Resets to its fork point so far (x3).
+    pub resets: u64,
 }
 
 impl Identity {
@@ -80,6 +84,7 @@ impl Identity {
             vm,
             parent: (regs[1] != NO_PARENT).then_some(regs[1]),
             generation: regs[2],
+            resets: regs[3],
         })
     }
 }
@@ -107,6 +112,7 @@ mod tests {
         assert_eq!(VENDOR_HYP_CALL_UID, psci::VENDOR_HYP_CALL_UID);
         assert_eq!(VMFORK_FORK, psci::VMFORK_FORK);
         assert_eq!(VMFORK_IDENTITY, psci::VMFORK_IDENTITY);
+        assert_eq!(VMFORK_RESET, psci::VMFORK_RESET);
         assert_eq!(VMFORK_UID, psci::VMFORK_UID);
         // And the monitor decodes them as the calls we mean.
         assert_eq!(
@@ -164,7 +170,8 @@ mod tests {
             Ok(Identity {
                 vm: 1,
                 parent: None,
-                generation: 0
+                generation: 0,
+                resets: 0,
             })
         );
         let child = Identity::decode([3, 1, 1, 0]).unwrap();

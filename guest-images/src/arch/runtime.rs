@@ -11,7 +11,7 @@ use super::psci;
 use crate::psci_abi::PsciError;
 use crate::vmfork_abi::{
     decode_fork, is_vmfork_uid, ForkOutcome, Identity, VENDOR_HYP_CALL_UID, VMFORK_FORK,
-    VMFORK_IDENTITY,
+    VMFORK_IDENTITY, VMFORK_RESET,
 };
 use core::sync::atomic::{AtomicBool, Ordering};
 
@@ -54,4 +54,17 @@ pub fn fork() -> Result<ForkOutcome, PsciError> {
 /// vmfork.
 pub fn identity() -> Result<Identity, PsciError> {
     Identity::decode(vmfork_call(VMFORK_IDENTITY)?)
+}
+
+/// `VMFORK_RESET`: puts this fork back to its fork point; on success it does not return here
+/// (execution resumes as the child's return from [`fork`]). `DENIED` when this VM is not a fork,
+/// `NOT_SUPPORTED` when not under vmfork.
+pub fn reset() -> PsciError {
+    match vmfork_call(VMFORK_RESET) {
+        Ok(regs) => match PsciError::check(regs[0]) {
+            Err(e) => e,
+            Ok(_) => PsciError::Unknown(regs[0] as i64),
+        },
+        Err(e) => e,
+    }
 }

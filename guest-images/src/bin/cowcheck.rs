@@ -248,12 +248,14 @@ mod guest {
                 vm: 1,
                 parent: None,
                 generation: 0,
+                resets: 0,
             }
         } else {
             Identity {
                 vm: 2,
                 parent: Some(1),
                 generation: 1,
+                resets: 0,
             }
         })
     }

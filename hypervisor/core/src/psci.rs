@@ -19,8 +19,9 @@
 //! |---------------|-----------------------|---------------------------------------------------------|
 //! | `0x8600_FF01` | Call UID (SMC32)      | returns [`VMFORK_UID`] in W0-W3 (standard SMCCC query) |
 //! | `0x8600_FF03` | Revision (SMC32)      | returns major in W0, minor in W1                        |
-//! | `0xC600_0001` | `VMFORK_FORK` (SMC64) | the guest asks to be forked; args X1-X3 (ABI: later)    |
-//! | `0xC600_0002` | `VMFORK_IDENTITY` (SMC64) | the guest asks "am I a clone?": generation, ID     |
+//! | `0xC600_0001` | `VMFORK_FORK` (SMC64) | fork the calling VM: X0 = child's VM id in the parent, 0 in the child, negative PSCI error on failure (-3 DENIED, -6 INTERNAL_FAILURE = out of memory) |
+//! | `0xC600_0002` | `VMFORK_IDENTITY` (SMC64) | X0 = this VM's id, X1 = parent's id (`u64::MAX` for none), X2 = fork generation (0 = not a fork), X3 = resets to its fork point so far |
+//! | `0xC600_0003` | `VMFORK_RESET` (SMC64) | a fork puts itself back to its fork point (the fuzzing loop): memory, vCPUs and devices; execution resumes as the child's return from `VMFORK_FORK` (X0 = 0). Returns -3 DENIED (X0) when the VM is not a fork |
 //!
 //! A guest checks the Call UID before using the others, since other hypervisors (KVM) use the
 //! same OEN with their own function numbers. Anything unrecognised decodes to
@@ -72,6 +73,8 @@ pub const VENDOR_HYP_REVISION: u32 = 0x8600_FF03;
 pub const VMFORK_FORK: u32 = 0xC600_0001;
 /// vmfork: report the calling VM's clone identity.
 pub const VMFORK_IDENTITY: u32 = 0xC600_0002;
+/// vmfork: put the calling fork back to its fork point.
+pub const VMFORK_RESET: u32 = 0xC600_0003;
 
 /// vmfork's UID for the Vendor Specific Hypervisor Service range,
 /// `5b32c928-3b06-4833-8220-53dae7fde2ad`, as the four 32-bit words returned in W0-W3
@@ -173,6 +176,8 @@ pub enum VmforkCall {
     },
     /// `VMFORK_IDENTITY`: the calling VM asks for its generation counter and clone ID.
     Identity,
+    /// `VMFORK_RESET`: the calling fork asks to be put back to its fork point.
+    Reset,
 }
 
 /// A decoded guest HVC/SMC.
@@ -279,6 +284,7 @@ pub fn decode(x0: u64, x1: u64, x2: u64, x3: u64) -> PsciCall {
         VENDOR_HYP_REVISION => PsciCall::VendorHypRevision,
         VMFORK_FORK => PsciCall::Vmfork(VmforkCall::Fork { args: [a1, a2, a3] }),
         VMFORK_IDENTITY => PsciCall::Vmfork(VmforkCall::Identity),
+        VMFORK_RESET => PsciCall::Vmfork(VmforkCall::Reset),
         _ => PsciCall::Unknown {
             function_id: raw_id,
         },
@@ -341,7 +347,12 @@ mod tests {
         assert_eq!(PSCI_FEATURES, 0x8400_0000 + 10);
         assert_eq!(PSCI_SYSTEM_RESET2_32, 0x8400_0000 + 18);
         // Vendor hypervisor range: fast call, OEN 6.
-        for id in [VMFORK_FORK, VMFORK_IDENTITY, VENDOR_HYP_CALL_UID] {
+        for id in [
+            VMFORK_FORK,
+            VMFORK_IDENTITY,
+            VMFORK_RESET,
+            VENDOR_HYP_CALL_UID,
+        ] {
             assert_eq!(id >> 31, 1);
             assert_eq!((id >> 24) & 0x3F, 6);
         }
@@ -422,8 +433,8 @@ mod tests {
             0x8400_0012,    // SYSTEM_RESET2: not implemented
             0x0400_0000,    // yielding call
             0x8600_0001,    // SMC32 twin of VMFORK_FORK
-            0xC600_0003,
-            0x8000_8000, // ARCH_WORKAROUND_1
+            0xC600_0004,    // past the last vmfork call
+            0x8000_8000,    // ARCH_WORKAROUND_1
             0,
         ] {
             assert_eq!(
@@ -491,7 +502,7 @@ mod tests {
             let call = decode(x0, x1, x2, x3);
             let id = (x0 as u32) & !SVE_HINT_BIT;
             let known = SUPPORTED_PSCI_FUNCTIONS.contains(&id)
-                || [VENDOR_HYP_CALL_UID, VENDOR_HYP_REVISION, VMFORK_FORK, VMFORK_IDENTITY].contains(&id);
+                || [VENDOR_HYP_CALL_UID, VENDOR_HYP_REVISION, VMFORK_FORK, VMFORK_IDENTITY, VMFORK_RESET].contains(&id);
             prop_assert_eq!(known, !matches!(call, PsciCall::Unknown { .. }));
             if id & SMC64_BIT == 0 {
                 if let PsciCall::CpuOn { target_cpu, entry_point, context_id } = call {

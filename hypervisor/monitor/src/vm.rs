@@ -1004,7 +1004,20 @@ fn hypercall(vm: &mut Vm, vcpu: usize, ctx: &mut VcpuCtx, kicks: &mut Vec<usize>
         PsciCall::Vmfork(psci::VmforkCall::Identity) => {
             ctx.regs.x[1] = vm.parent.map_or(u64::MAX, u64::from);
             ctx.regs.x[2] = vm.generation;
+            ctx.regs.x[3] = vm.stats.resets;
             vm.id as u64
+        }
+        PsciCall::Vmfork(psci::VmforkCall::Reset) => {
+            if vm.fork_point.is_none() {
+                PsciReturn::Denied.to_x0()
+            } else {
+                // Like a fork: every vCPU leaves first; the reset then replaces all of them
+                // with their fork-point contexts, so nothing is returned here.
+                vm.pending = Some(crate::fork::PendingOp::Reset { ticket: None });
+                kicks.extend(vm.running_cpus());
+                next = Next::Leave;
+                ctx.regs.x[0]
+            }
         }
         PsciCall::Vmfork(psci::VmforkCall::Fork { .. }) => {
             // Every vCPU of the VM must be off the CPUs first: this one leaves now, the others

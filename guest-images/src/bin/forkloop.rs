@@ -1,0 +1,149 @@
+//! `forkloop`: exercises fork trees, fork churn and reset through vmfork's hypercalls. It only
+//! does something useful under the vmfork monitor; on plain QEMU it says so and powers off.
+//!
+//! Bootargs: `mode=churn|reset|tree` (default churn), `mib=N` (default 1: the region the modes
+//! write, above the image), and
+//! - churn, `forks=N` (default 100): fork N times; each child powers off at once; the parent
+//!   prints `forkloop: churn forks=N done` and powers off.
+//! - reset, `resets=K` (default 3): fill the region with pattern 0, fork; the parent powers off;
+//!   the child checks it sees pattern 0 (the fork point), prints `forkloop: child clean after
+//!   resets=R`, dirties the whole region with pattern 2 and resets itself, K times, then prints
+//!   `forkloop: reset ok resets=K`.
+//! - tree, `depth=D` (default 3): each generation marks its own page with its pattern and forks;
+//!   the parent powers off at once and the child waits 100 ms before going on, so parents die
+//!   before their children; generation D checks that every
+//!   marker page and the rest of the region are intact and prints `forkloop: depth D ok`.
+#![cfg_attr(target_os = "none", no_std, no_main)]
+
+#[cfg(target_os = "none")]
+mod guest {
+    use core::ptr::{read_volatile, write_volatile};
+    use vmfork_guests::cow::versioned_pattern;
+    use vmfork_guests::pattern::region;
+    use vmfork_guests::vmfork_abi::ForkOutcome;
+    use vmfork_guests::{exit, fail, println, runtime, timer, BootInfo};
+
+    const PAGE: u64 = 4096;
+
+    fn fill(start: u64, end: u64, version: u64) {
+        let mut a = start;
+        while a < end {
+            // SAFETY: [start, end) is RAM above the image that only this program uses;
+            // 8-byte aligned.
+            unsafe { write_volatile(a as *mut u64, versioned_pattern(a, version)) };
+            a += 8;
+        }
+    }
+
+    fn check(start: u64, end: u64, version: u64, what: &str) {
+        let mut a = start;
+        while a < end {
+            // SAFETY: as in `fill`.
+            let got = unsafe { read_volatile(a as *const u64) };
+            let want = versioned_pattern(a, version);
+            if got != want {
+                fail!("forkloop: FAIL {what}: at {a:#x} expected {want:#x} got {got:#x}");
+            }
+            a += 8;
+        }
+    }
+
+    fn fork() -> ForkOutcome {
+        match runtime::fork() {
+            Ok(o) => o,
+            Err(e) => fail!("forkloop: FAIL fork: {e:?}"),
+        }
+    }
+
+    fn main(boot: &'static BootInfo) -> ! {
+        if !runtime::under_vmfork() {
+            println!("forkloop: needs the vmfork monitor");
+            exit::power_off()
+        }
+        let args = &boot.platform.bootargs;
+        let num = |key: &str, default: u64| match args.get_u64(key) {
+            Ok(v) => v.unwrap_or(default),
+            Err(e) => fail!("forkloop: FAIL {e}"),
+        };
+        let mib = num("mib", 1);
+        let (start, end) = match region(mib, boot.image_end, boot.platform.memory()) {
+            Ok(r) => r,
+            Err(e) => fail!("forkloop: FAIL {e}"),
+        };
+        match args.get("mode").unwrap_or("churn") {
+            "churn" => {
+                let forks = num("forks", 100);
+                for _ in 0..forks {
+                    if fork() == ForkOutcome::Child {
+                        exit::power_off()
+                    }
+                }
+                println!("forkloop: churn forks={forks} done");
+            }
+            "reset" => {
+                let resets = num("resets", 3);
+                fill(start, end, 0);
+                if let ForkOutcome::Parent { child } = fork() {
+                    println!("forkloop: parent forked vm{child}");
+                    exit::power_off()
+                }
+                // Every reset comes back here, as the child's return from the fork.
+                let id = match runtime::identity() {
+                    Ok(id) => id,
+                    Err(e) => fail!("forkloop: FAIL identity: {e:?}"),
+                };
+                check(start, end, 0, "fork-point memory after reset");
+                println!("forkloop: child clean after resets={}", id.resets);
+                if id.resets >= resets {
+                    println!("forkloop: reset ok resets={resets}");
+                    exit::power_off()
+                }
+                fill(start, end, 2);
+                check(start, end, 2, "child's own writes");
+                let e = runtime::reset();
+                fail!("forkloop: FAIL reset returned {e:?}");
+            }
+            "tree" => {
+                let depth = num("depth", 3);
+                if (end - start) / PAGE <= depth {
+                    fail!("forkloop: FAIL region too small for depth {depth}");
+                }
+                fill(start, end, 0);
+                loop {
+                    let id = match runtime::identity() {
+                        Ok(id) => id,
+                        Err(e) => fail!("forkloop: FAIL identity: {e:?}"),
+                    };
+                    let g = id.generation;
+                    // Marker pages of the generations before this one, then the untouched rest.
+                    for older in 0..g {
+                        let page = start + older * PAGE;
+                        check(page, page + PAGE, older + 1, "an ancestor's marker page");
+                    }
+                    check(start + depth * PAGE, end, 0, "memory no generation wrote");
+                    if g >= depth {
+                        println!("forkloop: depth {depth} ok vm={}", id.vm);
+                        exit::power_off()
+                    }
+                    let page = start + g * PAGE;
+                    fill(page, page + PAGE, g + 1);
+                    if let ForkOutcome::Parent { child } = fork() {
+                        println!("forkloop: generation {g} vm={} forked vm{child}", id.vm);
+                        exit::power_off()
+                    }
+                    // Give the parent time to power off first: the tree must outlive it.
+                    timer::delay(timer::ticks_from_ms(100));
+                }
+            }
+            other => fail!("forkloop: FAIL unknown mode={other}"),
+        }
+        exit::power_off()
+    }
+
+    vmfork_guests::entry!(main);
+}
+
+#[cfg(not(target_os = "none"))]
+fn main() {
+    eprintln!("forkloop is an aarch64-unknown-none guest image; run it under QEMU");
+}
