@@ -1004,6 +1004,98 @@ impl Drop for Qemu {
     }
 }
 
+/// A Unix socket path for the monitor's control channel: unique, short enough for `sun_path`
+/// (108 bytes, so under /tmp rather than the test's temp dir), removed on drop.
+pub struct ControlSocket(PathBuf);
+
+static CONTROL_SOCKETS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+impl ControlSocket {
+    /// A fresh path (nothing is created until QEMU starts).
+    pub fn new() -> Self {
+        let n = CONTROL_SOCKETS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let path = PathBuf::from(format!("/tmp/vmf-ctl-{}-{n}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        ControlSocket(path)
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Connects, retrying for up to 30 s while QEMU has not created the socket yet; reads and
+    /// writes time out after `io_timeout`.
+    pub fn connect(&self, io_timeout: Duration) -> std::os::unix::net::UnixStream {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match std::os::unix::net::UnixStream::connect(&self.0) {
+                Ok(s) => {
+                    s.set_read_timeout(Some(io_timeout)).expect("read timeout");
+                    s.set_write_timeout(Some(io_timeout))
+                        .expect("write timeout");
+                    return s;
+                }
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("cannot connect to {}: {e}", self.0.display()),
+            }
+        }
+    }
+}
+
+impl Default for ControlSocket {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl QemuConfig {
+    /// Adds the monitor's control channel: a virtio console on QEMU's virtio-mmio bus, backed by
+    /// a Unix socket server at `socket` that waits for nobody.
+    pub fn control(self, socket: &ControlSocket) -> Self {
+        let chardev = format!(
+            "socket,id=ctl,path={},server=on,wait=off",
+            socket.path().display()
+        );
+        self.arg("-chardev")
+            .arg(&chardev)
+            .arg("-device")
+            .arg("virtio-serial-device")
+            .arg("-device")
+            .arg("virtconsole,chardev=ctl")
+    }
+
+    /// Adds guest `index` of the monitor: `image` (a guest-images name or a path) as its kernel
+    /// and, unless empty, `config` as its fw_cfg config text.
+    pub fn guest(self, index: u32, image: &str, config: &str) -> Self {
+        let path = if Path::new(image).exists() {
+            PathBuf::from(image)
+        } else {
+            guest_image(image)
+        };
+        let cfg = self.arg("-fw_cfg").arg(&format!(
+            "name=opt/vmfork/{index}/kernel,file={}",
+            path.display()
+        ));
+        if config.is_empty() {
+            return cfg;
+        }
+        // fw_cfg's `string=` takes commas doubled.
+        cfg.arg("-fw_cfg").arg(&format!(
+            "name=opt/vmfork/{index}/config,string={}",
+            config.replace(',', ",,")
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

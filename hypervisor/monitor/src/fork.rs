@@ -334,6 +334,8 @@ fn fork_one(
         fork_point: Some(snapshot),
         pending: None,
         stats: VmStats::default(),
+        console_attached: false,
+        console_tap: Vec::new(),
     };
     t.next_id += 1;
     Ok(child)

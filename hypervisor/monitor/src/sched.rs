@@ -208,6 +208,7 @@ pub fn run(cpu: usize) -> ! {
     loop {
         if cpu == 0 {
             deliver_console_input();
+            crate::control::poll();
         }
         let picked = VMS.lock().pick(cpu);
         match picked {
@@ -220,7 +221,13 @@ pub fn run(cpu: usize) -> ! {
 fn idle(cpu: usize) {
     IDLE[cpu].store(true, Ordering::SeqCst);
     let now = timer::now();
-    let mut deadline = now + timer::ticks_from_micros(IDLE_MICROS);
+    // CPU 0 also serves the control channel (polled): it looks again sooner.
+    let sleep = if cpu == 0 {
+        IDLE_MICROS / 8
+    } else {
+        IDLE_MICROS
+    };
+    let mut deadline = now + timer::ticks_from_micros(sleep);
     if let Some(d) = VMS.lock().next_timer_deadline() {
         deadline = deadline.min(d);
     }

@@ -120,6 +120,10 @@ pub struct Vm {
     pub pending: Option<crate::fork::PendingOp>,
     /// Counters for `vmfork stats`.
     pub stats: crate::fork::VmStats,
+    /// A control-channel client streams this VM's console.
+    pub console_attached: bool,
+    /// Console output not yet sent to the attached client.
+    pub console_tap: Vec<u8>,
 }
 
 /// Everything the monitor knows about its VMs.
@@ -407,6 +411,8 @@ impl VmTable {
             fork_point: None,
             pending: None,
             stats: Default::default(),
+            console_attached: false,
+            console_tap: Vec::new(),
         })
     }
 
@@ -596,6 +602,14 @@ impl Vm {
     /// Prints the guest's console output, one `[vmN] ` line at a time.
     pub fn drain_console(&mut self) {
         let out: Vec<u8> = self.uart.take_output().collect();
+        if self.console_attached {
+            self.console_tap.extend_from_slice(&out);
+            let limit = crate::control::server::CONSOLE_TAP_LIMIT;
+            if self.console_tap.len() > limit {
+                let excess = self.console_tap.len() - limit;
+                self.console_tap.drain(..excess);
+            }
+        }
         for b in out {
             match b {
                 b'\n' => self.flush_console_line(),

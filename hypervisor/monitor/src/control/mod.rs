@@ -10,6 +10,7 @@
 //! - `control=echo`: a debug service that sends every received byte straight back, and makes the
 //!   boot CPU serve the channel forever after `monitor: ready` ([`echo_forever`]).
 
+pub mod server;
 pub mod virtio;
 
 use spin::Mutex;
@@ -28,12 +29,16 @@ pub enum Service {
     Idle,
     /// Send every byte back (`control=echo`), for testing the transport.
     Echo,
+    /// Serve the control protocol (docs/PROTOCOL.md): the default.
+    Protocol,
 }
 
 /// The control channel's state: `None` until [`init`] found a device.
 struct Channel {
     port: ControlPort,
     service: Service,
+    server: server::Server,
+    out: alloc::vec::Vec<u8>,
 }
 
 static CHANNEL: Mutex<Option<Channel>> = Mutex::new(None);
@@ -43,11 +48,12 @@ static CHANNEL: Mutex<Option<Channel>> = Mutex::new(None);
 /// allocator and the heap are up.
 pub fn init(platform: &Platform, bootargs: &str) -> bool {
     let service = match vmfork_core::cmdline::value(bootargs, "control") {
-        None => Service::Idle,
+        None | Some("on") => Service::Protocol,
+        Some("off") => Service::Idle,
         Some("echo") => Service::Echo,
         Some(other) => {
-            log::warn!("unknown control={other}; expected echo");
-            Service::Idle
+            log::warn!("unknown control={other}; expected on, off or echo");
+            Service::Protocol
         }
     };
     match ControlPort::probe(platform) {
@@ -56,7 +62,12 @@ pub fn init(platform: &Platform, bootargs: &str) -> bool {
             if service == Service::Echo {
                 log::info!("control: echo service on");
             }
-            *CHANNEL.lock() = Some(Channel { port, service });
+            *CHANNEL.lock() = Some(Channel {
+                port,
+                service,
+                server: server::Server::new(),
+                out: alloc::vec::Vec::new(),
+            });
             true
         }
         None => {
@@ -76,6 +87,20 @@ pub fn poll() -> bool {
     };
     match ch.service {
         Service::Idle => false,
+        Service::Protocol => {
+            let mut buf = [0u8; POLL_CHUNK];
+            let n = ch.port.recv(&mut buf);
+            ch.server.input(&buf[..n], &mut ch.out);
+            ch.server.pump(&mut ch.out);
+            if ch.out.is_empty() {
+                return n > 0;
+            }
+            let out = core::mem::take(&mut ch.out);
+            if let Err(e) = ch.port.send(&out) {
+                log::warn!("control: sending {} bytes: {e}", out.len());
+            }
+            true
+        }
         Service::Echo => {
             let mut buf = [0u8; POLL_CHUNK];
             let n = ch.port.recv(&mut buf);

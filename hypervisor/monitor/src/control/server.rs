@@ -1,0 +1,595 @@
+//! The monitor's side of the control protocol (`vmfork-proto`, docs/PROTOCOL.md): decodes
+//! request frames from the virtio console, acts on the VM table, and sends replies and console
+//! events. It runs on the boot CPU between vCPU time slices (`control::poll`), never holding the
+//! VM lock while it talks to the device, and survives any byte sequence: the decoder skips
+//! garbage and bad frames, and a request that cannot be decoded gets a `BadRequest` reply.
+
+use alloc::collections::BTreeMap;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use vmfork_core::addr::{Ipa, PAGE_SIZE};
+use vmfork_core::guest_dtb::layout;
+use vmfork_proto::msg::{
+    DiffReport, ErrorReply, GlobalStats, PageRange, PauseReason, Request, Response, StopReason,
+    UploadPurpose, VmId, VmInfo, VmState as ProtoState,
+};
+use vmfork_proto::{Decoder, FrameError, PROTOCOL_VERSION};
+
+use crate::fork::{self, ForkError, PendingOp};
+use crate::vm::{self, GuestSpec, Vm, VmState, VmTable, VMS};
+
+/// Largest console backlog kept per attached VM; older bytes are dropped.
+pub const CONSOLE_TAP_LIMIT: usize = 64 * 1024;
+/// Console bytes sent in one event.
+const CONSOLE_CHUNK: usize = 4096;
+
+struct Upload {
+    purpose: UploadPurpose,
+    total: u64,
+    data: Vec<u8>,
+}
+
+/// Protocol state of the (single) connection.
+pub struct Server {
+    decoder: Decoder,
+    /// Requests waiting for a fork or reset to run: request id -> ticket.
+    waiting: Vec<(u32, u64, bool)>,
+    /// Attached consoles: VM -> the attach request's id.
+    consoles: BTreeMap<u32, u32>,
+    uploads: BTreeMap<u32, Upload>,
+    next_upload: u32,
+    /// Bad frames seen (logged once each at debug).
+    pub bad_frames: u64,
+}
+
+impl Server {
+    /// A server with no connection state.
+    pub fn new() -> Self {
+        Self {
+            decoder: Decoder::with_max_payload(vmfork_proto::MAX_REQUEST_PAYLOAD),
+            waiting: Vec::new(),
+            consoles: BTreeMap::new(),
+            uploads: BTreeMap::new(),
+            next_upload: 1,
+            bad_frames: 0,
+        }
+    }
+
+    /// Feeds received bytes; appends every reply to `out`.
+    pub fn input(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
+        let frames: Vec<Result<vmfork_proto::Frame, FrameError>> =
+            self.decoder.push(bytes).collect();
+        for f in frames {
+            match f {
+                Ok(frame) => {
+                    if frame.version != PROTOCOL_VERSION {
+                        reply(
+                            out,
+                            frame.id,
+                            Response::Error(ErrorReply::VersionMismatch {
+                                ours: PROTOCOL_VERSION,
+                                theirs: frame.version,
+                            }),
+                        );
+                        continue;
+                    }
+                    match Request::decode(frame.kind, &frame.payload) {
+                        Ok(req) => self.handle(frame.id, req, out),
+                        Err(e) => reply(
+                            out,
+                            frame.id,
+                            Response::Error(ErrorReply::BadRequest(format!("{e}"))),
+                        ),
+                    }
+                }
+                Err(e) => {
+                    self.bad_frames += 1;
+                    log::debug!("control: bad input skipped: {e:?}");
+                }
+            }
+        }
+    }
+
+    /// Sends what became ready since the last call: results of forks and resets, console
+    /// output of attached VMs.
+    pub fn pump(&mut self, out: &mut Vec<u8>) {
+        let mut still = Vec::new();
+        for (id, ticket, is_fork) in core::mem::take(&mut self.waiting) {
+            match fork::take_result(ticket) {
+                None => still.push((id, ticket, is_fork)),
+                Some(Ok(children)) if is_fork => reply(
+                    out,
+                    id,
+                    Response::Forked {
+                        children: children.into_iter().map(VmId).collect(),
+                    },
+                ),
+                Some(Ok(_)) => reply(out, id, Response::Ok),
+                Some(Err(e)) => reply(out, id, Response::Error(fork_error(e))),
+            }
+        }
+        self.waiting = still;
+        if self.consoles.is_empty() {
+            return;
+        }
+        let mut t = VMS.lock();
+        let mut gone = Vec::new();
+        for (&vm_id, &req) in &self.consoles {
+            match t.vms.get_mut(&vm_id) {
+                None => gone.push(vm_id),
+                Some(vm) => {
+                    vm.drain_console();
+                    let data = core::mem::take(&mut vm.console_tap);
+                    for chunk in data.chunks(CONSOLE_CHUNK) {
+                        reply(
+                            out,
+                            req,
+                            Response::ConsoleOutput {
+                                vm: VmId(vm_id),
+                                data: chunk.to_vec(),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        for g in gone {
+            self.consoles.remove(&g);
+        }
+    }
+
+    fn handle(&mut self, id: u32, req: Request, out: &mut Vec<u8>) {
+        let resp = match req {
+            Request::Hello { version, client } => {
+                // A new client: whatever the previous one attached is dropped.
+                self.detach_all();
+                log::debug!("control: hello from {client} (v{version})");
+                Response::HelloReply {
+                    version: PROTOCOL_VERSION,
+                    monitor: format!("vmfork-monitor {}", env!("CARGO_PKG_VERSION")),
+                }
+            }
+            Request::List => {
+                let t = VMS.lock();
+                Response::VmList(t.vms.values().map(info).collect())
+            }
+            Request::Info { vm } => with_vm(vm, |vm| Ok(Response::VmInfo(info(vm)))),
+            Request::Stats { vm } => {
+                let t = VMS.lock();
+                let global = global_stats(&t);
+                match vm {
+                    None => Response::Stats { global, vm: None },
+                    Some(v) => match t.vms.get(&v.0) {
+                        Some(x) => Response::Stats {
+                            global,
+                            vm: Some(info(x)),
+                        },
+                        None => Response::Error(ErrorReply::NoSuchVm(v)),
+                    },
+                }
+            }
+            Request::Fork { vm, count, paused } => {
+                if count == 0 || count > 1024 {
+                    Response::Error(ErrorReply::BadRequest(format!(
+                        "fork count {count}: must be 1 to 1024"
+                    )))
+                } else {
+                    return self.start_op(
+                        id,
+                        vm,
+                        PendingOp::Fork {
+                            caller: None,
+                            count,
+                            paused,
+                            ticket: None,
+                        },
+                        out,
+                    );
+                }
+            }
+            Request::Reset { vm } => {
+                return self.start_op(id, vm, PendingOp::Reset { ticket: None }, out);
+            }
+            Request::Pause { vm } => {
+                let mut t = VMS.lock();
+                let kicks = match t.vms.get_mut(&vm.0) {
+                    None => return reply(out, id, Response::Error(ErrorReply::NoSuchVm(vm))),
+                    Some(v) => match v.state {
+                        VmState::Stopping(_) => {
+                            return reply(
+                                out,
+                                id,
+                                Response::Error(ErrorReply::BadRequest(format!(
+                                    "vm{} is being torn down",
+                                    vm.0
+                                ))),
+                            )
+                        }
+                        _ => {
+                            v.state = VmState::Paused(String::from("requested"));
+                            v.running_cpus()
+                        }
+                    },
+                };
+                drop(t);
+                crate::sched::kick(&kicks);
+                Response::Ok
+            }
+            Request::Resume { vm } => {
+                let mut t = VMS.lock();
+                match t.vms.get_mut(&vm.0) {
+                    None => Response::Error(ErrorReply::NoSuchVm(vm)),
+                    Some(v) => match v.state {
+                        VmState::Paused(_) => {
+                            v.state = VmState::Running;
+                            drop(t);
+                            crate::sched::kick_idle();
+                            Response::Ok
+                        }
+                        VmState::Running => Response::Ok,
+                        VmState::Stopping(_) => Response::Error(ErrorReply::BadRequest(format!(
+                            "vm{} is being torn down",
+                            vm.0
+                        ))),
+                    },
+                }
+            }
+            Request::Kill { vm } => {
+                let mut t = VMS.lock();
+                if !t.vms.contains_key(&vm.0) {
+                    Response::Error(ErrorReply::NoSuchVm(vm))
+                } else {
+                    let kicks = t.stop(vm.0, String::from("killed by the control channel"));
+                    drop(t);
+                    crate::sched::kick(&kicks);
+                    self.consoles.remove(&vm.0);
+                    Response::Ok
+                }
+            }
+            Request::ConsoleAttach { vm } => {
+                let mut t = VMS.lock();
+                match t.vms.get_mut(&vm.0) {
+                    None => Response::Error(ErrorReply::NoSuchVm(vm)),
+                    Some(v) => {
+                        v.console_attached = true;
+                        self.consoles.insert(vm.0, id);
+                        Response::Ok
+                    }
+                }
+            }
+            Request::ConsoleDetach { vm } => {
+                self.consoles.remove(&vm.0);
+                if let Some(v) = VMS.lock().vms.get_mut(&vm.0) {
+                    v.console_attached = false;
+                    v.console_tap.clear();
+                }
+                Response::Ok
+            }
+            Request::ConsoleInput { vm, data } => {
+                let mut t = VMS.lock();
+                let mut kicks = Vec::new();
+                let r = match t.vms.get_mut(&vm.0) {
+                    None => Response::Error(ErrorReply::NoSuchVm(vm)),
+                    Some(v) => {
+                        for b in data {
+                            if !v.uart.push_rx(b) {
+                                break;
+                            }
+                        }
+                        if let Some(k) = v.uart_irq_changed() {
+                            v.kick_vcpu(k, &mut kicks);
+                        }
+                        Response::Ok
+                    }
+                };
+                drop(t);
+                crate::sched::kick(&kicks);
+                r
+            }
+            Request::UploadBegin { purpose, total_len } => self.upload_begin(purpose, total_len),
+            Request::UploadChunk {
+                upload,
+                offset,
+                data,
+            } => self.upload_chunk(upload, offset, &data),
+            Request::Create {
+                kernel,
+                initrd,
+                mem_bytes,
+                vcpus,
+                cmdline,
+            } => self.create(kernel, initrd, mem_bytes, vcpus, cmdline),
+            Request::Diff { a, b } => diff(a, b),
+            Request::Dump { .. }
+            | Request::DumpRead { .. }
+            | Request::DumpClose { .. }
+            | Request::Restore { .. } => Response::Error(ErrorReply::BadRequest(String::from(
+                "dump and restore are not implemented by this monitor yet",
+            ))),
+        };
+        reply(out, id, resp);
+    }
+
+    fn detach_all(&mut self) {
+        let mut t = VMS.lock();
+        for vm in self.consoles.keys() {
+            if let Some(v) = t.vms.get_mut(vm) {
+                v.console_attached = false;
+                v.console_tap.clear();
+            }
+        }
+        self.consoles.clear();
+        self.uploads.clear();
+    }
+
+    fn start_op(&mut self, id: u32, vm: VmId, op: PendingOp, out: &mut Vec<u8>) {
+        let is_fork = matches!(op, PendingOp::Fork { .. });
+        let result = {
+            let mut t = VMS.lock();
+            fork::request(&mut t, vm.0, op)
+        };
+        match result {
+            Ok((ticket, kicks)) => {
+                crate::sched::kick(&kicks);
+                self.waiting.push((id, ticket, is_fork));
+                self.pump(out);
+            }
+            Err(e) => reply(out, id, Response::Error(fork_error(e))),
+        }
+    }
+
+    fn upload_begin(&mut self, purpose: UploadPurpose, total: u64) -> Response {
+        let limit = match purpose {
+            UploadPurpose::Kernel | UploadPurpose::Initrd => vmfork_proto::MAX_IMAGE_BYTES,
+            UploadPurpose::Snapshot => {
+                return Response::Error(ErrorReply::BadRequest(String::from(
+                    "restore is not implemented by this monitor yet",
+                )))
+            }
+        };
+        if total == 0 || total > limit {
+            return Response::Error(ErrorReply::BadRequest(format!(
+                "upload of {total} bytes: must be 1 to {limit}"
+            )));
+        }
+        let mut data = Vec::new();
+        if data.try_reserve_exact(total as usize).is_err() {
+            return Response::Error(ErrorReply::OutOfMemory);
+        }
+        let handle = self.next_upload;
+        self.next_upload = self.next_upload.wrapping_add(1).max(1);
+        self.uploads.insert(
+            handle,
+            Upload {
+                purpose,
+                total,
+                data,
+            },
+        );
+        Response::UploadReady { upload: handle }
+    }
+
+    fn upload_chunk(&mut self, handle: u32, offset: u64, data: &[u8]) -> Response {
+        let Some(up) = self.uploads.get_mut(&handle) else {
+            return Response::Error(ErrorReply::BadRequest(format!("no upload {handle}")));
+        };
+        if offset != up.data.len() as u64 {
+            return Response::Error(ErrorReply::BadRequest(format!(
+                "upload {handle}: chunk at offset {offset}, expected {}",
+                up.data.len()
+            )));
+        }
+        if up.data.len() as u64 + data.len() as u64 > up.total {
+            return Response::Error(ErrorReply::BadRequest(format!(
+                "upload {handle}: more than the {} bytes announced",
+                up.total
+            )));
+        }
+        up.data.extend_from_slice(data);
+        Response::Ok
+    }
+
+    fn take_upload(&mut self, handle: u32, purpose: UploadPurpose) -> Result<Vec<u8>, ErrorReply> {
+        match self.uploads.remove(&handle) {
+            Some(up) if up.purpose == purpose && up.data.len() as u64 == up.total => Ok(up.data),
+            Some(up) => {
+                let msg = format!(
+                    "upload {handle} is not a complete {purpose:?} upload ({} of {} bytes)",
+                    up.data.len(),
+                    up.total
+                );
+                Err(ErrorReply::BadRequest(msg))
+            }
+            None => Err(ErrorReply::BadRequest(format!("no upload {handle}"))),
+        }
+    }
+
+    fn create(
+        &mut self,
+        kernel: u32,
+        initrd: Option<u32>,
+        mem: u64,
+        vcpus: u32,
+        cmdline: String,
+    ) -> Response {
+        if mem == 0 || !mem.is_multiple_of(2 << 20) {
+            return Response::Error(ErrorReply::BadRequest(format!(
+                "memory {mem} bytes: must be a non-zero multiple of 2 MiB"
+            )));
+        }
+        if vcpus == 0 || vcpus > layout::MAX_VCPUS {
+            return Response::Error(ErrorReply::BadRequest(format!(
+                "{vcpus} vCPUs: must be 1 to {}",
+                layout::MAX_VCPUS
+            )));
+        }
+        let kernel = match self.take_upload(kernel, UploadPurpose::Kernel) {
+            Ok(k) => k,
+            Err(e) => return Response::Error(e),
+        };
+        let initrd = match initrd.map(|h| self.take_upload(h, UploadPurpose::Initrd)) {
+            None => None,
+            Some(Ok(i)) => Some(i),
+            Some(Err(e)) => return Response::Error(e),
+        };
+        let spec = GuestSpec {
+            name: String::from("created"),
+            kernel: &kernel,
+            initrd: initrd.as_deref(),
+            mem,
+            cpus: vcpus,
+            cmdline,
+        };
+        let result = VMS.lock().create(&spec);
+        match result {
+            Ok(id) => {
+                crate::sched::kick_idle();
+                Response::Created { vm: VmId(id) }
+            }
+            Err(vm::CreateError::Stage2(vmfork_core::stage2::Stage2Error::OutOfMemory)) => {
+                Response::Error(ErrorReply::OutOfMemory)
+            }
+            Err(e) => Response::Error(ErrorReply::BadRequest(format!("{e}"))),
+        }
+    }
+}
+
+fn reply(out: &mut Vec<u8>, id: u32, resp: Response) {
+    if let Err(e) = resp.encode_frame(id, out) {
+        // Only a reply over the frame cap gets here; say so instead.
+        let msg = Response::Error(ErrorReply::Internal(format!("reply too large: {e}")));
+        let _ = msg.encode_frame(id, out);
+    }
+}
+
+fn fork_error(e: ForkError) -> ErrorReply {
+    match e {
+        ForkError::NoSuchVm(id) => ErrorReply::NoSuchVm(VmId(id)),
+        ForkError::OutOfMemory => ErrorReply::OutOfMemory,
+        ForkError::Busy(_) => ErrorReply::Busy,
+        ForkError::Internal(m) => ErrorReply::Internal(m),
+        e => ErrorReply::BadRequest(format!("{e}")),
+    }
+}
+
+fn with_vm(id: VmId, f: impl FnOnce(&Vm) -> Result<Response, ErrorReply>) -> Response {
+    let t = VMS.lock();
+    match t.vms.get(&id.0) {
+        None => Response::Error(ErrorReply::NoSuchVm(id)),
+        Some(vm) => f(vm).unwrap_or_else(Response::Error),
+    }
+}
+
+/// What the tool shows for a VM.
+pub fn info(vm: &Vm) -> VmInfo {
+    let usage = vm.s2.as_ref().map(|s2| {
+        let frames = crate::mem::FRAMES.lock();
+        frames
+            .as_ref()
+            .map(|fa| s2.usage(fa, &crate::physmem::IdentityMem))
+    });
+    let (private, shared) = match usage.flatten() {
+        Some(u) => (u.private_frames as u64, u.shared_frames as u64),
+        None => (0, 0),
+    };
+    let cow = vm.s2.as_ref().map_or(0, |s| {
+        let st = s.stats();
+        st.cow_copies + st.cow_reuses
+    });
+    let state = match &vm.state {
+        VmState::Running => ProtoState::Running,
+        VmState::Paused(r) if r.starts_with("out of memory") => ProtoState::Stopped {
+            reason: StopReason::OutOfMemory,
+        },
+        VmState::Paused(r) if r == "forked paused" => ProtoState::Paused {
+            reason: PauseReason::Forked,
+        },
+        VmState::Paused(_) => ProtoState::Paused {
+            reason: PauseReason::Requested,
+        },
+        VmState::Stopping(r) => ProtoState::Stopped {
+            reason: if r.contains("SYSTEM_OFF") {
+                StopReason::PowerOff
+            } else {
+                StopReason::Fault(r.clone())
+            },
+        },
+    };
+    VmInfo {
+        id: VmId(vm.id),
+        parent: vm.parent.map(VmId),
+        name: vm.name.clone(),
+        state,
+        vcpus: vm.vcpus.len() as u32,
+        mem_bytes: vm.ram_size,
+        private_pages: private,
+        shared_pages: shared,
+        cow_faults: cow,
+        forks: vm.stats.forks,
+        last_fork_ticks: vm.stats.last_fork_ticks,
+    }
+}
+
+fn global_stats(t: &VmTable) -> GlobalStats {
+    let (free, total) = crate::mem::frame_counts();
+    GlobalStats {
+        free_frames: free as u64,
+        used_frames: (total - free) as u64,
+        total_frames: total as u64,
+        vms: t.vms.len() as u32,
+        counter_hz: crate::arch::counter().1,
+    }
+}
+
+/// Which guest RAM pages differ between VMs `a` and `b`. Pages that map the same frame are equal
+/// without reading them (the common case within a fork tree).
+fn diff(a: VmId, b: VmId) -> Response {
+    let t = VMS.lock();
+    let (Some(va), Some(vb)) = (t.vms.get(&a.0), t.vms.get(&b.0)) else {
+        let missing = if t.vms.contains_key(&a.0) { b } else { a };
+        return Response::Error(ErrorReply::NoSuchVm(missing));
+    };
+    let (Some(sa), Some(sb)) = (va.s2.as_ref(), vb.s2.as_ref()) else {
+        return Response::Error(ErrorReply::BadRequest(String::from(
+            "a VM is being torn down",
+        )));
+    };
+    let mem = crate::physmem::IdentityMem;
+    let pages = va.ram_size.min(vb.ram_size) / PAGE_SIZE;
+    let mut report = DiffReport {
+        ram_base: layout::RAM_BASE,
+        pages_compared: pages,
+        differing_pages: 0,
+        ranges: Vec::new(),
+        truncated: false,
+    };
+    let mut ba = [0u8; PAGE_SIZE as usize];
+    let mut bb = [0u8; PAGE_SIZE as usize];
+    for p in 0..pages {
+        let ipa = Ipa(layout::RAM_BASE + p * PAGE_SIZE);
+        let same_frame = match (sa.translate(&mem, ipa), sb.translate(&mem, ipa)) {
+            (Some(x), Some(y)) => x.pa == y.pa,
+            _ => false,
+        };
+        let differs = !same_frame && {
+            let ra = sa.read_guest(&mem, ipa, &mut ba);
+            let rb = sb.read_guest(&mem, ipa, &mut bb);
+            ra.is_err() || rb.is_err() || ba != bb
+        };
+        if differs {
+            report.differing_pages += 1;
+            let full = report.ranges.len() >= vmfork_proto::MAX_DIFF_RANGES;
+            match report.ranges.last_mut() {
+                Some(r) if r.first_page + r.pages == p => r.pages += 1,
+                _ if full => report.truncated = true,
+                _ => report.ranges.push(PageRange {
+                    first_page: p,
+                    pages: 1,
+                }),
+            }
+        }
+    }
+    Response::Diff(report)
+}
