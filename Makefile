@@ -7,6 +7,7 @@
 #                       [GUEST_CMDLINE=...]  boots one guest; GUESTS='<image> <image> ...'
 #                       adds more guests with the default configuration. An image is a path or
 #                       the name of a guest in guest-images (hello, counter, memcheck, smp, ...).
+#                       The control channel listens on SOCKET=run/vmfork.sock for `vmfork`.
 #   make test           every test: host unit/property tests, then the QEMU integration tests
 #   make lint           cargo fmt --check and clippy (host and bare-metal crates)
 #   make clean          remove build output
@@ -27,6 +28,8 @@ GUEST_MEM    ?=
 GUEST_CPUS   ?=
 GUEST_CMDLINE ?=
 GUESTS       ?=
+# The control channel's Unix socket (the `vmfork` tool's default is run/vmfork.sock too).
+SOCKET       ?= run/vmfork.sock
 
 comma := ,
 # A guest image: a path to a file, or the name of one of our guest images.
@@ -75,9 +78,13 @@ qemu-virt: ensure-qemu build
 	  p=$$g; [ -f "$$p" ] || p=$(PROFILE_DIR)/$$g; \
 	  more="$$more -fw_cfg name=opt/vmfork/$$i/kernel,file=$$p"; i=$$((i+1)); \
 	done; \
+	mkdir -p $(dir $(SOCKET)); rm -f $(SOCKET); \
 	set -x; \
 	$(QEMU) $(QEMU_MACHINE) -smp $(SMP) -m $(MEM) -nographic -semihosting \
-	  -kernel $(MONITOR) $(if $(APPEND),-append "$(APPEND)") $(GUEST_FWCFG) $$more $(QEMU_ARGS)
+	  -kernel $(MONITOR) $(if $(APPEND),-append "$(APPEND)") \
+	  -chardev socket,id=vmfork-ctl,path=$(SOCKET),server=on,wait=off \
+	  -device virtio-serial-device -device virtconsole,chardev=vmfork-ctl \
+	  $(GUEST_FWCFG) $$more $(QEMU_ARGS)
 
 test: ensure-qemu build test-host test-qemu
 

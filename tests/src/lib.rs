@@ -114,6 +114,15 @@ pub fn monitor_image() -> PathBuf {
     path
 }
 
+/// The host tool `vmfork` (`VMFORK_TOOL`, or `target/release/vmfork`, which `make` builds).
+/// Panics if it does not exist.
+pub fn vmfork_tool() -> PathBuf {
+    let target = env_path("CARGO_TARGET_DIR").unwrap_or_else(|| workspace_root().join("target"));
+    let path = env_path("VMFORK_TOOL").unwrap_or_else(|| target.join("release").join("vmfork"));
+    require_image(&path, "the vmfork tool", "VMFORK_TOOL");
+    path
+}
+
 /// The guest image `name` (in `VMFORK_GUEST_DIR`, or `target/aarch64-unknown-none/release`).
 /// Panics if it does not exist.
 pub fn guest_image(name: &str) -> PathBuf {

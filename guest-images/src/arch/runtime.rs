@@ -68,3 +68,8 @@ pub fn reset() -> PsciError {
         Err(e) => e,
     }
 }
+
+/// True when the SMCCC conduit is HVC, false for SMC, `None` without one.
+pub fn conduit_is_hvc() -> Option<bool> {
+    psci::conduit().map(|c| matches!(c, crate::psci_abi::Conduit::Hvc))
+}

@@ -9,6 +9,11 @@
 //!   the child checks it sees pattern 0 (the fork point), prints `forkloop: child clean after
 //!   resets=R`, dirties the whole region with pattern 2 and resets itself, K times, then prints
 //!   `forkloop: reset ok resets=K`.
+//! - dirty, `pages=N` (default 16): fork; after the fork neither side writes RAM except the
+//!   child, which writes exactly N pages of the region (the fork, the writes and the report are
+//!   one assembly block: no stack, no variables); the parent prints `P`, the child `C`
+//!   (straight to the UART), and both then wait forever. `vmfork diff` of the two must report
+//!   exactly N pages.
 //! - tree, `depth=D` (default 3): each generation marks its own page with its pattern and forks;
 //!   the parent powers off at once and the child waits 100 ms before going on, so parents die
 //!   before their children; generation D checks that every
@@ -133,6 +138,57 @@ mod guest {
                     }
                     // Give the parent time to power off first: the tree must outlive it.
                     timer::delay(timer::ticks_from_ms(100));
+                }
+            }
+            "dirty" => {
+                let pages = num("pages", 16);
+                if pages * PAGE > end - start {
+                    fail!("forkloop: FAIL region too small for x21 pages");
+                }
+                let Some(uart) = boot.platform.uart else {
+                    fail!("forkloop: FAIL no UART")
+                };
+                let hvc = matches!(
+                    runtime::conduit_is_hvc(),
+                    Some(true)
+                );
+                println!("forkloop: dirty pages={pages} at {start:#x}");
+                // SAFETY: the region [start, start + pages * 4 KiB) is RAM above the image that
+                // only this program uses; `uart` is the PL011's data register (MMIO, not RAM).
+                // Interrupts are masked, so nothing else runs on this vCPU afterwards; the block
+                // never returns.
+                unsafe {
+                    core::arch::asm!(
+                        "msr daifset, #0xf",
+                        "mov x0, #0x0001",
+                        "movk x0, #0xc600, lsl #16", // VMFORK_FORK
+                        "cbz x20, 1f",
+                        "hvc #0",
+                        "b 2f",
+                        "1: smc #0",
+                        "2: cbnz x0, 5f",            // parent: x0 = child id
+                        // child: one store per page
+                        "3: cbz x21, 4f",
+                        "str x21, [x22]",
+                        "add x22, x22, #4096",
+                        "sub x21, x21, #1",
+                        "b 3b",
+                        "4: mov w1, #0x43",          // 'C'
+                        "b 6f",
+                        "5: mov w1, #0x50",          // 'P'
+                        "6: str w1, [x23]",
+                        "mov w1, #0x0a",
+                        "str w1, [x23]",
+                        "7: wfi",
+                        "b 7b",
+                        // SMCCC preserves x18-x30 across the call; x0-x3 are free to clobber
+                        // because the block never returns.
+                        in("x20") hvc as u64,
+                        in("x21") pages,
+                        in("x22") start,
+                        in("x23") uart,
+                        options(noreturn),
+                    );
                 }
             }
             other => fail!("forkloop: FAIL unknown mode={other}"),

@@ -1,0 +1,161 @@
+//! The real `vmfork` tool against the real monitor under QEMU.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use vmfork_tests::{vmfork_tool, ControlSocket, Qemu, QemuConfig, DEFAULT_TIMEOUT};
+
+fn vmfork(socket: &ControlSocket, args: &[&str]) -> Output {
+    Command::new(vmfork_tool())
+        .arg("--socket")
+        .arg(socket.path())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vmfork")
+}
+
+/// Runs `vmfork` and returns its stdout, failing the test (with stderr) on a non-zero exit.
+fn ok(socket: &ControlSocket, args: &[&str]) -> String {
+    let out = vmfork(socket, args);
+    assert!(
+        out.status.success(),
+        "vmfork {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `vmfork` expecting failure; returns stderr.
+fn fails(socket: &ControlSocket, args: &[&str]) -> String {
+    let out = vmfork(socket, args);
+    assert_eq!(out.status.code(), Some(1), "vmfork {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn boot(name: &str, socket: &ControlSocket, mem_mib: u64) -> QemuConfig {
+    QemuConfig::monitor()
+        .smp(2)
+        .mem_mib(mem_mib)
+        .name(name)
+        .control(socket)
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEFAULT_TIMEOUT;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn fork_eight_list_console_pause_resume_reset_kill() {
+    let socket = ControlSocket::new();
+    let mut q = Qemu::start(boot("cli_fork", &socket, 1024).guest(0, "counter", "mem=32M"));
+    q.wait_for("[vm1] counter: tick 1", DEFAULT_TIMEOUT);
+
+    let ids = ok(&socket, &["fork", "1", "--count", "8"]);
+    let ids: Vec<&str> = ids.split_whitespace().collect();
+    assert_eq!(ids, ["2", "3", "4", "5", "6", "7", "8", "9"]);
+    let list = ok(&socket, &["list"]);
+    assert_eq!(list.lines().count(), 10, "header + 9 VMs:\n{list}");
+    for id in 2..=9 {
+        assert!(
+            list.lines()
+                .any(|l| l.split_whitespace().take(2).collect::<Vec<_>>() == [&*id.to_string(), "1"]),
+            "vm{id} with parent 1 missing:\n{list}"
+        );
+    }
+    let json = ok(&socket, &["--json", "list"]);
+    assert!(json.contains("\"parent\": 1") || json.contains("\"parent\":1"), "{json}");
+
+    // Console output of the parent and of a child, through the tool.
+    for vm in ["1", "5"] {
+        let out = Command::new(vmfork_tool())
+            .args(["--socket"])
+            .arg(socket.path())
+            .args(["console", vm, "--linger", "1500"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("vmfork console");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("counter: tick"), "console of vm{vm}: {text:?}");
+    }
+
+    // Pause, resume, reset of a fork, kill of the parent.
+    ok(&socket, &["pause", "3"]);
+    assert!(ok(&socket, &["info", "3"]).contains("paused"));
+    ok(&socket, &["resume", "3"]);
+    assert!(ok(&socket, &["info", "3"]).contains("running"));
+    ok(&socket, &["reset", "4"]);
+    q.wait_for("vm4: reset to its fork point", DEFAULT_TIMEOUT);
+    let err = fails(&socket, &["reset", "1"]);
+    assert!(err.contains("not a fork"), "{err}");
+    ok(&socket, &["kill", "1"]);
+    let err = fails(&socket, &["info", "1"]);
+    assert!(err.contains("no such VM"), "{err}");
+    let before = q.count("[vm9] counter: tick");
+    wait_until("vm9 to go on after its parent died", || {
+        q.count("[vm9] counter: tick") > before + 1
+    });
+    let stats = ok(&socket, &["stats"]);
+    assert!(stats.contains("vms:") && stats.contains("frames:"), "{stats}");
+    q.expect_no("panic");
+    q.kill();
+}
+
+#[test]
+fn diff_counts_exactly_the_pages_a_fork_wrote() {
+    let socket = ControlSocket::new();
+    let mut q = Qemu::start(boot("cli_diff", &socket, 512).guest(
+        0,
+        "forkloop",
+        "mem=16M cmdline=mode=dirty pages=37",
+    ));
+    q.wait_for("[vm2] C", DEFAULT_TIMEOUT);
+    q.wait_for("[vm1] P", Duration::from_secs(30));
+    let out = ok(&socket, &["diff", "1", "2"]);
+    assert!(out.contains("37 of 4096 pages differ"), "{out}");
+    let json = ok(&socket, &["--json", "diff", "1", "2"]);
+    assert!(json.contains("\"differing_pages\": 37") || json.contains("\"differing_pages\":37"), "{json}");
+    q.kill();
+}
+
+#[test]
+fn out_of_memory_pauses_a_fork_that_resumes_when_memory_comes_back() {
+    let socket = ControlSocket::new();
+    // 256 MiB: after the monitor's heap and the two guests, too little is left for the fork of
+    // guest 0 to copy the 64 MiB it writes.
+    let cfg = boot("cli_oom", &socket, 256)
+        .guest(0, "forkloop", "mem=96M cmdline=mode=reset resets=1 mib=64")
+        .guest(1, "counter", "mem=64M");
+    let mut q = Qemu::start(cfg);
+    q.wait_for("vm3: paused: no free frame for a copy-on-write fault", DEFAULT_TIMEOUT);
+    let info = ok(&socket, &["info", "3"]);
+    assert!(info.contains("out of memory"), "{info}");
+    // Memory comes back when another VM goes; then the fork can go on and finish.
+    ok(&socket, &["kill", "2"]);
+    q.wait_for("vm2: 'guest1' killed by the control channel", DEFAULT_TIMEOUT);
+    ok(&socket, &["resume", "3"]);
+    q.wait_for("[vm3] forkloop: reset ok resets=1", DEFAULT_TIMEOUT);
+    q.expect_no("FAIL");
+    q.kill();
+}
+
+#[test]
+fn errors_are_one_line_and_exit_one() {
+    let socket = ControlSocket::new();
+    let err = fails(&socket, &["list"]);
+    assert!(err.contains("cannot connect to the monitor"), "{err}");
+    assert!(err.contains("make qemu-virt"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+
+    let mut q = Qemu::start(boot("cli_errors", &socket, 512).guest(0, "counter", "mem=16M"));
+    q.wait_for("monitor: ready", DEFAULT_TIMEOUT);
+    let err = fails(&socket, &["kill", "77"]);
+    assert_eq!(err.trim_end(), "vmfork: no such VM: 77");
+    let err = fails(&socket, &["fork", "77"]);
+    assert!(err.contains("no such VM"), "{err}");
+    q.kill();
+}
