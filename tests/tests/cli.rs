@@ -62,13 +62,17 @@ fn fork_eight_list_console_pause_resume_reset_kill() {
     assert_eq!(list.lines().count(), 10, "header + 9 VMs:\n{list}");
     for id in 2..=9 {
         assert!(
-            list.lines()
-                .any(|l| l.split_whitespace().take(2).collect::<Vec<_>>() == [&*id.to_string(), "1"]),
+            list.lines().any(
+                |l| l.split_whitespace().take(2).collect::<Vec<_>>() == [&*id.to_string(), "1"]
+            ),
             "vm{id} with parent 1 missing:\n{list}"
         );
     }
     let json = ok(&socket, &["--json", "list"]);
-    assert!(json.contains("\"parent\": 1") || json.contains("\"parent\":1"), "{json}");
+    assert!(
+        json.contains("\"parent\": 1") || json.contains("\"parent\":1"),
+        "{json}"
+    );
 
     // Console output of the parent and of a child, through the tool.
     for vm in ["1", "5"] {
@@ -80,7 +84,10 @@ fn fork_eight_list_console_pause_resume_reset_kill() {
             .output()
             .expect("vmfork console");
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.contains("counter: tick"), "console of vm{vm}: {text:?}");
+        assert!(
+            text.contains("counter: tick"),
+            "console of vm{vm}: {text:?}"
+        );
     }
 
     // Pause, resume, reset of a fork, kill of the parent.
@@ -100,7 +107,10 @@ fn fork_eight_list_console_pause_resume_reset_kill() {
         q.count("[vm9] counter: tick") > before + 1
     });
     let stats = ok(&socket, &["stats"]);
-    assert!(stats.contains("vms:") && stats.contains("frames:"), "{stats}");
+    assert!(
+        stats.contains("vms:") && stats.contains("frames:"),
+        "{stats}"
+    );
     q.expect_no("panic");
     q.kill();
 }
@@ -118,7 +128,10 @@ fn diff_counts_exactly_the_pages_a_fork_wrote() {
     let out = ok(&socket, &["diff", "1", "2"]);
     assert!(out.contains("37 of 4096 pages differ"), "{out}");
     let json = ok(&socket, &["--json", "diff", "1", "2"]);
-    assert!(json.contains("\"differing_pages\": 37") || json.contains("\"differing_pages\":37"), "{json}");
+    assert!(
+        json.contains("\"differing_pages\": 37") || json.contains("\"differing_pages\":37"),
+        "{json}"
+    );
     q.kill();
 }
 
@@ -131,12 +144,18 @@ fn out_of_memory_pauses_a_fork_that_resumes_when_memory_comes_back() {
         .guest(0, "forkloop", "mem=96M cmdline=mode=reset resets=1 mib=64")
         .guest(1, "counter", "mem=64M");
     let mut q = Qemu::start(cfg);
-    q.wait_for("vm3: paused: no free frame for a copy-on-write fault", DEFAULT_TIMEOUT);
+    q.wait_for(
+        "vm3: paused: no free frame for a copy-on-write fault",
+        DEFAULT_TIMEOUT,
+    );
     let info = ok(&socket, &["info", "3"]);
     assert!(info.contains("out of memory"), "{info}");
     // Memory comes back when another VM goes; then the fork can go on and finish.
     ok(&socket, &["kill", "2"]);
-    q.wait_for("vm2: 'guest1' killed by the control channel", DEFAULT_TIMEOUT);
+    q.wait_for(
+        "vm2: 'guest1' killed by the control channel",
+        DEFAULT_TIMEOUT,
+    );
     ok(&socket, &["resume", "3"]);
     q.wait_for("[vm3] forkloop: reset ok resets=1", DEFAULT_TIMEOUT);
     q.expect_no("FAIL");

@@ -212,3 +212,19 @@ fn out_of_memory_pauses_only_the_faulting_fork_and_a_failing_fork_changes_nothin
     q.expect_no("panic");
     q.kill();
 }
+
+#[test]
+fn a_child_gets_a_new_vmgenid_and_the_parent_keeps_its_own() {
+    let mut q = Qemu::start(with_guest(
+        monitor("fork_vmgenid"),
+        0,
+        "forkloop",
+        "mem=16M cmdline=mode=genid",
+    ));
+    q.wait_for("monitor: ready", DEFAULT_TIMEOUT);
+    wait_count(&q, "powered off (PSCI SYSTEM_OFF); destroyed", 2);
+    assert_eq!(q.count("[vm1] forkloop: parent vmgenid unchanged"), 1);
+    assert_eq!(q.count("[vm2] forkloop: child vmgenid changed"), 1);
+    q.expect_no("FAIL");
+    q.kill();
+}

@@ -14,6 +14,9 @@
 //!   one assembly block: no stack, no variables); the parent prints `P`, the child `C`
 //!   (straight to the UART), and both then wait forever. `vmfork diff` of the two must report
 //!   exactly N pages.
+//! - genid: reads the 16-byte `microsoft,vmgenid` ID (the page at 0x090F_0000), forks, and
+//!   reads it again: the parent prints `forkloop: parent vmgenid unchanged`, the child
+//!   `forkloop: child vmgenid changed` (or FAIL lines).
 //! - tree, `depth=D` (default 3): each generation marks its own page with its pattern and forks;
 //!   the parent powers off at once and the child waits 100 ms before going on, so parents die
 //!   before their children; generation D checks that every
@@ -140,6 +143,32 @@ mod guest {
                     timer::delay(timer::ticks_from_ms(100));
                 }
             }
+            "genid" => {
+                const VMGENID: usize = 0x090F_0000;
+                let read = || {
+                    // SAFETY: the monitor maps the vmgenid page read-only at this IPA; 8-byte
+                    // aligned reads.
+                    unsafe {
+                        [
+                            read_volatile(VMGENID as *const u64),
+                            read_volatile((VMGENID + 8) as *const u64),
+                        ]
+                    }
+                };
+                let before = read();
+                if before == [0, 0] {
+                    fail!("forkloop: FAIL the vmgenid page is zero");
+                }
+                match fork() {
+                    ForkOutcome::Parent { .. } if read() == before => {
+                        println!("forkloop: parent vmgenid unchanged")
+                    }
+                    ForkOutcome::Child if read() != before => {
+                        println!("forkloop: child vmgenid changed")
+                    }
+                    _ => fail!("forkloop: FAIL vmgenid {:x?} -> {:x?}", before, read()),
+                }
+            }
             "dirty" => {
                 let pages = num("pages", 16);
                 if pages * PAGE > end - start {
@@ -148,10 +177,7 @@ mod guest {
                 let Some(uart) = boot.platform.uart else {
                     fail!("forkloop: FAIL no UART")
                 };
-                let hvc = matches!(
-                    runtime::conduit_is_hvc(),
-                    Some(true)
-                );
+                let hvc = matches!(runtime::conduit_is_hvc(), Some(true));
                 println!("forkloop: dirty pages={pages} at {start:#x}");
                 // SAFETY: the region [start, start + pages * 4 KiB) is RAM above the image that
                 // only this program uses; `uart` is the PL011's data register (MMIO, not RAM).
