@@ -178,3 +178,49 @@ fn errors_are_one_line_and_exit_one() {
     assert!(err.contains("no such VM"), "{err}");
     q.kill();
 }
+
+#[test]
+fn dump_then_restore_continues_from_the_dumped_state_even_on_a_fresh_monitor() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("vm1.snap");
+    let file_s = file.to_str().expect("utf-8 path");
+
+    let socket = ControlSocket::new();
+    let mut q = Qemu::start(boot("cli_dump", &socket, 512).guest(0, "counter", "mem=16M"));
+    q.wait_for("[vm1] counter: tick 5", DEFAULT_TIMEOUT);
+    let out = ok(&socket, &["dump", "1", file_s]);
+    assert!(out.contains("written to"), "{out}");
+    // The dumped VM kept running, and the snapshot fork is gone once read out.
+    q.wait_for("vm2: 'guest0.2' snapshot read out", DEFAULT_TIMEOUT);
+    let at_dump = q.count("[vm1] counter: tick");
+    q.wait_for(
+        &format!("[vm1] counter: tick {}", at_dump + 2),
+        DEFAULT_TIMEOUT,
+    );
+    let id = ok(&socket, &["restore", file_s]);
+    let id = id.trim();
+    // The restored VM counts on from where the dump was taken, not from 1.
+    let caps = q.wait_for_regex(&format!(r"\[vm{id}\] counter: tick (\d+)"), DEFAULT_TIMEOUT);
+    let first: u64 = caps[1].parse().unwrap();
+    assert!(first >= 5, "the restored VM started counting at {first}");
+    q.kill();
+
+    // A monitor booted with no guest at all restores it too.
+    let socket2 = ControlSocket::new();
+    let mut q2 = Qemu::start(boot("cli_restore_fresh", &socket2, 512));
+    q2.wait_for("monitor: ready", DEFAULT_TIMEOUT);
+    assert_eq!(ok(&socket2, &["restore", file_s]).trim(), "1");
+    let caps = q2.wait_for_regex(r"\[vm1\] counter: tick (\d+)", DEFAULT_TIMEOUT);
+    let first: u64 = caps[1].parse().unwrap();
+    assert!(first >= 5, "the restored VM started counting at {first}");
+    // A damaged snapshot is refused with a clear error and changes nothing.
+    let mut bytes = std::fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    let bad = dir.path().join("bad.snap");
+    std::fs::write(&bad, &bytes).unwrap();
+    let err = fails(&socket2, &["restore", bad.to_str().unwrap()]);
+    assert!(err.contains("snapshot") || err.contains("CRC"), "{err}");
+    assert_eq!(ok(&socket2, &["list"]).lines().count(), 2);
+    q2.kill();
+}

@@ -117,7 +117,7 @@ const CR_RESET: u32 = CR_TXE | CR_RXE;
 const IFLS_RESET: u32 = 0x12;
 
 /// The state of one PL011.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Vuart {
     rx: VecDeque<u8>,
     output: Vec<u8>,

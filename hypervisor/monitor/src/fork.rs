@@ -326,6 +326,7 @@ fn fork_one(
         uart: parent.uart.clone(),
         cntvoff: parent.cntvoff,
         ram_size: parent.ram_size,
+        cmdline: parent.cmdline.clone(),
         line: Vec::new(),
         exits: 0,
         parent: Some(id),

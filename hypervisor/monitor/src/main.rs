@@ -20,6 +20,7 @@ mod mem;
 mod percpu;
 mod physmem;
 mod sched;
+mod snapshot;
 mod vm;
 
 use core::sync::atomic::{AtomicUsize, Ordering};

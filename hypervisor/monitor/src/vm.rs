@@ -36,7 +36,7 @@ const CNTV_ENABLE: u64 = 1 << 0;
 const CNTV_IMASK: u64 = 1 << 1;
 
 /// A running vCPU's complete register state.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct VcpuCtx {
     /// General-purpose, PC/PSTATE and FP/SIMD registers.
     pub regs: GuestRegs,
@@ -49,7 +49,7 @@ pub struct VcpuCtx {
 }
 
 /// Scheduling state of one vCPU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum VcpuState {
     /// Powered off (not started by PSCI CPU_ON yet, or CPU_OFF).
     Off,
@@ -103,6 +103,8 @@ pub struct Vm {
     pub cntvoff: u64,
     /// Guest RAM size in bytes (at [`layout::RAM_BASE`]).
     pub ram_size: u64,
+    /// The kernel command line it booted with.
+    pub cmdline: String,
     /// Console output not yet ended by a newline.
     pub line: Vec<u8>,
     /// Guest exits handled.
@@ -403,6 +405,7 @@ impl VmTable {
             // The guest's virtual count starts near zero, like on a fresh machine.
             cntvoff: now,
             ram_size: spec.mem,
+            cmdline: spec.cmdline.clone(),
             line: Vec::new(),
             exits: 0,
             parent: None,
@@ -457,13 +460,14 @@ impl VmTable {
 
     /// Earliest physical-counter time at which a waiting vCPU's virtual timer fires.
     pub fn next_timer_deadline(&self) -> Option<u64> {
+        let now = crate::arch::counter().0;
         self.vms
             .values()
             .filter(|vm| vm.schedulable())
             .flat_map(|vm| {
                 vm.vcpus.iter().filter_map(move |v| {
                     let ctx = v.ctx.as_ref()?;
-                    (v.state == VcpuState::Waiting).then(|| vm.timer_deadline(ctx))?
+                    (v.state == VcpuState::Waiting).then(|| vm.timer_deadline(ctx, now))?
                 })
             })
             .min()
@@ -568,18 +572,27 @@ impl Vm {
     }
 
     /// Physical-counter time at which the vCPU's virtual timer condition becomes true, if it is
-    /// enabled and not masked.
-    pub fn timer_deadline(&self, ctx: &VcpuCtx) -> Option<u64> {
+    /// enabled and not masked (`now` if it already is). Virtual time is the physical count minus
+    /// CNTVOFF modulo 2^64, as the hardware computes it (a restored VM's offset may wrap).
+    pub fn timer_deadline(&self, ctx: &VcpuCtx, now: u64) -> Option<u64> {
         let ctl = ctx.sys.cntv_ctl_el0;
-        (ctl & CNTV_ENABLE != 0 && ctl & CNTV_IMASK == 0)
-            .then(|| ctx.sys.cntv_cval_el0.saturating_add(self.cntvoff))
+        if ctl & CNTV_ENABLE == 0 || ctl & CNTV_IMASK != 0 {
+            return None;
+        }
+        let vnow = now.wrapping_sub(self.cntvoff);
+        let cval = ctx.sys.cntv_cval_el0;
+        Some(if cval <= vnow {
+            now
+        } else {
+            now.saturating_add(cval - vnow)
+        })
     }
 
     /// If the vCPU's virtual timer has fired (condition true, not masked), injects its PPI and
     /// masks the timer in the saved context so it does not fire again until the guest rearms it
     /// (the guest's handler writes CNTV_CTL_EL0 itself; ISTATUS is unaffected by IMASK).
     pub fn check_vtimer(&mut self, vcpu: usize, ctx: &mut VcpuCtx, now: u64) {
-        if let Some(deadline) = self.timer_deadline(ctx) {
+        if let Some(deadline) = self.timer_deadline(ctx, now) {
             if now >= deadline {
                 ctx.sys.cntv_ctl_el0 |= CNTV_IMASK;
                 if let Err(e) = self.vgic.inject_edge(VTIMER_INTID, vcpu) {

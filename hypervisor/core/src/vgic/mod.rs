@@ -228,7 +228,7 @@ impl VgicConfig {
 
 /// The virtual CPU interface registers of one vCPU, as the arch layer writes them on entry
 /// ([`Vgic::fill_lrs`]) and reads them on exit ([`Vgic::sync_from_lrs`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CpuIfState {
     /// How many list registers the hardware implements (ICH_VTR_EL2.ListRegs + 1).
     pub nr_lrs: usize,
@@ -366,7 +366,7 @@ pub struct PendingIrq {
 }
 
 /// Where an interrupt's state is while it sits in a list register.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Residency {
     vcpu: u16,
     /// Presented as pending.
@@ -382,7 +382,7 @@ struct Residency {
 }
 
 /// The state of one INTID (one per vCPU for SGIs/PPIs, one per VM for SPIs).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Irq {
     enabled: bool,
     /// Edge latch / software pending state.
@@ -440,13 +440,13 @@ impl Irq {
 }
 
 /// One LR the model filled: which INTID and the value written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Slot {
     intid: u32,
     lr: u64,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 struct VcpuState {
     mpidr: u64,
     private: [Irq; NR_PRIVATE_IRQS as usize],
@@ -469,7 +469,7 @@ struct Candidate {
 
 /// The GICv3 model of one VM. `Clone` gives an exact copy of the interrupt state (fork); assign
 /// a saved clone back to reset.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Vgic {
     nr_irqs: u32,
     enable_grp0: bool,

@@ -8,7 +8,7 @@
 macro_rules! el1_sysregs {
     ($(#[$doc:meta])* $name:ident { $($field:ident => $reg:literal),* $(,)? }) => {
         $(#[$doc])*
-        #[derive(Clone, Debug, Default, PartialEq, Eq)]
+        #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
         pub struct $name {
             $(
                 #[doc = concat!("`", $reg, "`")]

@@ -15,7 +15,7 @@ use core::mem::offset_of;
 
 /// A guest vCPU's general-purpose, PC/PSTATE and FP/SIMD state.
 #[repr(C, align(16))]
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct GuestRegs {
     /// x0 to x30.
     pub x: [u64; 31],

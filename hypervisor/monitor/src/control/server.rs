@@ -31,11 +31,24 @@ struct Upload {
     data: Vec<u8>,
 }
 
+/// What a request waiting for a fork or reset will answer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Waiting {
+    /// `Forked` with the children.
+    Fork,
+    /// `Ok`.
+    Reset,
+    /// `DumpReady` for a dump read from the (internal, paused) child of `vm`.
+    Dump { vm: u32 },
+}
+
 /// Protocol state of the (single) connection.
 pub struct Server {
     decoder: Decoder,
-    /// Requests waiting for a fork or reset to run: request id -> ticket.
-    waiting: Vec<(u32, u64, bool)>,
+    /// Requests waiting for a fork or reset to run: request id, ticket, what to answer.
+    waiting: Vec<(u32, u64, Waiting)>,
+    dumps: BTreeMap<u32, crate::snapshot::Dump>,
+    next_dump: u32,
     /// Attached consoles: VM -> the attach request's id.
     consoles: BTreeMap<u32, u32>,
     uploads: BTreeMap<u32, Upload>,
@@ -50,6 +63,8 @@ impl Server {
         Self {
             decoder: Decoder::with_max_payload(vmfork_proto::MAX_REQUEST_PAYLOAD),
             waiting: Vec::new(),
+            dumps: BTreeMap::new(),
+            next_dump: 1,
             consoles: BTreeMap::new(),
             uploads: BTreeMap::new(),
             next_upload: 1,
@@ -96,18 +111,22 @@ impl Server {
     /// output of attached VMs.
     pub fn pump(&mut self, out: &mut Vec<u8>) {
         let mut still = Vec::new();
-        for (id, ticket, is_fork) in core::mem::take(&mut self.waiting) {
-            match fork::take_result(ticket) {
-                None => still.push((id, ticket, is_fork)),
-                Some(Ok(children)) if is_fork => reply(
+        for (id, ticket, what) in core::mem::take(&mut self.waiting) {
+            match (fork::take_result(ticket), what) {
+                (None, _) => still.push((id, ticket, what)),
+                (Some(Err(e)), _) => reply(out, id, Response::Error(fork_error(e))),
+                (Some(Ok(children)), Waiting::Fork) => reply(
                     out,
                     id,
                     Response::Forked {
                         children: children.into_iter().map(VmId).collect(),
                     },
                 ),
-                Some(Ok(_)) => reply(out, id, Response::Ok),
-                Some(Err(e)) => reply(out, id, Response::Error(fork_error(e))),
+                (Some(Ok(_)), Waiting::Reset) => reply(out, id, Response::Ok),
+                (Some(Ok(children)), Waiting::Dump { vm }) => {
+                    let resp = self.dump_ready(vm, children.first().copied());
+                    reply(out, id, resp);
+                }
             }
         }
         self.waiting = still;
@@ -302,14 +321,90 @@ impl Server {
                 cmdline,
             } => self.create(kernel, initrd, mem_bytes, vcpus, cmdline),
             Request::Diff { a, b } => diff(a, b),
-            Request::Dump { .. }
-            | Request::DumpRead { .. }
-            | Request::DumpClose { .. }
-            | Request::Restore { .. } => Response::Error(ErrorReply::BadRequest(String::from(
-                "dump and restore are not implemented by this monitor yet",
-            ))),
+            Request::Dump { vm } => {
+                // A paused fork, made now in constant time, is what the snapshot is read from:
+                // the VM itself keeps running.
+                let op = PendingOp::Fork {
+                    caller: None,
+                    count: 1,
+                    paused: true,
+                    ticket: None,
+                };
+                return self.start_waiting(id, vm, op, Waiting::Dump { vm: vm.0 }, out);
+            }
+            Request::DumpRead {
+                dump,
+                offset,
+                max_len,
+            } => match self.dumps.get_mut(&dump) {
+                None => Response::Error(ErrorReply::BadRequest(format!("no dump {dump}"))),
+                Some(d) => {
+                    let max = (max_len as usize).min(vmfork_proto::CHUNK_SIZE);
+                    let t = VMS.lock();
+                    match d.read(&t, offset, max) {
+                        Ok(data) => Response::DumpData { dump, offset, data },
+                        Err(e) => Response::Error(ErrorReply::BadRequest(e)),
+                    }
+                }
+            },
+            Request::DumpClose { dump } => self.close_dump(dump),
+            Request::Restore { upload } => {
+                match self.take_upload(upload, UploadPurpose::Snapshot) {
+                    Err(e) => Response::Error(e),
+                    Ok(bytes) => {
+                        let result = crate::snapshot::restore(&mut VMS.lock(), &bytes);
+                        match result {
+                            Ok(vm) => {
+                                crate::sched::kick_idle();
+                                Response::Created { vm: VmId(vm) }
+                            }
+                            Err(e) => Response::Error(ErrorReply::BadRequest(e)),
+                        }
+                    }
+                }
+            }
         };
         reply(out, id, resp);
+    }
+
+    fn dump_ready(&mut self, source: u32, child: Option<u32>) -> Response {
+        let Some(child) = child else {
+            return Response::Error(ErrorReply::Internal(String::from("no snapshot fork")));
+        };
+        let mut t = VMS.lock();
+        let name = t
+            .vms
+            .get(&source)
+            .map_or_else(String::new, |v| v.name.clone());
+        match crate::snapshot::begin(&t, child, &name) {
+            Ok(d) => {
+                let handle = self.next_dump;
+                self.next_dump = self.next_dump.wrapping_add(1).max(1);
+                let total = d.total;
+                self.dumps.insert(handle, d);
+                Response::DumpReady {
+                    dump: handle,
+                    total_len: total,
+                }
+            }
+            Err(e) => {
+                let kicks = t.stop(child, String::from("snapshot fork discarded"));
+                drop(t);
+                crate::sched::kick(&kicks);
+                Response::Error(ErrorReply::Internal(e))
+            }
+        }
+    }
+
+    fn close_dump(&mut self, handle: u32) -> Response {
+        match self.dumps.remove(&handle) {
+            None => Response::Error(ErrorReply::BadRequest(format!("no dump {handle}"))),
+            Some(d) => {
+                let kicks = VMS.lock().stop(d.vm, String::from("snapshot read out"));
+                crate::sched::kick(&kicks);
+                Response::Ok
+            }
+        }
     }
 
     fn detach_all(&mut self) {
@@ -322,10 +417,28 @@ impl Server {
         }
         self.consoles.clear();
         self.uploads.clear();
+        drop(t);
+        for handle in self.dumps.keys().copied().collect::<Vec<_>>() {
+            let _ = self.close_dump(handle);
+        }
     }
 
     fn start_op(&mut self, id: u32, vm: VmId, op: PendingOp, out: &mut Vec<u8>) {
-        let is_fork = matches!(op, PendingOp::Fork { .. });
+        let what = match op {
+            PendingOp::Fork { .. } => Waiting::Fork,
+            PendingOp::Reset { .. } => Waiting::Reset,
+        };
+        self.start_waiting(id, vm, op, what, out);
+    }
+
+    fn start_waiting(
+        &mut self,
+        id: u32,
+        vm: VmId,
+        op: PendingOp,
+        what: Waiting,
+        out: &mut Vec<u8>,
+    ) {
         let result = {
             let mut t = VMS.lock();
             fork::request(&mut t, vm.0, op)
@@ -333,7 +446,7 @@ impl Server {
         match result {
             Ok((ticket, kicks)) => {
                 crate::sched::kick(&kicks);
-                self.waiting.push((id, ticket, is_fork));
+                self.waiting.push((id, ticket, what));
                 self.pump(out);
             }
             Err(e) => reply(out, id, Response::Error(fork_error(e))),
@@ -343,11 +456,8 @@ impl Server {
     fn upload_begin(&mut self, purpose: UploadPurpose, total: u64) -> Response {
         let limit = match purpose {
             UploadPurpose::Kernel | UploadPurpose::Initrd => vmfork_proto::MAX_IMAGE_BYTES,
-            UploadPurpose::Snapshot => {
-                return Response::Error(ErrorReply::BadRequest(String::from(
-                    "restore is not implemented by this monitor yet",
-                )))
-            }
+            // Bounded by the monitor's heap in practice (try_reserve below).
+            UploadPurpose::Snapshot => 4 << 30,
         };
         if total == 0 || total > limit {
             return Response::Error(ErrorReply::BadRequest(format!(
