@@ -4,20 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use vmfork_tests::{guest_image, Qemu, QemuConfig, DEFAULT_TIMEOUT};
+use vmfork_tests::{Qemu, QemuConfig, DEFAULT_TIMEOUT};
 
 fn with_guest(cfg: QemuConfig, index: u32, image: &str, config: &str) -> QemuConfig {
-    let cfg = cfg.arg("-fw_cfg").arg(&format!(
-        "name=opt/vmfork/{index}/kernel,file={}",
-        guest_image(image).display()
-    ));
-    if config.is_empty() {
-        return cfg;
-    }
-    cfg.arg("-fw_cfg").arg(&format!(
-        "name=opt/vmfork/{index}/config,string={}",
-        config.replace(',', ",,")
-    ))
+    cfg.guest(index, image, config)
 }
 
 fn monitor(name: &str) -> QemuConfig {

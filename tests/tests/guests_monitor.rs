@@ -5,20 +5,7 @@ use vmfork_tests::{guest_image, Qemu, QemuConfig, DEFAULT_TIMEOUT};
 
 /// `-fw_cfg` arguments that make guest `index` of the monitor run `image` with `config`.
 fn guest_args(cfg: QemuConfig, index: u32, image: &str, config: &str) -> QemuConfig {
-    let kernel = guest_image(image);
-    let cfg = cfg.arg("-fw_cfg").arg(&format!(
-        "name=opt/vmfork/{index}/kernel,file={}",
-        kernel.display()
-    ));
-    if config.is_empty() {
-        cfg
-    } else {
-        // fw_cfg's `string=` takes commas doubled.
-        cfg.arg("-fw_cfg").arg(&format!(
-            "name=opt/vmfork/{index}/config,string={}",
-            config.replace(',', ",,")
-        ))
-    }
+    cfg.guest(index, image, config)
 }
 
 /// The lines a guest printed on plain QEMU, in order (QEMU itself prints nothing on the serial

@@ -13,13 +13,12 @@ use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 use vmfork_core::addr::{Ipa, PAGE_SIZE};
 use vmfork_core::guest_dtb::layout;
-use vmfork_core::stage2::{Perms, Stage2, Stage2Error};
 use vmfork_core::vgic::Vgic;
 use vmfork_core::vuart::Vuart;
 use vmfork_proto::crc::Crc32;
 use vmfork_proto::snapshot::{encode_run, Snapshot, SnapshotHeader};
 
-use crate::vm::{new_generation_id, with_mem, Vcpu, VcpuCtx, VcpuState, Vm, VmState, VmTable};
+use crate::vm::{guest_memory, new_generation_id, Vcpu, VcpuCtx, VcpuState, Vm, VmState, VmTable};
 
 /// Pages per run in a snapshot.
 const RUN_PAGES: u64 = 16;
@@ -209,41 +208,15 @@ pub fn restore(t: &mut VmTable, bytes: &[u8]) -> Result<u32, String> {
     let vmid = t.vmids.alloc().ok_or("no VMID left")?;
     let id = t.next_id;
     let genid = new_generation_id(id);
-    let built = with_mem(|cx| -> Result<Stage2, Stage2Error> {
-        let mut s2 = Stage2::new(cx, vmid)?;
-        let result = (|| {
-            s2.map_ram(
+    let built = guest_memory(vmid, header.mem_bytes, &genid, |s2, cx| {
+        for &(first, off, len) in &runs {
+            s2.write_guest(
                 cx,
-                Ipa(layout::RAM_BASE),
-                header.mem_bytes / PAGE_SIZE,
-                Perms::RWX,
+                Ipa(layout::RAM_BASE + first * PAGE_SIZE),
+                &bytes[off..off + len],
             )?;
-            s2.map_ram(
-                cx,
-                Ipa(layout::VMGENID_BASE),
-                1,
-                Perms {
-                    write: false,
-                    exec: false,
-                },
-            )?;
-            s2.write_guest(cx, Ipa(layout::VMGENID_BASE), &genid)?;
-            for &(first, off, len) in &runs {
-                s2.write_guest(
-                    cx,
-                    Ipa(layout::RAM_BASE + first * PAGE_SIZE),
-                    &bytes[off..off + len],
-                )?;
-            }
-            Ok(())
-        })();
-        match result {
-            Ok(()) => Ok(s2),
-            Err(e) => {
-                let _ = s2.destroy(cx);
-                Err(e)
-            }
         }
+        Ok(())
     });
     let s2 = match built {
         Ok(s2) => s2,

@@ -213,6 +213,38 @@ pub fn with_mem<R>(f: impl FnOnce(&mut MemCtx<'_, IdentityMem, HwTlb>) -> R) -> 
     f(&mut cx)
 }
 
+/// Stage-2 tables for a new VM with VMID `vmid`: `mem` bytes of zeroed RAM at
+/// [`layout::RAM_BASE`], the read-only `microsoft,vmgenid` page (outside RAM, because Linux claims
+/// its region as a device resource) holding `genid`, and whatever `fill` writes. All or nothing:
+/// on an error every frame is given back.
+pub fn guest_memory(
+    vmid: Vmid,
+    mem: u64,
+    genid: &[u8; 16],
+    fill: impl FnOnce(&mut Stage2, &mut MemCtx<'_, IdentityMem, HwTlb>) -> Result<(), Stage2Error>,
+) -> Result<Stage2, Stage2Error> {
+    with_mem(|cx| {
+        let mut s2 = Stage2::new(cx, vmid)?;
+        let read_only = Perms {
+            write: false,
+            exec: false,
+        };
+        let result = s2
+            .map_ram(cx, Ipa(layout::RAM_BASE), mem / PAGE_SIZE, Perms::RWX)
+            .and_then(|()| s2.map_ram(cx, Ipa(layout::VMGENID_BASE), 1, read_only))
+            .and_then(|()| s2.write_guest(cx, Ipa(layout::VMGENID_BASE), genid))
+            .and_then(|()| fill(&mut s2, cx));
+        match result {
+            Ok(()) => Ok(s2),
+            Err(e) => {
+                // Give every frame back before reporting.
+                let _ = s2.destroy(cx);
+                Err(e)
+            }
+        }
+    })
+}
+
 /// What a new guest is made of.
 pub struct GuestSpec<'a> {
     /// Name for logs and the tool.
@@ -328,49 +360,24 @@ impl VmTable {
         let vgic = Vgic::new(&VgicConfig::qemu_virt(cpus as usize))
             .map_err(|e| CreateError::Config(format!("vgic: {e:?}")))?;
 
-        let s2 = with_mem(|cx| -> Result<Stage2, Stage2Error> {
-            let mut s2 = Stage2::new(cx, vmid)?;
-            let result = (|| {
-                s2.map_ram(cx, Ipa(layout::RAM_BASE), spec.mem / PAGE_SIZE, Perms::RWX)?;
-                // The vmgenid page: guest-readable only, outside RAM (Linux claims its region).
-                s2.map_ram(
-                    cx,
-                    Ipa(layout::VMGENID_BASE),
-                    1,
-                    Perms {
-                        write: false,
-                        exec: false,
-                    },
-                )?;
-                s2.write_guest(cx, Ipa(layout::VMGENID_BASE), &genid)?;
-                for seg in &plan.segments {
-                    s2.write_guest(cx, Ipa(seg.ipa), &spec.kernel[seg.src.clone()])?;
-                }
-                s2.write_guest(cx, Ipa(plan.dtb.start), &dtb)?;
-                if let (Some(r), Some(initrd)) = (&plan.initrd, spec.initrd) {
-                    s2.write_guest(cx, Ipa(r.start), initrd)?;
-                }
-                Ok(())
-            })();
-            match result {
-                Ok(()) => Ok(s2),
-                Err(e) => {
-                    // Give every frame back before reporting.
-                    let _ = s2.destroy(cx);
-                    Err(e)
-                }
+        let s2 = guest_memory(vmid, spec.mem, &genid, |s2, cx| {
+            for seg in &plan.segments {
+                s2.write_guest(cx, Ipa(seg.ipa), &spec.kernel[seg.src.clone()])?;
             }
+            s2.write_guest(cx, Ipa(plan.dtb.start), &dtb)?;
+            if let (Some(r), Some(initrd)) = (&plan.initrd, spec.initrd) {
+                s2.write_guest(cx, Ipa(r.start), initrd)?;
+            }
+            Ok(())
         })
         .map_err(CreateError::Stage2)?;
 
-        let has_pauth = crate::arch::sysregs::has_pauth();
         let mut vcpus = Vec::new();
         for i in 0..cpus {
             let mut ctx = Box::new(VcpuCtx {
                 sys: El1Sysregs::reset(),
                 ..VcpuCtx::default()
             });
-            let _ = has_pauth;
             let state = if i == 0 {
                 ctx.regs.pc = plan.entry;
                 ctx.regs.x[..4].copy_from_slice(&plan.boot_registers());
