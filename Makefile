@@ -37,7 +37,7 @@ guest_path = $(if $(wildcard $(1)),$(1),$(PROFILE_DIR)/$(1))
 GUEST_CONFIG = $(strip $(if $(GUEST_MEM),mem=$(GUEST_MEM)) $(if $(GUEST_CPUS),cpus=$(GUEST_CPUS)) $(if $(GUEST_CMDLINE),cmdline=$(GUEST_CMDLINE)))
 # Guests reach the monitor as QEMU fw_cfg files opt/vmfork/<n>/{kernel,initrd,config}
 # (docs/GUESTS.md); fw_cfg's string= needs commas doubled.
-GUEST_FWCFG := $(if $(GUEST),\
+GUEST_FWCFG = $(if $(GUEST),\
   -fw_cfg name=opt/vmfork/0/kernel$(comma)file=$(call guest_path,$(GUEST)) \
   $(if $(GUEST_INITRD),-fw_cfg name=opt/vmfork/0/initrd$(comma)file=$(GUEST_INITRD)) \
   $(if $(GUEST_CONFIG),-fw_cfg 'name=opt/vmfork/0/config$(comma)string=$(subst $(comma),$(comma)$(comma),$(GUEST_CONFIG))'))
@@ -102,3 +102,21 @@ lint:
 
 clean:
 	$(CARGO) clean
+
+# --- The Linux guest (guest-images/linux/README.md) ----------------------------------------------
+#   make linux-guest        fetch Debian's arm64 kernel and busybox (cached in VMFORK_CACHE,
+#                           default ~/.cache/vmfork-linux) and build target/linux/{Image,initramfs.cpio.gz}
+#   make qemu-virt GUEST=linux [GUEST_CPUS=2]   boot it under the monitor (256M, console=ttyAMA0)
+LINUX_OUT := target/linux
+
+.PHONY: linux-guest
+linux-guest:
+	$(if $(VMFORK_CACHE),VMFORK_CACHE=$(VMFORK_CACHE)) guest-images/linux/build.sh
+
+ifeq ($(GUEST),linux)
+override GUEST := $(LINUX_OUT)/Image
+GUEST_INITRD := $(or $(GUEST_INITRD),$(LINUX_OUT)/initramfs.cpio.gz)
+GUEST_MEM := $(or $(GUEST_MEM),256M)
+GUEST_CMDLINE := $(or $(GUEST_CMDLINE),console=ttyAMA0 earlycon rdinit=/init)
+qemu-virt: linux-guest
+endif

@@ -15,6 +15,7 @@ pub mod esr;
 pub mod frame;
 pub mod guest_dtb;
 pub mod guest_spec;
+pub mod idregs;
 pub mod loader;
 pub mod mmio;
 pub mod physmem;

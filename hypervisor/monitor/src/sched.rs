@@ -97,7 +97,7 @@ pub fn init_cpu(cpu: usize) {
         VTCR.store(vtcr_el2(ps, vmid16), Ordering::SeqCst);
         VMS.lock().set_vmid_bits(if vmid16 { 16 } else { 8 });
         HCR_GUEST.store(
-            hcr_guest(crate::arch::sysregs::has_pauth()),
+            hcr_guest(crate::arch::sysregs::has_pauth()) | crate::arch::idregs::HCR_EL2_TRAPS,
             Ordering::SeqCst,
         );
         NR_LRS.store(gic::ich_vtr().list_registers as u64, Ordering::SeqCst);
@@ -116,6 +116,7 @@ pub fn init_cpu(cpu: usize) {
     // runs yet on this CPU. ISB as for HCR_EL2.
     unsafe { core::arch::asm!("msr vtcr_el2, {0}", "isb", in(reg) vtcr, options(nostack)) };
     write_hcr(HCR_MONITOR);
+    crate::arch::idregs::init_cpu(cpu);
     timer::set_guest_timer_access();
     for intid in [timer::intid(), vm::VTIMER_INTID, 25] {
         let _ = gic::enable_ppi(intid, 0x80);

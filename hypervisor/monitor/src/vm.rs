@@ -1110,6 +1110,10 @@ fn sysreg(vm: &mut Vm, vcpu: usize, ctx: &mut VcpuCtx, esr: Esr, kicks: &mut Vec
         inject_undef(ctx);
         return Next::Resume;
     };
+    // ID, debug registers (HCR_EL2.TID3, MDCR_EL2.TDA): arch/idregs.rs.
+    if crate::arch::idregs::emulate(&iss, &mut ctx.regs, &mut ctx.sys) {
+        return Next::Resume;
+    }
     let (op0, op1, crn, crm, op2) = ICC_SGI1R_EL1;
     if iss.is(op0, op1, crn, crm, op2) && !iss.read {
         let value = if iss.rt == 31 {

@@ -5,6 +5,7 @@ pub mod boot;
 pub mod cache;
 pub mod exception;
 pub mod gic;
+pub mod idregs;
 pub mod mmu;
 pub mod psci;
 pub mod semihosting;
