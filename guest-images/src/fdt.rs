@@ -296,6 +296,9 @@ pub struct GicRegions {
 pub struct Platform {
     /// Base of the first `arm,pl011` UART.
     pub uart: Option<u64>,
+    /// INTID of that UART's interrupt (its `interrupts` property in the `arm,gic-v3` binding;
+    /// `None` without one or with one that is not an SPI or PPI).
+    pub uart_intid: Option<u32>,
     /// GICv3 distributor and redistributor region.
     pub gic: Option<GicRegions>,
     /// PSCI conduit from `/psci` `method`.
@@ -334,6 +337,7 @@ impl Platform {
     pub fn from_fdt(fdt: &Fdt<'_>) -> Result<Self, DtbError> {
         let mut p = Platform {
             uart: None,
+            uart_intid: None,
             gic: None,
             psci: None,
             bootargs: BootArgs::empty(),
@@ -440,6 +444,7 @@ impl Platform {
                 .next()
                 .ok_or(DtbError::BadProperty("pl011 without reg"))??;
             self.uart = Some(r.base);
+            self.uart_intid = crate::gic_abi::intid_from_dt(node.interrupts);
         }
         if self.gic.is_none() && has_compatible(node.compatible, b"arm,gic-v3") {
             let mut it = regs()?;
@@ -478,6 +483,7 @@ struct Node<'a> {
     reg: &'a [u8],
     device_type: &'a [u8],
     method: &'a [u8],
+    interrupts: &'a [u8],
     bootargs: Option<&'a [u8]>,
     /// `#address-cells` / `#size-cells` for this node's children (defaults 2 and 1).
     address_cells: u32,
@@ -493,6 +499,7 @@ impl Default for Node<'_> {
             reg: &[],
             device_type: &[],
             method: &[],
+            interrupts: &[],
             bootargs: None,
             address_cells: 2,
             size_cells: 1,
@@ -512,6 +519,7 @@ impl<'a> Node<'a> {
             b"reg" => self.reg = value,
             b"device_type" => self.device_type = value.strip_suffix(&[0]).unwrap_or(value),
             b"method" => self.method = value,
+            b"interrupts" => self.interrupts = value,
             b"bootargs" => self.bootargs = Some(value),
             b"#address-cells" => self.address_cells = cells("#address-cells is not one cell")?,
             b"#size-cells" => self.size_cells = cells("#size-cells is not one cell")?,
@@ -670,7 +678,8 @@ mod tests {
         b.prop_cells("reg", &[0, 0x4000_0000, 0, 0x0800_0000]).end();
         b.begin("pl011@9000000")
             .prop("compatible", b"arm,pl011\0arm,primecell\0");
-        b.prop_cells("reg", &[0, 0x0900_0000, 0, 0x1000]).end();
+        b.prop_cells("reg", &[0, 0x0900_0000, 0, 0x1000]);
+        b.prop_cells("interrupts", &[0, 1, 4]).end();
         b.begin("intc@8000000").prop_str("compatible", "arm,gic-v3");
         b.prop_cells(
             "reg",
@@ -702,6 +711,7 @@ mod tests {
         let blob = virt_like("hvc", Some("ticks=5 mib=3"), 4);
         let p = Platform::from_fdt(&Fdt::new(&blob).unwrap()).unwrap();
         assert_eq!(p.uart, Some(0x0900_0000));
+        assert_eq!(p.uart_intid, Some(33));
         assert_eq!(
             p.gic,
             Some(GicRegions {
@@ -735,6 +745,7 @@ mod tests {
         let p = Platform::from_fdt(&Fdt::new(&blob).unwrap()).unwrap();
         assert_eq!(p.psci, Some(Conduit::Smc));
         assert_eq!(p.bootargs.as_str(), "");
+        assert_eq!(p.uart_intid, Some(33));
         assert_eq!(p.cpus(), &[0]);
     }
 
@@ -796,6 +807,22 @@ mod tests {
             Platform::from_fdt(&Fdt::new(&blob).unwrap()).unwrap_err(),
             DtbError::Unbalanced
         );
+    }
+
+    #[test]
+    fn pl011_interrupt_is_optional() {
+        let mut b = Builder::default();
+        b.begin("")
+            .prop_cells("#address-cells", &[2])
+            .prop_cells("#size-cells", &[2]);
+        b.begin("pl011@9000000")
+            .prop_str("compatible", "arm,pl011")
+            .prop_cells("reg", &[0, 0x0900_0000, 0, 0x1000])
+            .end()
+            .end();
+        let blob = b.finish();
+        let p = Platform::from_fdt(&Fdt::new(&blob).unwrap()).unwrap();
+        assert_eq!((p.uart, p.uart_intid), (Some(0x0900_0000), None));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! PSCI (Arm DEN 0022) function identifiers, return codes and conduits: the portable half of
 //! the PSCI client; the calls themselves are in `arch::psci`.
 
+use crate::bootargs::BootArgs;
 use core::fmt;
 
 /// How PSCI calls reach the firmware or hypervisor (`/psci` `method` in the DTB).
@@ -10,6 +11,44 @@ pub enum Conduit {
     Hvc,
     /// `SMC #0`: firmware at EL3, or a hypervisor trapping SMC.
     Smc,
+}
+
+impl Conduit {
+    /// The conduit a DTB `method` or a `psci=` bootarg names: `hvc` or `smc`.
+    pub fn from_name(name: &str) -> Option<Conduit> {
+        match name {
+            "hvc" => Some(Conduit::Hvc),
+            "smc" => Some(Conduit::Smc),
+            _ => None,
+        }
+    }
+
+    /// The instruction's name, as the DTB writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Conduit::Hvc => "hvc",
+            Conduit::Smc => "smc",
+        }
+    }
+}
+
+/// A `psci=` bootarg whose value is neither `hvc` nor `smc`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadConduit<'a>(pub &'a str);
+
+impl fmt::Display for BadConduit<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "bootarg psci={:?} is neither hvc nor smc", self.0)
+    }
+}
+
+/// The conduit the `psci=hvc` / `psci=smc` bootarg asks for, overriding the DTB's `method`;
+/// `Ok(None)` without the bootarg (the last `psci=` word wins, as for every bootarg).
+pub fn conduit_override(args: &BootArgs) -> Result<Option<Conduit>, BadConduit<'_>> {
+    match args.get("psci") {
+        None => Ok(None),
+        Some(v) => Conduit::from_name(v).map(Some).ok_or(BadConduit(v)),
+    }
 }
 
 /// `PSCI_VERSION`.
@@ -111,5 +150,33 @@ mod tests {
             Err(PsciError::Unknown(-42))
         );
         assert_eq!(PsciError::AlreadyOn.to_string(), "PSCI ALREADY_ON");
+    }
+
+    fn args(s: &str) -> BootArgs {
+        BootArgs::from_property(s.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn psci_bootarg_overrides_the_conduit() {
+        assert_eq!(conduit_override(&args("")), Ok(None));
+        assert_eq!(conduit_override(&args("ticks=3")), Ok(None));
+        assert_eq!(
+            conduit_override(&args("psci=smc ticks=3")),
+            Ok(Some(Conduit::Smc))
+        );
+        assert_eq!(conduit_override(&args("psci=hvc")), Ok(Some(Conduit::Hvc)));
+        assert_eq!(
+            conduit_override(&args("psci=hvc psci=smc")),
+            Ok(Some(Conduit::Smc))
+        );
+        assert_eq!(conduit_override(&args("psci=SMC")), Err(BadConduit("SMC")));
+        assert_eq!(conduit_override(&args("psci")), Err(BadConduit("")));
+        assert_eq!(
+            BadConduit("x").to_string(),
+            "bootarg psci=\"x\" is neither hvc nor smc"
+        );
+        for c in [Conduit::Hvc, Conduit::Smc] {
+            assert_eq!(Conduit::from_name(c.name()), Some(c));
+        }
     }
 }

@@ -180,8 +180,18 @@ extern "C" fn __vmfork_boot_primary(x0: u64) -> ! {
     if let Some(uart) = platform.uart {
         console::init(uart);
     }
-    psci::set_conduit(platform.psci);
+    // `psci=hvc|smc` overrides the DTB's conduit. A bad value is reported only after the Call
+    // UID query through the DTB's conduit, so that under the monitor the failure does not use
+    // semihosting (which would end every VM of the machine).
+    let conduit = crate::psci_abi::conduit_override(&platform.bootargs);
+    psci::set_conduit(match conduit {
+        Ok(Some(c)) => Some(c),
+        Ok(None) | Err(_) => platform.psci,
+    });
     runtime::detect();
+    if let Err(e) = conduit {
+        crate::fail!("boot: FAIL {e}");
+    }
     let affinity = sysreg::mpidr_affinity();
     let Some(boot_cpu) = platform.cpu_index(affinity) else {
         crate::fail!("boot: MPIDR affinity {affinity:#x} is not in the DTB's /cpus");
@@ -200,7 +210,8 @@ extern "C" fn __vmfork_boot_primary(x0: u64) -> ! {
     });
     if info.platform.bootargs.has("verbose") {
         crate::println!(
-            "boot: x0={:#x}, dtb at {:#x} ({}), image {:#x}..{:#x}, cpu {} of {}, EL{}, vmfork {}",
+            "boot: x0={:#x}, dtb at {:#x} ({}), image {:#x}..{:#x}, cpu {} of {}, EL{}, vmfork {}, \
+             psci {}",
             info.entry_x0,
             info.dtb_addr,
             if info.dtb_from_x0 {
@@ -213,7 +224,8 @@ extern "C" fn __vmfork_boot_primary(x0: u64) -> ! {
             info.boot_cpu,
             info.platform.cpus().len(),
             sysreg::current_el(),
-            if runtime::under_vmfork() { "yes" } else { "no" }
+            if runtime::under_vmfork() { "yes" } else { "no" },
+            psci::conduit().map_or("none", |c| c.name())
         );
     }
     // SAFETY: every guest binary defines this symbol through entry!, which checks its type.

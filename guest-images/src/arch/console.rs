@@ -1,5 +1,7 @@
-//! PL011 UART console. Only the data register (`UARTDR`), the flag register (`UARTFR`) and the
-//! control register (`UARTCR`) are used, so an emulated PL011 needs little to satisfy it.
+//! PL011 UART console. Output uses only the data register (`UARTDR`), the flag register
+//! (`UARTFR`) and the control register (`UARTCR`), so an emulated PL011 needs little to satisfy
+//! it. Input ([`enable_rx_interrupts`], [`read_byte`]) adds the line control register
+//! (`UARTLCR_H`, FIFOs on) and the interrupt mask (`UARTIMSC`); only the `echo` guest uses it.
 //!
 //! A spin lock guards the UART, and IRQs are masked on this CPU while it is held, so a whole
 //! line goes out in one piece even with several CPUs printing and an IRQ handler printing.
@@ -12,7 +14,20 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 
 const UARTDR: usize = 0x000;
 const UARTFR: usize = 0x018;
+const UARTLCR_H: usize = 0x02c;
 const UARTCR: usize = 0x030;
+const UARTIMSC: usize = 0x038;
+/// `UARTFR.RXFE`: receive FIFO empty.
+const FR_RXFE: u32 = 1 << 4;
+/// `UARTLCR_H.FEN` (FIFOs enabled) and `WLEN` = 0b11 (8-bit words).
+const LCR_H_FEN: u32 = 1 << 4;
+const LCR_H_WLEN_8: u32 = 0b11 << 5;
+/// `UARTCR.RXE`: receive enable.
+const CR_RXE: u32 = 1 << 9;
+/// `UARTIMSC.RXIM` (receive) and `UARTIMSC.RTIM` (receive timeout).
+pub const IMSC_RXIM: u32 = 1 << 4;
+/// See [`IMSC_RXIM`].
+pub const IMSC_RTIM: u32 = 1 << 6;
 /// `UARTFR.TXFF`: transmit FIFO full.
 const FR_TXFF: u32 = 1 << 5;
 /// `UARTCR.UARTEN`, `UARTCR.TXE`.
@@ -55,6 +70,38 @@ impl Pl011 {
     }
 }
 
+impl Pl011 {
+    /// Turns the FIFOs on (8-bit words), enables the receiver and unmasks the receive and
+    /// receive-timeout interrupts.
+    fn enable_rx(&mut self) {
+        // SAFETY: as for enable(): PL011 registers of the DTB's UART, 32-bit aligned.
+        unsafe {
+            // Changing FEN flushes the receive FIFO: write it only when it changes.
+            let lcr = read_volatile(self.reg(UARTLCR_H));
+            if lcr & (LCR_H_FEN | LCR_H_WLEN_8) != LCR_H_FEN | LCR_H_WLEN_8 {
+                write_volatile(self.reg(UARTLCR_H), lcr | LCR_H_FEN | LCR_H_WLEN_8);
+            }
+            let cr = read_volatile(self.reg(UARTCR));
+            if cr & CR_RXE == 0 {
+                write_volatile(self.reg(UARTCR), cr | CR_RXE);
+            }
+            write_volatile(self.reg(UARTIMSC), IMSC_RXIM | IMSC_RTIM);
+        }
+    }
+
+    /// One byte from the receive FIFO, or `None` while `UARTFR.RXFE` is set.
+    fn read_byte(&mut self) -> Option<u8> {
+        // SAFETY: as for write_byte(). Reading UARTDR pops the FIFO; only the caller, holding
+        // the console lock, does that.
+        unsafe {
+            if read_volatile(self.reg(UARTFR)) & FR_RXFE != 0 {
+                return None;
+            }
+            Some(read_volatile(self.reg(UARTDR)) as u8)
+        }
+    }
+}
+
 impl Write for Pl011 {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         s.bytes().for_each(|b| self.write_byte(b));
@@ -80,6 +127,31 @@ pub fn init(base: u64) {
         uart().enable();
     }
     sysreg::restore_daif(saved);
+}
+
+/// Enables reception on the console UART: FIFOs on (`UARTLCR_H.FEN`, 8-bit words), receiver
+/// on (`UARTCR.RXE`), and the receive and receive-timeout interrupts unmasked
+/// (`UARTIMSC` = RXIM | RTIM). The UART's interrupt line then stays high while the receive
+/// FIFO holds data; [`read_byte`] until it answers `None` lowers it. Routing the interrupt to a
+/// CPU is the GIC's business ([`gic::enable_spi`](super::gic::enable_spi)).
+pub fn enable_rx_interrupts() {
+    let saved = sysreg::irq_save();
+    {
+        let _guard = LOCK.lock();
+        uart().enable_rx();
+    }
+    sysreg::restore_daif(saved);
+}
+
+/// Takes one received byte from the console UART, `None` when its receive FIFO is empty.
+pub fn read_byte() -> Option<u8> {
+    let saved = sysreg::irq_save();
+    let byte = {
+        let _guard = LOCK.lock();
+        uart().read_byte()
+    };
+    sysreg::restore_daif(saved);
+    byte
 }
 
 /// Prints `args` followed by `\n` as one uninterrupted line; used by [`println!`](crate::println).

@@ -1,6 +1,7 @@
 //! GICv3 driver: distributor set-up (affinity routing, group 1 enabled), per-CPU redistributor
-//! wake-up and PPI enabling, the ICC system-register CPU interface, and IRQ dispatch to
-//! registered handlers.
+//! wake-up and SGI/PPI enabling, SPI configuration and routing to one CPU, SGIs through
+//! `ICC_SGI1R_EL1`, the ICC system-register CPU interface, and IRQ dispatch to registered
+//! handlers.
 //!
 //! All interrupts used are non-secure group 1, signalled as IRQ at EL1. With one security state
 //! (QEMU `virt` without `secure=on`, GICD_CTLR.DS = 1) and from the non-secure side of two
@@ -8,6 +9,7 @@
 //! bit 4 (ARE / ARE_NS).
 
 use super::{console, smp, sysreg};
+use crate::gic_abi::{self, IntidError};
 use core::arch::asm;
 use core::fmt;
 use core::ptr::{read_volatile, write_volatile};
@@ -17,6 +19,13 @@ const GICD_CTLR: usize = 0x0000;
 const GICD_CTLR_ENABLE_GRP1: u32 = 1 << 1;
 const GICD_CTLR_ARE: u32 = 1 << 4;
 const GICD_CTLR_RWP: u32 = 1 << 31;
+const GICD_TYPER: usize = 0x0004;
+const GICD_IGROUPR: usize = 0x0080;
+const GICD_ISENABLER: usize = 0x0100;
+const GICD_ICENABLER: usize = 0x0180;
+const GICD_IPRIORITYR: usize = 0x0400;
+const GICD_ICFGR: usize = 0x0c00;
+const GICD_IROUTER: usize = 0x6000;
 
 const GICR_CTLR: usize = 0x0000;
 const GICR_CTLR_RWP: u32 = 1 << 3;
@@ -54,6 +63,15 @@ pub enum GicError {
     },
     /// The INTID is not an SGI/PPI (for per-CPU calls) or is beyond [`MAX_HANDLED_INTID`].
     BadIntid(u32),
+    /// The INTID is not of the kind the call needs (an SGI to send, an SPI to route).
+    WrongKind(IntidError),
+    /// The SPI is beyond what GICD_TYPER.ITLinesNumber says the distributor implements.
+    NotImplemented {
+        /// The INTID asked for.
+        intid: u32,
+        /// One past the last implemented INTID.
+        limit: u32,
+    },
 }
 
 impl fmt::Display for GicError {
@@ -65,12 +83,18 @@ impl fmt::Display for GicError {
                 write!(f, "no GICv3 redistributor for MPIDR affinity {affinity:#x}")
             }
             Self::BadIntid(i) => write!(f, "INTID {i} not supported here"),
+            Self::WrongKind(e) => write!(f, "{e}"),
+            Self::NotImplemented { intid, limit } => write!(
+                f,
+                "INTID {intid} not implemented by the distributor (INTIDs below {limit})"
+            ),
         }
     }
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Gic {
+    gicd: usize,
     gicr: usize,
     gicr_size: usize,
 }
@@ -112,6 +136,7 @@ pub fn init() -> Result<(), GicError> {
         write32(gicd + GICD_CTLR, GICD_CTLR_ARE | GICD_CTLR_ENABLE_GRP1);
         wait_clear(gicd + GICD_CTLR, GICD_CTLR_RWP);
         Gic {
+            gicd,
             gicr: regions.redistributors.base as usize,
             gicr_size: regions.redistributors.size as usize,
         }
@@ -210,6 +235,67 @@ pub fn disable_ppi(intid: u32) -> Result<(), GicError> {
     let rd = redistributor()?;
     write32(rd + GICR_ICENABLER0, 1 << intid);
     wait_clear(rd + GICR_CTLR, GICR_CTLR_RWP);
+    Ok(())
+}
+
+/// Read-modify-writes the `width`-bit field at `field` of the register array at `base`.
+fn write_field(base: usize, field: gic_abi::Field, width: u32, value: u32) {
+    let reg = base + field.offset;
+    let mask = ((1u64 << width) - 1) as u32;
+    write32(
+        reg,
+        (read32(reg) & !(mask << field.shift)) | ((value & mask) << field.shift),
+    );
+}
+
+/// Configures the SPI `intid` in the distributor and enables it: group 1 (`GICD_IGROUPR<n>`),
+/// `priority` (`GICD_IPRIORITYR<n>`), level-sensitive (`GICD_ICFGR<n>`), routed with affinity
+/// routing to the one CPU with MPIDR affinity `target` (`GICD_IROUTER<n>`, written as two
+/// 32-bit halves, Interrupt_Routing_Mode = 0), then `GICD_ISENABLER<n>`. The SPI is disabled
+/// (`GICD_ICENABLER<n>`, then RWP) while it is reconfigured.
+pub fn enable_spi(intid: u32, priority: u8, target: u64) -> Result<(), GicError> {
+    let irouter = gic_abi::irouter_offset(intid).map_err(GicError::WrongKind)?;
+    let gicd = GIC.get().ok_or(GicError::NotInitialised)?.gicd;
+    // GICD_TYPER.ITLinesNumber (4:0): the distributor implements INTIDs below 32 * (N + 1).
+    let limit = 32 * ((read32(gicd + GICD_TYPER) & 0x1f) + 1);
+    if intid >= limit {
+        return Err(GicError::NotImplemented { intid, limit });
+    }
+    let bit = gic_abi::bit_field(intid);
+    write32(gicd + GICD_ICENABLER + bit.offset, 1 << bit.shift);
+    wait_clear(gicd + GICD_CTLR, GICD_CTLR_RWP);
+    write_field(gicd + GICD_IGROUPR, bit, 1, 1);
+    write_field(
+        gicd + GICD_IPRIORITYR,
+        gic_abi::priority_field(intid),
+        8,
+        u32::from(priority),
+    );
+    // Bit 2m+1 clear: level-sensitive.
+    write_field(gicd + GICD_ICFGR, gic_abi::config_field(intid), 2, 0);
+    let route = gic_abi::irouter_value(target);
+    write32(gicd + GICD_IROUTER + irouter, route as u32);
+    write32(gicd + GICD_IROUTER + irouter + 4, (route >> 32) as u32);
+    write32(gicd + GICD_ISENABLER + bit.offset, 1 << bit.shift);
+    Ok(())
+}
+
+/// Sends SGI `intid` (0-15) to the one CPU with MPIDR affinity `target` through
+/// `ICC_SGI1R_EL1` (group 1). Memory writes before the call are visible to the target's
+/// handler (`DSB` before the write).
+pub fn send_sgi(intid: u32, target: u64) -> Result<(), GicError> {
+    let value = gic_abi::sgi1r_value(intid, target).map_err(GicError::WrongKind)?;
+    // SAFETY: writing ICC_SGI1R_EL1 only makes an SGI pending on the target CPU; the DSB
+    // orders earlier memory writes before it, the ISB makes it take effect now.
+    unsafe {
+        asm!(
+            "dsb sy",
+            "msr icc_sgi1r_el1, {}",
+            "isb",
+            in(reg) value,
+            options(nostack, preserves_flags)
+        );
+    }
     Ok(())
 }
 
