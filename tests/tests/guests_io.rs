@@ -191,8 +191,6 @@ fn a_line_longer_than_the_rx_fifo_arrives_whole_on_plain_qemu() {
 }
 
 #[test]
-#[ignore = "monitor bug: sched::deliver_console_input drops typed bytes that do not fit the \
-            guest's receive FIFO instead of keeping them for later"]
 fn a_line_longer_than_the_rx_fifo_arrives_whole_under_the_monitor() {
     let mut q = Qemu::start(monitor("echo_long_line").guest(0, "echo", ""));
     wait_vm(&q, 1, "echo: ready");

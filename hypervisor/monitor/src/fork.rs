@@ -337,6 +337,7 @@ fn fork_one(
         stats: VmStats::default(),
         console_attached: false,
         console_tap: Vec::new(),
+        rx_pending: Default::default(),
     };
     t.next_id += 1;
     Ok(child)

@@ -192,10 +192,7 @@ fn deliver_console_input() {
             }
             let Some(id) = t.focus else { continue };
             if let Some(vm) = t.vms.get_mut(&id) {
-                if !vm.uart.push_rx(b) {
-                    break; // the guest's FIFO is full: drop the rest, like a real UART
-                }
-                if let Some(v) = vm.uart_irq_changed() {
+                if let Some(v) = vm.type_input(&[b]) {
                     vm.kick_vcpu(v, &mut kicks);
                 }
             }

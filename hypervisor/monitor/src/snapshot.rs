@@ -262,6 +262,7 @@ pub fn restore(t: &mut VmTable, bytes: &[u8]) -> Result<u32, String> {
             stats: Default::default(),
             console_attached: false,
             console_tap: Vec::new(),
+            rx_pending: Default::default(),
         },
     );
     log::info!(

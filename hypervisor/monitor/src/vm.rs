@@ -29,6 +29,8 @@ use crate::physmem::IdentityMem;
 
 /// PSTATE of a vCPU that starts: EL1h (EL1 with SP_EL1), D, A, I and F masked.
 pub const PSTATE_EL1H_MASKED: u64 = 0x3c5;
+/// Most typed bytes kept for a guest whose UART FIFO is full.
+pub const RX_PENDING_LIMIT: usize = 64 * 1024;
 /// Virtual timer PPI as the guest sees it (INTID 27).
 pub const VTIMER_INTID: u32 = 27;
 /// CNTV_CTL_EL0 bits.
@@ -126,6 +128,8 @@ pub struct Vm {
     pub console_attached: bool,
     /// Console output not yet sent to the attached client.
     pub console_tap: Vec<u8>,
+    /// Typed input the guest's UART receive FIFO has no room for yet (fed as it drains).
+    pub rx_pending: alloc::collections::VecDeque<u8>,
 }
 
 /// Everything the monitor knows about its VMs.
@@ -423,6 +427,7 @@ impl VmTable {
             stats: Default::default(),
             console_attached: false,
             console_tap: Vec::new(),
+            rx_pending: Default::default(),
         })
     }
 
@@ -651,6 +656,29 @@ impl Vm {
         let text = String::from_utf8_lossy(&self.line);
         crate::println!("[vm{}] {}", self.id, text);
         self.line.clear();
+    }
+
+    /// Queues typed bytes for the guest's UART (at most [`RX_PENDING_LIMIT`] wait; beyond that
+    /// they are dropped, as a real line would overrun) and moves what fits into its FIFO.
+    /// Returns the vCPU to kick when its interrupt line changed.
+    pub fn type_input(&mut self, bytes: &[u8]) -> Option<usize> {
+        for &b in bytes {
+            if self.rx_pending.len() < RX_PENDING_LIMIT {
+                self.rx_pending.push_back(b);
+            }
+        }
+        self.feed_uart()
+    }
+
+    /// Moves queued input into the UART's receive FIFO while it has room.
+    pub fn feed_uart(&mut self) -> Option<usize> {
+        while let Some(&b) = self.rx_pending.front() {
+            if !self.uart.push_rx(b) {
+                break;
+            }
+            self.rx_pending.pop_front();
+        }
+        self.uart_irq_changed()
     }
 
     /// Re-evaluates the UART's interrupt line after any UART activity. Returns the vCPU to kick.
@@ -920,7 +948,8 @@ fn data_abort(
             },
         );
         vm.drain_console();
-        if let Some(k) = vm.uart_irq_changed() {
+        // A read may have made room in the receive FIFO for queued input.
+        if let Some(k) = vm.feed_uart() {
             vm.kick_vcpu(k, kicks);
         }
         r

@@ -292,12 +292,7 @@ impl Server {
                 let r = match t.vms.get_mut(&vm.0) {
                     None => Response::Error(ErrorReply::NoSuchVm(vm)),
                     Some(v) => {
-                        for b in data {
-                            if !v.uart.push_rx(b) {
-                                break;
-                            }
-                        }
-                        if let Some(k) = v.uart_irq_changed() {
+                        if let Some(k) = v.type_input(&data) {
                             v.kick_vcpu(k, &mut kicks);
                         }
                         Response::Ok
