@@ -8,7 +8,7 @@ mod report;
 mod svg;
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -27,10 +27,12 @@ struct Options {
     mem: String,
     timeout: Duration,
     svg_copy: Option<PathBuf>,
+    replot: Option<PathBuf>,
 }
 
 const USAGE: &str = "usage: vmfork-bench [--qemu BIN] [--monitor ELF] [--out DIR] [--phases all|fork,cow,reset,density,fuzz,scale]
-                    [--runs N] [--mem 4G] [--timeout-secs S] [--svg-copy PATH]";
+                    [--runs N] [--mem 4G] [--timeout-secs S] [--svg-copy PATH]
+       vmfork-bench --replot results.json [--svg-copy PATH]   (table and plot again, no QEMU)";
 
 fn parse_args() -> Result<Options> {
     let mut o = Options {
@@ -42,6 +44,7 @@ fn parse_args() -> Result<Options> {
         mem: String::from("4G"),
         timeout: Duration::from_secs(840),
         svg_copy: None,
+        replot: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -60,6 +63,7 @@ fn parse_args() -> Result<Options> {
                 o.timeout = Duration::from_secs(val()?.parse().context("--timeout-secs")?)
             }
             "--svg-copy" => o.svg_copy = Some(PathBuf::from(val()?)),
+            "--replot" => o.replot = Some(PathBuf::from(val()?)),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -205,8 +209,45 @@ fn machine() -> Value {
     json!({ "cpu": cpu, "cores": cores, "os": os })
 }
 
+/// Prints the table and writes the plot again from a `results.json` of an earlier run.
+fn replot(o: &Options, path: &Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let results: Value = serde_json::from_str(&text).context("results.json is not JSON")?;
+    let runs: Vec<Vec<Value>> = results["runs"]
+        .as_array()
+        .context("results.json has no runs")?
+        .iter()
+        .map(|r| r["lines"].as_array().cloned().unwrap_or_default())
+        .collect();
+    let first = runs.first().context("results.json has no runs")?;
+    let targets = report::targets(first);
+    print!(
+        "{}",
+        report::table(
+            first,
+            &targets,
+            &report::agreement(&runs),
+            results["qemu"].as_str().unwrap_or("?"),
+            &results["machine"]
+        )
+    );
+    let plot = svg::fork_plot(first);
+    let svg_path = o
+        .svg_copy
+        .clone()
+        .unwrap_or_else(|| o.out.join("bench-fork.svg"));
+    std::fs::write(&svg_path, plot)
+        .with_context(|| format!("cannot write {}", svg_path.display()))?;
+    println!("wrote {}", svg_path.display());
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let o = parse_args()?;
+    if let Some(path) = &o.replot {
+        return replot(&o, path);
+    }
     if !o.monitor.exists() {
         bail!(
             "{} not found: build it with `make monitor`",

@@ -45,6 +45,21 @@ pub fn progress(v: &Value) -> String {
             num(v, "emulated_ns").unwrap_or(0.0) / 1e9
         ),
         "error" => format!("ERROR in {}: {}", v["phase"], v["msg"]),
+        "fork_parts" => format!(
+            "fork parts {} MiB: Stage2::fork {} us, genid write {} us",
+            v["mem_mib"],
+            m("stage2_fork_ns"),
+            m("genid_write_ns")
+        ),
+        "density" => format!("density: {} bytes per idle child", v["bytes_per_child"]),
+        "fuzz" => format!(
+            "fuzz, {} pages per run: {} cycles/s",
+            v["dirty"], v["cycles_per_sec"]
+        ),
+        "scale" => format!(
+            "scale: {} children, stopped by {}",
+            v["children"], v["stopped_by"]
+        ),
         other => other.to_string(),
     }
 }

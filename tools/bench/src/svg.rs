@@ -7,12 +7,14 @@ use serde_json::Value;
 const W: f64 = 720.0;
 const H: f64 = 440.0;
 const LEFT: f64 = 80.0;
-const RIGHT: f64 = 190.0;
+const RIGHT: f64 = 200.0;
 const TOP: f64 = 50.0;
 const BOTTOM: f64 = 60.0;
 
-/// One series: label, colour, (memory MiB, microseconds) points.
+/// One series: label, colour, (memory MiB, microseconds) points, and where its values are
+/// written (above or below the points; 0: not written).
 struct Series {
+    label_dy: f64,
     label: &'static str,
     colour: &'static str,
     dash: &'static str,
@@ -35,19 +37,22 @@ fn points(lines: &[Value], kind: &str, vcpus: Option<u64>) -> Vec<(f64, f64)> {
 pub fn fork_plot(lines: &[Value]) -> String {
     let series = [
         Series {
+            label_dy: 18.0,
             label: "lazy fork, 1 vCPU",
             colour: "#1f77b4",
             dash: "",
             points: points(lines, "fork", Some(1)),
         },
         Series {
+            label_dy: 0.0,
             label: "lazy fork, 2 vCPUs",
             colour: "#2ca02c",
             dash: "6,4",
             points: points(lines, "fork", Some(2)),
         },
         Series {
-            label: "eager clone (copies every page)",
+            label_dy: -10.0,
+            label: "eager clone",
             colour: "#d62728",
             dash: "",
             points: points(lines, "eager", None),
@@ -63,7 +68,8 @@ pub fn fork_plot(lines: &[Value]) -> String {
         ylo = ylo.min(y);
         yhi = yhi.max(y);
     }
-    let (x0, x1) = (xlo.log2().floor(), xhi.log2().ceil());
+    // Half a step of room left and right so that the end points and their labels stay inside.
+    let (x0, x1) = (xlo.log2().floor() - 0.5, xhi.log2().ceil() + 0.5);
     let (y0, y1) = (ylo.log10().floor(), yhi.log10().ceil());
     let pw = W - LEFT - RIGHT;
     let ph = H - TOP - BOTTOM;
@@ -102,7 +108,7 @@ pub fn fork_plot(lines: &[Value]) -> String {
             y + 4.0
         );
     }
-    for e in (x0 as i32)..=(x1 as i32) {
+    for e in (x0.ceil() as i32)..=(x1.floor() as i32) {
         let mib = 2f64.powi(e);
         let x = sx(mib);
         let _ = writeln!(
@@ -163,6 +169,22 @@ pub fn fork_plot(lines: &[Value]) -> String {
                 se.label
             );
         }
+        if se.label_dy != 0.0 {
+            for &(x, y) in &se.points {
+                let v = if y >= 1000.0 {
+                    format!("{:.1} ms", y / 1000.0)
+                } else {
+                    format!("{y:.1} us")
+                };
+                let _ = writeln!(
+                    w,
+                    r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="11" fill="{}">{v}</text>"#,
+                    sx(x),
+                    sy(y) + se.label_dy,
+                    se.colour
+                );
+            }
+        }
         let ly = TOP + 14.0 + i as f64 * 20.0;
         let lx = LEFT + pw + 12.0;
         let _ = writeln!(
@@ -180,6 +202,12 @@ pub fn fork_plot(lines: &[Value]) -> String {
             se.label
         );
     }
+    let _ = writeln!(
+        w,
+        r##"<text x="{:.1}" y="{:.1}" font-size="11" fill="#555">1 emulated instruction = 1 ns</text>"##,
+        LEFT + pw + 12.0,
+        TOP + 14.0 + 3.0 * 20.0
+    );
     let _ = writeln!(w, "</svg>");
     s
 }
