@@ -489,3 +489,75 @@ pub fn table(
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines() -> Vec<Value> {
+        vec![
+            json!({"bench":"fork","mem_mib":16,"vcpus":1,"median_ns":10000}),
+            json!({"bench":"fork","mem_mib":1024,"vcpus":1,"median_ns":13000}),
+            json!({"bench":"fork","mem_mib":256,"vcpus":1,"median_ns":25000}),
+            json!({"bench":"eager","mem_mib":256,"median_ns":20_000_000}),
+            json!({"bench":"cow","what":"cow_fault","median_ns":5000}),
+            json!({"bench":"cow","what":"copy_frame","median_ns":2500}),
+            json!({"bench":"reset","dirty":0,"median_ns":1000}),
+            json!({"bench":"reset","dirty":16,"median_ns":20000}),
+            json!({"bench":"density","bytes_per_child":20480}),
+        ]
+    }
+
+    fn target<'a>(t: &'a [Target], name: &str) -> &'a Target {
+        t.iter()
+            .find(|x| x.name.starts_with(name))
+            .unwrap_or_else(|| panic!("no target {name}"))
+    }
+
+    #[test]
+    fn targets_compute_ratios_and_verdicts() {
+        let t = targets(&lines());
+        let ratio = target(&t, "fork(1 GiB) / fork(16 MiB), 1");
+        assert!((ratio.value - 1.3).abs() < 1e-9 && !ratio.met());
+        assert!(
+            t.iter().all(|x| !x.name.contains("2 vCPU")),
+            "no 2-vCPU data"
+        );
+        let eager = target(&t, "eager clone / fork");
+        assert!((eager.value - 800.0).abs() < 1e-9 && !eager.met());
+        assert!(!target(&t, "fork of 256 MiB").met()); // 25 us > 20 us
+        let cow = target(&t, "COW fault");
+        assert!((cow.value - 2.5).abs() < 1e-9 && !cow.met());
+        let reset = target(&t, "reset after 16");
+        assert!((reset.limit - 21.0).abs() < 1e-9 && reset.met());
+        assert!(t.iter().all(|x| x.name != "reset after 0 dirty pages"));
+        assert!(!target(&t, "memory per idle child").met()); // 20 KiB > 16 KiB
+    }
+
+    #[test]
+    fn agreement_counts_identical_and_worst_difference() {
+        let a = lines();
+        let mut b = lines();
+        b[2]["median_ns"] = json!(25250); // 1 % off
+        let g = agreement(&[a.clone(), a.clone()]);
+        assert_eq!(g["figures_identical"], g["figures_compared"]);
+        assert_eq!(g["max_relative_difference"].as_f64(), Some(0.0));
+        let g = agreement(&[a, b]);
+        assert_eq!(
+            g["figures_identical"].as_u64().unwrap() + 1,
+            g["figures_compared"].as_u64().unwrap()
+        );
+        let d = g["max_relative_difference"].as_f64().unwrap();
+        assert!((d - 250.0 / 25250.0).abs() < 1e-12);
+        assert!(g["worst_figure"].as_str().unwrap().contains("256 MiB"));
+    }
+
+    #[test]
+    fn table_lists_every_section_with_data() {
+        let l = lines();
+        let s = table(&l, &targets(&l), &json!({"runs":1}), "QEMU x", &json!({}));
+        assert!(s.contains("1. Fork latency") && s.contains("3. Reset"));
+        assert!(s.contains("MISSED") && s.contains("met"));
+        assert!(!s.contains("5. Fuzzing loop"), "no fuzz lines, no section");
+    }
+}

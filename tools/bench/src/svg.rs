@@ -211,3 +211,43 @@ pub fn fork_plot(lines: &[Value]) -> String {
     let _ = writeln!(w, "</svg>");
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn plot_has_one_line_per_series_and_every_point() {
+        let mut lines = Vec::new();
+        for (i, mem) in [16u64, 64, 256, 1024].into_iter().enumerate() {
+            lines.push(json!({"bench":"fork","mem_mib":mem,"vcpus":1,"median_ns":30000}));
+            lines.push(json!({"bench":"fork","mem_mib":mem,"vcpus":2,"median_ns":33000}));
+            lines.push(json!({"bench":"eager","mem_mib":mem,"median_ns":10_000_000u64 << (2 * i)}));
+        }
+        let s = fork_plot(&lines);
+        assert!(s.starts_with("<svg") && s.trim_end().ends_with("</svg>"));
+        assert_eq!(s.matches("<polyline").count(), 3);
+        assert_eq!(s.matches("<circle").count(), 12);
+        assert!(s.contains("160.0 ms") && s.contains("30.0 us"));
+        // Log scale: every point lies inside the plot area.
+        for c in s.split("<circle").skip(1) {
+            let cy: f64 = c
+                .split("cy=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((TOP..=H - BOTTOM).contains(&cy), "{cy}");
+        }
+    }
+
+    #[test]
+    fn plot_without_data_is_still_a_document() {
+        let s = fork_plot(&[]);
+        assert!(s.contains("</svg>") && !s.contains("<polyline"));
+    }
+}
