@@ -120,3 +120,16 @@ GUEST_MEM := $(or $(GUEST_MEM),256M)
 GUEST_CMDLINE := $(or $(GUEST_CMDLINE),console=ttyAMA0 earlycon rdinit=/init)
 qemu-virt: linux-guest
 endif
+
+# make bench: fork, COW, reset, density, fuzzing-loop and scale figures measured inside the
+# monitor under QEMU -icount shift=0 (emulated time), docs/BENCHMARKS.md. Prints the table,
+# writes target/bench/results.json and target/bench/bench-fork.svg. BENCH_RUNS boots (in
+# parallel) that many identical runs and reports how closely they agree; BENCH_PHASES picks
+# phases (fork,cow,reset,density,fuzz,scale).
+BENCH_RUNS   ?= 2
+BENCH_PHASES ?= all
+BENCH_ARGS   ?=
+.PHONY: bench
+bench: ensure-qemu monitor
+	$(CARGO) run --release -q -p vmfork-bench -- --qemu $(QEMU) --monitor $(MONITOR) \
+	  --runs $(BENCH_RUNS) --phases $(BENCH_PHASES) --out target/bench $(BENCH_ARGS)

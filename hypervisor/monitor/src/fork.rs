@@ -221,7 +221,7 @@ fn discard(t: &mut VmTable, s2: Stage2, fp: ForkPoint) {
 }
 
 /// Forks VM `id` `count` times, now. All or nothing.
-fn fork_now(
+pub(crate) fn fork_now(
     t: &mut VmTable,
     id: u32,
     count: u32,
@@ -345,7 +345,7 @@ fn fork_one(
 
 /// Puts fork `id` back to its fork point: memory (dropping only the pages it made private),
 /// vCPUs and devices. Virtual time is not rewound: CNTVOFF stays, so the guest's clock goes on.
-fn reset_now(t: &mut VmTable, id: u32) -> Result<(), ForkError> {
+pub(crate) fn reset_now(t: &mut VmTable, id: u32) -> Result<(), ForkError> {
     let t0 = crate::arch::counter().0;
     let vm = t.vms.get_mut(&id).ok_or(ForkError::NoSuchVm(id))?;
     if matches!(vm.state, VmState::Stopping(_)) {

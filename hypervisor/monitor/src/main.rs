@@ -10,6 +10,7 @@
 extern crate alloc;
 
 mod arch;
+mod bench;
 mod console;
 mod control;
 mod fork;
@@ -207,6 +208,10 @@ fn boot(dtb: &[u8], platform: Platform, image: (u64, u64), heap: (u64, u64)) -> 
     let ram_mib: u64 = platform.ram.iter().map(|r| r.size).sum::<u64>() >> 20;
     println!("monitor: ready cpus={cpus} mem={ram_mib}");
     log::info!("{guests} guest(s) started");
+    if let Some(b) = vmfork_core::cmdline::value(bootargs, "bench") {
+        START.store(START_IDLE, Ordering::SeqCst); // `make bench`: bench.rs, then QEMU exits
+        bench::run(b)
+    }
     let test = vmfork_core::cmdline::value(bootargs, "selftest");
     if test.is_some() {
         // Self-tests take over the CPUs: secondaries wait for interrupts instead of scheduling.

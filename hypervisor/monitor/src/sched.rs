@@ -284,7 +284,7 @@ fn aprs_implemented() -> usize {
     }
 }
 
-fn run_vcpu(cpu: usize, id: u32, vcpu: usize, mut ctx: Box<VcpuCtx>) {
+pub(crate) fn run_vcpu(cpu: usize, id: u32, vcpu: usize, mut ctx: Box<VcpuCtx>) {
     let slice_end = timer::now() + timer::ticks_from_micros(SLICE_MICROS);
     SLICE_OVER[cpu].store(false, Ordering::SeqCst);
     let pauth = crate::arch::sysregs::has_pauth();
