@@ -24,3 +24,4 @@ pub mod psci;
 pub mod stage2;
 pub mod vgic;
 pub mod vuart;
+pub mod shared;

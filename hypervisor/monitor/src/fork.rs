@@ -13,10 +13,10 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use spin::Mutex;
-use vmfork_core::addr::Ipa;
 use vmfork_core::guest_dtb::layout;
 use vmfork_core::psci::PsciReturn;
 use vmfork_core::stage2::{ForkPoint, MemCtx, Stage2, Stage2Error, TlbOps};
+use vmfork_core::shared::Shared;
 use vmfork_core::vgic::Vgic;
 use vmfork_core::vuart::Vuart;
 
@@ -31,8 +31,8 @@ pub struct ForkSnapshot {
     pub point: ForkPoint,
     /// vCPU states and contexts at the fork (the forking vCPU's X0 already holds 0).
     pub vcpus: Vec<Vcpu>,
-    /// The interrupt controller at the fork (with the vmgenid interrupt pending).
-    pub vgic: Vgic,
+    /// The interrupt controller at the fork (shared with the child until it changes).
+    pub vgic: Shared<Vgic>,
     /// The UART at the fork.
     pub uart: Vuart,
 }
@@ -284,28 +284,22 @@ fn fork_one(
         t.vmids.free(vmid);
         return Err(ForkError::Stopping(id));
     };
-    let (mut child_s2, point) = match with_mem(|cx| s2.fork(cx, vmid)) {
+    let (child_s2, point) = match with_mem(|cx| s2.fork(cx, vmid)) {
         Ok(r) => r,
         Err(e) => {
             t.vmids.free(vmid);
             return Err(stage2_error(e));
         }
     };
+    // The child's own vmgenid ID is written, and its interrupt raised, when the child first
+    // needs them (`Vm::apply_new_identity`), not here: that keeps the fork constant and small.
     let genid = new_generation_id(child_id);
-    if let Err(e) = with_mem(|cx| child_s2.write_guest(cx, Ipa(layout::VMGENID_BASE), &genid)) {
-        discard(t, child_s2, point);
-        return Err(stage2_error(e));
-    }
     let parent = t.vms.get(&id).ok_or(ForkError::NoSuchVm(id))?;
     let mut vcpus = parent.vcpus.clone();
     if let Some(ctx) = caller.and_then(|c| vcpus[c].ctx.as_mut()) {
         ctx.regs.x[0] = 0; // the fork hypercall returns 0 in the child
     }
-    let mut vgic = parent.vgic.clone();
-    // Linux (6.10+) reseeds its RNG when the vmgenid interrupt says the ID changed.
-    if let Err(e) = vgic.inject_edge(VMGENID_INTID, 0) {
-        log::warn!("vm{child_id}: cannot raise the vmgenid interrupt: {e:?}");
-    }
+    let vgic = parent.vgic.clone();
     let snapshot = ForkSnapshot {
         point,
         vcpus: vcpus.clone(),
@@ -332,6 +326,7 @@ fn fork_one(
         parent: Some(id),
         generation: parent.generation + 1,
         genid,
+        new_identity: crate::vm::NewIdentity::Pending,
         fork_point: Some(snapshot),
         pending: None,
         stats: VmStats::default(),
@@ -353,13 +348,10 @@ pub(crate) fn reset_now(t: &mut VmTable, id: u32) -> Result<(), ForkError> {
     }
     let snap = vm.fork_point.as_ref().ok_or(ForkError::NotAFork(id))?;
     let s2 = vm.s2.as_mut().ok_or(ForkError::Stopping(id))?;
-    let genid = vm.genid;
-    with_mem(|cx| -> Result<(), Stage2Error> {
-        s2.reset(cx, &snap.point)?;
-        // The fork point's memory holds the parent's generation ID: write the child's again.
-        s2.write_guest(cx, Ipa(layout::VMGENID_BASE), &genid)
-    })
-    .map_err(stage2_error)?;
+    with_mem(|cx| s2.reset(cx, &snap.point)).map_err(stage2_error)?;
+    // The fork point's memory holds the parent's generation ID: the child's is written again,
+    // and its interrupt raised again, when the child next needs them.
+    vm.new_identity = crate::vm::NewIdentity::Pending;
     vm.vcpus = snap.vcpus.clone();
     vm.vgic = snap.vgic.clone();
     vm.uart = snap.uart.clone();

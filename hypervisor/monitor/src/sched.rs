@@ -295,6 +295,7 @@ pub(crate) fn run_vcpu(cpu: usize, id: u32, vcpu: usize, mut ctx: Box<VcpuCtx>) 
             let mut t = VMS.lock();
             match t.vms.get_mut(&id) {
                 Some(vm) if vm.schedulable() => {
+                    vm.raise_new_identity();
                     vm.check_vtimer(vcpu, &mut ctx, timer::now());
                     match vm.vgic.fill_lrs(vcpu, nr_lrs) {
                         Ok(cpuif) => ctx.cpuif = cpuif,

@@ -85,7 +85,7 @@ pub fn begin(t: &VmTable, id: u32, name: &str) -> Result<Dump, String> {
     }
     let saved = SavedVm {
         vcpus,
-        vgic: vm.vgic.clone(),
+        vgic: (*vm.vgic).clone(),
         uart: vm.uart.clone(),
         virtual_count: crate::arch::counter().0.wrapping_sub(vm.cntvoff),
         generation: vm.generation,
@@ -235,9 +235,7 @@ pub fn restore(t: &mut VmTable, bytes: &[u8]) -> Result<u32, String> {
             mpidr: v.mpidr,
         })
         .collect();
-    let mut vgic = saved.vgic;
-    // A restored VM is a new clone of the one dumped: tell it through vmgenid.
-    let _ = vgic.inject_edge(crate::fork::VMGENID_INTID, 0);
+    let vgic = saved.vgic;
     t.next_id += 1;
     t.vms.insert(
         id,
@@ -247,7 +245,7 @@ pub fn restore(t: &mut VmTable, bytes: &[u8]) -> Result<u32, String> {
             state: VmState::Running,
             s2: Some(s2),
             vcpus,
-            vgic,
+            vgic: vmfork_core::shared::Shared::new(vgic),
             uart: saved.uart,
             cntvoff: now.wrapping_sub(saved.virtual_count),
             ram_size: header.mem_bytes,
@@ -257,6 +255,9 @@ pub fn restore(t: &mut VmTable, bytes: &[u8]) -> Result<u32, String> {
             parent: None,
             generation: saved.generation,
             genid,
+            // A restored VM is a new clone of the one dumped: its new ID is already in place
+            // (guest_memory wrote it); tell it through the vmgenid interrupt.
+            new_identity: crate::vm::NewIdentity::Pending,
             fork_point: None,
             pending: None,
             stats: Default::default(),

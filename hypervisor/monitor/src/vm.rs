@@ -19,6 +19,7 @@ use vmfork_core::loader;
 use vmfork_core::mmio::{MmioAccess, MmioResult};
 use vmfork_core::psci::{self, PsciCall, PsciReturn};
 use vmfork_core::stage2::{FaultOutcome, MemCtx, Perms, Stage2, Stage2Error, Vmid};
+use vmfork_core::shared::Shared;
 use vmfork_core::vgic::{CpuIfState, Vgic, VgicConfig};
 use vmfork_core::vuart::Vuart;
 
@@ -48,6 +49,20 @@ pub struct VcpuCtx {
     pub pauth: PauthKeys,
     /// GIC virtual CPU interface (list registers are filled from the vGIC at each entry).
     pub cpuif: CpuIfState,
+}
+
+/// A fork's new `microsoft,vmgenid` identity, applied lazily.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NewIdentity {
+    /// Nothing to do.
+    Done,
+    /// The ID page still holds the parent's ID and the interrupt has not been raised. Applied
+    /// before the child first runs a vCPU (the interrupt) and before its first stage-2 fault in
+    /// the low GiB, where the page is (the ID): so the guest can never read the parent's ID,
+    /// and a fork that never touches that region never pays for it.
+    Pending,
+    /// The interrupt is raised; the ID page still has to be written.
+    IrqRaised,
 }
 
 /// Scheduling state of one vCPU.
@@ -97,8 +112,8 @@ pub struct Vm {
     pub s2: Option<Stage2>,
     /// Its vCPUs.
     pub vcpus: Vec<Vcpu>,
-    /// Emulated GICv3 distributor and redistributors.
-    pub vgic: Vgic,
+    /// Emulated GICv3 distributor and redistributors (shared with the fork point until changed).
+    pub vgic: Shared<Vgic>,
     /// Emulated PL011.
     pub uart: Vuart,
     /// CNTVOFF_EL2: virtual time = physical count - cntvoff.
@@ -117,6 +132,8 @@ pub struct Vm {
     pub generation: u64,
     /// The 16 bytes of its `microsoft,vmgenid` page.
     pub genid: [u8; 16],
+    /// Whether the child still has to get its vmgenid ID written and its interrupt raised.
+    pub new_identity: NewIdentity,
     /// Where `reset` puts the VM back to (forks only).
     pub fork_point: Option<crate::fork::ForkSnapshot>,
     /// An operation that needs every vCPU of this VM off the CPUs (fork, reset); while it is
@@ -411,7 +428,7 @@ impl VmTable {
             state: VmState::Running,
             s2: Some(s2),
             vcpus,
-            vgic,
+            vgic: Shared::new(vgic),
             uart: Vuart::new(),
             // The guest's virtual count starts near zero, like on a fresh machine.
             cntvoff: now,
@@ -422,6 +439,7 @@ impl VmTable {
             parent: None,
             generation: 0,
             genid,
+            new_identity: NewIdentity::Done,
             fork_point: None,
             pending: None,
             stats: Default::default(),
@@ -658,6 +676,31 @@ impl Vm {
         self.line.clear();
     }
 
+    /// Raises the vmgenid interrupt of a fork that has not seen it yet (before a vCPU runs).
+    pub fn raise_new_identity(&mut self) {
+        if self.new_identity == NewIdentity::Pending {
+            // Linux (6.10+) reseeds its RNG when this interrupt says the ID changed.
+            if let Err(e) = self.vgic.inject_edge(crate::fork::VMGENID_INTID, 0) {
+                log::warn!("vm{}: cannot raise the vmgenid interrupt: {e:?}", self.id);
+            }
+            self.new_identity = NewIdentity::IrqRaised;
+        }
+    }
+
+    /// Writes a fork's own vmgenid ID if it still holds its parent's, before a stage-2 fault at
+    /// `ipa` is handled in the low GiB (where the ID page is). Out of memory is returned as is.
+    pub fn write_new_identity(&mut self, ipa: Ipa) -> Result<(), Stage2Error> {
+        if self.new_identity == NewIdentity::Done || ipa.0 >= layout::RAM_BASE {
+            return Ok(());
+        }
+        let s2 = self.s2.as_mut().ok_or(Stage2Error::NotMapped(ipa))?;
+        let genid = self.genid;
+        with_mem(|cx| s2.write_guest(cx, Ipa(layout::VMGENID_BASE), &genid))?;
+        self.raise_new_identity();
+        self.new_identity = NewIdentity::Done;
+        Ok(())
+    }
+
     /// Queues typed bytes for the guest's UART (at most [`RX_PENDING_LIMIT`] wait; beyond that
     /// they are dropped, as a real line would overrun) and moves what fits into its FIFO.
     /// Returns the vCPU to kick when its interrupt line changed.
@@ -832,8 +875,30 @@ fn inject_exception(ctx: &mut VcpuCtx, esr: u64, far: Option<u64>) {
     ctx.regs.pstate = PSTATE_EL1H_MASKED;
 }
 
+/// Writes a fork's pending vmgenid ID before a fault in the low GiB is handled; `Some` when the
+/// vCPU cannot go on (out of memory pauses the VM, as for a copy-on-write fault).
+fn new_identity_first(vm: &mut Vm, ipa: Ipa) -> Option<Next> {
+    match vm.write_new_identity(ipa) {
+        Ok(()) => None,
+        Err(Stage2Error::OutOfMemory) => {
+            vm.state = VmState::Paused(String::from(
+                "out of memory writing its vmgenid ID after the fork",
+            ));
+            log::warn!("vm{}: paused: no free frame for its vmgenid page", vm.id);
+            Some(Next::Leave)
+        }
+        Err(e) => {
+            vm.state = VmState::Stopping(format!("stage-2 error writing its vmgenid ID: {e}"));
+            Some(Next::Leave)
+        }
+    }
+}
+
 fn instruction_abort(vm: &mut Vm, ctx: &mut VcpuCtx, syn: Syndrome) -> Next {
     let ipa = vmfork_core::esr::hpfar_to_ipa(syn.hpfar, syn.far);
+    if let Some(next) = new_identity_first(vm, ipa) {
+        return next;
+    }
     let Some(s2) = vm.s2.as_mut() else {
         return Next::Leave;
     };
@@ -870,6 +935,9 @@ fn data_abort(
     kicks: &mut Vec<usize>,
 ) -> Next {
     let ipa = vmfork_core::esr::hpfar_to_ipa(syn.hpfar, syn.far);
+    if let Some(next) = new_identity_first(vm, ipa) {
+        return next;
+    }
     let iss = syn.esr.data_abort();
     let write = iss.as_ref().is_some_and(|d| d.wnr);
     let Some(s2) = vm.s2.as_mut() else {
