@@ -177,7 +177,8 @@ fn deliver_console_input() {
     let mut kicks = Vec::new();
     {
         let mut t = VMS.lock();
-        for b in bytes {
+        let mut bytes = bytes.into_iter();
+        while let Some(b) = bytes.next() {
             if b == FOCUS_KEY {
                 let next = t
                     .focus
@@ -193,7 +194,12 @@ fn deliver_console_input() {
             let Some(id) = t.focus else { continue };
             if let Some(vm) = t.vms.get_mut(&id) {
                 if !vm.uart.push_rx(b) {
-                    break; // the guest's FIFO is full: drop the rest, like a real UART
+                    // The guest's FIFO is full: keep the rest, in order, for when it has read.
+                    let mut rx = RX.lock();
+                    for (i, b) in core::iter::once(b).chain(bytes).enumerate() {
+                        rx.insert(i, b);
+                    }
+                    break;
                 }
                 if let Some(v) = vm.uart_irq_changed() {
                     vm.kick_vcpu(v, &mut kicks);
