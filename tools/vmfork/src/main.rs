@@ -1,7 +1,7 @@
 //! `vmfork`: drive a running vmfork monitor from the host.
 use std::fs;
 use std::io::{self, IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -10,6 +10,7 @@ use serde_json::json;
 use vmfork::client::{Client, ClientError};
 use vmfork::console::{self, ConsoleOptions, RawMode, DETACH_KEY};
 use vmfork::format::{self, Progress};
+use vmfork::mux::{Mux, MuxEnd, MuxOptions};
 use vmfork_proto::snapshot::Snapshot;
 use vmfork_proto::{Request, VmId};
 
@@ -127,6 +128,22 @@ enum Command {
         /// Second VM.
         vm2: u32,
     },
+    /// Share the monitor's one control socket among many vmfork processes.
+    ///
+    /// QEMU's socket serves one client at a time. The mux holds that connection and serves any
+    /// number of clients on --listen; point them at it with --socket or VMFORK_SOCKET. It exits
+    /// when QEMU does.
+    Mux {
+        /// QEMU's control socket (the monitor's), e.g. run/vmfork.sock.
+        #[arg(long, value_name = "PATH")]
+        upstream: PathBuf,
+        /// The socket to serve clients on.
+        #[arg(long, value_name = "PATH")]
+        listen: PathBuf,
+        /// Seconds to keep trying while the upstream socket does not exist yet.
+        #[arg(long, value_name = "SECS", default_value_t = 30)]
+        wait: u64,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -186,6 +203,14 @@ fn run(cli: Cli) -> Result<(), CliError> {
         clap_complete::generate(shell, &mut Cli::command(), "vmfork", &mut io::stdout());
         return Ok(());
     }
+    if let Command::Mux {
+        upstream,
+        listen,
+        wait,
+    } = &cli.command
+    {
+        return run_mux(upstream, listen, *wait);
+    }
     let socket = cli
         .socket
         .clone()
@@ -193,7 +218,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
     let mut c = Client::connect(&socket)?;
     let json = cli.json;
     match cli.command {
-        Command::Completions { .. } => {}
+        Command::Completions { .. } | Command::Mux { .. } => {}
         Command::List => {
             let vms = c.list()?;
             if json {
@@ -363,4 +388,23 @@ fn simple(c: &mut Client, req: Request, json: bool) -> Result<(), CliError> {
         print_json(&json!({ "ok": true }))?;
     }
     Ok(())
+}
+
+fn run_mux(upstream: &Path, listen: &Path, wait: u64) -> Result<(), CliError> {
+    let mut opts = MuxOptions::new(upstream, listen);
+    opts.connect_wait = Duration::from_secs(wait);
+    let mux = Mux::start(&opts).map_err(|e| CliError::Msg(e.to_string()))?;
+    eprintln!(
+        "vmfork mux: serving {} for {} at {}",
+        listen.display(),
+        mux.monitor(),
+        upstream.display()
+    );
+    match mux.wait() {
+        MuxEnd::Stopped => Ok(()),
+        MuxEnd::UpstreamClosed => Err(CliError::Msg(format!(
+            "mux: the monitor at {} closed the connection (did QEMU exit?)",
+            upstream.display()
+        ))),
+    }
 }
