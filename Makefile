@@ -7,7 +7,8 @@
 #                       [GUEST_CMDLINE=...]  boots one guest; GUESTS='<image> <image> ...'
 #                       adds more guests with the default configuration. An image is a path or
 #                       the name of a guest in guest-images (hello, counter, memcheck, smp, ...).
-#                       The control channel listens on SOCKET=run/vmfork.sock for `vmfork`.
+#                       The control channel listens on SOCKET=run/vmfork.sock for `vmfork`
+#                       (QEMU's own socket is SOCKET.qemu; `vmfork mux` shares it among clients).
 #   make test           every test: host unit/property tests, then the QEMU integration tests
 #   make lint           cargo fmt --check and clippy (host and bare-metal crates)
 #   make clean          remove build output
@@ -78,11 +79,13 @@ qemu-virt: ensure-qemu build
 	  p=$$g; [ -f "$$p" ] || p=$(PROFILE_DIR)/$$g; \
 	  more="$$more -fw_cfg name=opt/vmfork/$$i/kernel,file=$$p"; i=$$((i+1)); \
 	done; \
-	mkdir -p $(dir $(SOCKET)); rm -f $(SOCKET); \
+	mkdir -p $(dir $(SOCKET)); rm -f $(SOCKET) $(SOCKET).qemu; \
+	target/release/vmfork mux --upstream $(SOCKET).qemu --listen $(SOCKET) 2>/dev/null & mux=$$!; \
+	trap 'kill $$mux 2>/dev/null' EXIT; \
 	set -x; \
 	$(QEMU) $(QEMU_MACHINE) -smp $(SMP) -m $(MEM) -nographic -semihosting \
 	  -kernel $(MONITOR) $(if $(APPEND),-append "$(APPEND)") \
-	  -chardev socket,id=vmfork-ctl,path=$(SOCKET),server=on,wait=off \
+	  -chardev socket,id=vmfork-ctl,path=$(SOCKET).qemu,server=on,wait=off \
 	  -device virtio-serial-device -device virtconsole,chardev=vmfork-ctl \
 	  $(GUEST_FWCFG) $$more $(QEMU_ARGS)
 
