@@ -226,3 +226,36 @@ fn dump_then_restore_continues_from_the_dumped_state_even_on_a_fresh_monitor() {
     assert_eq!(ok(&socket2, &["list"]).lines().count(), 2);
     q2.kill();
 }
+
+#[test]
+fn create_boots_a_guest_sent_over_the_channel() {
+    let socket = ControlSocket::new();
+    let mut q = Qemu::start(boot("cli_create", &socket, 512));
+    q.wait_for("monitor: ready", DEFAULT_TIMEOUT);
+    let counter = vmfork_tests::guest_image("counter");
+    let id = ok(
+        &socket,
+        &[
+            "create",
+            "--kernel",
+            counter.to_str().unwrap(),
+            "--mem",
+            "32M",
+            "--cpus",
+            "2",
+            "--cmdline",
+            "ticks=3",
+        ],
+    );
+    assert_eq!(id.trim(), "1");
+    q.wait_for("[vm1] counter: done 3", DEFAULT_TIMEOUT);
+    // Not a kernel, and a size the monitor refuses: one clear line each, nothing created.
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk");
+    std::fs::write(&junk, vec![7u8; 5000]).unwrap();
+    let err = fails(&socket, &["create", "--kernel", junk.to_str().unwrap(), "--mem", "16M"]);
+    assert!(err.contains("cannot load the kernel"), "{err}");
+    let err = fails(&socket, &["create", "--kernel", counter.to_str().unwrap(), "--mem", "3M"]);
+    assert!(err.contains("multiple of 2 MiB") || err.contains("2M"), "{err}");
+    q.kill();
+}
