@@ -253,9 +253,24 @@ fn create_boots_a_guest_sent_over_the_channel() {
     let dir = tempfile::tempdir().unwrap();
     let junk = dir.path().join("junk");
     std::fs::write(&junk, vec![7u8; 5000]).unwrap();
-    let err = fails(&socket, &["create", "--kernel", junk.to_str().unwrap(), "--mem", "16M"]);
+    let err = fails(
+        &socket,
+        &["create", "--kernel", junk.to_str().unwrap(), "--mem", "16M"],
+    );
     assert!(err.contains("cannot load the kernel"), "{err}");
-    let err = fails(&socket, &["create", "--kernel", counter.to_str().unwrap(), "--mem", "3M"]);
-    assert!(err.contains("multiple of 2 MiB") || err.contains("2M"), "{err}");
+    let err = fails(
+        &socket,
+        &[
+            "create",
+            "--kernel",
+            counter.to_str().unwrap(),
+            "--mem",
+            "3M",
+        ],
+    );
+    assert!(
+        err.contains("multiple of 2 MiB") || err.contains("2M"),
+        "{err}"
+    );
     q.kill();
 }

@@ -21,7 +21,7 @@ pub mod mmio;
 pub mod physmem;
 pub mod platform;
 pub mod psci;
+pub mod shared;
 pub mod stage2;
 pub mod vgic;
 pub mod vuart;
-pub mod shared;

@@ -15,8 +15,8 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use spin::Mutex;
 use vmfork_core::guest_dtb::layout;
 use vmfork_core::psci::PsciReturn;
-use vmfork_core::stage2::{ForkPoint, MemCtx, Stage2, Stage2Error, TlbOps};
 use vmfork_core::shared::Shared;
+use vmfork_core::stage2::{ForkPoint, MemCtx, Stage2, Stage2Error, TlbOps};
 use vmfork_core::vgic::Vgic;
 use vmfork_core::vuart::Vuart;
 

@@ -18,8 +18,8 @@ use vmfork_core::guest_dtb::{self, layout, GuestDtbConfig};
 use vmfork_core::loader;
 use vmfork_core::mmio::{MmioAccess, MmioResult};
 use vmfork_core::psci::{self, PsciCall, PsciReturn};
-use vmfork_core::stage2::{FaultOutcome, MemCtx, Perms, Stage2, Stage2Error, Vmid};
 use vmfork_core::shared::Shared;
+use vmfork_core::stage2::{FaultOutcome, MemCtx, Perms, Stage2, Stage2Error, Vmid};
 use vmfork_core::vgic::{CpuIfState, Vgic, VgicConfig};
 use vmfork_core::vuart::Vuart;
 

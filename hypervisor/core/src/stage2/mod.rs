@@ -279,7 +279,17 @@ pub struct Stage2 {
     root: PhysAddr,
     vmid: Vmid,
     stats: Stage2Stats,
+    /// The fork point the dirty log is relative to (`None`: no valid log, the next reset is a
+    /// full one). Set when the tables are made from a fork point or fully reset to one; cleared
+    /// when this VM is forked or snapshotted itself (its tables become shared) or the log
+    /// overflows.
+    dirty_base: Option<Vec<(usize, PhysAddr)>>,
+    /// Leaves pointed at a private frame since `dirty_base`.
+    dirty: Vec<walk::DirtyLeaf>,
 }
+
+/// Longest dirty log kept; past it the next reset is a full one (which is then no slower).
+const DIRTY_LOG_LIMIT: usize = 1 << 16;
 
 impl Stage2 {
     /// Empty tables for VM `vmid`: one zeroed root.
@@ -293,6 +303,8 @@ impl Stage2 {
             root,
             vmid,
             stats: Stage2Stats::default(),
+            dirty_base: None,
+            dirty: Vec::new(),
         })
     }
 
@@ -378,6 +390,13 @@ impl Stage2 {
         let r = w.visit(self.root, 1, 0, s, e, View::PRIVATE);
         let f = w.finish();
         self.stats.add(&w.stats);
+        if self.dirty_base.is_some() {
+            self.dirty.append(&mut w.dirty);
+            if self.dirty.len() > DIRTY_LOG_LIMIT {
+                self.dirty_base = None;
+                self.dirty = Vec::new();
+            }
+        }
         r?;
         // After a successful commit the pool is empty: plan and commit agree.
         debug_assert_eq!(f, Ok(0), "plan over-counted");
@@ -550,6 +569,9 @@ impl Stage2 {
             }
         }
         take_refs(cx.frames, &entries)?;
+        // Our tables are shared from now on: the dirty log no longer describes them.
+        self.dirty_base = None;
+        self.dirty = Vec::new();
         let mut w = Walk::new(cx, self.vmid, Intent::Read);
         for &(index, t) in &entries {
             let d = w.cx.mem.read_desc(self.root, index);
@@ -586,6 +608,8 @@ impl Stage2 {
             root,
             vmid,
             stats: Stage2Stats::default(),
+            dirty_base: Some(fp.entries.clone()),
+            dirty: Vec::new(),
         };
         let mut w = Walk::new(cx, vmid, Intent::Read);
         for &(index, t) in &fp.entries {
@@ -603,6 +627,9 @@ impl Stage2 {
         cx: &mut MemCtx<'_, M, T>,
         fp: &ForkPoint,
     ) -> Result<(), Stage2Error> {
+        if self.dirty_base.as_ref() == Some(&fp.entries) {
+            return self.reset_dirty(cx);
+        }
         // Prepare: take the fork point's references first (so a table in both trees never drops
         // to zero in between).
         take_refs(cx.frames, &fp.entries)?;
@@ -626,6 +653,48 @@ impl Stage2 {
         for t in old_tables {
             walk::release(cx.frames, cx.mem, t, 2).map_err(Stage2Error::Frame)?;
         }
+        self.dirty_base = Some(fp.entries.clone());
+        self.dirty = Vec::new();
+        Ok(())
+    }
+
+    /// The O(dirty pages) reset: the tables the VM copied since its fork point stay (apart from
+    /// the leaves in the log they are equivalent to the fork point's: the same frames,
+    /// read-only and COW, and the fork point's tables cannot change while it holds them); every
+    /// leaf the log names gets its fork-point frame back, and its private frame is dropped.
+    /// Allocates nothing.
+    fn reset_dirty<M: PhysMem, T: TlbOps>(
+        &mut self,
+        cx: &mut MemCtx<'_, M, T>,
+    ) -> Result<(), Stage2Error> {
+        let log = core::mem::take(&mut self.dirty);
+        let mut w = Walk::new(cx, self.vmid, Intent::Read);
+        w.plan = false;
+        for leaf in log.iter().rev() {
+            let cur = w.cx.mem.read_desc(leaf.table, leaf.index);
+            let desc::Desc::Page(private) = desc::decode(cur, 3) else {
+                return Err(Stage2Error::Corrupt(leaf.ipa));
+            };
+            let desc::Desc::Page(original) = desc::decode(leaf.original, 3) else {
+                return Err(Stage2Error::Corrupt(leaf.ipa));
+            };
+            w.cx.frames.get(original).map_err(Stage2Error::Frame)?;
+            let back = if desc::is_writable(leaf.original) {
+                desc::write_protect(leaf.original)
+            } else {
+                leaf.original
+            };
+            let slot = walk::Slot {
+                table: leaf.table,
+                index: leaf.index,
+                level: 3,
+                ipa: leaf.ipa,
+                live: true,
+            };
+            w.set_desc(slot, cur, back);
+            w.cx.frames.put(private).map_err(Stage2Error::Frame)?;
+        }
+        w.finish()?;
         Ok(())
     }
 

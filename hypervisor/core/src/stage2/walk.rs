@@ -110,6 +110,18 @@ pub(super) struct Walk<'c, 'a, M: PhysMem, T: TlbOps> {
     /// A live table entry went from valid to something else: flush the whole VMID at `finish`.
     pub pending_vmid_flush: bool,
     pub stats: Stage2Stats,
+    /// Commit: leaves this walk pointed at a new frame (the dirty log, see `Stage2::reset`).
+    pub dirty: Vec<DirtyLeaf>,
+}
+
+/// A level-3 entry a copy-on-write fault (or a monitor write) pointed at a private copy: where
+/// it is and what it held before, so a reset can put it back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct DirtyLeaf {
+    pub table: PhysAddr,
+    pub index: usize,
+    pub ipa: Ipa,
+    pub original: u64,
 }
 
 impl<'c, 'a, M: PhysMem, T: TlbOps> Walk<'c, 'a, M, T> {
@@ -123,6 +135,7 @@ impl<'c, 'a, M: PhysMem, T: TlbOps> Walk<'c, 'a, M, T> {
             pool: Vec::new(),
             pending_vmid_flush: false,
             stats: Stage2Stats::default(),
+            dirty: Vec::new(),
         }
     }
 
@@ -369,6 +382,12 @@ impl<'c, 'a, M: PhysMem, T: TlbOps> Walk<'c, 'a, M, T> {
                     self.set_desc(slot, d, new);
                     self.cx.frames.put(f).map_err(Stop::Frame)?;
                     self.stats.cow_copies += 1;
+                    self.dirty.push(DirtyLeaf {
+                        table: slot.table,
+                        index: slot.index,
+                        ipa,
+                        original: d,
+                    });
                 } else if cow {
                     self.set_desc(slot, d, desc::make_writable(d, f));
                     self.stats.cow_reuses += 1;
