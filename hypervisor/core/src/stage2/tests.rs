@@ -476,7 +476,7 @@ fn a_fork_of_a_fork_falls_back_to_the_full_reset() {
     gwrite(&mut h, &mut p, RAM, 1);
     let (mut c, fp) = p.fork(&mut h.cx(), Vmid(2)).unwrap();
     gwrite(&mut h, &mut c, RAM, 2);
-    let (mut g, fpg) = c.fork(&mut h.cx(), Vmid(3)).unwrap();
+    let (g, fpg) = c.fork(&mut h.cx(), Vmid(3)).unwrap();
     gwrite(&mut h, &mut c, RAM + 4096, 3);
     c.reset(&mut h.cx(), &fp).unwrap();
     assert_eq!(peek(&h, &c, RAM), 1);
