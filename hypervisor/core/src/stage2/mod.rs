@@ -69,8 +69,15 @@
 //! architectural rule for each case and calls [`TlbOps`]; see its documentation.
 //!
 //! # Reset and teardown
-//! [`Stage2::reset`] points the root back at the fork point's tables and drops the references of
-//! the old tree: only what the VM made private is freed, O(private tables and their entries).
+//! [`Stage2::reset`] normally costs O(dirty pages): every copy-on-write copy (and monitor write)
+//! made since the fork point is logged (table, index, old descriptor), and the reset puts those
+//! leaves back to the fork point's frames (read-only, COW; break-before-make and a flush of each
+//! IPA) and drops the private frames. The tables the VM copied since stay: apart from the logged
+//! leaves they are equivalent to the fork point's (same frames, read-only/COW), and the fork
+//! point's own tables cannot change while it holds them. When the log is not valid (the VM was
+//! forked or snapshotted itself, so its tables are shared; or the log overflowed) the reset is
+//! the full one: the root points back at the fork point's tables and the old tree's references
+//! are dropped, O(private tables and their entries).
 //! [`Stage2::destroy`] drops every reference of the VM; frames shared with other VMs survive.
 
 pub mod desc;
