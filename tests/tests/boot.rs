@@ -96,3 +96,76 @@ fn default_log_level_prints_no_debug_lines() {
     assert_ready(&qemu, 4, 2048);
     qemu.expect_no("DEBUG");
 }
+
+#[test]
+fn a_panic_prints_file_line_and_message_and_fails_qemu() {
+    let mut qemu = Qemu::start(
+        QemuConfig::monitor()
+            .append("selftest=panic")
+            .name("panic_exit"),
+    );
+    qemu.wait_for(
+        "monitor: panic on cpu0: panicked at hypervisor/monitor/src/main.rs:",
+        DEFAULT_TIMEOUT,
+    );
+    qemu.wait_for(
+        "selftest: panic requested on the command line",
+        DEFAULT_TIMEOUT,
+    );
+    assert_eq!(
+        qemu.wait_exit(DEFAULT_TIMEOUT),
+        101,
+        "a panic must fail QEMU"
+    );
+}
+
+#[test]
+fn an_unexpected_exception_prints_a_decoded_dump_and_fails_qemu() {
+    let mut qemu = Qemu::start(
+        QemuConfig::monitor()
+            .append("selftest=fault")
+            .name("fault_exit"),
+    );
+    let head = qemu.wait_for("unexpected exception on cpu0", DEFAULT_TIMEOUT);
+    assert!(head.contains("data abort"), "the class is named: {head}");
+    qemu.wait_for_regex(
+        r"ESR_EL2=0x[0-9a-f]{16} FAR_EL2=0x0000004000000000",
+        DEFAULT_TIMEOUT,
+    );
+    qemu.wait_for("ELR_EL2=", DEFAULT_TIMEOUT);
+    qemu.wait_for("x30=", DEFAULT_TIMEOUT);
+    assert_eq!(
+        qemu.wait_exit(DEFAULT_TIMEOUT),
+        1,
+        "an unexpected exception must fail QEMU"
+    );
+}
+
+#[test]
+fn lines_from_four_cpus_never_interleave() {
+    // Every CPU logs while it comes up; with log=debug there are many lines from all four.
+    let qemu = Qemu::start(
+        QemuConfig::monitor()
+            .append("log=debug")
+            .name("no_interleave"),
+    );
+    qemu.wait_for(READY_PREFIX, DEFAULT_TIMEOUT);
+    std::thread::sleep(SETTLE);
+    let log = qemu.serial();
+    let line = regex::Regex::new(
+        r"^(\[ *\d+\.\d{6}\] (ERROR|WARN |INFO |DEBUG|TRACE) cpu\d+: .*|monitor: ready cpus=\d+ mem=\d+)$",
+    )
+    .unwrap();
+    let mut cpus = std::collections::BTreeSet::new();
+    for l in log
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .filter(|l| !l.is_empty())
+    {
+        assert!(line.is_match(l), "a line that is not whole: {l:?}");
+        if let Some(c) = l.split(" cpu").nth(1).and_then(|r| r.split(':').next()) {
+            cpus.insert(c.to_string());
+        }
+    }
+    assert!(cpus.len() >= 4, "lines from {cpus:?} only");
+}
