@@ -2,45 +2,10 @@
 //! fork trees with parents killed first, reset to the fork point, fork churn that gives every
 //! frame back, and running out of memory.
 
-use std::time::{Duration, Instant};
-
-use vmfork_tests::{Qemu, QemuConfig, DEFAULT_TIMEOUT};
-
-fn with_guest(cfg: QemuConfig, index: u32, image: &str, config: &str) -> QemuConfig {
-    cfg.guest(index, image, config)
-}
+use vmfork_tests::{complete_lines, wait_count, Qemu, QemuConfig, DEFAULT_TIMEOUT};
 
 fn monitor(name: &str) -> QemuConfig {
     QemuConfig::monitor().smp(2).mem_mib(1024).name(name)
-}
-
-/// The lines of the log that are complete (ended by a newline).
-fn complete_lines(q: &Qemu) -> Vec<String> {
-    let log = q.serial();
-    let mut lines: Vec<String> = log
-        .split('\n')
-        .map(|l| l.trim_end_matches('\r').to_string())
-        .collect();
-    lines.pop(); // what follows the last newline is not finished yet
-    lines
-}
-
-/// Waits until `pattern` appeared in `n` complete lines.
-fn wait_count(q: &Qemu, pattern: &str, n: usize) {
-    let deadline = Instant::now() + DEFAULT_TIMEOUT;
-    while complete_lines(q)
-        .iter()
-        .filter(|l| l.contains(pattern))
-        .count()
-        < n
-    {
-        assert!(
-            Instant::now() < deadline,
-            "`{pattern}` did not appear {n} times:\n{}",
-            q.serial()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn position(q: &Qemu, pattern: &str) -> usize {
@@ -54,12 +19,7 @@ fn cowcheck_parent_and_child_see_only_their_own_writes() {
     // Two vCPUs per VM on two physical CPUs: after the fork, parent and child vCPUs write the
     // same pages at the same time; each VM checks every word, the untouched pages, and a
     // patched code page.
-    let mut q = Qemu::start(with_guest(
-        monitor("cowcheck"),
-        0,
-        "cowcheck",
-        "cpus=2 cmdline=mib=4",
-    ));
+    let mut q = Qemu::start(monitor("cowcheck").guest(0, "cowcheck", "cpus=2 cmdline=mib=4"));
     q.wait_for("monitor: ready", DEFAULT_TIMEOUT);
     wait_count(&q, "powered off (PSCI SYSTEM_OFF); destroyed", 2);
     for line in [
@@ -99,12 +59,8 @@ fn frames(line: &str) -> (u64, u64) {
 
 #[test]
 fn fork_tree_three_deep_survives_its_parents_dying_first() {
-    let mut q = Qemu::start(with_guest(
-        monitor("fork_tree"),
-        0,
-        "forkloop",
-        "mem=16M cmdline=mode=tree depth=3",
-    ));
+    let mut q =
+        Qemu::start(monitor("fork_tree").guest(0, "forkloop", "mem=16M cmdline=mode=tree depth=3"));
     q.wait_for("monitor: ready", DEFAULT_TIMEOUT);
     q.wait_for("[vm4] forkloop: depth 3 ok vm=4", DEFAULT_TIMEOUT);
     // Each parent powered off (and was torn down) before its child finished.
@@ -129,8 +85,7 @@ fn fork_tree_three_deep_survives_its_parents_dying_first() {
 
 #[test]
 fn reset_brings_back_the_fork_point_memory() {
-    let mut q = Qemu::start(with_guest(
-        monitor("fork_reset"),
+    let mut q = Qemu::start(monitor("fork_reset").guest(
         0,
         "forkloop",
         "mem=16M cmdline=mode=reset resets=3 mib=2",
@@ -151,8 +106,7 @@ fn reset_brings_back_the_fork_point_memory() {
 
 #[test]
 fn a_thousand_forks_and_kills_give_every_frame_back() {
-    let mut q = Qemu::start(with_guest(
-        monitor("fork_churn").append("log=debug"),
+    let mut q = Qemu::start(monitor("fork_churn").append("log=debug").guest(
         0,
         "forkloop",
         "mem=16M cmdline=mode=churn forks=1000",
@@ -182,13 +136,12 @@ fn out_of_memory_pauses_only_the_faulting_fork_and_a_failing_fork_changes_nothin
     // 256 MiB of RAM: after the monitor's heap and a 160 MiB guest there is not enough left for
     // its child to copy 128 MiB of pages.
     let cfg = QemuConfig::monitor().smp(2).mem_mib(256).name("fork_oom");
-    let cfg = with_guest(
-        cfg,
+    let cfg = cfg.guest(
         0,
         "forkloop",
         "mem=160M cmdline=mode=reset resets=1 mib=128",
     );
-    let cfg = with_guest(cfg, 1, "counter", "mem=8M cmdline=ticks=10");
+    let cfg = cfg.guest(1, "counter", "mem=8M cmdline=ticks=10");
     let mut q = Qemu::start(cfg);
     q.wait_for("monitor: ready", DEFAULT_TIMEOUT);
     let paused = q.wait_for(
@@ -205,12 +158,8 @@ fn out_of_memory_pauses_only_the_faulting_fork_and_a_failing_fork_changes_nothin
 
 #[test]
 fn a_child_gets_a_new_vmgenid_and_the_parent_keeps_its_own() {
-    let mut q = Qemu::start(with_guest(
-        monitor("fork_vmgenid"),
-        0,
-        "forkloop",
-        "mem=16M cmdline=mode=genid",
-    ));
+    let mut q =
+        Qemu::start(monitor("fork_vmgenid").guest(0, "forkloop", "mem=16M cmdline=mode=genid"));
     q.wait_for("monitor: ready", DEFAULT_TIMEOUT);
     wait_count(&q, "powered off (PSCI SYSTEM_OFF); destroyed", 2);
     assert_eq!(q.count("[vm1] forkloop: parent vmgenid unchanged"), 1);

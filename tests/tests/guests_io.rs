@@ -2,7 +2,10 @@
 //! console input through the PL011 receive interrupt and the monitor's console focus (`echo`),
 //! SGIs between vCPUs (`sgi`), and PSCI over SMC (the `psci=smc` bootarg).
 
-use vmfork_tests::{guest_image, Qemu, QemuConfig, DEFAULT_TIMEOUT};
+use vmfork_tests::{
+    complete_lines, guest_image, plain_lines, vm_lines, wait_count, Qemu, QemuConfig,
+    DEFAULT_TIMEOUT,
+};
 
 /// The monitor's key that moves the console focus to the next VM (Ctrl-T).
 const FOCUS_KEY: &[u8] = b"\x14";
@@ -10,58 +13,6 @@ const FOCUS_KEY: &[u8] = b"\x14";
 /// What the monitor prints when a VM's guest powers itself off.
 fn powered_off(vm: u32, guest: u32) -> String {
     format!("vm{vm}: 'guest{guest}' powered off (PSCI SYSTEM_OFF); destroyed")
-}
-
-/// Every non-empty line of a plain QEMU run (the guest is the only writer on its serial port).
-fn all_lines(q: &Qemu) -> Vec<String> {
-    q.serial()
-        .lines()
-        .map(|l| l.trim_end_matches('\r').to_string())
-        .filter(|l| !l.is_empty())
-        .collect()
-}
-
-/// The lines a guest printed on plain QEMU with `smp` CPUs and bootargs `cmdline`, once it has
-/// printed `last` and exited 0.
-fn plain_lines(image: &str, smp: u32, cmdline: &str, last: &str) -> Vec<String> {
-    let mut cfg = QemuConfig::plain(guest_image(image))
-        .smp(smp)
-        .name(&format!("{image}_plain_ref"));
-    if !cmdline.is_empty() {
-        cfg = cfg.append(cmdline);
-    }
-    let mut q = Qemu::start(cfg);
-    q.wait_for(last, DEFAULT_TIMEOUT);
-    assert_eq!(
-        q.wait_exit(DEFAULT_TIMEOUT),
-        0,
-        "plain run of {image} failed"
-    );
-    all_lines(&q)
-}
-
-/// The lines VM `vm` printed on the monitor console, without their `[vmN] ` prefix.
-fn vm_lines(q: &Qemu, vm: u32) -> Vec<String> {
-    let prefix = format!("[vm{vm}] ");
-    q.serial()
-        .lines()
-        .filter_map(|l| l.trim_end_matches('\r').strip_prefix(&prefix))
-        .map(str::to_string)
-        .collect()
-}
-
-/// Waits until `pattern` appears anywhere in the log (for events of several VMs that may come
-/// in any order; the read cursor is not used).
-fn wait_anywhere(q: &Qemu, pattern: &str) {
-    let deadline = std::time::Instant::now() + DEFAULT_TIMEOUT;
-    while q.count(pattern) == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "`{pattern}` did not appear:\n{}",
-            q.serial()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
 }
 
 fn monitor(name: &str) -> QemuConfig {
@@ -104,7 +55,13 @@ fn echo_on_plain_qemu_takes_input_through_the_uart_interrupt() {
     q.wait_for("echo: hello", DEFAULT_TIMEOUT);
     q.send(b"quit\n");
     assert_eq!(q.wait_exit(DEFAULT_TIMEOUT), 0);
-    assert_eq!(all_lines(&q), echo_expected());
+    assert_eq!(
+        complete_lines(&q)
+            .into_iter()
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>(),
+        echo_expected()
+    );
 }
 
 #[test]
@@ -116,7 +73,10 @@ fn echo_escapes_control_bytes_and_takes_cr_as_line_end() {
     q.send(b"quit\r");
     assert_eq!(q.wait_exit(DEFAULT_TIMEOUT), 0);
     assert_eq!(
-        all_lines(&q),
+        complete_lines(&q)
+            .into_iter()
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>(),
         ["echo: ready", r"echo: a\\b\x1b[2J", "echo: bye"]
     );
 }
@@ -146,7 +106,7 @@ fn ctrl_t_moves_console_input_to_the_next_vm() {
     q.wait_for("monitor: ready", DEFAULT_TIMEOUT);
     // Both are ready before anything is typed (bytes typed earlier could find FIFOs off).
     for vm in [1, 2] {
-        wait_anywhere(&q, &format!("[vm{vm}] echo: ready"));
+        wait_count(&q, &format!("[vm{vm}] echo: ready"), 1);
     }
     q.send(b"one\n");
     wait_vm(&q, 1, "echo: one");
@@ -181,7 +141,10 @@ fn a_line_longer_than_the_rx_fifo_arrives_whole_on_plain_qemu() {
     q.send(format!("{}\nquit\n", long_line()).as_bytes());
     assert_eq!(q.wait_exit(DEFAULT_TIMEOUT), 0);
     assert_eq!(
-        all_lines(&q),
+        complete_lines(&q)
+            .into_iter()
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>(),
         [
             "echo: ready".to_string(),
             format!("echo: {}", long_line()),
@@ -306,9 +269,9 @@ fn a_bad_psci_bootarg_fails_the_guest_both_ways() {
             .guest(0, "hello", "cmdline=psci=hvcx")
             .guest(1, "counter", "mem=16M cmdline=ticks=3"),
     );
-    wait_anywhere(&q, &format!("[vm1] {bad}"));
-    wait_anywhere(&q, &powered_off(1, 0));
-    wait_anywhere(&q, "[vm2] counter: done 3");
+    wait_count(&q, &format!("[vm1] {bad}"), 1);
+    wait_count(&q, &powered_off(1, 0), 1);
+    wait_count(&q, "[vm2] counter: done 3", 1);
     q.expect_no("[vm1] hello:");
     q.kill();
 }

@@ -1,59 +1,7 @@
 //! The test guests under the monitor: each alone (compared line by line with the same guest on
 //! plain QEMU), several at once on fewer physical CPUs, and teardown giving every frame back.
 
-use vmfork_tests::{guest_image, Qemu, QemuConfig, DEFAULT_TIMEOUT};
-
-/// `-fw_cfg` arguments that make guest `index` of the monitor run `image` with `config`.
-fn guest_args(cfg: QemuConfig, index: u32, image: &str, config: &str) -> QemuConfig {
-    cfg.guest(index, image, config)
-}
-
-/// The lines a guest printed on plain QEMU, in order (QEMU itself prints nothing on the serial
-/// port, so every line is the guest's).
-fn plain_lines(image: &str, smp: u32, cmdline: &str, last: &str) -> Vec<String> {
-    let mut cfg = QemuConfig::plain(guest_image(image))
-        .smp(smp)
-        .name(&format!("{image}_plain_ref"));
-    if !cmdline.is_empty() {
-        cfg = cfg.append(cmdline);
-    }
-    let mut q = Qemu::start(cfg);
-    q.wait_for(last, DEFAULT_TIMEOUT);
-    assert_eq!(
-        q.wait_exit(DEFAULT_TIMEOUT),
-        0,
-        "plain run of {image} failed"
-    );
-    q.serial()
-        .lines()
-        .map(|l| l.trim_end_matches('\r').to_string())
-        .filter(|l| !l.is_empty())
-        .collect()
-}
-
-/// The lines VM `vm` printed on the monitor console, without their `[vmN] ` prefix.
-fn vm_lines(q: &Qemu, vm: u32) -> Vec<String> {
-    let prefix = format!("[vm{vm}] ");
-    q.serial()
-        .lines()
-        .filter_map(|l| l.trim_end_matches('\r').strip_prefix(&prefix))
-        .map(str::to_string)
-        .collect()
-}
-
-/// Waits until `pattern` has appeared `n` times anywhere in the log (for events of several VMs
-/// that may come in any order).
-fn wait_count(q: &Qemu, pattern: &str, n: usize) {
-    let deadline = std::time::Instant::now() + DEFAULT_TIMEOUT;
-    while q.count(pattern) < n {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "`{pattern}` did not appear {n} times:\n{}",
-            q.serial()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-}
+use vmfork_tests::{plain_lines, vm_lines, wait_count, Qemu, QemuConfig, DEFAULT_TIMEOUT};
 
 fn monitor(name: &str) -> QemuConfig {
     QemuConfig::monitor().smp(2).mem_mib(1024).name(name)
@@ -68,12 +16,7 @@ fn same_output_both_ways(image: &str, cpus: u32, cmdline: &str, last: &str) {
     } else {
         format!("cpus={cpus} cmdline={cmdline}")
     };
-    let mut q = Qemu::start(guest_args(
-        monitor(&format!("{image}_under_monitor")),
-        0,
-        image,
-        &config,
-    ));
+    let mut q = Qemu::start(monitor(&format!("{image}_under_monitor")).guest(0, image, &config));
     q.wait_for("monitor: ready", DEFAULT_TIMEOUT);
     q.wait_for(&format!("[vm1] {last}"), DEFAULT_TIMEOUT);
     q.wait_for(
@@ -114,7 +57,7 @@ fn smp_with_four_vcpus_on_two_cpus_matches_plain_qemu() {
 fn four_guests_share_two_cpus_and_all_progress() {
     let mut cfg = monitor("four_guests");
     for i in 0..4 {
-        cfg = guest_args(cfg, i, "counter", "mem=16M cmdline=ticks=10");
+        cfg = cfg.guest(i, "counter", "mem=16M cmdline=ticks=10");
     }
     let mut q = Qemu::start(cfg);
     q.wait_for("monitor: ready", DEFAULT_TIMEOUT);
@@ -145,8 +88,7 @@ fn four_guests_share_two_cpus_and_all_progress() {
 
 #[test]
 fn powered_off_guest_gives_every_frame_back() {
-    let mut q = Qemu::start(guest_args(
-        monitor("teardown_frames").append("log=debug"),
+    let mut q = Qemu::start(monitor("teardown_frames").append("log=debug").guest(
         0,
         "memcheck",
         "mem=32M cmdline=mib=8",
@@ -175,7 +117,7 @@ fn a_guest_that_fails_to_load_does_not_stop_the_others() {
     let cfg = monitor("bad_kernel_then_good")
         .arg("-fw_cfg")
         .arg(&format!("name=opt/vmfork/0/kernel,file={}", junk.display()));
-    let mut q = Qemu::start(guest_args(cfg, 1, "hello", ""));
+    let mut q = Qemu::start(cfg.guest(1, "hello", ""));
     q.wait_for(
         "guest 0: not started: cannot load the kernel",
         DEFAULT_TIMEOUT,
@@ -189,8 +131,8 @@ fn a_guest_that_fails_to_load_does_not_stop_the_others() {
 #[test]
 fn bad_accesses_abort_in_the_guest_while_others_run() {
     let expected = plain_lines("badaccess", 1, "", "badaccess: still running");
-    let cfg = guest_args(monitor("badaccess_and_counter"), 0, "badaccess", "");
-    let mut q = Qemu::start(guest_args(cfg, 1, "counter", "cmdline=ticks=5"));
+    let cfg = monitor("badaccess_and_counter").guest(0, "badaccess", "");
+    let mut q = Qemu::start(cfg.guest(1, "counter", "cmdline=ticks=5"));
     q.wait_for("monitor: ready", DEFAULT_TIMEOUT);
     wait_count(&q, "powered off (PSCI SYSTEM_OFF); destroyed", 2);
     assert_eq!(q.count("[vm2] counter: done 5"), 1);
@@ -202,8 +144,8 @@ fn bad_accesses_abort_in_the_guest_while_others_run() {
 
 #[test]
 fn an_unhandled_exception_class_stops_only_that_vm() {
-    let cfg = guest_args(monitor("sve_trap"), 0, "badaccess", "cmdline=trap=sve");
-    let mut q = Qemu::start(guest_args(cfg, 1, "counter", "cmdline=ticks=5"));
+    let cfg = monitor("sve_trap").guest(0, "badaccess", "cmdline=trap=sve");
+    let mut q = Qemu::start(cfg.guest(1, "counter", "cmdline=ticks=5"));
     q.wait_for("monitor: ready", DEFAULT_TIMEOUT);
     let stop = q.wait_for(
         "vm1: stopping: unhandled exception from the guest: trapped SVE access (EC 0x19)",
