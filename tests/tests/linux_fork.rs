@@ -217,6 +217,29 @@ fn field(text: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no `{key}` number in:\n{text}"))
 }
 
+/// Used and free frames from `vmfork stats` output.
+fn frames(stats: &str) -> (u64, u64) {
+    let re = regex::Regex::new(r"frames: +(\d+) used, (\d+) free").expect("regex");
+    re.captures(stats)
+        .and_then(|c| Some((c[1].parse().ok()?, c[2].parse().ok()?)))
+        .unwrap_or_else(|| panic!("no frames line in:\n{stats}"))
+}
+
+/// With no VM left, the monitor holds only its own few frames (the control channel's buffers):
+/// nothing of any VM's 256 MiB (65,536 frames) or its tables, and the last teardown line agrees.
+fn assert_all_memory_back(socket: &ControlSocket, q: &Qemu) {
+    let stats = vmfork(socket, &["stats"]);
+    let (used, free) = frames(&stats);
+    let teardown = last_frames_free(&q.serial()).expect("a `frames free` teardown line");
+    eprintln!("linux_fork: all killed: {stats}");
+    assert_eq!(field(&stats, "vms:"), 0, "{stats}");
+    assert_eq!(
+        teardown.0, free,
+        "teardown line {teardown:?} against {stats}"
+    );
+    assert!(used < 64, "frames still used with no VM left:\n{stats}");
+}
+
 /// The last `frames free X of Y` teardown line of the log.
 fn last_frames_free(log: &str) -> Option<(u64, u64)> {
     let re = regex::Regex::new(r"frames free (\d+) of (\d+)").ok()?;
@@ -363,6 +386,14 @@ fn linux_forked_from_the_host_runs_on_in_both_with_own_consoles_tmp_and_rng_then
         "parent-still-42",
     );
 
+    // The parent dies first: the child runs on with the memory it shared, then dies too.
+    vmfork(&socket, &["kill", "1"]);
+    q.wait_for("vm1: 'linux' killed", DEFAULT_TIMEOUT);
+    ask(&q, &socket, 2, "echo orphan-$((6*7))", "orphan-42");
+    vmfork(&socket, &["kill", "2"]);
+    q.wait_for("vm2: 'linux.2' killed", DEFAULT_TIMEOUT);
+    assert_all_memory_back(&socket, &q);
+
     check_monitor_log_clean(&q);
     q.kill();
     eprintln!(
@@ -413,17 +444,29 @@ fn linux_forked_eight_times_all_nine_answer_and_killing_them_returns_the_memory(
     let stats = vmfork(&socket, &["stats"]);
     eprintln!("linux_fork: nine VMs:\n{stats}");
 
-    // Killed in an order that is neither forward nor backward, the parent in the middle.
-    for vm in [5u32, 1, 9, 2, 7, 3, 8, 4, 6] {
+    // The forks killed in an order that is neither forward nor backward: every frame they took
+    // comes back while the parent lives (its copies replace the frames it shared).
+    for vm in [5u32, 9, 2, 7, 3, 8, 4, 6] {
         vmfork(&socket, &["kill", &vm.to_string()]);
-        q.wait_for(&format!("vm{vm}: 'linux"), DEFAULT_TIMEOUT);
+        q.wait_for(&format!("vm{vm}: 'linux.{vm}' killed"), DEFAULT_TIMEOUT);
     }
-    let log = q.serial();
-    let (free, total) = last_frames_free(&log).expect("a `frames free` teardown line");
-    let stats = vmfork(&socket, &["stats"]);
-    eprintln!("linux_fork: all killed: frames free {free} of {total}\n{stats}");
-    assert_eq!(field(&stats, "vms:"), 0, "{stats}");
-    assert_eq!(free, total, "frames not returned:\n{stats}");
+    let (free, total) = last_frames_free(&q.serial()).expect("a `frames free` teardown line");
+    let (_, booted_free) = frames(&booted);
+    eprintln!("linux_fork: forks killed: frames free {free} of {total}, {booted_free} after boot");
+    assert_eq!(
+        free, booted_free,
+        "the forks' frames did not all come back (after boot: {booted})"
+    );
+    ask(
+        &q,
+        &socket,
+        1,
+        "echo parent-alone-$((6*7))",
+        "parent-alone-42",
+    );
+    vmfork(&socket, &["kill", "1"]);
+    q.wait_for("vm1: 'linux' killed", DEFAULT_TIMEOUT);
+    assert_all_memory_back(&socket, &q);
     check_monitor_log_clean(&q);
     q.kill();
     eprintln!(
