@@ -2,8 +2,9 @@
 //! `vmfork` tool: parent and child both go on (a shell loop started before the fork prints in
 //! both), each shell answers on its own console, a file written in the child's `/tmp` is absent
 //! in the parent, the two share the memory neither wrote since, and only the child's kernel
-//! reseeds its RNG through the `microsoft,vmgenid` device. Eight forks all answer and give their
-//! memory back when killed in any order; `reset` takes a fork back to its fork point.
+//! reseeds its RNG through the `microsoft,vmgenid` device; `reset` takes the fork back to its
+//! fork point (a 2-vCPU guest). Eight forks of a 1-vCPU guest all answer and give their memory
+//! back when killed in any order.
 //!
 //! The guest is built as for `tests/tests/linux.rs` (`guest-images/linux/build.sh`, cached per
 //! machine); when it is not built and cannot be fetched, each test prints `SKIP: ...` and passes.
@@ -247,11 +248,15 @@ fn last_frames_free(log: &str) -> Option<(u64, u64)> {
     Some((c[1].parse().ok()?, c[2].parse().ok()?))
 }
 
-/// Boots Linux as vm1 under the monitor and starts the tick loop in its shell (typed on the
+/// Boots Linux as vm1 (`cpus` vCPUs) under the monitor and starts the tick loop in its shell (typed on the
 /// monitor's console, whose focus is on vm1); returns when vm1 has printed a few ticks.
 fn boot_with_ticks(g: &LinuxGuest, socket: &ControlSocket, cpus: u32, host_mib: u64) -> Qemu {
     let q = under_monitor(g, socket, cpus, host_mib);
-    q.wait_for("[vm1] vmfork-linux: init up: ", DEFAULT_TIMEOUT);
+    let up = q.wait_for("[vm1] vmfork-linux: init up: ", DEFAULT_TIMEOUT);
+    assert!(
+        up.contains(&format!(" {cpus} cpu(s)")),
+        "expected {cpus} cpu(s): {up}"
+    );
     q.wait_for(SHELL_UP, DEFAULT_TIMEOUT);
     q.send(TICK_LOOP.as_bytes());
     wait_log(&q, "vm1's tick-2", |log| ticks(log, 1).contains(&2));
@@ -272,7 +277,7 @@ fn linux_forked_from_the_host_runs_on_in_both_with_own_consoles_tmp_and_rng_then
     let _one = one_at_a_time();
     let test = Instant::now();
     let socket = ControlSocket::new();
-    let mut q = boot_with_ticks(&g, &socket, 1, 1024);
+    let mut q = boot_with_ticks(&g, &socket, 2, 1024);
 
     let fork_started = Instant::now();
     assert_eq!(vmfork(&socket, &["fork", "1"]).trim(), "2");
