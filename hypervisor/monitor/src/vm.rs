@@ -899,10 +899,14 @@ fn instruction_abort(vm: &mut Vm, ctx: &mut VcpuCtx, syn: Syndrome) -> Next {
     if let Some(next) = new_identity_first(vm, ipa) {
         return next;
     }
+    // A fault on a stage-1 table walk counts as a write: with FEAT_HAFDBS (Linux sets
+    // TCR_EL1.HA) the walk writes the Access flag into the descriptor, so a shared table page
+    // must be copied, or the fetch faults again forever.
+    let write = syn.esr.instruction_abort().is_some_and(|i| i.s1ptw);
     let Some(s2) = vm.s2.as_mut() else {
         return Next::Leave;
     };
-    match with_mem(|cx| s2.handle_fault(cx, ipa, false)) {
+    match with_mem(|cx| s2.handle_fault(cx, ipa, write)) {
         Ok(FaultOutcome::Retry) => Next::Resume,
         Ok(FaultOutcome::OutOfMemory) => {
             vm.state = VmState::Paused(format!(
@@ -939,7 +943,9 @@ fn data_abort(
         return next;
     }
     let iss = syn.esr.data_abort();
-    let write = iss.as_ref().is_some_and(|d| d.wnr);
+    // A fault on a stage-1 table walk counts as a write (the walk may update the Access flag
+    // or dirty state of the descriptor: FEAT_HAFDBS), as for instruction fetches above.
+    let write = iss.as_ref().is_some_and(|d| d.wnr || d.s1ptw);
     let Some(s2) = vm.s2.as_mut() else {
         return Next::Leave;
     };
