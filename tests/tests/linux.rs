@@ -139,12 +139,11 @@ fn check_shell_clock_and_poweroff(q: &Qemu) {
     let host_secs = host.elapsed().as_secs_f64();
     let guest_secs = caps[1].parse::<f64>().unwrap_or(-1.0) / 100.0;
     eprintln!("linux: sleep 5 took {guest_secs:.2} s of guest time, {host_secs:.2} s wall");
+    // At least 5 s of guest time, and the guest's clock never runs ahead of the host's (no
+    // upper bound beyond that: tests never fail on a wall-clock time).
+    assert!(guest_secs >= 5.0, "sleep 5 took {guest_secs} s of guest time");
     assert!(
-        (5.0..5.5).contains(&guest_secs),
-        "sleep 5 took {guest_secs} s of guest time"
-    );
-    assert!(
-        host_secs >= 5.0 && guest_secs <= host_secs + 0.05,
+        guest_secs <= host_secs + 0.05,
         "guest time {guest_secs} s against {host_secs} s of wall time"
     );
 
@@ -212,11 +211,6 @@ fn linux_one_vcpu_boots_to_its_shell_plain_and_under_the_monitor() {
          ({:.1}x); test took {:.1} s",
         monitor_secs / plain_secs,
         test.elapsed().as_secs_f64()
-    );
-    assert!(
-        monitor_secs < plain_secs * 10.0,
-        "boot under the monitor ({monitor_secs:.1} s) is not within a small factor of plain QEMU \
-         ({plain_secs:.1} s)"
     );
 }
 
