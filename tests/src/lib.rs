@@ -40,6 +40,8 @@
 //! - `VMFORK_TEST_ECHO=1`: also copy the serial output to stderr as it arrives (use with
 //!   `--nocapture` to watch a test live).
 
+pub mod linux;
+
 use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

@@ -7,84 +7,10 @@
 //! `$VMFORK_CACHE`). When they are not built yet and cannot be fetched (no network, no apt),
 //! each test prints `SKIP: ...` and passes.
 
-use std::path::PathBuf;
-use std::process::Command;
-use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
-use vmfork_tests::{workspace_root, Qemu, QemuConfig, DEFAULT_TIMEOUT};
-
-const CMDLINE: &str = "console=ttyAMA0 earlycon rdinit=/init";
-/// What the busybox shell prints when it starts. Its prompt has no newline, and the monitor
-/// forwards a guest's console output line by line, so the prompt itself shows up only later.
-const SHELL_UP: &str = "Enter 'help' for a list of built-in commands.";
-/// `build.sh`'s exit status when the packages cannot be fetched.
-const EXIT_NO_NETWORK: i32 = 2;
-
-/// The kernel `Image` and the initramfs.
-#[derive(Clone, Debug)]
-struct LinuxGuest {
-    image: PathBuf,
-    initrd: PathBuf,
-}
-
-/// Builds the guest once per test process (build.sh itself does nothing when its output is up to
-/// date and makes no network request when the packages are cached). `Err` is the skip reason.
-fn linux_guest() -> Result<LinuxGuest, String> {
-    static GUEST: OnceLock<Result<LinuxGuest, String>> = OnceLock::new();
-    GUEST
-        .get_or_init(|| {
-            let root = workspace_root();
-            let script = root.join("guest-images/linux/build.sh");
-            let started = Instant::now();
-            let out = Command::new("bash")
-                .arg(&script)
-                .current_dir(&root)
-                .output()
-                .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            match out.status.code() {
-                Some(0) => {}
-                Some(EXIT_NO_NETWORK) => {
-                    return Err(format!(
-                        "the Linux guest is not built and its packages cannot be fetched:\n{stderr}"
-                    ))
-                }
-                _ => panic!("{} failed ({}):\n{stderr}", script.display(), out.status),
-            }
-            eprintln!(
-                "linux: build.sh took {:.1} s",
-                started.elapsed().as_secs_f64()
-            );
-            let dir = root.join("target/linux");
-            Ok(LinuxGuest {
-                image: dir.join("Image"),
-                initrd: dir.join("initramfs.cpio.gz"),
-            })
-        })
-        .clone()
-}
-
-/// Linux boots are heavy for a 2-core machine and the timing comparison must not run beside
-/// another boot: the tests of this file run one at a time.
-fn one_at_a_time() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Gets the guest, or prints why the test is skipped.
-macro_rules! guest_or_skip {
-    () => {
-        match linux_guest() {
-            Ok(g) => g,
-            Err(why) => {
-                println!("SKIP: {why}");
-                eprintln!("SKIP: {why}");
-                return;
-            }
-        }
-    };
-}
+use vmfork_tests::linux::{one_at_a_time, LinuxGuest, CMDLINE, SHELL_UP};
+use vmfork_tests::{guest_or_skip, Qemu, QemuConfig, DEFAULT_TIMEOUT};
 
 /// The monitor on `-smp 2 -m 1G` with the Linux guest as vm1 (256 MiB, `cpus` vCPUs).
 fn under_monitor(g: &LinuxGuest, cpus: u32, name: &str) -> Qemu {
@@ -141,7 +67,10 @@ fn check_shell_clock_and_poweroff(q: &Qemu) {
     eprintln!("linux: sleep 5 took {guest_secs:.2} s of guest time, {host_secs:.2} s wall");
     // At least 5 s of guest time, and the guest's clock never runs ahead of the host's (no
     // upper bound beyond that: tests never fail on a wall-clock time).
-    assert!(guest_secs >= 5.0, "sleep 5 took {guest_secs} s of guest time");
+    assert!(
+        guest_secs >= 5.0,
+        "sleep 5 took {guest_secs} s of guest time"
+    );
     assert!(
         guest_secs <= host_secs + 0.05,
         "guest time {guest_secs} s against {host_secs} s of wall time"

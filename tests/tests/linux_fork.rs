@@ -10,19 +10,13 @@
 //! machine); when it is not built and cannot be fetched, each test prints `SKIP: ...` and passes.
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vmfork_tests::{vmfork_tool, workspace_root, ControlSocket, Qemu, QemuConfig, DEFAULT_TIMEOUT};
+use vmfork_tests::linux::{one_at_a_time, LinuxGuest, CMDLINE, SHELL_UP};
+use vmfork_tests::{guest_or_skip, vmfork_tool, ControlSocket, Qemu, QemuConfig, DEFAULT_TIMEOUT};
 
-const CMDLINE: &str = "console=ttyAMA0 earlycon rdinit=/init";
-/// What the busybox shell prints when it starts (its prompt has no newline).
-const SHELL_UP: &str = "Enter 'help' for a list of built-in commands.";
-/// `build.sh`'s exit status when the packages cannot be fetched.
-const EXIT_NO_NETWORK: i32 = 2;
 /// The guest's RAM, in MiB and in 4 KiB pages.
 const GUEST_MIB: u64 = 256;
 const GUEST_PAGES: u64 = GUEST_MIB * 256;
@@ -30,64 +24,6 @@ const GUEST_PAGES: u64 = GUEST_MIB * 256;
 const RESEED: &str = "crng reseeded due to virtual machine fork";
 /// The shell loop started before a fork: it prints `tick-N` once a second, in the background.
 const TICK_LOOP: &str = "i=0; while true; do echo tick-$i; i=$((i+1)); sleep 1; done &\n";
-
-/// The kernel `Image` and the initramfs.
-#[derive(Clone, Debug)]
-struct LinuxGuest {
-    image: PathBuf,
-    initrd: PathBuf,
-}
-
-/// Builds the guest once per test process; `Err` is the skip reason.
-fn linux_guest() -> Result<LinuxGuest, String> {
-    static GUEST: OnceLock<Result<LinuxGuest, String>> = OnceLock::new();
-    GUEST
-        .get_or_init(|| {
-            let root = workspace_root();
-            let script = root.join("guest-images/linux/build.sh");
-            let out = Command::new("bash")
-                .arg(&script)
-                .current_dir(&root)
-                .output()
-                .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            match out.status.code() {
-                Some(0) => {}
-                Some(EXIT_NO_NETWORK) => {
-                    return Err(format!(
-                        "the Linux guest is not built and its packages cannot be fetched:\n{stderr}"
-                    ))
-                }
-                _ => panic!("{} failed ({}):\n{stderr}", script.display(), out.status),
-            }
-            let dir = root.join("target/linux");
-            Ok(LinuxGuest {
-                image: dir.join("Image"),
-                initrd: dir.join("initramfs.cpio.gz"),
-            })
-        })
-        .clone()
-}
-
-/// Linux boots are heavy for a 2-core machine: the tests of this file run one at a time.
-fn one_at_a_time() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Gets the guest, or prints why the test is skipped.
-macro_rules! guest_or_skip {
-    () => {
-        match linux_guest() {
-            Ok(g) => g,
-            Err(why) => {
-                println!("SKIP: {why}");
-                eprintln!("SKIP: {why}");
-                return;
-            }
-        }
-    };
-}
 
 /// The monitor on `-smp 2 -m <host_mib>` with its control channel on `socket` and the Linux guest
 /// as vm1 (256 MiB, `cpus` vCPUs).
