@@ -92,7 +92,17 @@ pub fn init_cpu(cpu: usize) {
             core::arch::asm!("mrs {0}, id_aa64mmfr0_el1", out(reg) mmfr0, options(nostack));
             core::arch::asm!("mrs {0}, id_aa64mmfr1_el1", out(reg) mmfr1, options(nostack));
         }
+        // VTCR_EL2.PS: the physical address size this CPU implements (ID_AA64MMFR0_EL1.PARange,
+        // capped at 48 bits: 52-bit output addresses need FEAT_LPA descriptors we do not use).
+        // The guest IPA space is 39 bits (vmfork_core::stage2: the walk starts at level 1),
+        // which needs a PARange of at least 40 bits (0b0010) to be a valid configuration.
         let ps = ((mmfr0 & 0xf) as u8).min(0b101);
+        if ps < 0b010 {
+            log::error!(
+                "this CPU's PARange ({ps:#05b}) is below 40 bits: the 39-bit guest IPA space \
+                 does not fit; guests will fault"
+            );
+        }
         let vmid16 = (mmfr1 >> 4) & 0xf == 0b0010;
         VTCR.store(vtcr_el2(ps, vmid16), Ordering::SeqCst);
         VMS.lock().set_vmid_bits(if vmid16 { 16 } else { 8 });
