@@ -1087,6 +1087,28 @@ pub fn wait_count(q: &Qemu, pattern: &str, n: usize) {
     }
 }
 
+/// Runs the `vmfork` tool against the monitor at `socket` with `args` (stdin empty).
+pub fn vmfork_run(socket: &ControlSocket, args: &[&str]) -> std::process::Output {
+    Command::new(vmfork_tool())
+        .arg("--socket")
+        .arg(socket.path())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vmfork")
+}
+
+/// Runs the `vmfork` tool and returns its stdout, failing the test (with stderr) on an error.
+pub fn vmfork_ok(socket: &ControlSocket, args: &[&str]) -> String {
+    let out = vmfork_run(socket, args);
+    assert!(
+        out.status.success(),
+        "vmfork {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A Unix socket path for the monitor's control channel: unique, short enough for `sun_path`
 /// (108 bytes, so under /tmp rather than the test's temp dir), removed on drop.
 pub struct ControlSocket(PathBuf);
@@ -1164,10 +1186,28 @@ impl QemuConfig {
         } else {
             guest_image(image)
         };
-        let cfg = self.arg("-fw_cfg").arg(&format!(
+        self.guest_files(index, &path, None, config)
+    }
+
+    /// Adds guest `index` of the monitor from files: `kernel`, an optional `initrd` and, unless
+    /// empty, `config` as its fw_cfg config text.
+    pub fn guest_files(
+        self,
+        index: u32,
+        kernel: &Path,
+        initrd: Option<&Path>,
+        config: &str,
+    ) -> Self {
+        let mut cfg = self.arg("-fw_cfg").arg(&format!(
             "name=opt/vmfork/{index}/kernel,file={}",
-            path.display()
+            kernel.display()
         ));
+        if let Some(initrd) = initrd {
+            cfg = cfg.arg("-fw_cfg").arg(&format!(
+                "name=opt/vmfork/{index}/initrd,file={}",
+                initrd.display()
+            ));
+        }
         if config.is_empty() {
             return cfg;
         }

@@ -82,3 +82,19 @@ macro_rules! guest_or_skip {
         }
     };
 }
+
+/// Adds the Linux guest to the monitor as guest 0 (`vm1`, named `linux`): `mem_mib` of RAM,
+/// `cpus` vCPUs, [`CMDLINE`].
+pub fn with_linux(
+    cfg: crate::QemuConfig,
+    g: &LinuxGuest,
+    mem_mib: u64,
+    cpus: u32,
+) -> crate::QemuConfig {
+    cfg.guest_files(
+        0,
+        &g.image,
+        Some(&g.initrd),
+        &format!("mem={mem_mib}M cpus={cpus} name=linux cmdline={CMDLINE}"),
+    )
+}

@@ -1,34 +1,15 @@
 //! The real `vmfork` tool against the real monitor under QEMU.
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vmfork_tests::{vmfork_tool, ControlSocket, Qemu, QemuConfig, DEFAULT_TIMEOUT};
-
-fn vmfork(socket: &ControlSocket, args: &[&str]) -> Output {
-    Command::new(vmfork_tool())
-        .arg("--socket")
-        .arg(socket.path())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run vmfork")
-}
-
-/// Runs `vmfork` and returns its stdout, failing the test (with stderr) on a non-zero exit.
-fn ok(socket: &ControlSocket, args: &[&str]) -> String {
-    let out = vmfork(socket, args);
-    assert!(
-        out.status.success(),
-        "vmfork {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use vmfork_tests::{
+    vmfork_ok, vmfork_run, vmfork_tool, ControlSocket, Qemu, QemuConfig, DEFAULT_TIMEOUT,
+};
 
 /// Runs `vmfork` expecting failure; returns stderr.
 fn fails(socket: &ControlSocket, args: &[&str]) -> String {
-    let out = vmfork(socket, args);
+    let out = vmfork_run(socket, args);
     assert_eq!(out.status.code(), Some(1), "vmfork {args:?} should fail");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -55,10 +36,10 @@ fn fork_eight_list_console_pause_resume_reset_kill() {
     let mut q = Qemu::start(boot("cli_fork", &socket, 1024).guest(0, "counter", "mem=32M"));
     q.wait_for("[vm1] counter: tick 1", DEFAULT_TIMEOUT);
 
-    let ids = ok(&socket, &["fork", "1", "--count", "8"]);
+    let ids = vmfork_ok(&socket, &["fork", "1", "--count", "8"]);
     let ids: Vec<&str> = ids.split_whitespace().collect();
     assert_eq!(ids, ["2", "3", "4", "5", "6", "7", "8", "9"]);
-    let list = ok(&socket, &["list"]);
+    let list = vmfork_ok(&socket, &["list"]);
     assert_eq!(list.lines().count(), 10, "header + 9 VMs:\n{list}");
     for id in 2..=9 {
         assert!(
@@ -68,7 +49,7 @@ fn fork_eight_list_console_pause_resume_reset_kill() {
             "vm{id} with parent 1 missing:\n{list}"
         );
     }
-    let json = ok(&socket, &["--json", "list"]);
+    let json = vmfork_ok(&socket, &["--json", "list"]);
     assert!(
         json.contains("\"parent\": 1") || json.contains("\"parent\":1"),
         "{json}"
@@ -91,22 +72,22 @@ fn fork_eight_list_console_pause_resume_reset_kill() {
     }
 
     // Pause, resume, reset of a fork, kill of the parent.
-    ok(&socket, &["pause", "3"]);
-    assert!(ok(&socket, &["info", "3"]).contains("paused"));
-    ok(&socket, &["resume", "3"]);
-    assert!(ok(&socket, &["info", "3"]).contains("running"));
-    ok(&socket, &["reset", "4"]);
+    vmfork_ok(&socket, &["pause", "3"]);
+    assert!(vmfork_ok(&socket, &["info", "3"]).contains("paused"));
+    vmfork_ok(&socket, &["resume", "3"]);
+    assert!(vmfork_ok(&socket, &["info", "3"]).contains("running"));
+    vmfork_ok(&socket, &["reset", "4"]);
     q.wait_for("vm4: reset to its fork point", DEFAULT_TIMEOUT);
     let err = fails(&socket, &["reset", "1"]);
     assert!(err.contains("not a fork"), "{err}");
-    ok(&socket, &["kill", "1"]);
+    vmfork_ok(&socket, &["kill", "1"]);
     let err = fails(&socket, &["info", "1"]);
     assert!(err.contains("no such VM"), "{err}");
     let before = q.count("[vm9] counter: tick");
     wait_until("vm9 to go on after its parent died", || {
         q.count("[vm9] counter: tick") > before + 1
     });
-    let stats = ok(&socket, &["stats"]);
+    let stats = vmfork_ok(&socket, &["stats"]);
     assert!(
         stats.contains("vms:") && stats.contains("frames:"),
         "{stats}"
@@ -127,9 +108,9 @@ fn diff_counts_exactly_the_pages_a_fork_wrote() {
     wait_until("both sides of the fork to report", || {
         q.count("[vm2] C") == 1 && q.count("[vm1] P") == 1
     });
-    let out = ok(&socket, &["diff", "1", "2"]);
+    let out = vmfork_ok(&socket, &["diff", "1", "2"]);
     assert!(out.contains("37 of 4096 pages differ"), "{out}");
-    let json = ok(&socket, &["--json", "diff", "1", "2"]);
+    let json = vmfork_ok(&socket, &["--json", "diff", "1", "2"]);
     assert!(
         json.contains("\"differing_pages\": 37") || json.contains("\"differing_pages\":37"),
         "{json}"
@@ -150,15 +131,15 @@ fn out_of_memory_pauses_a_fork_that_resumes_when_memory_comes_back() {
         "vm3: paused: no free frame for a copy-on-write fault",
         DEFAULT_TIMEOUT,
     );
-    let info = ok(&socket, &["info", "3"]);
+    let info = vmfork_ok(&socket, &["info", "3"]);
     assert!(info.contains("out of memory"), "{info}");
     // Memory comes back when another VM goes; then the fork can go on and finish.
-    ok(&socket, &["kill", "2"]);
+    vmfork_ok(&socket, &["kill", "2"]);
     q.wait_for(
         "vm2: 'guest1' killed by the control channel",
         DEFAULT_TIMEOUT,
     );
-    ok(&socket, &["resume", "3"]);
+    vmfork_ok(&socket, &["resume", "3"]);
     q.wait_for("[vm3] forkloop: reset ok resets=1", DEFAULT_TIMEOUT);
     q.expect_no("FAIL");
     q.kill();
@@ -190,7 +171,7 @@ fn dump_then_restore_continues_from_the_dumped_state_even_on_a_fresh_monitor() {
     let socket = ControlSocket::new();
     let mut q = Qemu::start(boot("cli_dump", &socket, 512).guest(0, "counter", "mem=16M"));
     q.wait_for("[vm1] counter: tick 5", DEFAULT_TIMEOUT);
-    let out = ok(&socket, &["dump", "1", file_s]);
+    let out = vmfork_ok(&socket, &["dump", "1", file_s]);
     assert!(out.contains("written to"), "{out}");
     // The dumped VM kept running, and the snapshot fork is gone once read out.
     q.wait_for("vm2: 'guest0.2' snapshot read out", DEFAULT_TIMEOUT);
@@ -199,7 +180,7 @@ fn dump_then_restore_continues_from_the_dumped_state_even_on_a_fresh_monitor() {
         &format!("[vm1] counter: tick {}", at_dump + 2),
         DEFAULT_TIMEOUT,
     );
-    let id = ok(&socket, &["restore", file_s]);
+    let id = vmfork_ok(&socket, &["restore", file_s]);
     let id = id.trim();
     // The restored VM counts on from where the dump was taken, not from 1.
     let caps = q.wait_for_regex(&format!(r"\[vm{id}\] counter: tick (\d+)"), DEFAULT_TIMEOUT);
@@ -211,7 +192,7 @@ fn dump_then_restore_continues_from_the_dumped_state_even_on_a_fresh_monitor() {
     let socket2 = ControlSocket::new();
     let mut q2 = Qemu::start(boot("cli_restore_fresh", &socket2, 512));
     q2.wait_for("monitor: ready", DEFAULT_TIMEOUT);
-    assert_eq!(ok(&socket2, &["restore", file_s]).trim(), "1");
+    assert_eq!(vmfork_ok(&socket2, &["restore", file_s]).trim(), "1");
     let caps = q2.wait_for_regex(r"\[vm1\] counter: tick (\d+)", DEFAULT_TIMEOUT);
     let first: u64 = caps[1].parse().unwrap();
     assert!(first >= 5, "the restored VM started counting at {first}");
@@ -223,7 +204,7 @@ fn dump_then_restore_continues_from_the_dumped_state_even_on_a_fresh_monitor() {
     std::fs::write(&bad, &bytes).unwrap();
     let err = fails(&socket2, &["restore", bad.to_str().unwrap()]);
     assert!(err.contains("snapshot") || err.contains("CRC"), "{err}");
-    assert_eq!(ok(&socket2, &["list"]).lines().count(), 2);
+    assert_eq!(vmfork_ok(&socket2, &["list"]).lines().count(), 2);
     q2.kill();
 }
 
@@ -233,7 +214,7 @@ fn create_boots_a_guest_sent_over_the_channel() {
     let mut q = Qemu::start(boot("cli_create", &socket, 512));
     q.wait_for("monitor: ready", DEFAULT_TIMEOUT);
     let counter = vmfork_tests::guest_image("counter");
-    let id = ok(
+    let id = vmfork_ok(
         &socket,
         &[
             "create",

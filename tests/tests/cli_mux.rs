@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use vmfork_tests::{vmfork_tool, ControlSocket, Qemu, QemuConfig, DEFAULT_TIMEOUT};
+use vmfork_tests::{vmfork_ok, vmfork_tool, ControlSocket, Qemu, QemuConfig, DEFAULT_TIMEOUT};
 
 /// The mux process; killed when the test ends, however it ends.
 struct MuxProcess(Child);
@@ -43,22 +43,6 @@ impl Drop for MuxProcess {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn vmfork(socket: &ControlSocket, args: &[&str]) -> String {
-    let out = Command::new(vmfork_tool())
-        .arg("--socket")
-        .arg(socket.path())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run vmfork");
-    assert!(
-        out.status.success(),
-        "vmfork {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// `vmfork console VM --linger MS` in a child process, its output collected as it comes.
@@ -174,10 +158,10 @@ fn a_console_streams_while_other_processes_list_and_fork() {
     // Long enough that the other commands surely run while it is attached.
     let mut console = Console::start(&listen, 1, 8000);
     console.wait_streaming();
-    let list = vmfork(&listen, &["list"]);
+    let list = vmfork_ok(&listen, &["list"]);
     assert_eq!(list.lines().count(), 2, "header + vm1:\n{list}");
-    assert_eq!(vmfork(&listen, &["fork", "1"]).trim(), "2");
-    let list = vmfork(&listen, &["list"]);
+    assert_eq!(vmfork_ok(&listen, &["fork", "1"]).trim(), "2");
+    let list = vmfork_ok(&listen, &["list"]);
     assert_eq!(list.lines().count(), 3, "header + 2 VMs:\n{list}");
     assert!(
         console.running(),
@@ -210,9 +194,9 @@ fn two_consoles_on_two_vms_at_once_each_get_their_vms_output() {
 
     // vm2 is a fork of vm1 kept paused while vm1 counts on: once resumed it counts from where
     // the fork was taken, far below vm1, so the two consoles' ticks tell the VMs apart.
-    assert_eq!(vmfork(&listen, &["fork", "1", "--paused"]).trim(), "2");
+    assert_eq!(vmfork_ok(&listen, &["fork", "1", "--paused"]).trim(), "2");
     q.wait_for("[vm1] counter: tick 100", DEFAULT_TIMEOUT);
-    vmfork(&listen, &["resume", "2"]);
+    vmfork_ok(&listen, &["resume", "2"]);
     q.wait_for("[vm2] counter: tick", DEFAULT_TIMEOUT);
 
     let mut c1 = Console::start(&listen, 1, 3000);
@@ -224,7 +208,7 @@ fn two_consoles_on_two_vms_at_once_each_get_their_vms_output() {
         "both consoles are attached at once"
     );
     // And a third process meanwhile.
-    assert_eq!(vmfork(&listen, &["list"]).lines().count(), 3);
+    assert_eq!(vmfork_ok(&listen, &["list"]).lines().count(), 3);
     let (s1, out1, err1) = c1.finish();
     let (s2, out2, err2) = c2.finish();
     assert!(s1.success(), "console 1: {err1}");

@@ -9,30 +9,13 @@
 
 use std::time::Instant;
 
-use vmfork_tests::linux::{one_at_a_time, LinuxGuest, CMDLINE, SHELL_UP};
+use vmfork_tests::linux::{one_at_a_time, with_linux, LinuxGuest, CMDLINE, SHELL_UP};
 use vmfork_tests::{guest_or_skip, Qemu, QemuConfig, DEFAULT_TIMEOUT};
 
 /// The monitor on `-smp 2 -m 1G` with the Linux guest as vm1 (256 MiB, `cpus` vCPUs).
 fn under_monitor(g: &LinuxGuest, cpus: u32, name: &str) -> Qemu {
-    let cfg = QemuConfig::monitor()
-        .smp(2)
-        .mem_mib(1024)
-        .name(name)
-        .arg("-fw_cfg")
-        .arg(&format!(
-            "name=opt/vmfork/0/kernel,file={}",
-            g.image.display()
-        ))
-        .arg("-fw_cfg")
-        .arg(&format!(
-            "name=opt/vmfork/0/initrd,file={}",
-            g.initrd.display()
-        ))
-        .arg("-fw_cfg")
-        .arg(&format!(
-            "name=opt/vmfork/0/config,string=mem=256M cpus={cpus} name=linux cmdline={CMDLINE}"
-        ));
-    Qemu::start(cfg)
+    let cfg = QemuConfig::monitor().smp(2).mem_mib(1024).name(name);
+    Qemu::start(with_linux(cfg, g, 256, cpus))
 }
 
 /// Types `line` into the shell and waits for the output line that contains `expect` (which must

@@ -14,8 +14,10 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vmfork_tests::linux::{one_at_a_time, LinuxGuest, CMDLINE, SHELL_UP};
-use vmfork_tests::{guest_or_skip, vmfork_tool, ControlSocket, Qemu, QemuConfig, DEFAULT_TIMEOUT};
+use vmfork_tests::linux::{one_at_a_time, with_linux, LinuxGuest, SHELL_UP};
+use vmfork_tests::{
+    guest_or_skip, vmfork_ok, vmfork_tool, ControlSocket, Qemu, QemuConfig, DEFAULT_TIMEOUT,
+};
 
 /// The guest's RAM, in MiB and in 4 KiB pages.
 const GUEST_MIB: u64 = 256;
@@ -31,39 +33,8 @@ fn under_monitor(g: &LinuxGuest, socket: &ControlSocket, cpus: u32, host_mib: u6
     let cfg = QemuConfig::monitor()
         .smp(2)
         .mem_mib(host_mib)
-        .control(socket)
-        .arg("-fw_cfg")
-        .arg(&format!(
-            "name=opt/vmfork/0/kernel,file={}",
-            g.image.display()
-        ))
-        .arg("-fw_cfg")
-        .arg(&format!(
-            "name=opt/vmfork/0/initrd,file={}",
-            g.initrd.display()
-        ))
-        .arg("-fw_cfg")
-        .arg(&format!(
-            "name=opt/vmfork/0/config,string=mem={GUEST_MIB}M cpus={cpus} name=linux cmdline={CMDLINE}"
-        ));
-    Qemu::start(cfg)
-}
-
-/// Runs `vmfork --socket <socket> <args>` and returns its stdout; fails the test on an error.
-fn vmfork(socket: &ControlSocket, args: &[&str]) -> String {
-    let out = Command::new(vmfork_tool())
-        .arg("--socket")
-        .arg(socket.path())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run vmfork");
-    assert!(
-        out.status.success(),
-        "vmfork {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+        .control(socket);
+    Qemu::start(with_linux(cfg, g, GUEST_MIB, cpus))
 }
 
 /// Types `line` into `vm`'s console with `vmfork console <vm>` (piped stdin), which keeps
@@ -165,7 +136,7 @@ fn frames(stats: &str) -> (u64, u64) {
 /// With no VM left, the monitor holds only its own few frames (the control channel's buffers):
 /// nothing of any VM's 256 MiB (65,536 frames) or its tables, and the last teardown line agrees.
 fn assert_all_memory_back(socket: &ControlSocket, q: &Qemu) {
-    let stats = vmfork(socket, &["stats"]);
+    let stats = vmfork_ok(socket, &["stats"]);
     let (used, free) = frames(&stats);
     let teardown = last_frames_free(&q.serial()).expect("a `frames free` teardown line");
     eprintln!("linux_fork: all killed: {stats}");
@@ -216,7 +187,7 @@ fn linux_forked_from_the_host_runs_on_in_both_with_own_consoles_tmp_and_rng_then
     let mut q = boot_with_ticks(&g, &socket, 2, 1024);
 
     let fork_started = Instant::now();
-    assert_eq!(vmfork(&socket, &["fork", "1"]).trim(), "2");
+    assert_eq!(vmfork_ok(&socket, &["fork", "1"]).trim(), "2");
     let forked_at = fork_started.elapsed();
     let at_fork = ticks(&q.serial(), 1).last().copied().unwrap_or(0);
     q.wait_for("vm1: forked vm2 in", DEFAULT_TIMEOUT);
@@ -280,12 +251,12 @@ fn linux_forked_from_the_host_runs_on_in_both_with_own_consoles_tmp_and_rng_then
     );
 
     // The two share what neither wrote since the fork.
-    let info = vmfork(&socket, &["info", "2"]);
+    let info = vmfork_ok(&socket, &["info", "2"]);
     let (private, shared) = (
         field(&info, "private pages:"),
         field(&info, "shared pages:"),
     );
-    let parent = vmfork(&socket, &["info", "1"]);
+    let parent = vmfork_ok(&socket, &["info", "1"]);
     eprintln!(
         "linux_fork: after the fork, vm2 has {private} private and {shared} shared pages, vm1 {} \
          private and {} shared, of {GUEST_PAGES}",
@@ -299,7 +270,7 @@ fn linux_forked_from_the_host_runs_on_in_both_with_own_consoles_tmp_and_rng_then
 
     // Reset: the child goes back to its fork point; its /tmp file is gone, its ticks go back.
     let child_before = ticks(&q.serial(), 2).last().copied().unwrap_or(0);
-    vmfork(&socket, &["reset", "2"]);
+    vmfork_ok(&socket, &["reset", "2"]);
     q.wait_for("vm2: reset to its fork point", DEFAULT_TIMEOUT);
     let reset_at = q.serial().len();
     let after = wait_log(&q, "vm2's ticks after its reset", |log| {
@@ -328,10 +299,10 @@ fn linux_forked_from_the_host_runs_on_in_both_with_own_consoles_tmp_and_rng_then
     );
 
     // The parent dies first: the child runs on with the memory it shared, then dies too.
-    vmfork(&socket, &["kill", "1"]);
+    vmfork_ok(&socket, &["kill", "1"]);
     q.wait_for("vm1: 'linux' killed", DEFAULT_TIMEOUT);
     ask(&q, &socket, 2, "echo orphan-$((6*7))", "orphan-42");
-    vmfork(&socket, &["kill", "2"]);
+    vmfork_ok(&socket, &["kill", "2"]);
     q.wait_for("vm2: 'linux.2' killed", DEFAULT_TIMEOUT);
     assert_all_memory_back(&socket, &q);
 
@@ -351,16 +322,16 @@ fn linux_forked_eight_times_all_nine_answer_and_killing_them_returns_the_memory(
     let test = Instant::now();
     let socket = ControlSocket::new();
     let mut q = boot_with_ticks(&g, &socket, 1, 1024);
-    let booted = vmfork(&socket, &["stats"]);
+    let booted = vmfork_ok(&socket, &["stats"]);
     eprintln!("linux_fork: after boot:\n{booted}");
 
-    let ids = vmfork(&socket, &["fork", "1", "--count", "8"]);
+    let ids = vmfork_ok(&socket, &["fork", "1", "--count", "8"]);
     let ids: Vec<u32> = ids
         .split_whitespace()
         .filter_map(|s| s.parse().ok())
         .collect();
     assert_eq!(ids, [2, 3, 4, 5, 6, 7, 8, 9]);
-    let list = vmfork(&socket, &["list"]);
+    let list = vmfork_ok(&socket, &["list"]);
     assert_eq!(list.lines().count(), 10, "header + 9 VMs:\n{list}");
 
     // All nine run on: each one's loop ticks on and its shell answers on its own console.
@@ -382,13 +353,13 @@ fn linux_forked_eight_times_all_nine_answer_and_killing_them_returns_the_memory(
         (2..=9).all(|vm| vm_said(log, vm, RESEED))
     });
     assert!(!vm_said(&log, 1, RESEED), "the parent reseeded");
-    let stats = vmfork(&socket, &["stats"]);
+    let stats = vmfork_ok(&socket, &["stats"]);
     eprintln!("linux_fork: nine VMs:\n{stats}");
 
     // The forks killed in an order that is neither forward nor backward: every frame they took
     // comes back while the parent lives (its copies replace the frames it shared).
     for vm in [5u32, 9, 2, 7, 3, 8, 4, 6] {
-        vmfork(&socket, &["kill", &vm.to_string()]);
+        vmfork_ok(&socket, &["kill", &vm.to_string()]);
         q.wait_for(&format!("vm{vm}: 'linux.{vm}' killed"), DEFAULT_TIMEOUT);
     }
     let (free, total) = last_frames_free(&q.serial()).expect("a `frames free` teardown line");
@@ -405,7 +376,7 @@ fn linux_forked_eight_times_all_nine_answer_and_killing_them_returns_the_memory(
         "echo parent-alone-$((6*7))",
         "parent-alone-42",
     );
-    vmfork(&socket, &["kill", "1"]);
+    vmfork_ok(&socket, &["kill", "1"]);
     q.wait_for("vm1: 'linux' killed", DEFAULT_TIMEOUT);
     assert_all_memory_back(&socket, &q);
     check_monitor_log_clean(&q);
