@@ -322,7 +322,6 @@ fn fork_one(
         ram_size: parent.ram_size,
         cmdline: parent.cmdline.clone(),
         line: Vec::new(),
-        exits: 0,
         parent: Some(id),
         generation: parent.generation + 1,
         genid,

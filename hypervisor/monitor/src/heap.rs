@@ -17,7 +17,6 @@ pub unsafe fn init(start: u64, size: u64) {
 }
 
 /// Bytes currently allocated and bytes free on the heap.
-#[allow(dead_code)] // used by the stats of the control channel once it exists
 pub fn usage() -> (usize, usize) {
     let heap = HEAP.lock();
     (heap.used(), heap.free())

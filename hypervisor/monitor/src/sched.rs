@@ -35,6 +35,10 @@ static RX: Mutex<VecDeque<u8>> = Mutex::new(VecDeque::new());
 static HCR_GUEST: AtomicU64 = AtomicU64::new(0);
 static VTCR: AtomicU64 = AtomicU64::new(0);
 static NR_LRS: AtomicU64 = AtomicU64::new(0);
+/// ICH_AP<n>R registers implemented (1, 2 or 4), read once at boot.
+static NR_APRS: AtomicU64 = AtomicU64::new(1);
+/// The CPU has pointer authentication, so its key registers are switched (read once at boot).
+static PAUTH: AtomicBool = AtomicBool::new(false);
 
 /// HCR_EL2 while a guest runs. VM: stage 2 on; SWIO: set/way cache ops become clean+invalidate;
 /// FMO/IMO/AMO: physical FIQ/IRQ/SError go to EL2 (and the guest gets virtual ones); FB and
@@ -106,11 +110,20 @@ pub fn init_cpu(cpu: usize) {
         let vmid16 = (mmfr1 >> 4) & 0xf == 0b0010;
         VTCR.store(vtcr_el2(ps, vmid16), Ordering::SeqCst);
         VMS.lock().set_vmid_bits(if vmid16 { 16 } else { 8 });
+        PAUTH.store(crate::arch::sysregs::has_pauth(), Ordering::SeqCst);
         HCR_GUEST.store(
-            hcr_guest(crate::arch::sysregs::has_pauth()) | crate::arch::idregs::HCR_EL2_TRAPS,
+            hcr_guest(PAUTH.load(Ordering::SeqCst)) | crate::arch::idregs::HCR_EL2_TRAPS,
             Ordering::SeqCst,
         );
-        NR_LRS.store(gic::ich_vtr().list_registers as u64, Ordering::SeqCst);
+        let vtr = gic::ich_vtr();
+        NR_LRS.store(vtr.list_registers as u64, Ordering::SeqCst);
+        // 5, 6 or 7 preemption bits: 1, 2 or 4 ICH_AP<n>R registers.
+        let aprs = match vtr.pre_bits {
+            0..=5 => 1,
+            6 => 2,
+            _ => 4,
+        };
+        NR_APRS.store(aprs, Ordering::SeqCst);
         let _ = gic::register_handler(timer::intid(), on_slice_timer);
         let _ = gic::register_handler(vm::VTIMER_INTID, on_nothing);
         let _ = gic::register_handler(25, on_nothing); // GIC maintenance interrupt
@@ -259,7 +272,7 @@ fn load_cpuif(s: &CpuIfState) {
     for i in 0..n.min(s.lrs.len()) {
         let _ = gic::write_lr(i, s.lrs[i]);
     }
-    let aprs = aprs_implemented();
+    let aprs = NR_APRS.load(Ordering::Relaxed) as usize;
     for i in 0..aprs {
         let _ = gic::write_ap0r(i, s.ap0r[i] as u64);
         let _ = gic::write_ap1r(i, s.ap1r[i] as u64);
@@ -274,7 +287,7 @@ fn store_cpuif(s: &mut CpuIfState) {
     for i in 0..n.min(s.lrs.len()) {
         s.lrs[i] = gic::read_lr(i).unwrap_or(0);
     }
-    let aprs = aprs_implemented();
+    let aprs = NR_APRS.load(Ordering::Relaxed) as usize;
     for i in 0..aprs {
         s.ap0r[i] = gic::read_ap0r(i).unwrap_or(0) as u32;
         s.ap1r[i] = gic::read_ap1r(i).unwrap_or(0) as u32;
@@ -285,19 +298,10 @@ fn store_cpuif(s: &mut CpuIfState) {
     gic::write_ich_hcr(0);
 }
 
-/// ICH_AP<n>R registers implemented: 1, 2 or 4 for 5, 6 or 7 preemption bits.
-fn aprs_implemented() -> usize {
-    match gic::ich_vtr().pre_bits {
-        0..=5 => 1,
-        6 => 2,
-        _ => 4,
-    }
-}
-
 pub(crate) fn run_vcpu(cpu: usize, id: u32, vcpu: usize, mut ctx: Box<VcpuCtx>) {
     let slice_end = timer::now() + timer::ticks_from_micros(SLICE_MICROS);
     SLICE_OVER[cpu].store(false, Ordering::SeqCst);
-    let pauth = crate::arch::sysregs::has_pauth();
+    let pauth = PAUTH.load(Ordering::Relaxed);
     let nr_lrs = NR_LRS.load(Ordering::Relaxed) as usize;
     loop {
         // Prepare under the lock: deliver a due virtual-timer interrupt, fill the list registers.

@@ -251,7 +251,6 @@ pub fn restore(t: &mut VmTable, bytes: &[u8]) -> Result<u32, String> {
             ram_size: header.mem_bytes,
             cmdline: header.cmdline,
             line: Vec::new(),
-            exits: 0,
             parent: None,
             generation: saved.generation,
             genid,

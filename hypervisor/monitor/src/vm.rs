@@ -124,8 +124,6 @@ pub struct Vm {
     pub cmdline: String,
     /// Console output not yet ended by a newline.
     pub line: Vec<u8>,
-    /// Guest exits handled.
-    pub exits: u64,
     /// The VM this one was forked from.
     pub parent: Option<u32>,
     /// Fork generation: 0 for a VM created from an image, the parent's + 1 for a fork.
@@ -435,7 +433,6 @@ impl VmTable {
             ram_size: spec.mem,
             cmdline: spec.cmdline.clone(),
             line: Vec::new(),
-            exits: 0,
             parent: None,
             generation: 0,
             genid,
@@ -773,7 +770,6 @@ pub fn handle_sync(
     let Some(vm) = t.vms.get_mut(&id) else {
         return (Next::Leave, kicks);
     };
-    vm.exits += 1;
     let esr = syn.esr;
     let next = match esr.ec() {
         ExceptionClass::DataAbortLowerEl => data_abort(vm, vcpu, ctx, syn, &mut kicks),
