@@ -11,6 +11,8 @@
 #                       (QEMU's own socket is SOCKET.qemu; `vmfork mux` shares it among clients).
 #   make test           every test: host unit/property tests, then the QEMU integration tests
 #   make lint           cargo fmt --check and clippy (host and bare-metal crates)
+#   make setup          install what the others need (they run it themselves): the Rust toolchain
+#                       of rust-toolchain.toml with aarch64-unknown-none, rustfmt and clippy, and QEMU
 #   make clean          remove build output
 
 SHELL        := /bin/bash
@@ -47,31 +49,33 @@ GUEST_FWCFG = $(if $(GUEST),\
 # pointer-authentication algorithm is about 3x slower to emulate.
 QEMU_MACHINE := -M virt,virtualization=on,gic-version=3 -cpu max,pauth-impdef=on
 
-.PHONY: all build monitor guests tools qemu-virt test test-host test-qemu lint clean ensure-qemu
+.PHONY: all build monitor guests tools qemu-virt test test-host test-qemu lint clean ensure-qemu \
+	ensure-toolchain setup
 
 all: build
 
+setup: ensure-toolchain ensure-qemu
+
 build: monitor guests tools
 
-monitor:
+# Every target that runs cargo first makes sure the toolchain pinned in rust-toolchain.toml, its
+# aarch64-unknown-none target, rustfmt and clippy are installed (scripts/setup.sh: a 0.1 s check,
+# `rustup toolchain install` only when something is missing).
+ensure-toolchain:
+	@scripts/setup.sh toolchain
+
+monitor: ensure-toolchain
 	$(CARGO) build --release --target $(TARGET) -p vmfork-monitor
 
-guests:
+guests: ensure-toolchain
 	$(CARGO) build --release --target $(TARGET) -p vmfork-guests
 
-tools:
+tools: ensure-toolchain
 	$(CARGO) build --release -p vmfork
 
 # Installs QEMU when it is missing: with apt-get as root, otherwise says what to run.
 ensure-qemu:
-	@if ! command -v $(QEMU) >/dev/null 2>&1; then \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "$(QEMU) not found: installing qemu-system-arm"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-arm; \
-	  else \
-	    echo "$(QEMU) not found. Install it with: sudo apt-get install -y qemu-system-arm" >&2; exit 1; \
-	  fi; \
-	fi
+	@QEMU=$(QEMU) scripts/setup.sh qemu
 
 qemu-virt: ensure-qemu build
 	@i=$(if $(GUEST),1,0); more=""; \
@@ -91,19 +95,19 @@ qemu-virt: ensure-qemu build
 
 test: ensure-qemu build test-host test-qemu
 
-test-host:
+test-host: ensure-toolchain
 	$(CARGO) test
 
 test-qemu: ensure-qemu build
 	$(CARGO) test --release -p vmfork-tests
 
-lint:
+lint: ensure-toolchain
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) clippy --release -p vmfork-tests --all-targets -- -D warnings
 	$(CARGO) clippy --release --target $(TARGET) -p vmfork-monitor -p vmfork-guests -- -D warnings
 
-clean:
+clean: ensure-toolchain
 	$(CARGO) clean
 
 # --- The Linux guest (guest-images/linux/README.md) ----------------------------------------------
