@@ -41,13 +41,14 @@ ensure_toolchain() {
     command -v rustup >/dev/null 2>&1 || die "rustup not found. Install rustup (https://rustup.rs), then run: rustup toolchain install $channel --target $target --component rustfmt,clippy"
     say "installing Rust $channel with $target, rustfmt and clippy (rust-toolchain.toml)"
     # Inside the work tree `rustup toolchain install` with no name installs the toolchain that
-    # rust-toolchain.toml names, with its targets and components. Its exit status is not the
+    # rust-toolchain.toml names, with its targets and components (--no-self-update: a new rustup
+    # home would otherwise try to replace rustup itself). Its exit status is not the
     # verdict (it fails on harmless post-install checks, e.g. a CARGO_HOME without rustup in
     # it): the check below is.
-    (cd "$root" && rustup toolchain install) >&2 || true
+    (cd "$root" && RUST_BACKTRACE=0 rustup toolchain install --no-self-update) >&2 || true
     if ! toolchain_ready; then
         # An already installed toolchain keeps its old target list: add what is missing.
-        (cd "$root" && rustup target add --toolchain "$channel" "$target" &&
+        (cd "$root" && export RUST_BACKTRACE=0 && rustup target add --toolchain "$channel" "$target" &&
             rustup component add --toolchain "$channel" rustfmt clippy) >&2 || true
     fi
     toolchain_ready || die "Rust $channel with $target, rustfmt and clippy is still missing. Run: rustup toolchain install $channel --target $target --component rustfmt,clippy"
