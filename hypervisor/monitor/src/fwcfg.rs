@@ -157,12 +157,11 @@ struct FwCfgDmaAccess {
 }
 
 /// `dsb sy`: completes every memory access before it, as seen by all observers (the DMA
-/// master included), before any memory access after it.
+/// master included), before any memory access after it. aarch64-cpu's barrier is not `nomem`,
+/// so the compiler also keeps memory accesses on their side of it.
 #[inline(always)]
 fn dsb_sy() {
-    // SAFETY: a barrier reads and writes no memory the program owns; it only orders accesses.
-    // It is not `nomem`, so the compiler also keeps memory accesses on their side of it.
-    unsafe { core::arch::asm!("dsb sy", options(nostack, preserves_flags)) };
+    aarch64_cpu::asm::barrier::dsb(aarch64_cpu::asm::barrier::SY);
 }
 
 /// One guest's files and its config, or why the config is unusable.

@@ -110,7 +110,7 @@ fn heap_range(dtb: &[u8], image_end: u64) -> Option<(u64, u64)> {
 #[no_mangle]
 extern "C" fn rust_main_el2(x0: usize) -> ! {
     percpu::set_cpu_index(0);
-    arch::exception::install_vectors();
+    arch::entry::install_vectors();
     let Some(dtb) = locate_dtb(x0) else {
         fatal("no device tree: neither x0 nor the start of RAM holds one")
     };
@@ -301,7 +301,7 @@ fn start_secondaries(platform: &Platform) -> usize {
 #[no_mangle]
 extern "C" fn rust_main_secondary(index: usize) -> ! {
     percpu::set_cpu_index(index);
-    arch::exception::install_vectors();
+    arch::entry::install_vectors();
     arch::mmu::enable_on_this_cpu();
     if let Err(e) = arch::init_interrupts_this_cpu(index) {
         log::error!("cpu{index}: cannot set up its interrupt controller interface: {e}");

@@ -69,33 +69,22 @@ fn hcr_guest(pauth: bool) -> u64 {
 const HCR_MONITOR: u64 = (1 << 3) | (1 << 4) | (1 << 5) | (1 << 31);
 
 fn write_hcr(v: u64) {
-    // SAFETY: HCR_EL2 configures how lower ELs run; the values used are the two documented
-    // above. The ISB synchronises the change before the next instruction (ARM ARM D19.2).
-    unsafe { core::arch::asm!("msr hcr_el2, {0}", "isb", in(reg) v, options(nostack)) };
+    crate::arch::sysregs::set_hcr_el2(v);
 }
 
 fn write_vttbr(v: u64) {
-    // SAFETY: selects the guest's stage-2 tables and VMID; only used while HCR_EL2.VM is set
-    // for that guest. ISB as for HCR_EL2.
-    unsafe { core::arch::asm!("msr vttbr_el2, {0}", "isb", in(reg) v, options(nostack)) };
+    crate::arch::sysregs::set_vttbr_el2(v);
 }
 
 fn write_vmpidr(v: u64) {
-    // SAFETY: VMPIDR_EL2 is what the guest reads as MPIDR_EL1; no effect on the monitor.
-    unsafe { core::arch::asm!("msr vmpidr_el2, {0}", in(reg) v, options(nostack)) };
+    crate::arch::sysregs::set_vmpidr_el2(v);
 }
 
 /// Per-CPU setup for running guests: VTCR_EL2, the physical interrupts the scheduler uses, and
 /// their handlers. Called on every CPU once the GIC is up.
 pub fn init_cpu(cpu: usize) {
     if cpu == 0 {
-        let mmfr0: u64;
-        let mmfr1: u64;
-        // SAFETY: reading ID registers has no side effects.
-        unsafe {
-            core::arch::asm!("mrs {0}, id_aa64mmfr0_el1", out(reg) mmfr0, options(nostack));
-            core::arch::asm!("mrs {0}, id_aa64mmfr1_el1", out(reg) mmfr1, options(nostack));
-        }
+        let (mmfr0, mmfr1) = crate::arch::sysregs::mmfr0_mmfr1();
         // VTCR_EL2.PS: the physical address size this CPU implements (ID_AA64MMFR0_EL1.PARange,
         // capped at 48 bits: 52-bit output addresses need FEAT_LPA descriptors we do not use).
         // The guest IPA space is 39 bits (vmfork_core::stage2: the walk starts at level 1),
@@ -135,9 +124,9 @@ pub fn init_cpu(cpu: usize) {
         }
     }
     let vtcr = VTCR.load(Ordering::SeqCst);
-    // SAFETY: VTCR_EL2 describes the stage-2 tables all VMs use (vmfork_core::stage2); no guest
-    // runs yet on this CPU. ISB as for HCR_EL2.
-    unsafe { core::arch::asm!("msr vtcr_el2, {0}", "isb", in(reg) vtcr, options(nostack)) };
+    // VTCR_EL2 describes the stage-2 tables all VMs use (vmfork_core::stage2); no guest runs yet
+    // on this CPU.
+    crate::arch::sysregs::set_vtcr_el2(vtcr);
     write_hcr(HCR_MONITOR);
     crate::arch::idregs::init_cpu(cpu);
     timer::set_guest_timer_access();
@@ -357,8 +346,7 @@ pub(crate) fn run_vcpu(cpu: usize, id: u32, vcpu: usize, mut ctx: Box<VcpuCtx>) 
             ctx.pauth.store();
         }
         // The guest's virtual timer must not fire while someone else runs: its state is saved.
-        // SAFETY: disabling the EL1 virtual timer only affects the guest context just saved.
-        unsafe { core::arch::asm!("msr cntv_ctl_el0, xzr", "isb", options(nostack)) };
+        crate::arch::sysregs::stop_guest_vtimer();
         store_cpuif(&mut ctx.cpuif);
         if exit == GuestExit::Irq {
             gic::dispatch_pending();

@@ -1,30 +1,14 @@
-//! EL2 exception vectors. Every entry saves x0-x30, ELR_EL2 and SPSR_EL2 into a [`TrapFrame`] on
-//! the current stack and calls [`handle_exception`]. So far the monitor expects no exception at
-//! all: anything that arrives is dumped, decoded, and stops the machine with a failure status.
+//! Exceptions taken at EL2 itself. The vector stubs (`arch/entry.rs`) save x0-x30, ELR_EL2 and
+//! SPSR_EL2 into a [`TrapFrame`] on the current stack and call [`handle_exception`]. The monitor
+//! expects no such exception at all: anything that arrives is dumped, decoded, and stops the
+//! machine with a failure status.
 
-use core::arch::global_asm;
 use core::fmt;
 
 use aarch64_cpu::registers::{Readable, ESR_EL2, FAR_EL2, HPFAR_EL2};
 use vmfork_core::esr::Esr;
 
-/// Registers saved by the vector stubs, in the order the assembly stores them.
-#[repr(C)]
-pub struct TrapFrame {
-    /// x0 to x30.
-    pub x: [u64; 31],
-    /// Exception link register: where the exception was taken.
-    pub elr: u64,
-    /// Saved program status.
-    pub spsr: u64,
-    _pad: u64,
-}
-
-const FRAME_SIZE: usize = core::mem::size_of::<TrapFrame>();
-const _: () = assert!(
-    FRAME_SIZE.is_multiple_of(16),
-    "the stack pointer must stay 16-byte aligned"
-);
+use super::entry::TrapFrame;
 
 /// Which of the 16 vector entries was taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,108 +58,6 @@ impl VectorKind {
             11 => Self::LowerSError,
             n => Self::LowerAarch32(n),
         }
-    }
-}
-
-global_asm!(
-    r#"
-.macro VENTRY index
-    .balign 0x80
-    sub     sp, sp, #{frame}
-    stp     x0, x1, [sp, #0]
-    mov     x0, #\index
-    b       el2_exception_common
-.endm
-
-// Exceptions from a guest (lower EL) leave the guest through the world switch in vcpu.rs.
-.macro VENTRY_GUEST index
-    .balign 0x80
-    stp     x0, x1, [sp, #-16]!
-    mov     x1, #\index
-    b       vmfork_guest_exit
-.endm
-
-.section .text.vectors, "ax"
-.balign 0x800
-.global el2_vectors
-el2_vectors:
-    VENTRY 0
-    VENTRY 1
-    VENTRY 2
-    VENTRY 3
-    VENTRY 4
-    .balign 0x80                        // 5: IRQ at EL2: the GIC dispatcher (arch/gic.rs)
-    b       el2_irq_current_el
-    VENTRY 6
-    VENTRY 7
-    VENTRY_GUEST 8
-    VENTRY_GUEST 9
-    VENTRY_GUEST 10
-    VENTRY_GUEST 11
-    VENTRY_GUEST 12
-    VENTRY_GUEST 13
-    VENTRY_GUEST 14
-    VENTRY_GUEST 15
-
-el2_exception_common:
-    stp     x2, x3, [sp, #16]
-    stp     x4, x5, [sp, #32]
-    stp     x6, x7, [sp, #48]
-    stp     x8, x9, [sp, #64]
-    stp     x10, x11, [sp, #80]
-    stp     x12, x13, [sp, #96]
-    stp     x14, x15, [sp, #112]
-    stp     x16, x17, [sp, #128]
-    stp     x18, x19, [sp, #144]
-    stp     x20, x21, [sp, #160]
-    stp     x22, x23, [sp, #176]
-    stp     x24, x25, [sp, #192]
-    stp     x26, x27, [sp, #208]
-    stp     x28, x29, [sp, #224]
-    mrs     x2, elr_el2
-    mrs     x3, spsr_el2
-    stp     x30, x2, [sp, #240]
-    str     x3, [sp, #256]
-    mov     x1, x0
-    mov     x0, sp
-    bl      handle_exception
-    ldp     x30, x2, [sp, #240]
-    ldr     x3, [sp, #256]
-    msr     elr_el2, x2
-    msr     spsr_el2, x3
-    ldp     x2, x3, [sp, #16]
-    ldp     x4, x5, [sp, #32]
-    ldp     x6, x7, [sp, #48]
-    ldp     x8, x9, [sp, #64]
-    ldp     x10, x11, [sp, #80]
-    ldp     x12, x13, [sp, #96]
-    ldp     x14, x15, [sp, #112]
-    ldp     x16, x17, [sp, #128]
-    ldp     x18, x19, [sp, #144]
-    ldp     x20, x21, [sp, #160]
-    ldp     x22, x23, [sp, #176]
-    ldp     x24, x25, [sp, #192]
-    ldp     x26, x27, [sp, #208]
-    ldp     x28, x29, [sp, #224]
-    ldp     x0, x1, [sp, #0]
-    add     sp, sp, #{frame}
-    eret
-"#,
-    frame = const FRAME_SIZE,
-);
-
-extern "C" {
-    static el2_vectors: u8;
-}
-
-/// Points VBAR_EL2 at the vector table. Called on every CPU before anything can fault.
-pub fn install_vectors() {
-    // SAFETY: `el2_vectors` is the 2 KiB-aligned table above; writing VBAR_EL2 only changes where
-    // exceptions taken to EL2 go. The ISB makes the new base take effect before we go on
-    // (ARM ARM: writes to system registers need context synchronization).
-    unsafe {
-        let base = core::ptr::addr_of!(el2_vectors) as u64;
-        core::arch::asm!("msr vbar_el2, {0}", "isb", in(reg) base, options(nostack));
     }
 }
 

@@ -20,7 +20,6 @@
 // The arch layer the scheduler and vCPU code call: parts are not used by the monitor yet.
 #![allow(dead_code)]
 
-use core::arch::global_asm;
 use core::fmt;
 use core::ptr::{null_mut, read_volatile, write_volatile};
 use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -693,96 +692,12 @@ pub fn dispatch_pending() -> usize {
     handled
 }
 
-/// Called by the IRQ stub below for an IRQ taken at EL2.
+/// Called by the IRQ stub (`arch/entry.rs`, which saves every register the interrupted code
+/// may hold live) for an IRQ taken at EL2.
 #[no_mangle]
 extern "C" fn handle_current_el_irq() {
     dispatch_pending();
 }
-
-// IRQ taken at EL2 (vector entry 5 branches here). Interrupted code may hold live values in any
-// general-purpose or SIMD register, not only callee-saved ones, so this saves every register the
-// AAPCS64 lets `handle_current_el_irq` clobber: x0-x18, x29, x30, all of q0-q31 (the callee
-// preserves only the low halves of v8-v15), FPCR, FPSR, and ELR_EL2/SPSR_EL2. 720 bytes, a
-// multiple of 16 so SP stays aligned.
-global_asm!(
-    r#"
-.section .text.irq, "ax"
-.global el2_irq_current_el
-el2_irq_current_el:
-    sub     sp, sp, #720
-    stp     x0, x1, [sp, #0]
-    stp     x2, x3, [sp, #16]
-    stp     x4, x5, [sp, #32]
-    stp     x6, x7, [sp, #48]
-    stp     x8, x9, [sp, #64]
-    stp     x10, x11, [sp, #80]
-    stp     x12, x13, [sp, #96]
-    stp     x14, x15, [sp, #112]
-    stp     x16, x17, [sp, #128]
-    stp     x18, x29, [sp, #144]
-    mrs     x0, elr_el2
-    stp     x30, x0, [sp, #160]
-    mrs     x0, spsr_el2
-    mrs     x1, fpcr
-    stp     x0, x1, [sp, #176]
-    mrs     x0, fpsr
-    str     x0, [sp, #192]
-    add     x0, sp, #208
-    stp     q0, q1, [x0, #0]
-    stp     q2, q3, [x0, #32]
-    stp     q4, q5, [x0, #64]
-    stp     q6, q7, [x0, #96]
-    stp     q8, q9, [x0, #128]
-    stp     q10, q11, [x0, #160]
-    stp     q12, q13, [x0, #192]
-    stp     q14, q15, [x0, #224]
-    stp     q16, q17, [x0, #256]
-    stp     q18, q19, [x0, #288]
-    stp     q20, q21, [x0, #320]
-    stp     q22, q23, [x0, #352]
-    stp     q24, q25, [x0, #384]
-    stp     q26, q27, [x0, #416]
-    stp     q28, q29, [x0, #448]
-    stp     q30, q31, [x0, #480]
-    bl      handle_current_el_irq
-    add     x0, sp, #208
-    ldp     q0, q1, [x0, #0]
-    ldp     q2, q3, [x0, #32]
-    ldp     q4, q5, [x0, #64]
-    ldp     q6, q7, [x0, #96]
-    ldp     q8, q9, [x0, #128]
-    ldp     q10, q11, [x0, #160]
-    ldp     q12, q13, [x0, #192]
-    ldp     q14, q15, [x0, #224]
-    ldp     q16, q17, [x0, #256]
-    ldp     q18, q19, [x0, #288]
-    ldp     q20, q21, [x0, #320]
-    ldp     q22, q23, [x0, #352]
-    ldp     q24, q25, [x0, #384]
-    ldp     q26, q27, [x0, #416]
-    ldp     q28, q29, [x0, #448]
-    ldp     q30, q31, [x0, #480]
-    ldr     x0, [sp, #192]
-    msr     fpsr, x0
-    ldp     x0, x1, [sp, #176]
-    msr     spsr_el2, x0
-    msr     fpcr, x1
-    ldp     x30, x0, [sp, #160]
-    msr     elr_el2, x0
-    ldp     x18, x29, [sp, #144]
-    ldp     x16, x17, [sp, #128]
-    ldp     x14, x15, [sp, #112]
-    ldp     x12, x13, [sp, #96]
-    ldp     x10, x11, [sp, #80]
-    ldp     x8, x9, [sp, #64]
-    ldp     x6, x7, [sp, #48]
-    ldp     x4, x5, [sp, #32]
-    ldp     x2, x3, [sp, #16]
-    ldp     x0, x1, [sp, #0]
-    add     sp, sp, #720
-    eret
-"#
-);
 
 // ---------------------------------------------------------------------------------------------
 // Virtual CPU interface (ICH_*_EL2)

@@ -3,6 +3,7 @@
 
 pub mod boot;
 pub mod cache;
+pub mod entry;
 pub mod exception;
 pub mod gic;
 pub mod idregs;

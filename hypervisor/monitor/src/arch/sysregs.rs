@@ -125,3 +125,49 @@ impl El1Sysregs {
         }
     }
 }
+
+// EL2 controls the scheduler writes around every guest run, through aarch64-cpu's typed
+// registers like the rest of arch/. Each write that later instructions depend on is followed by
+// an ISB (ARM ARM D19.2: a direct write to a system register is only guaranteed to be seen by
+// instructions after a context synchronization event; the ERET into the guest is one too).
+
+/// Writes HCR_EL2 (how EL1 and EL0 run: stage 2 on or off, traps, interrupt routing).
+pub fn set_hcr_el2(v: u64) {
+    use aarch64_cpu::registers::{Writeable, HCR_EL2};
+    HCR_EL2.set(v);
+    aarch64_cpu::asm::barrier::isb(aarch64_cpu::asm::barrier::SY);
+}
+
+/// Writes VTTBR_EL2: the stage-2 tables and VMID the next guest run uses.
+pub fn set_vttbr_el2(v: u64) {
+    use aarch64_cpu::registers::{Writeable, VTTBR_EL2};
+    VTTBR_EL2.set(v);
+    aarch64_cpu::asm::barrier::isb(aarch64_cpu::asm::barrier::SY);
+}
+
+/// Writes VMPIDR_EL2, what the guest reads as MPIDR_EL1 (in effect from the next ERET).
+pub fn set_vmpidr_el2(v: u64) {
+    use aarch64_cpu::registers::{Writeable, VMPIDR_EL2};
+    VMPIDR_EL2.set(v);
+}
+
+/// Writes VTCR_EL2: the stage-2 translation regime every VM uses.
+pub fn set_vtcr_el2(v: u64) {
+    use aarch64_cpu::registers::{Writeable, VTCR_EL2};
+    VTCR_EL2.set(v);
+    aarch64_cpu::asm::barrier::isb(aarch64_cpu::asm::barrier::SY);
+}
+
+/// Disables the EL1 virtual timer of the guest context just saved, so it cannot fire while
+/// another vCPU or the monitor runs.
+pub fn stop_guest_vtimer() {
+    use aarch64_cpu::registers::{Writeable, CNTV_CTL_EL0};
+    CNTV_CTL_EL0.set(0);
+    aarch64_cpu::asm::barrier::isb(aarch64_cpu::asm::barrier::SY);
+}
+
+/// ID_AA64MMFR0_EL1 and ID_AA64MMFR1_EL1: physical address size, VMID width, ...
+pub fn mmfr0_mmfr1() -> (u64, u64) {
+    use aarch64_cpu::registers::{Readable, ID_AA64MMFR0_EL1, ID_AA64MMFR1_EL1};
+    (ID_AA64MMFR0_EL1.get(), ID_AA64MMFR1_EL1.get())
+}
