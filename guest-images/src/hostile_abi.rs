@@ -1,6 +1,7 @@
 //! The portable half of the hostile guests (`hostile`, `cowmmu`): a fixed-seed PRNG, the
-//! choice of random hypercalls that cannot change the caller's state, and the register values
-//! the architecture fixes for the accesses they check. Host-tested here, against the monitor's
+//! choice of random hypercalls that cannot change the caller's state, the register values
+//! the architecture fixes for the accesses they check, and what each page of `cowmmu`'s region
+//! must hold after the fork. Host-tested here, against the monitor's
 //! own decoder (`vmfork-core`, a dev-dependency only).
 
 /// xorshift64* (Vigna): a small, fixed-seed pseudo-random sequence, the same on every run.
@@ -161,6 +162,67 @@ pub const fn pa_bits(mmfr0: u64) -> Option<u32> {
     }
 }
 
+/// How `cowmmu` writes one page of its region after the fork (by page number).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageOp {
+    /// Not written after the fork: keeps the pattern written before it, in both VMs.
+    Untouched,
+    /// `STR` of every word.
+    Store,
+    /// `STP` of every pair of words.
+    StorePair,
+    /// `LDADD` of the version into word 0, `STR` of the others.
+    Atomic,
+    /// An `LDXR`/`STXR` loop adding `version << 8` to word 0, `STR` of the others.
+    Exclusive,
+    /// `DC ZVA` of the first block, `STR` of the words after it.
+    ZeroBlock,
+}
+
+/// The operation for page `page` (every eighth page is left untouched).
+pub const fn page_op(page: u64) -> PageOp {
+    if page % 8 == 7 {
+        return PageOp::Untouched;
+    }
+    match page % 5 {
+        0 => PageOp::Store,
+        1 => PageOp::StorePair,
+        2 => PageOp::Atomic,
+        3 => PageOp::Exclusive,
+        _ => PageOp::ZeroBlock,
+    }
+}
+
+/// The operation `cowmmu` does on `page` on a CPU with or without FEAT_LSE and DC ZVA (`zva`
+/// = its block size, 0 when prohibited): an atomic becomes an exclusive loop, a zeroed block
+/// plain stores.
+pub const fn effective_op(page: u64, lse: bool, zva: u64) -> PageOp {
+    match page_op(page) {
+        PageOp::Atomic if !lse => PageOp::Exclusive,
+        PageOp::ZeroBlock if zva == 0 => PageOp::Store,
+        op => op,
+    }
+}
+
+/// The word at `addr` of a page (whose first word is at `page_base`) after a VM with pattern
+/// `version` did `op` on it, `zva` being the DC ZVA block size in bytes.
+pub fn expected_word(addr: u64, page_base: u64, op: PageOp, version: u64, zva: u64) -> u64 {
+    use crate::cow::{versioned_pattern, VERSION_BEFORE_FORK};
+    let first = addr == page_base;
+    match op {
+        PageOp::Untouched => versioned_pattern(addr, VERSION_BEFORE_FORK),
+        PageOp::Store | PageOp::StorePair => versioned_pattern(addr, version),
+        PageOp::Atomic if first => {
+            versioned_pattern(addr, VERSION_BEFORE_FORK).wrapping_add(version)
+        }
+        PageOp::Exclusive if first => {
+            versioned_pattern(addr, VERSION_BEFORE_FORK).wrapping_add(version << 8)
+        }
+        PageOp::ZeroBlock if addr < page_base + zva => 0,
+        _ => versioned_pattern(addr, version),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,6 +272,37 @@ mod tests {
         assert!(!is_address_size_fault(FSC_SYNC_EXTERNAL));
         assert_eq!(pa_bits(5), Some(48));
         assert_eq!(pa_bits(0xf), None);
+    }
+
+    #[test]
+    fn page_ops_cover_everything_and_tell_the_vms_apart() {
+        use crate::cow::{VERSION_CHILD, VERSION_PARENT};
+        let ops: Vec<PageOp> = (0..40).map(page_op).collect();
+        for op in [
+            PageOp::Untouched,
+            PageOp::Store,
+            PageOp::StorePair,
+            PageOp::Atomic,
+            PageOp::Exclusive,
+            PageOp::ZeroBlock,
+        ] {
+            assert!(ops.contains(&op), "{op:?}");
+        }
+        let base = 0x4040_0000;
+        for page in 0..40u64 {
+            let pb = base + page * 4096;
+            for addr in [pb, pb + 8, pb + 64, pb + 4088] {
+                let op = effective_op(page, true, 64);
+                assert_eq!(op, page_op(page));
+                let p = expected_word(addr, pb, op, VERSION_PARENT, 64);
+                let c = expected_word(addr, pb, op, VERSION_CHILD, 64);
+                let untouched = page_op(page) == PageOp::Untouched;
+                let zeroed = page_op(page) == PageOp::ZeroBlock && addr < pb + 64;
+                assert_eq!(p == c, untouched || zeroed, "page {page} addr {addr:#x}");
+            }
+        }
+        assert_eq!(effective_op(2, false, 64), PageOp::Exclusive);
+        assert_eq!(effective_op(4, true, 0), PageOp::Store);
     }
 
     proptest! {

@@ -192,3 +192,23 @@ fn ten_thousand_hypercalls_then_a_kill_give_every_frame_back() {
     q.expect_no("panic");
     q.kill();
 }
+
+#[test]
+fn copy_on_write_with_the_guest_mmu_on_atomics_exclusives_and_zva_in_both_vms() {
+    let socket = ControlSocket::new();
+    let cfg = boot("hostile_cowmmu", &socket)
+        .guest(0, "counter", "mem=16M cmdline=ticks=20")
+        .guest(1, "cowmmu", "mem=32M cpus=2");
+    let mut q = Qemu::start(cfg);
+    wait_count(&q, "cowmmu: parent PASS", 1);
+    wait_count(&q, "cowmmu: child PASS", 1);
+    wait_count(&q, "[vm1] counter: done 20", 1);
+    let serial = q.serial();
+    assert!(!serial.contains("cowmmu: FAIL"), "{serial}");
+    // The stage-1 walks over shared tables set Access flags: the test ran with FEAT_HAFDBS.
+    assert!(serial.contains("cowmmu: mmu on ha=true"), "{serial}");
+    let list = vmfork_ok(&socket, &["list"]);
+    assert!(list.contains("ID"), "{list}");
+    q.expect_no("panic");
+    q.kill();
+}
