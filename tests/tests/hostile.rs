@@ -172,7 +172,7 @@ fn ten_thousand_hypercalls_then_a_kill_give_every_frame_back() {
         .parse()
         .unwrap_or_else(|_| panic!("create: {out}"));
     q.wait_for(&format!("[vm{id}] hostile: done"), DEFAULT_TIMEOUT);
-    assert_passed(&q, id, &["hvc", "sgi", "psci"]);
+    assert_passed(&q, id, &["hvc", "sgi", "psci-suspend", "psci"]);
     vmfork_ok(&socket, &["kill", &id.to_string()]);
     q.wait_for(
         &format!("vm{id}: 'created' killed by the control channel; destroyed"),

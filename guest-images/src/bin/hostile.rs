@@ -16,10 +16,10 @@
 //! - `sgi`: `sgis=N` random ICC_SGI1R_EL1 writes (default 10000); then ICC_SGI0R_EL1 and
 //!   ICC_ASGI1R_EL1 make a Group 0 SGI pending and not a Group 1 one, ICC_SGI1R_EL1 either
 //!   (GICD_CTLR.DS = 1); reading ICC_SGI0R_EL1 is UNDEFINED.
-//! - `psci`: CPU_ON with entry points outside RAM answers INVALID_ADDRESS, with MPIDRs with
-//!   bits outside Aff3..Aff0 INVALID_PARAMETERS (so does AFFINITY_INFO); a good CPU_ON starts
-//!   the CPU; CPU_SUSPEND, which PSCI_FEATURES advertises, waits for the timer and returns
-//!   SUCCESS.
+//! - `psci`: CPU_ON with MPIDRs with bits outside Aff3..Aff0 answers INVALID_PARAMETERS (so
+//!   does AFFINITY_INFO: `psci-mpidr`), with entry points outside RAM INVALID_ADDRESS
+//!   (`psci-entry`); a good CPU_ON starts the CPU (`psci-start`); CPU_SUSPEND, which
+//!   PSCI_FEATURES advertises, waits for the timer and returns SUCCESS (`psci-suspend`).
 //! - `hvc`: `calls=N` (default 10000) HVC and SMC calls with fixed-seed random function IDs
 //!   and arguments (never one that changes state): unknown IDs answer NOT_SUPPORTED, X4-X7 are
 //!   preserved.
@@ -598,82 +598,114 @@ mod guest {
         ([r0, r1, r2, r3], [r4, r5, r6, r7])
     }
 
+    fn x0(r: ([u64; 4], [u64; 4])) -> i64 {
+        r.0[0] as i64
+    }
+
+    /// The PSCI attacks, each its own check (one failing does not hide the others):
+    /// `psci-mpidr`, `psci-entry`, `psci-start` (with two CPUs) and `psci-suspend`, then
+    /// `psci` when all passed.
     fn attack_psci(boot: &BootInfo) {
-        const NAME: &str = "psci";
         let Some(conduit) = psci::conduit() else {
-            check!(NAME, false, "no PSCI conduit");
+            check!("psci", false, "no PSCI conduit");
             return;
         };
+        let before = FAILED.load(Ordering::SeqCst);
         let cpus = boot.platform.cpus();
-        let ram = boot
-            .platform
-            .memory_containing(boot.image_end)
-            .unwrap_or_default();
-        let good_entry = hostile_park as *const () as u64;
-        let x0 = |r: ([u64; 4], [u64; 4])| r.0[0] as i64;
         if cpus.len() >= 2 {
-            let target = cpus[1];
-            for entry in [
-                0u64,
-                ram.base.wrapping_sub(4),
-                ram.end(),
-                1 << 39,
-                u64::MAX,
-                0x0800_0000,
-            ] {
-                let r = x0(call(conduit, 0xc400_0003, [target, entry, 0, 0, 0, 0, 0]));
-                check!(
-                    NAME,
-                    r == -9,
-                    "CPU_ON at entry {entry:#x}: {r} (expected INVALID_ADDRESS)"
-                );
-            }
-            for bad in [1 << 31, 1 << 24, 1 << 30, 1 << 40, 1 << 63, 0xff << 24] {
-                let mpidr = target | bad;
-                let r = x0(call(
-                    conduit,
-                    0xc400_0003,
-                    [mpidr, good_entry, 0, 0, 0, 0, 0],
-                ));
-                check!(
-                    NAME,
-                    r == -2,
-                    "CPU_ON of MPIDR {mpidr:#x}: {r} (expected INVALID_PARAMETERS)"
-                );
-                let r = x0(call(conduit, 0xc400_0004, [mpidr, 0, 0, 0, 0, 0, 0]));
-                check!(NAME, r == -2, "AFFINITY_INFO of MPIDR {mpidr:#x}: {r}");
-            }
-            let r = x0(call(conduit, 0xc400_0004, [target, 0, 0, 0, 0, 0, 0]));
-            check!(
-                NAME,
-                r == 1,
-                "AFFINITY_INFO of the stopped cpu 1: {r} (expected OFF)"
-            );
-            // Nothing above may have started it; a good CPU_ON does.
-            check!(
-                NAME,
-                !SECONDARY_RAN.load(Ordering::SeqCst),
-                "cpu 1 ran after a refused CPU_ON"
-            );
-            if let Err(e) = smp::start_cpu(1, secondary) {
-                check!(NAME, false, "CPU_ON of cpu 1: {e}");
-            }
-            let start = timer::now();
-            while !SECONDARY_RAN.load(Ordering::SeqCst) {
-                check!(
-                    NAME,
-                    timer::now().wrapping_sub(start) < timer::ticks_from_ms(10_000),
-                    "cpu 1 did not start within 10 s"
-                );
-                core::hint::spin_loop();
-            }
-            // Wait until it is off again.
-            while x0(call(conduit, 0xc400_0004, [target, 0, 0, 0, 0, 0, 0])) != 1 {
-                core::hint::spin_loop();
-            }
+            let ram = boot
+                .platform
+                .memory_containing(boot.image_end)
+                .unwrap_or_default();
+            psci_mpidr(conduit, cpus[1]);
+            psci_entry(conduit, cpus[1], ram.base, ram.end());
+            psci_start(conduit, cpus[1]);
         }
-        // CPU_SUSPEND is advertised, so it works: a standby until the virtual timer fires
-        // (its PPI enabled, PSTATE.I masked: like WFI, it wakes without taking the interrupt).
+        psci_suspend(conduit);
+        if FAILED.load(Ordering::SeqCst) == before {
+            println!("hostile: PASS psci");
+        }
+    }
+
+    /// MPIDRs with bits outside Aff3..Aff0 name no CPU, even when their affinity fields are
+    /// cpu 1's: CPU_ON and AFFINITY_INFO answer INVALID_PARAMETERS, and cpu 1 stays off.
+    fn psci_mpidr(conduit: Conduit, target: u64) {
+        const NAME: &str = "psci-mpidr";
+        let good_entry = hostile_park as *const () as u64;
+        for bad in [1 << 31, 1 << 24, 1 << 30, 1 << 40, 1 << 63, 0xff << 24] {
+            let mpidr = target | bad;
+            let r = x0(call(
+                conduit,
+                0xc400_0003,
+                [mpidr, good_entry, 0, 0, 0, 0, 0],
+            ));
+            check!(
+                NAME,
+                r == -2,
+                "CPU_ON of MPIDR {mpidr:#x}: {r} (expected INVALID_PARAMETERS)"
+            );
+            let r = x0(call(conduit, 0xc400_0004, [mpidr, 0, 0, 0, 0, 0, 0]));
+            check!(NAME, r == -2, "AFFINITY_INFO of MPIDR {mpidr:#x}: {r}");
+        }
+        let r = x0(call(conduit, 0xc400_0004, [target, 0, 0, 0, 0, 0, 0]));
+        check!(NAME, r == 1, "AFFINITY_INFO of cpu 1: {r} (expected OFF)");
+        println!("hostile: PASS {NAME}");
+    }
+
+    /// CPU_ON with an entry point outside RAM answers INVALID_ADDRESS and starts nothing.
+    fn psci_entry(conduit: Conduit, target: u64, ram_base: u64, ram_end: u64) {
+        const NAME: &str = "psci-entry";
+        for entry in [
+            0u64,
+            ram_base.wrapping_sub(4),
+            ram_end,
+            1 << 39,
+            u64::MAX,
+            0x0800_0000,
+        ] {
+            let r = x0(call(conduit, 0xc400_0003, [target, entry, 0, 0, 0, 0, 0]));
+            check!(
+                NAME,
+                r == -9,
+                "CPU_ON at entry {entry:#x}: {r} (expected INVALID_ADDRESS)"
+            );
+        }
+        let r = x0(call(conduit, 0xc400_0004, [target, 0, 0, 0, 0, 0, 0]));
+        check!(NAME, r == 1, "AFFINITY_INFO of cpu 1: {r} (expected OFF)");
+        println!("hostile: PASS {NAME}");
+    }
+
+    /// A good CPU_ON starts cpu 1 (which had not run), and it turns itself off again.
+    fn psci_start(conduit: Conduit, target: u64) {
+        const NAME: &str = "psci-start";
+        check!(
+            NAME,
+            !SECONDARY_RAN.load(Ordering::SeqCst),
+            "cpu 1 ran after a refused CPU_ON"
+        );
+        if let Err(e) = smp::start_cpu(1, secondary) {
+            check!(NAME, false, "CPU_ON of cpu 1: {e}");
+        }
+        let start = timer::now();
+        while !SECONDARY_RAN.load(Ordering::SeqCst) {
+            check!(
+                NAME,
+                timer::now().wrapping_sub(start) < timer::ticks_from_ms(10_000),
+                "cpu 1 did not start within 10 s"
+            );
+            core::hint::spin_loop();
+        }
+        // Wait until it is off again.
+        while x0(call(conduit, 0xc400_0004, [target, 0, 0, 0, 0, 0, 0])) != 1 {
+            core::hint::spin_loop();
+        }
+        println!("hostile: PASS {NAME}");
+    }
+
+    /// CPU_SUSPEND is advertised, so it works: a standby until the virtual timer fires (its
+    /// PPI enabled, PSTATE.I masked: like WFI, it wakes without taking the interrupt), SUCCESS.
+    fn psci_suspend(conduit: Conduit) {
+        const NAME: &str = "psci-suspend";
         let f = x0(call(conduit, 0x8400_000a, [0xc400_0001, 0, 0, 0, 0, 0, 0]));
         check!(NAME, f >= 0, "PSCI_FEATURES(CPU_SUSPEND) = {f}");
         if let Err(e) = gic::enable_ppi(27, gic::DEFAULT_PRIORITY) {
