@@ -11,6 +11,8 @@
 //!   vmgenid ID unchanged by writes, which abort).
 //! - `pairs`: LDP/STP, post-indexed loads and an LSE atomic on device registers (ESR ISV = 0):
 //!   a synchronous external abort each.
+//! - `cmo`: DC CIVAC, CVAC and CVAU by VA on device registers, a hole and the vmgenid page
+//!   complete without an exception, as on hardware.
 //! - `endian`: with SCTLR_EL1.EE = 1, MMIO loads see the device's bytes reversed and stores
 //!   reach it reversed (32- and 64-bit), 8-bit accesses are unchanged.
 //! - `sgi`: `sgis=N` random ICC_SGI1R_EL1 writes (default 10000); then ICC_SGI0R_EL1 and
@@ -373,6 +375,37 @@ mod guest {
             n += 1;
         }
         println!("hostile: PASS {NAME} accesses={n}");
+    }
+
+    /// Data cache maintenance by VA on device registers, a hole and the read-only vmgenid page
+    /// completes like on hardware (nothing there is cached): no exception.
+    fn attack_cmo(d: &Devices) {
+        const NAME: &str = "cmo";
+        let mut n = 0;
+        for addr in [
+            d.gicd,
+            d.gicr + 0x1_0000,
+            d.uart,
+            d.vmgenid,
+            0x0b00_0000,
+            1 << 39,
+        ] {
+            take_trap();
+            // SAFETY: cache maintenance by VA changes no memory contents (DC IVAC is not used:
+            // on RAM it could discard data).
+            unsafe {
+                asm!("dc civac, {a}", "dc cvac, {a}", "dc cvau, {a}", "dsb sy",
+                    a = in(reg) addr, options(nostack));
+            }
+            let t = take_trap();
+            check!(
+                NAME,
+                t.is_none(),
+                "DC CIVAC/CVAC/CVAU at {addr:#x}: exception {t:x?}"
+            );
+            n += 3;
+        }
+        println!("hostile: PASS {NAME} operations={n}");
     }
 
     /// One MMIO access with SCTLR_EL1.EE = 1 for just that instruction (nothing else runs with
@@ -884,11 +917,12 @@ mod guest {
         let aborts = number("aborts", 2_000);
         let list = args
             .get("attack")
-            .unwrap_or("mmio,pairs,endian,sgi,psci,hvc,ipa,exec");
+            .unwrap_or("mmio,pairs,cmo,endian,sgi,psci,hvc,ipa,exec");
         for attack in list.split(',') {
             match attack {
                 "mmio" => attack_mmio(&d),
                 "pairs" => attack_pairs(&d),
+                "cmo" => attack_cmo(&d),
                 "endian" => attack_endian(&d),
                 "sgi" => attack_sgi(&d, sgis),
                 "psci" => attack_psci(boot),

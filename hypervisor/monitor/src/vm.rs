@@ -1004,6 +1004,15 @@ fn data_abort(
             return Next::Leave;
         }
     }
+    // A cache maintenance instruction by VA (DC CIVAC, CVAC, IVAC, ...; ESR CM = 1) on
+    // something that is not writable RAM: on hardware it completes (Device memory, or nothing,
+    // holds no cache lines), so it is stepped over, not answered with an abort, as KVM does
+    // (the monitor cleans what it writes itself). DC ZVA is a store, with CM = 0. A stage-2
+    // fault on an address translation's table walk (CM and S1PTW) goes on to the abort below.
+    if iss.as_ref().is_some_and(|d| d.cm && !d.s1ptw) {
+        ctx.regs.pc += 4;
+        return Next::Resume;
+    }
     // Not RAM: an emulated device, or nothing.
     let Some(access) = iss.and_then(|d| d.access()) else {
         crate::vm_log!(
