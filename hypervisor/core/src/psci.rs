@@ -312,7 +312,9 @@ pub const SUPPORTED_PSCI_FUNCTIONS: [u32; 14] = [
 /// The answer to `PSCI_FEATURES(function_id)`, for X0.
 ///
 /// Supported functions return 0 (for `CPU_SUSPEND` that also means: original power-state
-/// format, no OS-initiated mode); everything else returns `NOT_SUPPORTED`. `SMCCC_VERSION`
+/// format, no OS-initiated mode; the monitor enters every power state as a standby, waiting
+/// like WFI and returning SUCCESS, as PSCI allows and KVM does); everything else returns
+/// `NOT_SUPPORTED`. `SMCCC_VERSION`
 /// counts as supported: that is how a guest learns SMCCC 1.1 is there.
 pub fn psci_features(function_id: u32) -> i32 {
     if SUPPORTED_PSCI_FUNCTIONS.contains(&function_id) {

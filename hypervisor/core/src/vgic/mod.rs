@@ -72,8 +72,8 @@
 //!
 //! # Injection
 //! The monitor drives level sources ([`Vgic::set_irq_level`]: the virtual timer PPI 27, the UART
-//! SPI), edge sources ([`Vgic::inject_edge`]) and the guest's trapped ICC_SGI1R_EL1 writes
-//! ([`Vgic::send_sgi`]). Each call answers which vCPU(s) may now have something new to take or
+//! SPI), edge sources ([`Vgic::inject_edge`]) and the guest's trapped writes to
+//! ICC_SGI1R_EL1, ICC_ASGI1R_EL1 and ICC_SGI0R_EL1 ([`Vgic::send_sgi_from`]). Each call answers which vCPU(s) may now have something new to take or
 //! to drop, so the monitor can kick a running vCPU out to refill its LRs, and
 //! [`Vgic::has_pending`] tells the scheduler whether a vCPU waiting in WFI should run.
 
