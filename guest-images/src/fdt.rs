@@ -303,6 +303,8 @@ pub struct Platform {
     pub gic: Option<GicRegions>,
     /// PSCI conduit from `/psci` `method`.
     pub psci: Option<Conduit>,
+    /// The `microsoft,vmgenid` page (its first `reg`), when the DTB has one.
+    pub vmgenid: Option<MemoryRegion>,
     /// `/chosen/bootargs` (empty when absent).
     pub bootargs: BootArgs,
     cpus: [u64; MAX_CPUS],
@@ -340,6 +342,7 @@ impl Platform {
             uart_intid: None,
             gic: None,
             psci: None,
+            vmgenid: None,
             bootargs: BootArgs::empty(),
             cpus: [0; MAX_CPUS],
             cpu_count: 0,
@@ -458,6 +461,9 @@ impl Platform {
                 distributor: d.base,
                 redistributors: r,
             });
+        }
+        if self.vmgenid.is_none() && has_compatible(node.compatible, b"microsoft,vmgenid") {
+            self.vmgenid = regs()?.next().transpose()?;
         }
         if self.psci.is_none()
             && (has_compatible(node.compatible, b"arm,psci")
@@ -736,6 +742,33 @@ mod tests {
         assert_eq!(
             p.memory_containing(0x4020_0000).map(|r| r.base),
             Some(0x4000_0000)
+        );
+    }
+
+    #[test]
+    fn reads_the_monitors_tree_with_its_vmgenid_page() {
+        use vmfork_core::guest_dtb::{self, layout, GuestDtbConfig};
+        let blob = guest_dtb::build(&GuestDtbConfig {
+            vcpus: 2,
+            vmgenid: Some(layout::VMGENID_BASE),
+            ..GuestDtbConfig::default()
+        })
+        .unwrap();
+        let p = Platform::from_fdt(&Fdt::new(&blob).unwrap()).unwrap();
+        assert_eq!(
+            p.vmgenid,
+            Some(MemoryRegion {
+                base: layout::VMGENID_BASE,
+                size: layout::VMGENID_SIZE
+            })
+        );
+        assert_eq!(p.cpus().len(), 2);
+        let plain = virt_like("hvc", None, 1);
+        assert_eq!(
+            Platform::from_fdt(&Fdt::new(&plain).unwrap())
+                .unwrap()
+                .vmgenid,
+            None
         );
     }
 

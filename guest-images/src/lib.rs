@@ -8,7 +8,7 @@
 //!
 //! The crate has two halves:
 //! - portable modules ([`fdt`], [`bootargs`], [`pattern`], [`psci_abi`], [`vmfork_abi`],
-//!   [`cow`], [`gic_abi`], [`line`]) that compile and are unit-tested on the host;
+//!   [`cow`], [`gic_abi`], [`hostile_abi`], [`line`]) that compile and are unit-tested on the host;
 //! - the bare-metal runtime (boot assembly, exception vectors, PL011 console, GICv3, virtual
 //!   timer, PSCI calls, vmfork detection and hypercalls, exit, SMP start-up) that only exists for
 //!   `target_os = "none"`.
@@ -22,6 +22,7 @@ pub mod bootargs;
 pub mod cow;
 pub mod fdt;
 pub mod gic_abi;
+pub mod hostile_abi;
 pub mod line;
 pub mod pattern;
 pub mod psci_abi;

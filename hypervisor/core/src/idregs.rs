@@ -132,7 +132,10 @@ const fn rules(index: usize) -> (Unlisted, &'static [(u8, Rule)]) {
         // Not WFxT [3:0] (WFIT would wait without its timeout), SYSREG_128 [35:32],
         // SYSINSTR_128 [39:36].
         ID_AA64ISAR2_EL1 => (Unlisted::Keep, &[(0, Set(0)), (32, Set(0)), (36, Set(0))]),
-        // Not FGT [59:56] (an EL2 feature).
+        // Not FGT [59:56] (an EL2 feature). BigEnd [11:8] and BigEndEL0 [19:16] stay as the
+        // hardware has them: SCTLR_EL1.EE/E0E are not trapped, so hiding mixed-endian support
+        // would not make them RES0; the monitor instead byte-swaps the data of big-endian MMIO
+        // accesses (vmfork_core::mmio::data_is_big_endian).
         ID_AA64MMFR0_EL1 => (Unlisted::Keep, &[(56, Set(0))]),
         // Not VH [11:8], LO [19:16], TWED [35:32], HCX [43:40], TIDCP1 [55:52].
         ID_AA64MMFR1_EL1 => (

@@ -21,6 +21,7 @@ pub mod mmio;
 pub mod physmem;
 pub mod platform;
 pub mod psci;
+pub mod ratelimit;
 pub mod shared;
 pub mod stage2;
 pub mod vgic;

@@ -66,6 +66,43 @@ impl MmioAccess {
     }
 }
 
+/// `SCTLR_EL1.EE`, bit 25: explicit data accesses at EL1 (and stage-1 table walks) are
+/// big-endian.
+pub const SCTLR_EL1_EE: u64 = 1 << 25;
+/// `SCTLR_EL1.E0E`, bit 24: explicit data accesses at EL0 are big-endian.
+pub const SCTLR_EL1_E0E: u64 = 1 << 24;
+
+/// Whether a data access trapped from the exception level in `pstate` (the vCPU's SPSR_EL2;
+/// AArch64 only) was big-endian under `sctlr_el1`.
+///
+/// The monitor does not hide mixed-endian support (`ID_AA64MMFR0_EL1.BigEnd`/`BigEndEL0` are
+/// passed through): hiding the fields would not make `SCTLR_EL1.EE`/`E0E` RES0 on a CPU that
+/// has them (they are not trapped; the hardware honours whatever the guest writes, for every
+/// access to RAM), so a guest that set EE anyway would see RAM big-endian and MMIO
+/// little-endian. Instead the emulated access is made as the hardware would make it: the data
+/// of a big-endian access is byte-reversed between the register and the device ([`swap_bytes`]),
+/// as KVM does (`vcpu_data_guest_to_host`).
+pub const fn data_is_big_endian(pstate: u64, sctlr_el1: u64) -> bool {
+    let el = (pstate >> 2) & 3;
+    if el == 0 {
+        sctlr_el1 & SCTLR_EL1_E0E != 0
+    } else {
+        sctlr_el1 & SCTLR_EL1_EE != 0
+    }
+}
+
+/// Reverses the low `size` bytes of `value` (1, 2, 4 or 8; other sizes are returned unchanged):
+/// the register image of a big-endian access from the device's bytes, and back.
+pub const fn swap_bytes(value: u64, size: u8) -> u64 {
+    match size {
+        1 => value & 0xff,
+        2 => (value as u16).swap_bytes() as u64,
+        4 => (value as u32).swap_bytes() as u64,
+        8 => value.swap_bytes(),
+        _ => value,
+    }
+}
+
 /// The outcome of an emulated access.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MmioResult {
@@ -128,6 +165,26 @@ mod tests {
         assert!(!MmioAccess::read(0x0, 3).is_naturally_aligned());
         assert!(!MmioAccess::read(0x0, 16).size_is_valid());
         assert_eq!(MmioAccess::write(0, 8, u64::MAX).data(), Some(u64::MAX));
+    }
+
+    #[test]
+    fn endianness_of_trapped_accesses() {
+        let el1h = 0x3c5;
+        let el0 = 0x0;
+        assert!(!data_is_big_endian(el1h, 0));
+        assert!(data_is_big_endian(el1h, SCTLR_EL1_EE));
+        assert!(!data_is_big_endian(el1h, SCTLR_EL1_E0E));
+        assert!(data_is_big_endian(el0, SCTLR_EL1_E0E));
+        assert!(!data_is_big_endian(el0, SCTLR_EL1_EE));
+        assert_eq!(swap_bytes(0x1122_3344_5566_7788, 1), 0x88);
+        assert_eq!(swap_bytes(0x1122_3344_5566_7788, 2), 0x8877);
+        assert_eq!(swap_bytes(0x1122_3344_5566_7788, 4), 0x8877_6655);
+        assert_eq!(swap_bytes(0x1122_3344_5566_7788, 8), 0x8877_6655_4433_2211);
+        for size in [1u8, 2, 4, 8] {
+            let m = MmioAccess::read(0, size).size_mask();
+            let v = 0x0123_4567_89ab_cdef & m;
+            assert_eq!(swap_bytes(swap_bytes(v, size), size), v);
+        }
     }
 
     #[test]

@@ -312,7 +312,9 @@ pub const SUPPORTED_PSCI_FUNCTIONS: [u32; 14] = [
 /// The answer to `PSCI_FEATURES(function_id)`, for X0.
 ///
 /// Supported functions return 0 (for `CPU_SUSPEND` that also means: original power-state
-/// format, no OS-initiated mode); everything else returns `NOT_SUPPORTED`. `SMCCC_VERSION`
+/// format, no OS-initiated mode; the monitor enters every power state as a standby, waiting
+/// like WFI and returning SUCCESS, as PSCI allows and KVM does); everything else returns
+/// `NOT_SUPPORTED`. `SMCCC_VERSION`
 /// counts as supported: that is how a guest learns SMCCC 1.1 is there.
 pub fn psci_features(function_id: u32) -> i32 {
     if SUPPORTED_PSCI_FUNCTIONS.contains(&function_id) {
@@ -320,6 +322,57 @@ pub fn psci_features(function_id: u32) -> i32 {
     } else {
         PsciReturn::NotSupported as i32
     }
+}
+
+/// The affinity fields of an MPIDR as PSCI takes them in `target_cpu` / `target_affinity`:
+/// Aff3 in bits 39:32, Aff2..Aff0 in bits 23:0. PSCI (DEN0022, 5.1.4 CPU_ON) requires every
+/// other bit to be zero: bit 31 (RES1 in MPIDR_EL1 itself), bit 30 (U), bit 24 (MT) and bits
+/// 63:40 are not part of an affinity value.
+pub const MPIDR_AFFINITY_MASK: u64 = 0xff_00ff_ffff;
+
+/// The affinity a `target_cpu` argument names, or `None` when a bit outside the affinity
+/// fields is set (answer `INVALID_PARAMETERS`: such a value names no PE, however its affinity
+/// fields compare).
+pub const fn target_affinity(target: u64) -> Option<u64> {
+    if target & !MPIDR_AFFINITY_MASK != 0 {
+        None
+    } else {
+        Some(target)
+    }
+}
+
+/// Index of the vCPU with MPIDR affinity `target` among `mpidrs` (each already an affinity
+/// value), or `INVALID_PARAMETERS` when `target` has bits outside the affinity fields or matches
+/// none.
+pub fn find_target(
+    target: u64,
+    mpidrs: impl IntoIterator<Item = u64>,
+) -> Result<usize, PsciReturn> {
+    let aff = target_affinity(target).ok_or(PsciReturn::InvalidParameters)?;
+    mpidrs
+        .into_iter()
+        .position(|m| m == aff)
+        .ok_or(PsciReturn::InvalidParameters)
+}
+
+/// Checks a `CPU_ON` request against the VM: the target must name one of its vCPUs
+/// ([`find_target`]), and the entry point must be inside its RAM `[ram_base, ram_base +
+/// ram_size)`: anything else is `INVALID_ADDRESS` (DEN0022 5.6.2: the entry point is "known by
+/// the implementation to be invalid"), instead of starting a vCPU that can only fault. Returns
+/// the vCPU's index; whether it is already on is for the caller.
+pub fn check_cpu_on(
+    target: u64,
+    entry_point: u64,
+    ram_base: u64,
+    ram_size: u64,
+    mpidrs: impl IntoIterator<Item = u64>,
+) -> Result<usize, PsciReturn> {
+    let index = find_target(target, mpidrs)?;
+    let in_ram = entry_point >= ram_base && entry_point - ram_base < ram_size;
+    if !in_ram {
+        return Err(PsciReturn::InvalidAddress);
+    }
+    Ok(index)
 }
 
 /// The answer to `SMCCC_ARCH_FEATURES(function_id)`, for X0.
@@ -496,6 +549,43 @@ mod tests {
         assert_eq!(ret(PSCI_VERSION_1_1 as i32), 0x0001_0001);
     }
 
+    #[test]
+    fn cpu_on_targets_and_entry_points() {
+        let mpidrs = [0x0, 0x1, 0x2, 0x1_0000_0003];
+        let ram = (0x4000_0000u64, 0x100_0000u64);
+        let on = |t, e| check_cpu_on(t, e, ram.0, ram.1, mpidrs);
+        assert_eq!(on(1, 0x4000_0000), Ok(1));
+        assert_eq!(on(0x1_0000_0003, 0x40ff_fffc), Ok(3));
+        // Entry points outside RAM: below, at the end, far above, wrapping.
+        assert_eq!(on(1, 0x3fff_fffc), Err(PsciReturn::InvalidAddress));
+        assert_eq!(on(1, 0x4100_0000), Err(PsciReturn::InvalidAddress));
+        assert_eq!(on(1, 0), Err(PsciReturn::InvalidAddress));
+        assert_eq!(on(1, u64::MAX), Err(PsciReturn::InvalidAddress));
+        // Bits outside the affinity fields never match, even when Aff3..Aff0 would.
+        for bad in [
+            1 | 1 << 31,
+            1 | 1 << 24,
+            1 | 1 << 30,
+            1 | 1 << 40,
+            1 | 1 << 63,
+            2 | 0xff << 24,
+        ] {
+            assert_eq!(
+                on(bad, 0x4000_0000),
+                Err(PsciReturn::InvalidParameters),
+                "{bad:#x}"
+            );
+        }
+        // No such vCPU.
+        assert_eq!(on(4, 0x4000_0000), Err(PsciReturn::InvalidParameters));
+        assert_eq!(on(0x100, 0x4000_0000), Err(PsciReturn::InvalidParameters));
+        assert_eq!(find_target(0x1_0000_0003, mpidrs), Ok(3));
+        assert_eq!(
+            find_target(0x1_8000_0003, mpidrs),
+            Err(PsciReturn::InvalidParameters)
+        );
+    }
+
     proptest! {
         #[test]
         fn decode_is_total_and_masks_smc32(x0 in any::<u64>(), x1 in any::<u64>(), x2 in any::<u64>(), x3 in any::<u64>()) {
@@ -511,6 +601,20 @@ mod tests {
             }
             // Upper X0 bits never change the decode.
             prop_assert_eq!(decode(x0 & 0xFFFF_FFFF, x1, x2, x3), call);
+        }
+
+        #[test]
+        fn cpu_on_accepts_exactly_ram_and_known_affinities(target in any::<u64>(), entry in any::<u64>()) {
+            let mpidrs = [0u64, 1, 2, 3];
+            let r = check_cpu_on(target, entry, 0x4000_0000, 1 << 24, mpidrs);
+            let known = target < 4;
+            let in_ram = (0x4000_0000..0x4000_0000 + (1 << 24)).contains(&entry);
+            match r {
+                Ok(i) => prop_assert!(known && in_ram && i as u64 == target),
+                Err(PsciReturn::InvalidParameters) => prop_assert!(!known),
+                Err(PsciReturn::InvalidAddress) => prop_assert!(known && !in_ram),
+                Err(e) => prop_assert!(false, "unexpected {}", e),
+            }
         }
 
         #[test]

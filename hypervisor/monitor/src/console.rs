@@ -209,3 +209,99 @@ pub fn init_logger(level: log::LevelFilter) {
     let _ = log::set_logger(&LOGGER);
     log::set_max_level(level);
 }
+
+/// Messages a guest may make the monitor print back to back after a quiet period (per VM).
+pub const VM_LOG_BURST: u32 = 20;
+/// Messages a second a guest may make the monitor print once its burst is spent (per VM).
+pub const VM_LOG_PER_SECOND: u32 = 10;
+
+/// The per-VM limiters of [`vm_log`]: one entry per VM that printed something, removed by
+/// [`vm_log_forget`] when the VM is destroyed (so at most one per VM alive).
+struct GuestLog {
+    vms: alloc::vec::Vec<(u32, vmfork_core::ratelimit::LogLimiter)>,
+    /// Lines dropped because the table could not grow (out of heap), reported with the next
+    /// line printed.
+    lost: u64,
+}
+
+static GUEST_LOG: spin::Mutex<GuestLog> = spin::Mutex::new(GuestLog {
+    vms: alloc::vec::Vec::new(),
+    lost: 0,
+});
+
+/// Logs a line that a guest's behaviour caused (an abort it provoked, a device error, a pause),
+/// at most [`VM_LOG_BURST`] at once and [`VM_LOG_PER_SECOND`] a second per VM: a guest looping
+/// on an abort must not flood the monitor's console. What is dropped is counted and reported
+/// as `vmN: M messages suppressed` before the next line of that VM that is printed (or when the
+/// VM is destroyed). `args` is only formatted when the line is printed. Lines that can happen
+/// at most once in a VM's life (created, stopping, destroyed) are logged directly: their number
+/// is bounded by the number of VMs.
+///
+/// Use it through [`vm_log!`](crate::vm_log).
+pub fn vm_log(vm: u32, level: log::Level, args: fmt::Arguments) {
+    if level > log::max_level() {
+        return;
+    }
+    let (now, freq) = crate::arch::counter();
+    let (admit, lost) = {
+        let mut g = GUEST_LOG.lock();
+        let pos = match g.vms.iter().position(|(id, _)| *id == vm) {
+            Some(p) => Some(p),
+            None if g.vms.try_reserve(1).is_ok() => {
+                g.vms.push((
+                    vm,
+                    vmfork_core::ratelimit::LogLimiter::new(VM_LOG_BURST, VM_LOG_PER_SECOND),
+                ));
+                Some(g.vms.len() - 1)
+            }
+            None => None,
+        };
+        match pos {
+            Some(p) => {
+                let admit = g.vms[p].1.admit(now, freq);
+                let lost = if matches!(admit, vmfork_core::ratelimit::Admit::Print { .. }) {
+                    core::mem::take(&mut g.lost)
+                } else {
+                    0
+                };
+                (admit, lost)
+            }
+            None => {
+                g.lost = g.lost.saturating_add(1);
+                (vmfork_core::ratelimit::Admit::Drop, 0)
+            }
+        }
+    };
+    if let vmfork_core::ratelimit::Admit::Print { suppressed } = admit {
+        if lost > 0 {
+            log::warn!("monitor: {lost} guest-caused messages lost (no memory to track them)");
+        }
+        if suppressed > 0 {
+            log::warn!("vm{vm}: {suppressed} messages suppressed");
+        }
+        log::log!(level, "{args}");
+    }
+}
+
+/// Forgets VM `vm`'s limiter (it was destroyed), reporting what it still had suppressed.
+pub fn vm_log_forget(vm: u32) {
+    let suppressed = {
+        let mut g = GUEST_LOG.lock();
+        match g.vms.iter().position(|(id, _)| *id == vm) {
+            Some(p) => g.vms.swap_remove(p).1.pending_suppressed(),
+            None => 0,
+        }
+    };
+    if suppressed > 0 {
+        log::warn!("vm{vm}: {suppressed} messages suppressed");
+    }
+}
+
+/// `vm_log!(Warn, vm_id, "format", args...)`: a guest-caused log line, rate-limited per VM
+/// ([`console::vm_log`](crate::console::vm_log)). The level is a `log::Level` variant name.
+#[macro_export]
+macro_rules! vm_log {
+    ($level:ident, $vm:expr, $($arg:tt)+) => {
+        $crate::console::vm_log($vm, log::Level::$level, format_args!($($arg)+))
+    };
+}

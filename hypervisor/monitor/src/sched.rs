@@ -302,7 +302,7 @@ pub(crate) fn run_vcpu(cpu: usize, id: u32, vcpu: usize, mut ctx: Box<VcpuCtx>) 
                     vm.check_vtimer(vcpu, &mut ctx, timer::now());
                     match vm.vgic.fill_lrs(vcpu, nr_lrs) {
                         Ok(cpuif) => ctx.cpuif = cpuif,
-                        Err(e) => log::error!("vm{id}: vgic fill failed: {e:?}"),
+                        Err(e) => crate::vm_log!(Error, id, "vm{id}: vgic fill failed: {e:?}"),
                     }
                     Some((
                         vm.s2.as_ref().map_or(0, |s| s.vttbr_el2()),
@@ -361,7 +361,7 @@ pub(crate) fn run_vcpu(cpu: usize, id: u32, vcpu: usize, mut ctx: Box<VcpuCtx>) 
             None => (Next::Leave, Vec::new()),
             Some(vm) => {
                 if let Err(e) = vm.vgic.sync_from_lrs(vcpu, &ctx.cpuif) {
-                    log::error!("vm{id}: vgic sync failed: {e:?}");
+                    crate::vm_log!(Error, id, "vm{id}: vgic sync failed: {e:?}");
                 }
                 vm.check_vtimer(vcpu, &mut ctx, now);
                 match exit {

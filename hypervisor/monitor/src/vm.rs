@@ -20,7 +20,7 @@ use vmfork_core::mmio::{MmioAccess, MmioResult};
 use vmfork_core::psci::{self, PsciCall, PsciReturn};
 use vmfork_core::shared::Shared;
 use vmfork_core::stage2::{FaultOutcome, MemCtx, Perms, Stage2, Stage2Error, Vmid};
-use vmfork_core::vgic::{CpuIfState, Vgic, VgicConfig};
+use vmfork_core::vgic::{CpuIfState, SgiRegister, Vgic, VgicConfig};
 use vmfork_core::vuart::Vuart;
 
 use crate::arch::cache::HwTlb;
@@ -564,6 +564,7 @@ impl VmTable {
             vm.name,
             vm.ram_size >> 20
         );
+        crate::console::vm_log_forget(id);
     }
 
     /// True when some vCPU of a running VM is ready to run.
@@ -623,7 +624,12 @@ impl Vm {
             if now >= deadline {
                 ctx.sys.cntv_ctl_el0 |= CNTV_IMASK;
                 if let Err(e) = self.vgic.inject_edge(VTIMER_INTID, vcpu) {
-                    log::warn!("vm{}: cannot inject the virtual timer: {e:?}", self.id);
+                    crate::vm_log!(
+                        Warn,
+                        self.id,
+                        "vm{}: cannot inject the virtual timer: {e:?}",
+                        self.id
+                    );
                 }
             }
         }
@@ -678,7 +684,12 @@ impl Vm {
         if self.new_identity == NewIdentity::Pending {
             // Linux (6.10+) reseeds its RNG when this interrupt says the ID changed.
             if let Err(e) = self.vgic.inject_edge(crate::fork::VMGENID_INTID, 0) {
-                log::warn!("vm{}: cannot raise the vmgenid interrupt: {e:?}", self.id);
+                crate::vm_log!(
+                    Warn,
+                    self.id,
+                    "vm{}: cannot raise the vmgenid interrupt: {e:?}",
+                    self.id
+                );
             }
             self.new_identity = NewIdentity::IrqRaised;
         }
@@ -880,7 +891,12 @@ fn new_identity_first(vm: &mut Vm, ipa: Ipa) -> Option<Next> {
             vm.state = VmState::Paused(String::from(
                 "out of memory writing its vmgenid ID after the fork",
             ));
-            log::warn!("vm{}: paused: no free frame for its vmgenid page", vm.id);
+            crate::vm_log!(
+                Warn,
+                vm.id,
+                "vm{}: paused: no free frame for its vmgenid page",
+                vm.id
+            );
             Some(Next::Leave)
         }
         Err(e) => {
@@ -903,16 +919,39 @@ fn instruction_abort(vm: &mut Vm, ctx: &mut VcpuCtx, syn: Syndrome) -> Next {
         return Next::Leave;
     };
     match with_mem(|cx| s2.handle_fault(cx, ipa, write)) {
+        // A fetch from a page mapped without execute permission (the vmgenid page) faults
+        // again however often it is retried: the guest gets an instruction abort instead. It
+        // is a synchronous external abort (IFSC 0b010000), as for a fetch outside RAM and as
+        // KVM injects for a fetch it cannot serve: the guest's own translation may be off, in
+        // which case no stage-1 permission fault is architecturally possible, while an
+        // external abort always is.
+        Ok(FaultOutcome::Retry)
+            if s2
+                .translate(&IdentityMem, ipa)
+                .is_some_and(|t| !t.perms.exec) =>
+        {
+            crate::vm_log!(
+                Warn,
+                vm.id,
+                "vm{}: instruction fetch from non-executable IPA {ipa} (PC {:#x}): external abort injected",
+                vm.id,
+                ctx.regs.pc
+            );
+            inject_abort(ctx, syn.far, true, false);
+            Next::Resume
+        }
         Ok(FaultOutcome::Retry) => Next::Resume,
         Ok(FaultOutcome::OutOfMemory) => {
             vm.state = VmState::Paused(format!(
                 "out of memory on an instruction fetch at IPA {ipa}"
             ));
-            log::warn!("vm{}: paused: out of memory", vm.id);
+            crate::vm_log!(Warn, vm.id, "vm{}: paused: out of memory", vm.id);
             Next::Leave
         }
         Ok(_) => {
-            log::warn!(
+            crate::vm_log!(
+                Warn,
+                vm.id,
                 "vm{}: instruction fetch from IPA {ipa} (PC {:#x}) outside RAM: external abort injected",
                 vm.id,
                 ctx.regs.pc
@@ -951,7 +990,9 @@ fn data_abort(
             vm.state = VmState::Paused(format!(
                 "out of memory copying a page for a write to IPA {ipa}"
             ));
-            log::warn!(
+            crate::vm_log!(
+                Warn,
+                vm.id,
                 "vm{}: paused: no free frame for a copy-on-write fault at {ipa}",
                 vm.id
             );
@@ -963,9 +1004,20 @@ fn data_abort(
             return Next::Leave;
         }
     }
+    // A cache maintenance instruction by VA (DC CIVAC, CVAC, IVAC, ...; ESR CM = 1) on
+    // something that is not writable RAM: on hardware it completes (Device memory, or nothing,
+    // holds no cache lines), so it is stepped over, not answered with an abort, as KVM does
+    // (the monitor cleans what it writes itself). DC ZVA is a store, with CM = 0. A stage-2
+    // fault on an address translation's table walk (CM and S1PTW) goes on to the abort below.
+    if iss.as_ref().is_some_and(|d| d.cm && !d.s1ptw) {
+        ctx.regs.pc += 4;
+        return Next::Resume;
+    }
     // Not RAM: an emulated device, or nothing.
     let Some(access) = iss.and_then(|d| d.access()) else {
-        log::warn!(
+        crate::vm_log!(
+            Warn,
+            vm.id,
             "vm{}: access to IPA {ipa} without a valid syndrome (PC {:#x}): external abort injected",
             vm.id,
             ctx.regs.pc
@@ -974,16 +1026,25 @@ fn data_abort(
         return Next::Resume;
     };
     let size = access.size;
+    // A big-endian access (SCTLR_EL1.EE, or E0E from EL0) moves the register's bytes reversed:
+    // the device sees, and the register receives, what the hardware would have transferred
+    // (vmfork_core::mmio::data_is_big_endian says why the ID registers are left alone).
+    let big_endian = vmfork_core::mmio::data_is_big_endian(ctx.regs.pstate, ctx.sys.sctlr_el1);
     let write_value = access.write.then(|| {
         let v = if access.register == 31 {
             0
         } else {
             ctx.regs.x[access.register as usize]
         };
-        if size >= 8 {
+        let v = if size >= 8 {
             v
         } else {
             v & ((1u64 << (size as u32 * 8)) - 1)
+        };
+        if big_endian {
+            vmfork_core::mmio::swap_bytes(v, size)
+        } else {
+            v
         }
     });
     let a = ipa.0;
@@ -1028,6 +1089,11 @@ fn data_abort(
     };
     match result {
         MmioResult::Read(v) => {
+            let v = if big_endian {
+                vmfork_core::mmio::swap_bytes(v, size)
+            } else {
+                v
+            };
             let v = if access.sign_extend && size < 8 {
                 let shift = 64 - size as u32 * 8;
                 (((v << shift) as i64) >> shift) as u64
@@ -1050,7 +1116,9 @@ fn data_abort(
             Next::Resume
         }
         MmioResult::Fault => {
-            log::warn!(
+            crate::vm_log!(
+                Warn,
+                vm.id,
                 "vm{}: {} of {} bytes at IPA {ipa} (PC {:#x}) hits no RAM or device: external abort injected",
                 vm.id,
                 if access.write { "write" } else { "read" },
@@ -1099,6 +1167,20 @@ fn hypercall(vm: &mut Vm, vcpu: usize, ctx: &mut VcpuCtx, kicks: &mut Vec<usize>
             next = Next::Off;
             0
         }
+        PsciCall::CpuSuspend { .. } => {
+            // Every power state is a standby state here, as KVM treats them: PSCI (DEN0022,
+            // 5.4.2) lets an implementation enter a shallower state than asked, and a
+            // powerdown request that is entered as standby returns like one, SUCCESS in X0 at
+            // the instruction after the call, with the entry point unused. The vCPU waits as
+            // in WFI: until an interrupt is pending for it (whatever PSTATE.{I,F} mask) or its
+            // timer fires.
+            next = if vm.vgic.has_pending(vcpu) {
+                Next::Resume
+            } else {
+                Next::Wait
+            };
+            0
+        }
         PsciCall::AffinityInfo {
             target_affinity,
             lowest_affinity_level,
@@ -1106,14 +1188,10 @@ fn hypercall(vm: &mut Vm, vcpu: usize, ctx: &mut VcpuCtx, kicks: &mut Vec<usize>
             if lowest_affinity_level != 0 {
                 PsciReturn::InvalidParameters.to_x0()
             } else {
-                match vm
-                    .vcpus
-                    .iter()
-                    .find(|v| v.mpidr == target_affinity & 0xff_00ff_ffff)
-                {
-                    None => PsciReturn::InvalidParameters.to_x0(),
-                    Some(v) if v.state == VcpuState::Off => 1, // OFF
-                    Some(_) => 0,                              // ON
+                match psci::find_target(target_affinity, vm.vcpus.iter().map(|v| v.mpidr)) {
+                    Err(e) => e.to_x0(),
+                    Ok(i) if vm.vcpus[i].state == VcpuState::Off => 1, // OFF
+                    Ok(_) => 0,                                        // ON
                 }
             }
         }
@@ -1177,12 +1255,17 @@ fn hypercall(vm: &mut Vm, vcpu: usize, ctx: &mut VcpuCtx, kicks: &mut Vec<usize>
 }
 
 fn cpu_on(vm: &mut Vm, target: u64, entry: u64, context: u64, kicks: &mut Vec<usize>) -> u64 {
-    let Some(i) = vm
-        .vcpus
-        .iter()
-        .position(|v| v.mpidr == target & 0xff_00ff_ffff)
-    else {
-        return PsciReturn::InvalidParameters.to_x0();
+    // The target must name a vCPU exactly (no bits outside Aff3..Aff0) and the entry point
+    // must be in the VM's RAM: a vCPU started anywhere else could only loop on aborts.
+    let i = match psci::check_cpu_on(
+        target,
+        entry,
+        layout::RAM_BASE,
+        vm.ram_size,
+        vm.vcpus.iter().map(|v| v.mpidr),
+    ) {
+        Ok(i) => i,
+        Err(e) => return e.to_x0(),
     };
     if vm.vcpus[i].state != VcpuState::Off {
         return PsciReturn::AlreadyOn.to_x0();
@@ -1203,6 +1286,10 @@ fn cpu_on(vm: &mut Vm, target: u64, entry: u64, context: u64, kicks: &mut Vec<us
 
 /// ICC_SGI1R_EL1 as Op0/Op1/CRn/CRm/Op2 = 3/0/12/11/5.
 const ICC_SGI1R_EL1: (u8, u8, u8, u8, u8) = (3, 0, 12, 11, 5);
+/// ICC_ASGI1R_EL1: 3/0/12/11/6.
+const ICC_ASGI1R_EL1: (u8, u8, u8, u8, u8) = (3, 0, 12, 11, 6);
+/// ICC_SGI0R_EL1: 3/0/12/11/7.
+const ICC_SGI0R_EL1: (u8, u8, u8, u8, u8) = (3, 0, 12, 11, 7);
 
 fn sysreg(vm: &mut Vm, vcpu: usize, ctx: &mut VcpuCtx, esr: Esr, kicks: &mut Vec<usize>) -> Next {
     let Some(iss) = esr.sys_reg() else {
@@ -1213,25 +1300,41 @@ fn sysreg(vm: &mut Vm, vcpu: usize, ctx: &mut VcpuCtx, esr: Esr, kicks: &mut Vec
     if crate::arch::idregs::emulate(&iss, &mut ctx.regs, &mut ctx.sys) {
         return Next::Resume;
     }
-    let (op0, op1, crn, crm, op2) = ICC_SGI1R_EL1;
-    if iss.is(op0, op1, crn, crm, op2) && !iss.read {
+    // The three SGI generation registers (write-only: a read is UNDEFINED, below). With
+    // HCR_EL2.IMO/FMO set, EL1 writes to them trap here (ARM ARM D13.x, ICC_SGI*R_EL1 traps);
+    // which targets take the SGI depends on the register and the SGI's group (vgic).
+    let sgi_register = [
+        (ICC_SGI1R_EL1, SgiRegister::Sgi1r),
+        (ICC_ASGI1R_EL1, SgiRegister::Asgi1r),
+        (ICC_SGI0R_EL1, SgiRegister::Sgi0r),
+    ]
+    .into_iter()
+    .find(|&((op0, op1, crn, crm, op2), _)| iss.is(op0, op1, crn, crm, op2));
+    if let (Some((_, register)), false) = (sgi_register, iss.read) {
         let value = if iss.rt == 31 {
             0
         } else {
             ctx.regs.x[iss.rt as usize]
         };
-        match vm.vgic.send_sgi(vcpu, value) {
+        match vm.vgic.send_sgi_from(vcpu, value, register) {
             Ok(targets) => {
                 for t in targets.iter() {
                     vm.kick_vcpu(t, kicks);
                 }
             }
-            Err(e) => log::debug!("vm{}: SGI write {value:#x} refused: {e:?}", vm.id),
+            Err(e) => crate::vm_log!(
+                Debug,
+                vm.id,
+                "vm{}: SGI write {value:#x} refused: {e:?}",
+                vm.id
+            ),
         }
         ctx.regs.pc += 4;
         return Next::Resume;
     }
-    log::debug!(
+    crate::vm_log!(
+        Debug,
+        vm.id,
         "vm{} vcpu{vcpu}: {} at PC {:#x} is not emulated: UNDEFINED injected",
         vm.id,
         iss,

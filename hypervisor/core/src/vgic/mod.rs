@@ -72,8 +72,8 @@
 //!
 //! # Injection
 //! The monitor drives level sources ([`Vgic::set_irq_level`]: the virtual timer PPI 27, the UART
-//! SPI), edge sources ([`Vgic::inject_edge`]) and the guest's trapped ICC_SGI1R_EL1 writes
-//! ([`Vgic::send_sgi`]). Each call answers which vCPU(s) may now have something new to take or
+//! SPI), edge sources ([`Vgic::inject_edge`]) and the guest's trapped writes to
+//! ICC_SGI1R_EL1, ICC_ASGI1R_EL1 and ICC_SGI0R_EL1 ([`Vgic::send_sgi_from`]). Each call answers which vCPU(s) may now have something new to take or
 //! to drop, so the monitor can kick a running vCPU out to refill its LRs, and
 //! [`Vgic::has_pending`] tells the scheduler whether a vCPU waiting in WFI should run.
 
@@ -330,6 +330,17 @@ impl ListRegister {
     pub const fn eoi(self) -> bool {
         self.0 & ICH_LR_EOI != 0
     }
+}
+
+/// The system register an SGI is generated through (GICv3 CPU interface, AArch64).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SgiRegister {
+    /// `ICC_SGI1R_EL1` (S3_0_C12_C11_5): Group 1 SGIs, or any group with GICD_CTLR.DS = 1.
+    Sgi1r,
+    /// `ICC_ASGI1R_EL1` (S3_0_C12_C11_6): Group 1 SGIs of the other security state.
+    Asgi1r,
+    /// `ICC_SGI0R_EL1` (S3_0_C12_C11_7): Group 0 SGIs.
+    Sgi0r,
 }
 
 /// A set of vCPU indices (bit n = vCPU n).
@@ -662,11 +673,29 @@ impl Vgic {
         Ok(self.interested_vcpu(vcpu, intid))
     }
 
-    /// Emulates a write of `value` to ICC_SGI1R_EL1 by vCPU `from`: TargetList (15:0), Aff1
-    /// (23:16), INTID (27:24), Aff2 (39:32), IRM (40), RS (47:44), Aff3 (55:48). With IRM = 1
-    /// the SGI goes to every vCPU but the sender. A target gets the SGI only if it configured
-    /// that SGI as Group 1 (one security state). Answers the vCPUs that got it.
+    /// Emulates a write of `value` to ICC_SGI1R_EL1 by vCPU `from` ([`Vgic::send_sgi_from`]
+    /// with [`SgiRegister::Sgi1r`]). Answers the vCPUs that got it.
     pub fn send_sgi(&mut self, from: usize, value: u64) -> Result<VcpuMask, VgicError> {
+        self.send_sgi_from(from, value, SgiRegister::Sgi1r)
+    }
+
+    /// Emulates a write of `value` to one of the SGI generation registers by vCPU `from`:
+    /// TargetList (15:0), Aff1 (23:16), INTID (27:24), Aff2 (39:32), IRM (40), RS (47:44), Aff3
+    /// (55:48). With IRM = 1 the SGI goes to every vCPU but the sender.
+    ///
+    /// Which targets take it depends on the register and on the group each target gave the SGI
+    /// (GICR_IGROUPR0), as the GICv3 architecture says for an access from Non-secure EL1 with
+    /// GICD_CTLR.DS = 1 (one security state, which this distributor always has; IHI 0069, "Use
+    /// of control registers for SGI forwarding"): ICC_SGI1R_EL1 forwards to a target whatever
+    /// group it configured; ICC_SGI0R_EL1 only to a target that made the SGI Group 0; and
+    /// ICC_ASGI1R_EL1, whose "other security state" does not exist with DS = 1, behaves as
+    /// ICC_SGI0R_EL1 (KVM's vGIC reads the table the same way). Answers the vCPUs that got it.
+    pub fn send_sgi_from(
+        &mut self,
+        from: usize,
+        value: u64,
+        register: SgiRegister,
+    ) -> Result<VcpuMask, VgicError> {
         self.check_vcpu(from)?;
         let intid = ((value >> 24) & 0xf) as usize;
         let irm = value & (1 << 40) != 0;
@@ -683,7 +712,11 @@ impl Vgic {
                 let aff0 = v.mpidr & 0xff;
                 v.mpidr & !0xff == upper && aff0 / 16 == rs && list & (1 << (aff0 % 16)) != 0
             };
-            if hit && v.private[intid].group1 {
+            let forwarded = match register {
+                SgiRegister::Sgi1r => true,
+                SgiRegister::Sgi0r | SgiRegister::Asgi1r => !v.private[intid].group1,
+            };
+            if hit && forwarded {
                 v.private[intid].latch = true;
                 mask.insert(i);
             }

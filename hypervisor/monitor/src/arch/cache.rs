@@ -23,6 +23,43 @@ pub fn sync_for_guest_exec(pa: PhysAddr, len: u64) {
     unsafe { core::arch::asm!("dsb ish", "ic ialluis", "dsb ish", "isb", options(nostack)) };
 }
 
+/// Cleans and invalidates `[pa, pa + len)` in the data cache to the point of coherency
+/// (`DC CIVAC` per line, then `DSB ISH`), so that memory holds what the monitor last wrote
+/// there through its cacheable map and no line of the range stays in the caches.
+///
+/// Why (ARM ARM B2.16, "Mismatched memory attributes", and D7.5.9): the monitor reads and
+/// writes guest frames through its identity map as Normal Inner/Outer Write-Back memory, while
+/// a guest running with its stage-1 MMU off makes its data accesses Device-nGnRnE (stage 2's
+/// Normal Write-Back combines to the more restrictive type, so they stay non-cacheable), and
+/// they go straight to memory past the caches; so do a guest's Non-cacheable mappings. Without maintenance such a guest reads
+/// memory behind the monitor's dirty lines: stale data, or what another VM had in the frame
+/// before it was zeroed or copied. Cleaning to the PoC after the host writes a frame makes the
+/// frame's new contents visible to the guest's non-cacheable reads; invalidating as well means
+/// no clean copy of the old contents stays in the cache for the monitor to read later instead
+/// of what the guest writes non-cacheably (and for the same reason a source frame is cleaned
+/// and invalidated before the monitor reads it, [`clean_inval_before_read`]).
+pub fn clean_inval_to_poc(pa: PhysAddr, len: u64) {
+    let mut addr = pa.0 & !(DCACHE_LINE - 1);
+    let end = pa.0 + len;
+    while addr < end {
+        // SAFETY: clean and invalidate of a line of RAM the monitor maps: memory gets the
+        // line's data first, so no content changes.
+        unsafe { core::arch::asm!("dc civac, {0}", in(reg) addr, options(nostack)) };
+        addr += DCACHE_LINE;
+    }
+    // SAFETY: a barrier: the maintenance completes before any later access (ARM ARM D7.5.10:
+    // a DSB is needed for cache maintenance to complete before following instructions).
+    unsafe { core::arch::asm!("dsb ish", options(nostack)) };
+}
+
+/// Before the monitor reads a guest frame (to copy it): cleans and invalidates its lines, so
+/// the reads miss and fetch what a guest wrote non-cacheably with its MMU off, instead of a
+/// stale line of the monitor's cacheable alias (ARM ARM B2.16). Lines the guest wrote with
+/// cacheable attributes are dirty and reach memory first, so either kind of write survives.
+pub fn clean_inval_before_read(pa: PhysAddr, len: u64) {
+    clean_inval_to_poc(pa, len);
+}
+
 /// Stage-2 TLB maintenance on the real CPU (see `vmfork_core::stage2::tlb` for the sequence).
 /// TLBI by IPA and `vmalls12e1is` act on the VMID in this CPU's VTTBR_EL2, so each operation
 /// loads the target VMID into VTTBR_EL2 and puts the previous value back afterwards. Only the
