@@ -215,6 +215,14 @@ pub const fn debug_access(op0: u8, op1: u8, crn: u8, crm: u8, op2: u8) -> Option
     }
 }
 
+/// The smallest data-cache line in bytes, from CTR_EL0.DminLine (bits [19:16], log2 of the
+/// number of 4-byte words). Cache maintenance by address must step by this: stepping by a
+/// larger guess skips lines on a CPU with smaller ones (architecturally DminLine can be as small
+/// as 16 bytes; QEMU's `max` CPU reports 64).
+pub const fn dcache_line_bytes(ctr_el0: u64) -> u64 {
+    4 << ((ctr_el0 >> 16) & 0xf)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,5 +377,14 @@ mod tests {
             prop_assert_eq!(field(sanitise(ID_AA64MMFR2_EL1, hw), 24), 0);
             prop_assert_eq!(sanitise(ID_AA64MMFR3_EL1, hw), 0);
         }
+    }
+
+    #[test]
+    fn dcache_line_comes_from_ctr_dminline() {
+        // QEMU's max CPU: CTR_EL0 = 0x8444c004 (DminLine 4: 64 bytes).
+        assert_eq!(dcache_line_bytes(0x8444_c004), 64);
+        assert_eq!(dcache_line_bytes(2 << 16), 16);
+        assert_eq!(dcache_line_bytes(3 << 16), 32);
+        assert_eq!(dcache_line_bytes(0xf << 16), 4 << 15);
     }
 }

@@ -3,21 +3,28 @@
 use vmfork_core::addr::{Ipa, PhysAddr};
 use vmfork_core::stage2::{TlbOps, Vmid};
 
-/// Smallest data-cache line size the maintenance loops step by. CTR_EL0.DminLine is at least 16
-/// bytes architecturally; QEMU's `max` CPU reports 64.
-const DCACHE_LINE: u64 = 64;
+/// The smallest data-cache line size of this CPU, which the maintenance loops step by
+/// (CTR_EL0.DminLine: a fixed 64 would skip lines on a CPU with 16- or 32-byte lines; QEMU's
+/// `max` CPU reports 64, so only real hardware can tell the difference).
+fn dcache_line() -> u64 {
+    let ctr: u64;
+    // SAFETY: reading CTR_EL0 at EL2 has no side effect.
+    unsafe { core::arch::asm!("mrs {0}, ctr_el0", out(reg) ctr, options(nomem, nostack)) };
+    vmfork_core::idregs::dcache_line_bytes(ctr)
+}
 
 /// Cleans `[pa, pa + len)` from the data cache to the point of coherency and invalidates the
 /// whole instruction cache, so that code the monitor wrote into guest memory through its
 /// cacheable map is what a guest fetches, with its MMU and caches off or on (ARM ARM D7.5.9:
 /// "data and instruction cache coherency": DC CVAC, DSB, IC IALLUIS, DSB, ISB).
 pub fn sync_for_guest_exec(pa: PhysAddr, len: u64) {
-    let mut addr = pa.0 & !(DCACHE_LINE - 1);
+    let line = dcache_line();
+    let mut addr = pa.0 & !(line - 1);
     let end = pa.0 + len;
     while addr < end {
         // SAFETY: cleaning a line of RAM the monitor maps has no effect on its contents.
         unsafe { core::arch::asm!("dc cvac, {0}", in(reg) addr, options(nostack)) };
-        addr += DCACHE_LINE;
+        addr += line;
     }
     // SAFETY: barriers and instruction-cache invalidation only affect ordering and caches.
     unsafe { core::arch::asm!("dsb ish", "ic ialluis", "dsb ish", "isb", options(nostack)) };
@@ -39,13 +46,14 @@ pub fn sync_for_guest_exec(pa: PhysAddr, len: u64) {
 /// of what the guest writes non-cacheably (and for the same reason a source frame is cleaned
 /// and invalidated before the monitor reads it, [`clean_inval_before_read`]).
 pub fn clean_inval_to_poc(pa: PhysAddr, len: u64) {
-    let mut addr = pa.0 & !(DCACHE_LINE - 1);
+    let line = dcache_line();
+    let mut addr = pa.0 & !(line - 1);
     let end = pa.0 + len;
     while addr < end {
         // SAFETY: clean and invalidate of a line of RAM the monitor maps: memory gets the
         // line's data first, so no content changes.
         unsafe { core::arch::asm!("dc civac, {0}", in(reg) addr, options(nostack)) };
-        addr += DCACHE_LINE;
+        addr += line;
     }
     // SAFETY: a barrier: the maintenance completes before any later access (ARM ARM D7.5.10:
     // a DSB is needed for cache maintenance to complete before following instructions).
