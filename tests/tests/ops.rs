@@ -202,3 +202,47 @@ fn a_vm_killed_while_a_fork_of_it_waits_answers_that_fork_at_once() {
     }
     q.kill();
 }
+
+#[test]
+fn a_reset_child_sees_a_new_vmgenid_after_the_fork_and_every_reset() {
+    // Before the fix a reset child's vmgenid page was the fork point's again: the parent's ID.
+    let resets = 3;
+    let mut q = Qemu::start(
+        QemuConfig::monitor()
+            .smp(2)
+            .mem_mib(512)
+            .name("ops_genid_reset")
+            .guest(
+                0,
+                "forkloop",
+                &format!("mem=16M cmdline=mode=genidreset resets={resets}"),
+            ),
+    );
+    q.wait_for_regex(r"forkloop: (genid reset ok|FAIL)", DEFAULT_TIMEOUT);
+    q.expect_no("FAIL");
+    let log = q.serial();
+    let id_of = |line: &str| {
+        line.rsplit_once("vmgenid=")
+            .map(|(_, id)| id.trim().to_string())
+    };
+    let parent = log
+        .lines()
+        .find(|l| l.contains("[vm1] forkloop: parent vmgenid="))
+        .and_then(id_of)
+        .expect("the parent's ID");
+    let mut ids: Vec<String> = (0..=resets)
+        .map(|r| {
+            let pat = format!("[vm2] forkloop: child resets={r} vmgenid=");
+            log.lines()
+                .find(|l| l.contains(&pat))
+                .and_then(id_of)
+                .unwrap_or_else(|| panic!("no `{pat}` line"))
+        })
+        .collect();
+    ids.push(parent);
+    let n = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "an ID was shown twice: {ids:?}");
+    q.kill();
+}
