@@ -295,7 +295,7 @@ mod tests {
             let mut answers: BTreeMap<u64, Vec<Answer>> = BTreeMap::new();
             let mut next = 0u64;
             let mut order: Vec<u64> = Vec::new();
-            let mut answer = |req: u64, a: Answer, answers: &mut BTreeMap<u64, Vec<Answer>>| {
+            let answer = |req: u64, a: Answer, answers: &mut BTreeMap<u64, Vec<Answer>>| {
                 answers.entry(req).or_default().push(a);
             };
             for s in steps.iter().chain([Step::Gone].iter()) {
