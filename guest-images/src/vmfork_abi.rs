@@ -28,6 +28,11 @@ pub const VMFORK_RESET: u32 = 0xC600_0003;
 /// (the same encoding as `VMFORK_UID` in `hypervisor/core/src/psci.rs`).
 pub const VMFORK_UID: [u32; 4] = [0x28c9_325b, 0x3348_063b, 0xda53_2082, 0xade2_fde7];
 
+/// vmfork's own error code (x0, sign-extended) from `VMFORK_FORK`/`VMFORK_RESET` made while
+/// another fork or reset of the VM waits (another vCPU's call at the same instant): nothing was
+/// done; call again. Copy of `vmfork_core::psci::VMFORK_BUSY`.
+pub const VMFORK_BUSY: i64 = -10;
+
 /// The parent ID `VMFORK_IDENTITY` reports for a VM that was not forked from another.
 pub const NO_PARENT: u64 = u64::MAX;
 
@@ -53,7 +58,8 @@ pub enum ForkOutcome {
 
 /// Decodes x0 after `VMFORK_FORK`: a positive value is the child's ID (in the parent), 0 means
 /// "you are the child", a negative value is a PSCI-style error (`NOT_SUPPORTED` without the
-/// monitor, `DENIED`, `INTERNAL_FAILURE` when it runs out of memory).
+/// monitor, `DENIED`, `INTERNAL_FAILURE` when it runs out of memory, `Unknown(VMFORK_BUSY)`
+/// when another fork or reset of the VM was waiting).
 pub fn decode_fork(x0: u64) -> Result<ForkOutcome, PsciError> {
     match x0 as i64 {
         0 => Ok(ForkOutcome::Child),
@@ -114,6 +120,7 @@ mod tests {
         assert_eq!(VMFORK_IDENTITY, psci::VMFORK_IDENTITY);
         assert_eq!(VMFORK_RESET, psci::VMFORK_RESET);
         assert_eq!(VMFORK_UID, psci::VMFORK_UID);
+        assert_eq!(VMFORK_BUSY, i64::from(psci::VMFORK_BUSY));
         // And the monitor decodes them as the calls we mean.
         assert_eq!(
             psci::decode(u64::from(VENDOR_HYP_CALL_UID), 0, 0, 0),
@@ -161,6 +168,10 @@ mod tests {
         assert_eq!(decode_fork(u64::MAX), Err(PsciError::NotSupported));
         assert_eq!(decode_fork(-3i64 as u64), Err(PsciError::Denied));
         assert_eq!(decode_fork(-6i64 as u64), Err(PsciError::InternalFailure));
+        assert_eq!(
+            decode_fork(VMFORK_BUSY as u64),
+            Err(PsciError::Unknown(VMFORK_BUSY))
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! both), each shell answers on its own console, a file written in the child's `/tmp` is absent
 //! in the parent, the two share the memory neither wrote since, and only the child's kernel
 //! reseeds its RNG through the `microsoft,vmgenid` device; `reset` takes the fork back to its
-//! fork point (a 2-vCPU guest). Eight forks of a 1-vCPU guest all answer and give their memory
+//! fork point, where it reseeds again (a 2-vCPU guest). Eight forks of a 1-vCPU guest all answer and give their memory
 //! back when killed in any order.
 //!
 //! The guest is built as for `tests/tests/linux.rs` (`guest-images/linux/build.sh`, cached per
@@ -288,6 +288,23 @@ fn linux_forked_from_the_host_runs_on_in_both_with_own_consoles_tmp_and_rng_then
         2,
         "test -e /tmp/childfile || echo reset-lacks-$((1+1))",
         "reset-lacks-2",
+    );
+    // A reset is a new generation too (its RNG state went back with its memory): the child's
+    // kernel reseeds again, from a new vmgenid ID written before the interrupt that announces
+    // it. Its dmesg went back to the fork point, which had no reseed, so it has one again.
+    let reset_line = q
+        .serial()
+        .find("vm2: reset to its fork point")
+        .expect("the reset line");
+    wait_log(&q, "the reset child's crng reseed", |log| {
+        vm_said(&log[reset_line..], 2, RESEED)
+    });
+    ask(
+        &q,
+        &socket,
+        2,
+        "echo reset-reseeds=$(dmesg | grep -c 'virtual machine fork')",
+        "reset-reseeds=1",
     );
     // The parent went on as it was.
     ask(

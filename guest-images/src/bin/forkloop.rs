@@ -17,6 +17,11 @@
 //! - genid: reads the 16-byte `microsoft,vmgenid` ID (the page at 0x090F_0000), forks, and
 //!   reads it again: the parent prints `forkloop: parent vmgenid unchanged`, the child
 //!   `forkloop: child vmgenid changed` (or FAIL lines).
+//! - genidreset, `resets=K` (default 3): reads the vmgenid ID, forks; the parent prints
+//!   `forkloop: parent vmgenid=<hex>` and powers off; the child, after the fork and after each
+//!   of K resets of itself, checks the page no longer holds the parent's ID and prints
+//!   `forkloop: child resets=R vmgenid=<hex>` (each reset must show a new one: the test
+//!   compares them), then `forkloop: genid reset ok resets=K`.
 //! - tree, `depth=D` (default 3): each generation marks its own page with its pattern and forks;
 //!   the parent powers off at once and the child waits 100 ms before going on, so parents die
 //!   before their children; generation D checks that every
@@ -53,6 +58,18 @@ mod guest {
                 fail!("forkloop: FAIL {what}: at {a:#x} expected {want:#x} got {got:#x}");
             }
             a += 8;
+        }
+    }
+
+    /// The 16-byte `microsoft,vmgenid` ID, from the page the monitor maps at 0x090F_0000.
+    fn read_genid() -> [u64; 2] {
+        const VMGENID: usize = 0x090F_0000;
+        // SAFETY: the monitor maps the vmgenid page read-only at this IPA; 8-byte aligned reads.
+        unsafe {
+            [
+                read_volatile(VMGENID as *const u64),
+                read_volatile((VMGENID + 8) as *const u64),
+            ]
         }
     }
 
@@ -143,18 +160,45 @@ mod guest {
                     timer::delay(timer::ticks_from_ms(100));
                 }
             }
-            "genid" => {
-                const VMGENID: usize = 0x090F_0000;
-                let read = || {
-                    // SAFETY: the monitor maps the vmgenid page read-only at this IPA; 8-byte
-                    // aligned reads.
-                    unsafe {
-                        [
-                            read_volatile(VMGENID as *const u64),
-                            read_volatile((VMGENID + 8) as *const u64),
-                        ]
-                    }
+            "genidreset" => {
+                let resets = num("resets", 3);
+                let before = read_genid();
+                if before == [0, 0] {
+                    fail!("forkloop: FAIL the vmgenid page is zero");
+                }
+                if let ForkOutcome::Parent { .. } = fork() {
+                    println!(
+                        "forkloop: parent vmgenid={:016x}{:016x}",
+                        before[0], before[1]
+                    );
+                    exit::power_off()
+                }
+                // After the fork and after every reset: `before` is fork-point memory, so it
+                // still holds the parent's ID.
+                let id = match runtime::identity() {
+                    Ok(id) => id,
+                    Err(e) => fail!("forkloop: FAIL identity: {e:?}"),
                 };
+                let now = read_genid();
+                if now == before {
+                    fail!(
+                        "forkloop: FAIL resets={}: the vmgenid page still holds the parent's ID",
+                        id.resets
+                    );
+                }
+                println!(
+                    "forkloop: child resets={} vmgenid={:016x}{:016x}",
+                    id.resets, now[0], now[1]
+                );
+                if id.resets >= resets {
+                    println!("forkloop: genid reset ok resets={resets}");
+                    exit::power_off()
+                }
+                let e = runtime::reset();
+                fail!("forkloop: FAIL reset returned {e:?}");
+            }
+            "genid" => {
+                let read = read_genid;
                 let before = read();
                 if before == [0, 0] {
                     fail!("forkloop: FAIL the vmgenid page is zero");

@@ -19,9 +19,14 @@
 //! |---------------|-----------------------|---------------------------------------------------------|
 //! | `0x8600_FF01` | Call UID (SMC32)      | returns [`VMFORK_UID`] in W0-W3 (standard SMCCC query) |
 //! | `0x8600_FF03` | Revision (SMC32)      | returns major in W0, minor in W1                        |
-//! | `0xC600_0001` | `VMFORK_FORK` (SMC64) | fork the calling VM: X0 = child's VM id in the parent, 0 in the child, negative PSCI error on failure (-3 DENIED, -6 INTERNAL_FAILURE = out of memory) |
+//! | `0xC600_0001` | `VMFORK_FORK` (SMC64) | fork the calling VM: X0 = child's VM id in the parent, 0 in the child, negative error on failure (-3 DENIED, -6 INTERNAL_FAILURE = out of memory, -10 [`VMFORK_BUSY`]) |
 //! | `0xC600_0002` | `VMFORK_IDENTITY` (SMC64) | X0 = this VM's id, X1 = parent's id (`u64::MAX` for none), X2 = fork generation (0 = not a fork), X3 = resets to its fork point so far |
-//! | `0xC600_0003` | `VMFORK_RESET` (SMC64) | a fork puts itself back to its fork point (the fuzzing loop): memory, vCPUs and devices; execution resumes as the child's return from `VMFORK_FORK` (X0 = 0). Returns -3 DENIED (X0) when the VM is not a fork |
+//! | `0xC600_0003` | `VMFORK_RESET` (SMC64) | a fork puts itself back to its fork point (the fuzzing loop): memory, vCPUs and devices; execution resumes as the child's return from `VMFORK_FORK` (X0 = 0). Returns -3 DENIED (X0) when the VM is not a fork, -10 [`VMFORK_BUSY`] |
+//!
+//! `VMFORK_BUSY` (-10, vmfork's own code beside PSCI's -1 to -9): another fork or reset of the
+//! VM was already waiting when the call was made (another vCPU's call at the same instant, or one
+//! from the control channel). Nothing was done; the vCPU may call again. A fork copies the
+//! refused vCPU into the child with the same -10 in X0 (see `crate::opqueue`).
 //!
 //! A guest checks the Call UID before using the others, since other hypervisors (KVM) use the
 //! same OEN with their own function numbers. Anything unrecognised decodes to
@@ -75,6 +80,10 @@ pub const VMFORK_FORK: u32 = 0xC600_0001;
 pub const VMFORK_IDENTITY: u32 = 0xC600_0002;
 /// vmfork: put the calling fork back to its fork point.
 pub const VMFORK_RESET: u32 = 0xC600_0003;
+
+/// vmfork's error code (X0, sign-extended) for a `VMFORK_FORK` or `VMFORK_RESET` made while
+/// another fork or reset of the VM waits: nothing was done, call again.
+pub const VMFORK_BUSY: i32 = -10;
 
 /// vmfork's UID for the Vendor Specific Hypervisor Service range,
 /// `5b32c928-3b06-4833-8220-53dae7fde2ad`, as the four 32-bit words returned in W0-W3

@@ -1,9 +1,11 @@
 //! Forking and resetting whole VMs.
 //!
 //! A fork needs every vCPU of the parent off the CPUs, so it is a *pending operation*: the
-//! request (the guest's fork hypercall, or the monitor's API) marks the VM, which stops its vCPUs
-//! from being scheduled and kicks the CPUs running them; the CPU that puts back the last running
-//! vCPU then performs it (`run_pending`). The copy itself is `Stage2::fork` (constant time: the
+//! request (the guest's fork hypercall, or the monitor's API) is queued on the VM
+//! (`vmfork_core::opqueue`: bounded, and every request answered exactly once), which stops its
+//! vCPUs from being scheduled and kicks the CPUs running them; the CPU that puts back the last
+//! running vCPU then performs what waits (`run_pending`). A VM torn down meanwhile fails what
+//! waits at once (`fail_pending`). The copy itself is `Stage2::fork` (constant time: the
 //! parent's root entries become markers) plus a clone of every vCPU context and device model.
 
 use alloc::collections::BTreeMap;
@@ -14,7 +16,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use spin::Mutex;
 use vmfork_core::guest_dtb::layout;
-use vmfork_core::psci::PsciReturn;
+use vmfork_core::opqueue::{guest_x0, Busy, GuestError, Waiter};
 use vmfork_core::shared::Shared;
 use vmfork_core::stage2::{ForkPoint, MemCtx, Stage2, Stage2Error, TlbOps};
 use vmfork_core::vgic::Vgic;
@@ -47,26 +49,23 @@ impl ForkSnapshot {
     }
 }
 
-/// An operation that waits for every vCPU of a VM to leave the CPUs.
+/// An operation that waits for every vCPU of a VM to leave the CPUs. Who waits for it is
+/// kept beside it in the VM's [`OpQueue`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PendingOp {
     /// Fork `count` children.
     Fork {
-        /// The vCPU that made the fork hypercall (its X0 gets the result), if a guest asked.
-        caller: Option<usize>,
         /// How many children.
         count: u32,
         /// Leave the children paused at the fork point.
         paused: bool,
-        /// Where the monitor's API wants the result.
-        ticket: Option<u64>,
     },
     /// Put the VM back to its fork point.
-    Reset {
-        /// Where the monitor's API wants the result.
-        ticket: Option<u64>,
-    },
+    Reset,
 }
+
+/// The operations waiting on one VM (`vmfork_core::opqueue`: bounded, each answered once).
+pub type OpQueue = vmfork_core::opqueue::OpQueue<PendingOp>;
 
 /// Per-VM counters.
 #[derive(Clone, Copy, Debug, Default)]
@@ -94,7 +93,7 @@ pub enum ForkError {
     NotAFork(u32),
     /// The VM is being torn down.
     Stopping(u32),
-    /// Another fork or reset of the VM is already waiting.
+    /// As many forks and resets of the VM as may wait already wait.
     Busy(u32),
     /// A stage-2 error other than running out of memory (a bug).
     Internal(String),
@@ -108,7 +107,7 @@ impl core::fmt::Display for ForkError {
             ForkError::NoVmid => write!(f, "no VMID left"),
             ForkError::NotAFork(id) => write!(f, "vm{id} is not a fork: it has no fork point"),
             ForkError::Stopping(id) => write!(f, "vm{id} is being torn down"),
-            ForkError::Busy(id) => write!(f, "vm{id} already has a fork or reset waiting"),
+            ForkError::Busy(id) => write!(f, "vm{id} has too many forks or resets waiting"),
             ForkError::Internal(e) => write!(f, "internal error: {e}"),
         }
     }
@@ -125,35 +124,20 @@ fn stage2_error(e: Stage2Error) -> ForkError {
 static RESULTS: Mutex<BTreeMap<u64, Result<Vec<u32>, ForkError>>> = Mutex::new(BTreeMap::new());
 static NEXT_TICKET: AtomicU64 = AtomicU64::new(1);
 
-/// Asks for `op` on VM `id` (with a fresh ticket in it). It runs at once if none of the VM's
-/// vCPUs is on a CPU, else when the last one comes back. Returns the ticket to collect the
-/// result with [`take_result`], and the CPUs to kick.
+/// Asks for `op` on VM `id` for the monitor's API. It runs at once if none of the VM's vCPUs is
+/// on a CPU, else when the last one comes back, after the operations already waiting. Returns
+/// the ticket to collect the result with [`take_result`] (exactly one result is filed under it,
+/// whatever happens to the VM), and the CPUs to kick. Refused with `Busy` when
+/// [`vmfork_core::opqueue::MAX_WAITING`] operations already wait on the VM.
 pub fn request(t: &mut VmTable, id: u32, op: PendingOp) -> Result<(u64, Vec<usize>), ForkError> {
-    let ticket = NEXT_TICKET.fetch_add(1, Ordering::Relaxed);
-    let op = match op {
-        PendingOp::Fork {
-            caller,
-            count,
-            paused,
-            ..
-        } => PendingOp::Fork {
-            caller,
-            count,
-            paused,
-            ticket: Some(ticket),
-        },
-        PendingOp::Reset { .. } => PendingOp::Reset {
-            ticket: Some(ticket),
-        },
-    };
     let vm = t.vms.get_mut(&id).ok_or(ForkError::NoSuchVm(id))?;
     if matches!(vm.state, VmState::Stopping(_)) {
         return Err(ForkError::Stopping(id));
     }
-    if vm.pending.is_some() {
-        return Err(ForkError::Busy(id));
-    }
-    vm.pending = Some(op);
+    let ticket = NEXT_TICKET.fetch_add(1, Ordering::Relaxed);
+    vm.pending
+        .push_ticket(ticket, op)
+        .map_err(|Busy| ForkError::Busy(id))?;
     let kicks = vm.running_cpus();
     if kicks.is_empty() {
         run_pending(t, id);
@@ -161,50 +145,92 @@ pub fn request(t: &mut VmTable, id: u32, op: PendingOp) -> Result<(u64, Vec<usiz
     Ok((ticket, kicks))
 }
 
+/// Queues guest vCPU `vcpu`'s `VMFORK_FORK`/`VMFORK_RESET` on its VM, adding the CPUs to kick.
+/// `Ok`: the vCPU leaves its CPU and its X0 is written when the operation runs (or the VM goes).
+/// `Err(x0)`: refused, answer `x0` now: another fork or reset already waits (`VMFORK_BUSY`;
+/// see `vmfork_core::opqueue` for why it is not queued behind), or the VM is going.
+pub fn guest_request(
+    vm: &mut Vm,
+    vcpu: usize,
+    op: PendingOp,
+    kicks: &mut Vec<usize>,
+) -> Result<(), u64> {
+    if matches!(vm.state, VmState::Stopping(_)) {
+        return Err(guest_x0(Err(GuestError::Denied)));
+    }
+    if vm.pending.push_vcpu(vcpu, op).is_err() {
+        log::debug!(
+            "vm{} vcpu{vcpu}: {op:?} refused: another fork or reset waits",
+            vm.id
+        );
+        return Err(guest_x0(Err(GuestError::Busy)));
+    }
+    kicks.extend(vm.running_cpus());
+    Ok(())
+}
+
 /// The result of the operation with `ticket`, once it has run.
 pub fn take_result(ticket: u64) -> Option<Result<Vec<u32>, ForkError>> {
     RESULTS.lock().remove(&ticket)
 }
 
-/// Runs VM `id`'s pending operation. None of its vCPUs may be on a CPU.
-pub fn run_pending(t: &mut VmTable, id: u32) {
-    let Some(op) = t.vms.get_mut(&id).and_then(|vm| vm.pending.take()) else {
-        return;
-    };
-    match op {
-        PendingOp::Fork {
-            caller,
-            count,
-            paused,
-            ticket,
-        } => {
-            let result = fork_now(t, id, count, paused, caller);
-            if let Err(e) = &result {
-                log::warn!("vm{id}: fork failed: {e}");
-                if let Some(vm) = t.vms.get_mut(&id) {
-                    if let Some(ctx) = caller.and_then(|c| vm.vcpus[c].ctx.as_mut()) {
-                        ctx.regs.x[0] = match e {
-                            ForkError::OutOfMemory => PsciReturn::InternalFailure.to_x0(),
-                            _ => PsciReturn::Denied.to_x0(),
-                        };
-                    }
-                }
-            }
-            if let Some(ticket) = ticket {
-                RESULTS.lock().insert(ticket, result);
-            }
+fn guest_error(e: &ForkError) -> GuestError {
+    match e {
+        ForkError::OutOfMemory => GuestError::OutOfMemory,
+        ForkError::Busy(_) => GuestError::Busy,
+        _ => GuestError::Denied,
+    }
+}
+
+/// Answers `waiter` with `result`: files it under the ticket, or writes a failure into the
+/// calling vCPU's X0 (a fork's success is written by [`fork_now`] itself, into parent and
+/// child; a reset's replaces the whole vCPU).
+fn answer(vm: Option<&mut Vm>, waiter: Waiter, result: Result<Vec<u32>, ForkError>) {
+    match waiter {
+        Waiter::Ticket(ticket) => {
+            RESULTS.lock().insert(ticket, result);
         }
-        PendingOp::Reset { ticket } => {
-            let result = reset_now(t, id).map(|()| Vec::new());
-            if let Err(e) = &result {
-                log::warn!("vm{id}: reset failed: {e}");
-            }
-            if let Some(ticket) = ticket {
-                RESULTS.lock().insert(ticket, result);
+        Waiter::Vcpu(c) => {
+            if let (Err(e), Some(vm)) = (&result, vm) {
+                if let Some(ctx) = vm.vcpus.get_mut(c).and_then(|v| v.ctx.as_mut()) {
+                    ctx.regs.x[0] = guest_x0(Err(guest_error(e)));
+                }
             }
         }
     }
-    crate::sched::kick_idle();
+}
+
+/// Fails every operation waiting on `vm` (it is being torn down): each waiter is answered now.
+pub fn fail_pending(vm: &mut Vm) {
+    let id = vm.id;
+    for w in vm.pending.drain() {
+        log::info!("vm{id}: {:?} not run: the VM is being torn down", w.op);
+        answer(Some(vm), w.waiter, Err(ForkError::Stopping(id)));
+    }
+}
+
+/// Runs every operation waiting on VM `id`, oldest first, and answers each. None of its vCPUs
+/// may be on a CPU.
+pub fn run_pending(t: &mut VmTable, id: u32) {
+    let mut ran = false;
+    while let Some(w) = t.vms.get_mut(&id).and_then(|vm| vm.pending.pop()) {
+        ran = true;
+        let caller = match w.waiter {
+            Waiter::Vcpu(c) => Some(c),
+            Waiter::Ticket(_) => None,
+        };
+        let result = match w.op {
+            PendingOp::Fork { count, paused } => fork_now(t, id, count, paused, caller),
+            PendingOp::Reset => reset_now(t, id).map(|()| Vec::new()),
+        };
+        if let Err(e) = &result {
+            log::warn!("vm{id}: {:?} failed: {e}", w.op);
+        }
+        answer(t.vms.get_mut(&id), w.waiter, result);
+    }
+    if ran {
+        crate::sched::kick_idle();
+    }
 }
 
 /// Frees a child that was being built when a later step failed.
@@ -327,7 +353,7 @@ fn fork_one(
         genid,
         new_identity: crate::vm::NewIdentity::Pending,
         fork_point: Some(snapshot),
-        pending: None,
+        pending: Default::default(),
         stats: VmStats::default(),
         console_attached: false,
         console_tap: Vec::new(),
@@ -348,8 +374,10 @@ pub(crate) fn reset_now(t: &mut VmTable, id: u32) -> Result<(), ForkError> {
     let snap = vm.fork_point.as_ref().ok_or(ForkError::NotAFork(id))?;
     let s2 = vm.s2.as_mut().ok_or(ForkError::Stopping(id))?;
     with_mem(|cx| s2.reset(cx, &snap.point)).map_err(stage2_error)?;
-    // The fork point's memory holds the parent's generation ID: the child's is written again,
-    // and its interrupt raised again, when the child next needs them.
+    // The fork point's ID page holds what the parent's held: a reset is a new generation for
+    // the guest (its RNG state was rolled back with its memory), so it gets a new ID, written
+    // (then its interrupt raised) before any of its vCPUs runs again (Vm::apply_new_identity).
+    vm.genid = new_generation_id(id);
     vm.new_identity = crate::vm::NewIdentity::Pending;
     vm.vcpus = snap.vcpus.clone();
     vm.vgic = snap.vgic.clone();

@@ -296,9 +296,14 @@ pub(crate) fn run_vcpu(cpu: usize, id: u32, vcpu: usize, mut ctx: Box<VcpuCtx>) 
         // Prepare under the lock: deliver a due virtual-timer interrupt, fill the list registers.
         let setup = {
             let mut t = VMS.lock();
-            match t.vms.get_mut(&id) {
-                Some(vm) if vm.schedulable() => {
-                    vm.raise_new_identity();
+            // A new vmgenid ID is shown (page, then interrupt) before the vCPU runs.
+            let vm = t
+                .vms
+                .get_mut(&id)
+                .filter(|vm| vm.schedulable())
+                .and_then(|vm| vm.apply_new_identity().then_some(vm));
+            match vm {
+                Some(vm) => {
                     vm.check_vtimer(vcpu, &mut ctx, timer::now());
                     match vm.vgic.fill_lrs(vcpu, nr_lrs) {
                         Ok(cpuif) => ctx.cpuif = cpuif,

@@ -258,7 +258,7 @@ pub fn restore(t: &mut VmTable, bytes: &[u8]) -> Result<u32, String> {
             // (guest_memory wrote it); tell it through the vmgenid interrupt.
             new_identity: crate::vm::NewIdentity::Pending,
             fork_point: None,
-            pending: None,
+            pending: Default::default(),
             stats: Default::default(),
             console_attached: false,
             console_tap: Vec::new(),

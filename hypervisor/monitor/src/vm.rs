@@ -51,18 +51,18 @@ pub struct VcpuCtx {
     pub cpuif: CpuIfState,
 }
 
-/// A fork's new `microsoft,vmgenid` identity, applied lazily.
+/// Whether a VM's `microsoft,vmgenid` page and interrupt show its current generation ID.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NewIdentity {
     /// Nothing to do.
     Done,
-    /// The ID page still holds the parent's ID and the interrupt has not been raised. Applied
-    /// before the child first runs a vCPU (the interrupt) and before its first stage-2 fault in
-    /// the low GiB, where the page is (the ID): so the guest can never read the parent's ID,
-    /// and a fork that never touches that region never pays for it.
+    /// The ID page does not hold [`Vm::genid`] yet (a fork or a reset: it still holds what the
+    /// fork point's page held) and the interrupt has not been raised. Before any vCPU of the VM
+    /// runs again ([`Vm::apply_new_identity`]) the page is written first and the interrupt
+    /// raised after, so the guest can never read the old ID, and a guest that takes the
+    /// interrupt always reads the new one. A fork that never runs (a paused snapshot fork)
+    /// never pays for it.
     Pending,
-    /// The interrupt is raised; the ID page still has to be written.
-    IrqRaised,
 }
 
 /// Scheduling state of one vCPU.
@@ -130,13 +130,15 @@ pub struct Vm {
     pub generation: u64,
     /// The 16 bytes of its `microsoft,vmgenid` page.
     pub genid: [u8; 16],
-    /// Whether the child still has to get its vmgenid ID written and its interrupt raised.
+    /// Whether the VM still has to get its vmgenid ID written and its interrupt raised.
     pub new_identity: NewIdentity,
     /// Where `reset` puts the VM back to (forks only).
     pub fork_point: Option<crate::fork::ForkSnapshot>,
-    /// An operation that needs every vCPU of this VM off the CPUs (fork, reset); while it is
-    /// set no vCPU of the VM is scheduled.
-    pub pending: Option<crate::fork::PendingOp>,
+    /// Operations that need every vCPU of this VM off the CPUs (fork, reset), with who waits
+    /// for each; while one waits no vCPU of the VM is scheduled. Each is answered exactly once:
+    /// run when the last vCPU leaves ([`crate::fork::run_pending`]), or failed when the VM
+    /// goes ([`VmTable::stop`], [`VmTable::destroy`]).
+    pub pending: crate::fork::OpQueue,
     /// Counters for `vmfork stats`.
     pub stats: crate::fork::VmStats,
     /// A control-channel client streams this VM's console.
@@ -438,7 +440,7 @@ impl VmTable {
             genid,
             new_identity: NewIdentity::Done,
             fork_point: None,
-            pending: None,
+            pending: Default::default(),
             stats: Default::default(),
             console_attached: false,
             console_tap: Vec::new(),
@@ -513,7 +515,7 @@ impl VmTable {
         }
         if matches!(vm.state, VmState::Stopping(_)) {
             self.destroy(id);
-        } else if vm.pending.is_some() {
+        } else if !vm.pending.is_empty() {
             crate::fork::run_pending(self, id);
         }
     }
@@ -526,6 +528,9 @@ impl VmTable {
         };
         log::info!("vm{id}: stopping: {reason}");
         vm.state = VmState::Stopping(reason);
+        // Whoever waits for a fork or reset of it is told now, not when its last vCPU leaves
+        // (which may be never).
+        crate::fork::fail_pending(vm);
         let cpus = vm.running_cpus();
         if cpus.is_empty() {
             self.destroy(id);
@@ -538,6 +543,8 @@ impl VmTable {
         let Some(mut vm) = self.vms.remove(&id) else {
             return;
         };
+        // A VM that stopped by itself (SYSTEM_OFF, a fatal exit) may still have waiters.
+        crate::fork::fail_pending(&mut vm);
         vm.flush_console_line();
         if let Some(fp) = vm.fork_point.take() {
             if let Err(e) = with_mem(|cx| fp.release(cx)) {
@@ -578,7 +585,7 @@ impl VmTable {
 impl Vm {
     /// True when its vCPUs may be put on a CPU: running, with no fork or reset waiting.
     pub fn schedulable(&self) -> bool {
-        self.state == VmState::Running && self.pending.is_none()
+        self.state == VmState::Running && self.pending.is_empty()
     }
 
     /// True when one of its vCPUs is on a CPU.
@@ -679,34 +686,65 @@ impl Vm {
         self.line.clear();
     }
 
-    /// Raises the vmgenid interrupt of a fork that has not seen it yet (before a vCPU runs).
-    pub fn raise_new_identity(&mut self) {
-        if self.new_identity == NewIdentity::Pending {
-            // Linux (6.10+) reseeds its RNG when this interrupt says the ID changed.
-            if let Err(e) = self.vgic.inject_edge(crate::fork::VMGENID_INTID, 0) {
+    /// Shows the guest its new vmgenid ID if it does not see it yet (after a fork, a reset or a
+    /// restore): writes the ID page, then raises the interrupt, in that order, so a guest that
+    /// takes the interrupt reads the new ID (Linux 6.10+ then reseeds its RNG). Called before
+    /// every run of a vCPU. Out of memory for the page (it is copied on write like any other)
+    /// pauses the VM with the reason, and false is returned: the vCPU must not run.
+    pub fn apply_new_identity(&mut self) -> bool {
+        match self.show_new_identity() {
+            Ok(()) => true,
+            Err(Stage2Error::OutOfMemory) => {
+                self.state =
+                    VmState::Paused(String::from("out of memory writing its new vmgenid ID"));
                 crate::vm_log!(
                     Warn,
                     self.id,
-                    "vm{}: cannot raise the vmgenid interrupt: {e:?}",
+                    "vm{}: paused: no free frame for its vmgenid page",
                     self.id
                 );
+                false
             }
-            self.new_identity = NewIdentity::IrqRaised;
+            Err(e) => {
+                self.state =
+                    VmState::Stopping(format!("stage-2 error writing its vmgenid ID: {e}"));
+                false
+            }
         }
     }
 
-    /// Writes a fork's own vmgenid ID if it still holds its parent's, before a stage-2 fault at
-    /// `ipa` is handled in the low GiB (where the ID page is). Out of memory is returned as is.
+    fn show_new_identity(&mut self) -> Result<(), Stage2Error> {
+        if self.new_identity == NewIdentity::Done {
+            return Ok(());
+        }
+        let s2 = self
+            .s2
+            .as_mut()
+            .ok_or(Stage2Error::NotMapped(Ipa(layout::VMGENID_BASE)))?;
+        let genid = self.genid;
+        with_mem(|cx| s2.write_guest(cx, Ipa(layout::VMGENID_BASE), &genid))?;
+        // Only now that the page holds the new ID.
+        if let Err(e) = self.vgic.inject_edge(crate::fork::VMGENID_INTID, 0) {
+            crate::vm_log!(
+                Warn,
+                self.id,
+                "vm{}: cannot raise the vmgenid interrupt: {e:?}",
+                self.id
+            );
+        }
+        self.new_identity = NewIdentity::Done;
+        Ok(())
+    }
+
+    /// Writes the VM's new vmgenid ID (and raises its interrupt) if it does not show it yet,
+    /// before a stage-2 fault at `ipa` is handled in the low GiB (where the ID page is). A
+    /// vCPU never runs before [`Vm::apply_new_identity`], so this is a second line of defence.
+    /// Out of memory is returned as is.
     pub fn write_new_identity(&mut self, ipa: Ipa) -> Result<(), Stage2Error> {
         if self.new_identity == NewIdentity::Done || ipa.0 >= layout::RAM_BASE {
             return Ok(());
         }
-        let s2 = self.s2.as_mut().ok_or(Stage2Error::NotMapped(ipa))?;
-        let genid = self.genid;
-        with_mem(|cx| s2.write_guest(cx, Ipa(layout::VMGENID_BASE), &genid))?;
-        self.raise_new_identity();
-        self.new_identity = NewIdentity::Done;
-        Ok(())
+        self.show_new_identity()
     }
 
     /// Queues typed bytes for the guest's UART (at most [`RX_PENDING_LIMIT`] wait; beyond that
@@ -1223,26 +1261,32 @@ fn hypercall(vm: &mut Vm, vcpu: usize, ctx: &mut VcpuCtx, kicks: &mut Vec<usize>
                 PsciReturn::Denied.to_x0()
             } else {
                 // Like a fork: every vCPU leaves first; the reset then replaces all of them
-                // with their fork-point contexts, so nothing is returned here.
-                vm.pending = Some(crate::fork::PendingOp::Reset { ticket: None });
-                kicks.extend(vm.running_cpus());
-                next = Next::Leave;
-                ctx.regs.x[0]
+                // with their fork-point contexts, so nothing is returned here when it is queued.
+                match crate::fork::guest_request(vm, vcpu, crate::fork::PendingOp::Reset, kicks) {
+                    Ok(()) => {
+                        next = Next::Leave;
+                        ctx.regs.x[0]
+                    }
+                    Err(x0) => x0,
+                }
             }
         }
         PsciCall::Vmfork(psci::VmforkCall::Fork { .. }) => {
             // Every vCPU of the VM must be off the CPUs first: this one leaves now, the others
             // are kicked; the last one back runs the fork (crate::fork::run_pending), which
-            // also writes this call's result into X0 of parent and child.
-            vm.pending = Some(crate::fork::PendingOp::Fork {
-                caller: Some(vcpu),
+            // also writes this call's result into X0 of parent and child. Refused at once
+            // (VMFORK_BUSY in X0) when another fork or reset already waits.
+            let op = crate::fork::PendingOp::Fork {
                 count: 1,
                 paused: false,
-                ticket: None,
-            });
-            kicks.extend(vm.running_cpus());
-            next = Next::Leave;
-            ctx.regs.x[0]
+            };
+            match crate::fork::guest_request(vm, vcpu, op, kicks) {
+                Ok(()) => {
+                    next = Next::Leave;
+                    ctx.regs.x[0]
+                }
+                Err(x0) => x0,
+            }
         }
         PsciCall::VendorHypRevision => {
             ctx.regs.x[1] = psci::VMFORK_REVISION.1 as u64;

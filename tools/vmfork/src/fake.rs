@@ -42,6 +42,9 @@ pub struct FakeConfig {
     pub total_frames: u64,
     /// VMs running at start: (name, memory bytes, vCPUs).
     pub initial_vms: Vec<(String, u64, u32)>,
+    /// Fault injection: a `DumpRead` at this offset or beyond is answered with an `Internal`
+    /// error, as if the monitor failed half-way through a dump.
+    pub fail_dump_reads_from: Option<u64>,
 }
 
 impl Default for FakeConfig {
@@ -50,6 +53,7 @@ impl Default for FakeConfig {
             version: PROTOCOL_VERSION,
             total_frames: 65536,
             initial_vms: vec![("hello".into(), 16 << 20, 1)],
+            fail_dump_reads_from: None,
         }
     }
 }
@@ -93,6 +97,7 @@ struct Shared {
     stop: AtomicBool,
     version: u16,
     conns: Mutex<Vec<UnixStream>>,
+    fail_dump_reads_from: Option<u64>,
 }
 
 /// A running fake monitor. Dropping it stops the server and closes every connection.
@@ -134,6 +139,7 @@ impl FakeMonitor {
             stop: AtomicBool::new(false),
             version: config.version,
             conns: Mutex::new(Vec::new()),
+            fail_dump_reads_from: config.fail_dump_reads_from,
         });
         let s = shared.clone();
         let accept = thread::spawn(move || {
@@ -445,6 +451,11 @@ fn handle(shared: &Shared, conn: &mut Conn, id: u32, req: Request) -> Vec<(u32, 
             let Some(d) = conn.dumps.get(&dump) else {
                 return bad(format!("no dump {dump}"));
             };
+            if shared.fail_dump_reads_from.is_some_and(|at| offset >= at) {
+                return err(ErrorReply::Internal(format!(
+                    "injected failure: dump read at {offset}"
+                )));
+            }
             let start = usize::try_from(offset).unwrap_or(usize::MAX).min(d.len());
             let len = (max_len as usize).min(CHUNK_SIZE).min(d.len() - start);
             vec![(

@@ -9,5 +9,6 @@ pub mod console;
 pub mod fake;
 pub mod format;
 pub mod mux;
+pub mod savefile;
 
 pub use client::{Client, ClientError, ClientOptions};

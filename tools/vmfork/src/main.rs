@@ -11,6 +11,7 @@ use vmfork::client::{Client, ClientError};
 use vmfork::console::{self, ConsoleOptions, RawMode, DETACH_KEY};
 use vmfork::format::{self, Progress};
 use vmfork::mux::{Mux, MuxEnd, MuxOptions};
+use vmfork::savefile::{SaveError, SaveFile};
 use vmfork_proto::snapshot::Snapshot;
 use vmfork_proto::{Request, VmId};
 
@@ -108,6 +109,10 @@ enum Command {
     },
     /// Write a self-describing snapshot of a VM (vCPU and device state, all memory) to FILE.
     ///
+    /// The snapshot goes to a temporary file beside FILE, which is synced and then renamed to
+    /// FILE: FILE is either the old one or the whole new one, never half. An existing FILE is
+    /// refused unless --force is given.
+    ///
     /// BGSAVE recipe: `vmfork fork VM --paused` prints a child id C; `vmfork dump C FILE`
     /// snapshots the frozen child while VM keeps running; then `vmfork kill C`.
     Dump {
@@ -115,6 +120,9 @@ enum Command {
         vm: u32,
         /// Output file.
         file: PathBuf,
+        /// Replace FILE if it exists (only once the new snapshot is complete).
+        #[arg(long)]
+        force: bool,
     },
     /// Start a running VM from a snapshot written by `vmfork dump`. Prints the new id.
     Restore {
@@ -312,29 +320,29 @@ fn run(cli: Cli) -> Result<(), CliError> {
             }
             end?;
         }
-        Command::Dump { vm, file } => {
-            let mut f = fs::File::create(&file)
-                .map_err(|e| CliError::Msg(format!("cannot create {}: {e}", file.display())))?;
-            let mut w = io::BufWriter::new(&mut f);
+        Command::Dump { vm, file, force } => {
+            let save_err = |e: SaveError| CliError::Msg(format!("{e}"));
+            // Only the temporary file is written; it goes away by itself on any error.
+            let mut out = SaveFile::create(&file, force).map_err(save_err)?;
             let mut bar = progress_bar(&format!("dump vm {vm}"));
-            let r = c.dump(VmId(vm), &mut w, &mut |d, t| {
-                if let Some(b) = bar.as_mut() {
-                    b.update(d, t)
-                }
-            });
+            let r = {
+                let mut w = io::BufWriter::new(&mut out);
+                let r = c.dump(VmId(vm), &mut w, &mut |d, t| {
+                    if let Some(b) = bar.as_mut() {
+                        b.update(d, t)
+                    }
+                });
+                r.map_err(CliError::from).and_then(|t| {
+                    w.flush()
+                        .map(|()| t)
+                        .map_err(|e| CliError::Msg(format!("cannot write {}: {e}", file.display())))
+                })
+            };
             if let Some(b) = bar.as_mut() {
                 b.finish()
             }
-            let flushed = w.flush();
-            drop(w);
-            let total = match r {
-                Ok(t) => t,
-                Err(e) => {
-                    let _ = fs::remove_file(&file);
-                    return Err(e.into());
-                }
-            };
-            flushed.map_err(|e| CliError::Msg(format!("cannot write {}: {e}", file.display())))?;
+            let total = r?;
+            out.commit().map_err(save_err)?;
             if json {
                 print_json(&json!({ "vm": vm, "file": file, "bytes": total }))?;
             } else {

@@ -328,6 +328,57 @@ fn dump_then_restore() {
     assert!(!none.exists());
 }
 
+/// Names in `dir` other than `keep` (temporary files left behind, for instance).
+fn others_in(dir: &std::path::Path, keep: &[&str]) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !keep.contains(&n.as_str()))
+        .collect()
+}
+
+#[test]
+fn dump_refuses_to_replace_a_file_without_force() {
+    let e = env();
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("vm1.snap");
+    std::fs::write(&f, b"the previous snapshot").unwrap();
+    let err = e.fails(&["dump", "1", f.to_str().unwrap()]);
+    assert!(
+        err.contains("already exists") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&f).unwrap(), b"the previous snapshot");
+    // With --force it is replaced by the whole new snapshot, and nothing else is left.
+    e.ok(&["dump", "1", f.to_str().unwrap(), "--force"]);
+    let bytes = std::fs::read(&f).unwrap();
+    vmfork_proto::snapshot::Snapshot::decode(&bytes).unwrap();
+    assert_eq!(others_in(dir.path(), &["vm1.snap"]), Vec::<String>::new());
+}
+
+#[test]
+fn a_dump_that_fails_half_way_leaves_the_previous_file_whole() {
+    let e = env_with(FakeConfig {
+        // The first chunk is read and written, the second read fails.
+        fail_dump_reads_from: Some(vmfork_proto::CHUNK_SIZE as u64),
+        ..FakeConfig::default()
+    });
+    // Enough pages that the snapshot is more than one chunk.
+    e.console("1", b"poke 64\n");
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("vm1.snap");
+    std::fs::write(&f, b"the previous snapshot").unwrap();
+    let err = e.fails(&["dump", "1", f.to_str().unwrap(), "--force"]);
+    assert!(err.contains("injected failure"), "{err}");
+    assert_eq!(std::fs::read(&f).unwrap(), b"the previous snapshot");
+    assert_eq!(others_in(dir.path(), &["vm1.snap"]), Vec::<String>::new());
+    // With no previous file, none is left either.
+    let g = dir.path().join("new.snap");
+    e.fails(&["dump", "1", g.to_str().unwrap()]);
+    assert!(!g.exists());
+    assert_eq!(others_in(dir.path(), &["vm1.snap"]), Vec::<String>::new());
+}
+
 #[test]
 fn completions_for_bash() {
     let o = bin().args(["completions", "bash"]).output().unwrap();

@@ -195,21 +195,11 @@ impl Server {
                         "fork count {count}: must be 1 to 1024"
                     )))
                 } else {
-                    return self.start_op(
-                        id,
-                        vm,
-                        PendingOp::Fork {
-                            caller: None,
-                            count,
-                            paused,
-                            ticket: None,
-                        },
-                        out,
-                    );
+                    return self.start_op(id, vm, PendingOp::Fork { count, paused }, out);
                 }
             }
             Request::Reset { vm } => {
-                return self.start_op(id, vm, PendingOp::Reset { ticket: None }, out);
+                return self.start_op(id, vm, PendingOp::Reset, out);
             }
             Request::Pause { vm } => {
                 let mut t = VMS.lock();
@@ -320,10 +310,8 @@ impl Server {
                 // A paused fork, made now in constant time, is what the snapshot is read from:
                 // the VM itself keeps running.
                 let op = PendingOp::Fork {
-                    caller: None,
                     count: 1,
                     paused: true,
-                    ticket: None,
                 };
                 return self.start_waiting(id, vm, op, Waiting::Dump { vm: vm.0 }, out);
             }
@@ -421,7 +409,7 @@ impl Server {
     fn start_op(&mut self, id: u32, vm: VmId, op: PendingOp, out: &mut Vec<u8>) {
         let what = match op {
             PendingOp::Fork { .. } => Waiting::Fork,
-            PendingOp::Reset { .. } => Waiting::Reset,
+            PendingOp::Reset => Waiting::Reset,
         };
         self.start_waiting(id, vm, op, what, out);
     }
