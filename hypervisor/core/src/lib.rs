@@ -10,6 +10,7 @@
 extern crate alloc;
 
 pub mod addr;
+mod bounded;
 pub mod cmdline;
 pub mod esr;
 pub mod frame;
@@ -22,6 +23,7 @@ pub mod physmem;
 pub mod platform;
 pub mod psci;
 pub mod shared;
+pub mod snapshot;
 pub mod stage2;
 pub mod vgic;
 pub mod vuart;
