@@ -494,7 +494,8 @@ mod tests {
         let mut u = Vuart::new();
         u.output = vec![0; OUTPUT_CAPACITY + 1];
         assert!(u.validate().unwrap_err().contains("output"));
-        let regs: [(fn(&mut Vuart) -> &mut u32, u32, &str); 8] = [
+        type Field = fn(&mut Vuart) -> &mut u32;
+        let regs: [(Field, u32, &str); 8] = [
             (|u| &mut u.ilpr, 0x100, "UARTILPR"),
             (|u| &mut u.ibrd, 0x1_0000, "UARTIBRD"),
             (|u| &mut u.fbrd, 0x40, "UARTFBRD"),

@@ -1109,7 +1109,7 @@ mod validate {
         dwrite(&mut g, GICD_IROUTER + 8 * 41, 8, 0x77); // names no vCPU
         g.set_irq_level(VTIMER_INTID, 1, true).unwrap();
         let cpuif = g.fill_lrs(0, 4).unwrap();
-        g.validate().err().expect("LRs filled: not a synced state");
+        g.validate().expect_err("LRs filled: not a synced state");
         g.sync_from_lrs(0, &cpuif).unwrap();
         g.validate().expect("synced busy state");
         let nr = Vgic::new(&VgicConfig {
