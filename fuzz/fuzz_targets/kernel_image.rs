@@ -21,15 +21,25 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let ram = ram_base..ram_base + ram_size;
-    let inside = |r: &core::ops::Range<u64>| r.start <= r.end && r.start >= ram.start && r.end <= ram.end;
+    let inside =
+        |r: &core::ops::Range<u64>| r.start <= r.end && r.start >= ram.start && r.end <= ram.end;
     for s in &p.segments {
         assert!(s.src.start <= s.src.end && s.src.end <= bytes.len());
         assert!(inside(&s.ipa_range()));
     }
+    let apart =
+        |a: &core::ops::Range<u64>, b: &core::ops::Range<u64>| a.end <= b.start || b.end <= a.start;
     assert!(inside(&p.dtb) && p.dtb.end - p.dtb.start == dtb_len);
+    // The DTB and the initrd may sit in a gap between ELF segments (inside the kernel's hull),
+    // never on a segment.
+    for s in &p.segments {
+        assert!(apart(&s.ipa_range(), &p.dtb), "DTB on a segment: {p:x?}");
+    }
     if let Some(i) = &p.initrd {
         assert!(inside(i) && i.end - i.start == initrd_len);
-        assert!(i.end <= p.dtb.start || p.dtb.end <= i.start);
+        assert!(apart(i, &p.dtb), "initrd on the DTB: {p:x?}");
+        for s in &p.segments {
+            assert!(apart(&s.ipa_range(), i), "initrd on a segment: {p:x?}");
+        }
     }
-    assert!(p.kernel.end <= p.dtb.start || p.dtb.end <= p.kernel.start);
 });

@@ -22,7 +22,16 @@ fn restore_checks(bytes: &[u8]) {
         assert!(n >= 1 && first >= next && first + n <= ram_pages);
         next = first + n;
     }
-    if check_header(h.vcpus, h.mem_bytes, h.ram_base, &h.name, &h.cmdline, 1 << 20).is_ok() {
+    if check_header(
+        h.vcpus,
+        h.mem_bytes,
+        h.ram_base,
+        &h.name,
+        &h.cmdline,
+        1 << 20,
+    )
+    .is_ok()
+    {
         state_checks(&h.state, h.vcpus);
     }
 }

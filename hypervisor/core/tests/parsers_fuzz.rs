@@ -221,21 +221,24 @@ fn check_plan(bytes: &[u8], ram_base: u64, ram_size: u64, initrd_len: u64, dtb_l
         );
         assert!(inside(&s.ipa_range()), "{s:?} outside {ram:x?}");
     }
+    let apart =
+        |a: &std::ops::Range<u64>, b: &std::ops::Range<u64>| a.end <= b.start || b.end <= a.start;
     assert!(
         inside(&p.dtb) && p.dtb.end - p.dtb.start == dtb_len,
         "{p:?}"
     );
+    // The DTB and the initrd may sit in a gap between ELF segments (inside the kernel's hull,
+    // as the loader documents), never on a segment.
+    for s in &p.segments {
+        assert!(apart(&s.ipa_range(), &p.dtb), "DTB on a segment: {p:?}");
+    }
     if let Some(i) = &p.initrd {
         assert!(inside(i) && i.end - i.start == initrd_len, "{p:?}");
-        assert!(
-            i.end <= p.dtb.start || p.dtb.end <= i.start,
-            "initrd and DTB overlap: {p:?}"
-        );
+        assert!(apart(i, &p.dtb), "initrd and DTB overlap: {p:?}");
+        for s in &p.segments {
+            assert!(apart(&s.ipa_range(), i), "initrd on a segment: {p:?}");
+        }
     }
-    assert!(
-        p.kernel.end <= p.dtb.start || p.dtb.end <= p.kernel.start,
-        "kernel and DTB overlap: {p:?}"
-    );
 }
 
 proptest! {
