@@ -26,13 +26,13 @@ fn restore_checks(bytes: &[u8]) {
         h.vcpus,
         h.mem_bytes,
         h.ram_base,
-        &h.name,
-        &h.cmdline,
+        h.name,
+        h.cmdline,
         1 << 20,
     )
     .is_ok()
     {
-        state_checks(&h.state, h.vcpus);
+        state_checks(h.state, h.vcpus);
     }
 }
 

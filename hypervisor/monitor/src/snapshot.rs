@@ -214,12 +214,12 @@ pub fn restore(t: &mut VmTable, bytes: &[u8]) -> Result<u32, String> {
         header.vcpus,
         header.mem_bytes,
         header.ram_base,
-        &header.name,
-        &header.cmdline,
+        header.name,
+        header.cmdline,
         free_frames as u64,
     )
     .map_err(|e| format!("snapshot refused: {e}"))?;
-    let saved = SavedVm::decode(&header.state).map_err(|e| format!("snapshot refused: {e}"))?;
+    let saved = SavedVm::decode(header.state).map_err(|e| format!("snapshot refused: {e}"))?;
     saved
         .validate(header.vcpus)
         .map_err(|e| format!("snapshot refused: {e}"))?;
@@ -265,7 +265,7 @@ pub fn restore(t: &mut VmTable, bytes: &[u8]) -> Result<u32, String> {
     } = saved;
     let nr_runs = parsed.nr_runs;
     let ram_size = header.mem_bytes;
-    let (name, cmdline) = (header.name.clone(), header.cmdline.clone());
+    let (name, cmdline) = (String::from(header.name), String::from(header.cmdline));
     t.next_id += 1;
     t.vms.insert(
         id,

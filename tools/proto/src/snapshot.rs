@@ -113,11 +113,11 @@ impl Snapshot {
         out
     }
 
-    /// Checks a whole snapshot without copying its pages: the CRC, the magic and format, the
+    /// Checks a whole snapshot without copying any of it (the header's strings and state are
+    /// borrowed too, so a monitor's heap holds the file once): the CRC, the magic and format, the
     /// header's limits ([`MAX_NAME_BYTES`], [`MAX_CMDLINE_BYTES`], [`MAX_STATE_BYTES`]) and every
     /// page run (at least one page, inside guest RAM, ascending, not overlapping). Allocates
-    /// only the header's strings and state, whatever the input; the runs are then walked with
-    /// [`ParsedSnapshot::runs`].
+    /// nothing, whatever the input; the runs are then walked with [`ParsedSnapshot::runs`].
     pub fn parse(bytes: &[u8]) -> Result<ParsedSnapshot<'_>, SnapshotError> {
         if bytes.len() < SNAPSHOT_MAGIC.len() + 5 {
             return Err(DecodeError::Truncated);
@@ -148,13 +148,13 @@ impl Snapshot {
         if state.len() > MAX_STATE_BYTES {
             return Err(DecodeError::Limit("snapshot state too large"));
         }
-        let header = SnapshotHeader {
+        let header = HeaderRef {
             name,
             vcpus,
             mem_bytes,
             ram_base,
             cmdline,
-            state: state.to_vec(),
+            state,
         };
         let records = r.take(r.remaining())?;
         let ram_pages = mem_bytes / PAGE_BYTES as u64;
@@ -188,7 +188,7 @@ impl Snapshot {
         for (first, data) in parsed.runs() {
             run(first, data);
         }
-        Ok(parsed.header)
+        Ok(parsed.header.to_header())
     }
 
     /// Decodes a whole snapshot into memory.
@@ -211,14 +211,47 @@ pub const MAX_CMDLINE_BYTES: usize = 4096;
 /// Largest vCPU and device state in a snapshot.
 pub const MAX_STATE_BYTES: usize = 16 << 20;
 
-fn bounded_str(r: &mut Reader<'_>, max: usize, what: &'static str) -> Result<String, DecodeError> {
+fn bounded_str<'a>(
+    r: &mut Reader<'a>,
+    max: usize,
+    what: &'static str,
+) -> Result<&'a str, DecodeError> {
     let b = r.bytes_ref()?;
     if b.len() > max {
         return Err(DecodeError::Limit(what));
     }
-    core::str::from_utf8(b)
-        .map(String::from)
-        .map_err(|_| DecodeError::BadUtf8)
+    core::str::from_utf8(b).map_err(|_| DecodeError::BadUtf8)
+}
+
+/// A snapshot header borrowed from the snapshot's bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeaderRef<'a> {
+    /// The VM's name.
+    pub name: &'a str,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest RAM size in bytes.
+    pub mem_bytes: u64,
+    /// IPA of guest RAM.
+    pub ram_base: u64,
+    /// Kernel command line.
+    pub cmdline: &'a str,
+    /// vCPU and device state.
+    pub state: &'a [u8],
+}
+
+impl HeaderRef<'_> {
+    /// An owned copy.
+    pub fn to_header(&self) -> SnapshotHeader {
+        SnapshotHeader {
+            name: String::from(self.name),
+            vcpus: self.vcpus,
+            mem_bytes: self.mem_bytes,
+            ram_base: self.ram_base,
+            cmdline: String::from(self.cmdline),
+            state: self.state.to_vec(),
+        }
+    }
 }
 
 /// A snapshot whose every byte has been checked by [`Snapshot::parse`]; its page runs are still
@@ -226,7 +259,7 @@ fn bounded_str(r: &mut Reader<'_>, max: usize, what: &'static str) -> Result<Str
 #[derive(Clone, Debug)]
 pub struct ParsedSnapshot<'a> {
     /// The header.
-    pub header: SnapshotHeader,
+    pub header: HeaderRef<'a>,
     records: &'a [u8],
     /// Number of page runs.
     pub nr_runs: u64,
@@ -352,7 +385,7 @@ mod tests {
         assert_eq!((p.nr_runs, p.pages), (3, 9));
         let runs: Vec<(u64, usize)> = p.runs().map(|(f, d)| (f, d.len())).collect();
         assert_eq!(runs, [(0, 8192), (2, 4096), (10, 6 * 4096)]);
-        assert_eq!(p.header, h);
+        assert_eq!(p.header.to_header(), h);
     }
 
     /// Zero-page runs were accepted, so a file made of them (13 bytes each) made a restore push
