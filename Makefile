@@ -140,3 +140,32 @@ BENCH_ARGS   ?=
 bench: ensure-qemu monitor
 	$(CARGO) run --release -q -p vmfork-bench -- --qemu $(QEMU) --monitor $(MONITOR) \
 	  --runs $(BENCH_RUNS) --phases $(BENCH_PHASES) --out target/bench $(BENCH_ARGS)
+
+# --- Fuzzing (not part of `make test`) -----------------------------------------------------------
+#   make fuzz FUZZ_TARGET=<target> [FUZZ_SECONDS=60] [FUZZ_ARGS='-jobs=2']
+#   runs one cargo-fuzz target (fuzz/fuzz_targets) for a bounded time on the nightly toolchain,
+#   installing cargo-fuzz first if it is missing. Targets: snapshot_restore, control_request,
+#   kernel_image, guest_config, boot_dtb. The corpus grows in fuzz/corpus/<target>; crashes land
+#   in fuzz/artifacts/<target>. `make fuzz-list` lists the targets. The same parsers get
+#   ~10^5 proptest cases in `make test` (hypervisor/core/tests/parsers_fuzz.rs,
+#   tools/proto/tests/parsers_fuzz.rs).
+FUZZ_TARGET   ?= snapshot_restore
+FUZZ_SECONDS  ?= 60
+FUZZ_ARGS     ?=
+FUZZ_NIGHTLY  ?= nightly
+# Seed corpora kept with the sources.
+FUZZ_SEEDS_boot_dtb := ../hypervisor/core/tests/fixtures
+FUZZ_SEEDS_kernel_image := seeds/kernel_image
+
+.PHONY: fuzz fuzz-list ensure-cargo-fuzz
+ensure-cargo-fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) +$(FUZZ_NIGHTLY) install cargo-fuzz --locked
+
+fuzz: ensure-cargo-fuzz
+	mkdir -p fuzz/corpus/$(FUZZ_TARGET)
+	cd fuzz && $(CARGO) +$(FUZZ_NIGHTLY) fuzz run -O $(FUZZ_TARGET) corpus/$(FUZZ_TARGET) \
+	  $(FUZZ_SEEDS_$(FUZZ_TARGET)) -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 \
+	  -max_len=65536 $(FUZZ_ARGS)
+
+fuzz-list: ensure-cargo-fuzz
+	cd fuzz && $(CARGO) +$(FUZZ_NIGHTLY) fuzz list

@@ -10,6 +10,7 @@
 extern crate alloc;
 
 pub mod addr;
+mod bounded;
 pub mod cmdline;
 pub mod esr;
 pub mod frame;
@@ -24,6 +25,7 @@ pub mod platform;
 pub mod psci;
 pub mod ratelimit;
 pub mod shared;
+pub mod snapshot;
 pub mod stage2;
 pub mod vgic;
 pub mod vuart;

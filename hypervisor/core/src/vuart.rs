@@ -119,7 +119,9 @@ const IFLS_RESET: u32 = 0x12;
 /// The state of one PL011.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Vuart {
+    #[serde(deserialize_with = "crate::bounded::vec_deque::<_, _, RX_FIFO_DEPTH>")]
     rx: VecDeque<u8>,
+    #[serde(deserialize_with = "crate::bounded::vec::<_, _, OUTPUT_CAPACITY>")]
     output: Vec<u8>,
     tx_dropped: u64,
     ilpr: u32,
@@ -179,6 +181,67 @@ impl Vuart {
     /// Bytes dropped because the output buffer was full.
     pub fn tx_dropped(&self) -> u64 {
         self.tx_dropped
+    }
+
+    /// Checks the invariants the emulation relies on, for a state that did not come from this
+    /// model's own operations (a snapshot being restored): the receive FIFO holds no more than
+    /// its current capacity (32 bytes, or one with FIFOs off), the output buffer no more than
+    /// [`OUTPUT_CAPACITY`], and every register only the bits a guest write can set.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        if self.rx.len() > self.rx_capacity() {
+            return Err("receive FIFO holds more bytes than its depth");
+        }
+        if self.output.len() > OUTPUT_CAPACITY {
+            return Err("output buffer larger than its capacity");
+        }
+        let fields = [
+            (
+                self.ilpr,
+                0xff,
+                "UARTILPR holds bits a guest write cannot set",
+            ),
+            (
+                self.ibrd,
+                0xffff,
+                "UARTIBRD holds bits a guest write cannot set",
+            ),
+            (
+                self.fbrd,
+                0x3f,
+                "UARTFBRD holds bits a guest write cannot set",
+            ),
+            (
+                self.lcr_h,
+                0xff,
+                "UARTLCR_H holds bits a guest write cannot set",
+            ),
+            (
+                self.cr,
+                0xffff,
+                "UARTCR holds bits a guest write cannot set",
+            ),
+            (
+                self.ifls,
+                0x3f,
+                "UARTIFLS holds bits a guest write cannot set",
+            ),
+            (
+                self.imsc,
+                INT_ALL,
+                "UARTIMSC holds bits a guest write cannot set",
+            ),
+            (
+                self.dmacr,
+                0x7,
+                "UARTDMACR holds bits a guest write cannot set",
+            ),
+        ];
+        for (value, mask, why) in fields {
+            if value & !mask != 0 {
+                return Err(why);
+            }
+        }
+        Ok(())
     }
 
     /// Offers one received byte to the guest. Returns `false` (and keeps nothing) when the
@@ -407,6 +470,46 @@ mod tests {
         wr(u, UARTLCR_H, LCR_H_FEN | (3 << 5)); // 8N1, FIFOs on
         wr(u, UARTCR, CR_UARTEN | CR_TXE | CR_RXE);
         wr(u, UARTIMSC, INT_RX | INT_RT);
+    }
+
+    /// `validate`: a PL011 state restored from a snapshot keeps the FIFO and buffer bounds and
+    /// register widths the emulation relies on.
+    #[test]
+    fn validate_refuses_what_the_model_cannot_reach() {
+        let mut u = Vuart::new();
+        linux_init(&mut u);
+        for b in 0..RX_FIFO_DEPTH as u8 {
+            assert!(u.push_rx(b));
+        }
+        wr(&mut u, UARTDR, b'x' as u32);
+        u.validate().expect("a full FIFO after Linux's init");
+
+        let mut u = Vuart::new();
+        u.rx.extend([1, 2]); // FIFOs off: a one-byte holding register
+        assert!(u.validate().unwrap_err().contains("FIFO"));
+        let mut u = Vuart::new();
+        u.lcr_h = LCR_H_FEN;
+        u.rx.extend([0; RX_FIFO_DEPTH + 1]);
+        assert!(u.validate().unwrap_err().contains("FIFO"));
+        let mut u = Vuart::new();
+        u.output = vec![0; OUTPUT_CAPACITY + 1];
+        assert!(u.validate().unwrap_err().contains("output"));
+        type Field = fn(&mut Vuart) -> &mut u32;
+        let regs: [(Field, u32, &str); 8] = [
+            (|u| &mut u.ilpr, 0x100, "UARTILPR"),
+            (|u| &mut u.ibrd, 0x1_0000, "UARTIBRD"),
+            (|u| &mut u.fbrd, 0x40, "UARTFBRD"),
+            (|u| &mut u.lcr_h, 0x100, "UARTLCR_H"),
+            (|u| &mut u.cr, 0x1_0000, "UARTCR"),
+            (|u| &mut u.ifls, 0x40, "UARTIFLS"),
+            (|u| &mut u.imsc, 0x800, "UARTIMSC"),
+            (|u| &mut u.dmacr, 0x8, "UARTDMACR"),
+        ];
+        for (field, bit, name) in regs {
+            let mut u = Vuart::new();
+            *field(&mut u) |= bit;
+            assert!(u.validate().unwrap_err().contains(name), "{name}");
+        }
     }
 
     #[test]

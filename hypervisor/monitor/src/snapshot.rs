@@ -10,37 +10,57 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use serde::{Deserialize, Serialize};
 use vmfork_core::addr::{Ipa, PAGE_SIZE};
 use vmfork_core::guest_dtb::layout;
-use vmfork_core::vgic::Vgic;
-use vmfork_core::vuart::Vuart;
+use vmfork_core::snapshot::{
+    check_header, SavedCtx, SavedRegs, SavedVcpu, SavedVcpuState, SavedVm,
+};
+use vmfork_core::vgic::CpuIfState;
 use vmfork_proto::crc::Crc32;
 use vmfork_proto::snapshot::{encode_run, Snapshot, SnapshotHeader};
 
+use crate::arch::sysregs::{El1Sysregs, PauthKeys};
+use crate::arch::vcpu::GuestRegs;
 use crate::vm::{guest_memory, new_generation_id, Vcpu, VcpuCtx, VcpuState, Vm, VmState, VmTable};
 
 /// Pages per run in a snapshot.
 const RUN_PAGES: u64 = 16;
 
-/// One vCPU in a snapshot.
-#[derive(Serialize, Deserialize)]
-struct SavedVcpu {
-    ctx: VcpuCtx,
-    state: VcpuState,
-    mpidr: u64,
+/// A vCPU's context in the snapshot encoding. The list registers are a cache of the vGIC that
+/// the monitor refills before every entry, so they are never saved.
+fn save_ctx(ctx: &VcpuCtx) -> SavedCtx {
+    let r = &ctx.regs;
+    SavedCtx {
+        regs: SavedRegs {
+            x: r.x,
+            pc: r.pc,
+            pstate: r.pstate,
+            reserved: 0,
+            v: r.v,
+            fpcr: r.fpcr,
+            fpsr: r.fpsr,
+        },
+        sys: ctx.sys.to_array(),
+        pauth: ctx.pauth.to_array(),
+        cpuif: CpuIfState::default(),
+    }
 }
 
-/// Everything but memory.
-#[derive(Serialize, Deserialize)]
-struct SavedVm {
-    vcpus: Vec<SavedVcpu>,
-    vgic: Vgic,
-    uart: Vuart,
-    /// The guest's virtual counter when the snapshot was taken; a restored VM's clock goes on
-    /// from there.
-    virtual_count: u64,
-    generation: u64,
+/// A vCPU's context from a snapshot [`SavedVm::validate`] accepted.
+fn load_ctx(saved: &SavedCtx) -> VcpuCtx {
+    let mut regs = GuestRegs::default();
+    regs.x = saved.regs.x;
+    regs.pc = saved.regs.pc;
+    regs.pstate = saved.regs.pstate;
+    regs.v = saved.regs.v;
+    regs.fpcr = saved.regs.fpcr;
+    regs.fpsr = saved.regs.fpsr;
+    VcpuCtx {
+        regs,
+        sys: El1Sysregs::from_array(&saved.sys),
+        pauth: PauthKeys::from_array(&saved.pauth),
+        cpuif: CpuIfState::default(),
+    }
 }
 
 /// A snapshot being read out.
@@ -75,10 +95,12 @@ pub fn begin(t: &VmTable, id: u32, name: &str) -> Result<Dump, String> {
     for v in &vm.vcpus {
         let ctx = v.ctx.as_ref().ok_or("a vCPU is running")?;
         vcpus.push(SavedVcpu {
-            ctx: (**ctx).clone(),
+            ctx: save_ctx(ctx),
             state: match v.state {
-                VcpuState::Running(_) => VcpuState::Runnable,
-                s => s,
+                VcpuState::Off => SavedVcpuState::Off,
+                // A vCPU whose context is in the table is not running: a snapshot never says so.
+                VcpuState::Runnable | VcpuState::Running(_) => SavedVcpuState::Runnable,
+                VcpuState::Waiting => SavedVcpuState::Waiting,
             },
             mpidr: v.mpidr,
         });
@@ -90,7 +112,9 @@ pub fn begin(t: &VmTable, id: u32, name: &str) -> Result<Dump, String> {
         virtual_count: crate::arch::counter().0.wrapping_sub(vm.cntvoff),
         generation: vm.generation,
     };
-    let state = postcard::to_allocvec(&saved).map_err(|e| format!("encoding the state: {e}"))?;
+    let state = saved
+        .encode()
+        .map_err(|e| format!("encoding the state: {e}"))?;
     let header = SnapshotHeader {
         name: String::from(name),
         vcpus: vm.vcpus.len() as u32,
@@ -178,43 +202,35 @@ impl Dump {
     }
 }
 
-/// Creates a running VM from snapshot `bytes`.
+/// Creates a running VM from snapshot `bytes`. Everything the file says is checked before
+/// anything is allocated or changed (`vmfork_core::snapshot` lists the checks): the container
+/// and its page runs, the header against the machine's free memory, then every vCPU and device
+/// field. A restore that fails changes nothing.
 pub fn restore(t: &mut VmTable, bytes: &[u8]) -> Result<u32, String> {
-    let mut runs: Vec<(u64, usize, usize)> = Vec::new();
-    let base = bytes.as_ptr() as usize;
-    let header = Snapshot::visit(bytes, |first, data| {
-        runs.push((first, data.as_ptr() as usize - base, data.len()));
-    })
-    .map_err(|e| format!("not a snapshot: {e}"))?;
-    if header.ram_base != layout::RAM_BASE {
-        return Err(format!(
-            "guest RAM at {:#x}, expected {:#x}",
-            header.ram_base,
-            layout::RAM_BASE
-        ));
-    }
-    if header.mem_bytes == 0 || header.mem_bytes % (2 << 20) != 0 {
-        return Err(format!("guest RAM of {} bytes", header.mem_bytes));
-    }
-    let saved: SavedVm =
-        postcard::from_bytes(&header.state).map_err(|e| format!("vCPU and device state: {e}"))?;
-    if saved.vcpus.is_empty()
-        || saved.vcpus.len() != header.vcpus as usize
-        || saved.vcpus.len() > layout::MAX_VCPUS as usize
-        || saved.vgic.nr_vcpus() != saved.vcpus.len()
-    {
-        return Err(String::from("the state does not match the vCPU count"));
-    }
+    let parsed = Snapshot::parse(bytes).map_err(|e| format!("not a snapshot: {e}"))?;
+    let header = &parsed.header;
+    let (free_frames, _) = crate::mem::frame_counts();
+    check_header(
+        header.vcpus,
+        header.mem_bytes,
+        header.ram_base,
+        header.name,
+        header.cmdline,
+        free_frames as u64,
+    )
+    .map_err(|e| format!("snapshot refused: {e}"))?;
+    let saved = SavedVm::decode(header.state).map_err(|e| format!("snapshot refused: {e}"))?;
+    saved
+        .validate(header.vcpus)
+        .map_err(|e| format!("snapshot refused: {e}"))?;
+
+    // Everything is known good: build.
     let vmid = t.vmids.alloc().ok_or("no VMID left")?;
     let id = t.next_id;
     let genid = new_generation_id(id);
     let built = guest_memory(vmid, header.mem_bytes, &genid, |s2, cx| {
-        for &(first, off, len) in &runs {
-            s2.write_guest(
-                cx,
-                Ipa(layout::RAM_BASE + first * PAGE_SIZE),
-                &bytes[off..off + len],
-            )?;
+        for (first, data) in parsed.runs() {
+            s2.write_guest(cx, Ipa(layout::RAM_BASE + first * PAGE_SIZE), data)?;
         }
         Ok(())
     });
@@ -228,31 +244,45 @@ pub fn restore(t: &mut VmTable, bytes: &[u8]) -> Result<u32, String> {
     let now = crate::arch::counter().0;
     let vcpus = saved
         .vcpus
-        .into_iter()
+        .iter()
         .map(|v| Vcpu {
-            ctx: Some(alloc::boxed::Box::new(v.ctx)),
-            state: v.state,
+            ctx: Some(alloc::boxed::Box::new(load_ctx(&v.ctx))),
+            state: match v.state {
+                SavedVcpuState::Off => VcpuState::Off,
+                SavedVcpuState::Waiting => VcpuState::Waiting,
+                // `validate` refused `Running`.
+                SavedVcpuState::Runnable | SavedVcpuState::Running(_) => VcpuState::Runnable,
+            },
             mpidr: v.mpidr,
         })
         .collect();
-    let vgic = saved.vgic;
+    let SavedVm {
+        vgic,
+        uart,
+        virtual_count,
+        generation,
+        ..
+    } = saved;
+    let nr_runs = parsed.nr_runs;
+    let ram_size = header.mem_bytes;
+    let (name, cmdline) = (String::from(header.name), String::from(header.cmdline));
     t.next_id += 1;
     t.vms.insert(
         id,
         Vm {
             id,
-            name: header.name,
+            name,
             state: VmState::Running,
             s2: Some(s2),
             vcpus,
             vgic: vmfork_core::shared::Shared::new(vgic),
-            uart: saved.uart,
-            cntvoff: now.wrapping_sub(saved.virtual_count),
-            ram_size: header.mem_bytes,
-            cmdline: header.cmdline,
+            uart,
+            cntvoff: now.wrapping_sub(virtual_count),
+            ram_size,
+            cmdline,
             line: Vec::new(),
             parent: None,
-            generation: saved.generation,
+            generation,
             genid,
             // A restored VM is a new clone of the one dumped: its new ID is already in place
             // (guest_memory wrote it); tell it through the vmgenid interrupt.
@@ -267,9 +297,9 @@ pub fn restore(t: &mut VmTable, bytes: &[u8]) -> Result<u32, String> {
     );
     log::info!(
         "vm{id}: restored from a snapshot: {} MiB, {} vCPU(s), {} page runs",
-        t.vms[&id].ram_size >> 20,
+        ram_size >> 20,
         t.vms[&id].vcpus.len(),
-        runs.len()
+        nr_runs
     );
     Ok(id)
 }

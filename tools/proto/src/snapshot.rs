@@ -14,7 +14,9 @@
 //! end          tag u8 = 0, crc u32 = CRC-32 of every byte before it
 //! ```
 //!
-//! Pages not in any run are zero. Runs are in ascending page order and do not overlap.
+//! Pages not in any run are zero. Runs are in ascending page order, do not overlap, and hold at
+//! least one page each. The name is at most [`MAX_NAME_BYTES`], the command line at most
+//! [`MAX_CMDLINE_BYTES`] and the state at most [`MAX_STATE_BYTES`] long.
 
 use crate::crc::Crc32;
 use crate::wire::{DecodeError, Reader, Writer};
@@ -111,13 +113,12 @@ impl Snapshot {
         out
     }
 
-    /// Checks and decodes a snapshot, calling `run(first_page, data)` for each page run with the
-    /// run's bytes borrowed from `bytes` (so a monitor can copy them straight into guest frames).
-    /// Runs are checked to lie inside guest RAM, ascend and not overlap.
-    pub fn visit(
-        bytes: &[u8],
-        mut run: impl FnMut(u64, &[u8]),
-    ) -> Result<SnapshotHeader, SnapshotError> {
+    /// Checks a whole snapshot without copying any of it (the header's strings and state are
+    /// borrowed too, so a monitor's heap holds the file once): the CRC, the magic and format, the
+    /// header's limits ([`MAX_NAME_BYTES`], [`MAX_CMDLINE_BYTES`], [`MAX_STATE_BYTES`]) and every
+    /// page run (at least one page, inside guest RAM, ascending, not overlapping). Allocates
+    /// nothing, whatever the input; the runs are then walked with [`ParsedSnapshot::runs`].
+    pub fn parse(bytes: &[u8]) -> Result<ParsedSnapshot<'_>, SnapshotError> {
         if bytes.len() < SNAPSHOT_MAGIC.len() + 5 {
             return Err(DecodeError::Truncated);
         }
@@ -138,45 +139,56 @@ impl Snapshot {
                 value: format,
             });
         }
-        let header = SnapshotHeader {
-            name: r.str()?,
-            vcpus: r.u32()?,
-            mem_bytes: r.u64()?,
-            ram_base: r.u64()?,
-            cmdline: r.str()?,
-            state: r.bytes()?,
-        };
-        let ram_pages = header.mem_bytes / PAGE_BYTES as u64;
-        let mut next_free = 0u64;
-        loop {
-            match r.u8()? {
-                0 => break,
-                1 => {
-                    let first = r.u64()?;
-                    let pages = u64::from(r.u32()?);
-                    let end = first
-                        .checked_add(pages)
-                        .ok_or(DecodeError::Limit("page run overflows"))?;
-                    if first < next_free || end > ram_pages {
-                        return Err(DecodeError::Limit("page run outside RAM or out of order"));
-                    }
-                    let len = usize::try_from(pages)
-                        .ok()
-                        .and_then(|p| p.checked_mul(PAGE_BYTES))
-                        .ok_or(DecodeError::Truncated)?;
-                    run(first, r.take(len)?);
-                    next_free = end;
-                }
-                t => {
-                    return Err(DecodeError::BadTag {
-                        what: "snapshot record",
-                        value: u32::from(t),
-                    })
-                }
-            }
+        let name = bounded_str(&mut r, MAX_NAME_BYTES, "snapshot name too long")?;
+        let vcpus = r.u32()?;
+        let mem_bytes = r.u64()?;
+        let ram_base = r.u64()?;
+        let cmdline = bounded_str(&mut r, MAX_CMDLINE_BYTES, "snapshot command line too long")?;
+        let state = r.bytes_ref()?;
+        if state.len() > MAX_STATE_BYTES {
+            return Err(DecodeError::Limit("snapshot state too large"));
         }
-        r.finish()?;
-        Ok(header)
+        let header = HeaderRef {
+            name,
+            vcpus,
+            mem_bytes,
+            ram_base,
+            cmdline,
+            state,
+        };
+        let records = r.take(r.remaining())?;
+        let ram_pages = mem_bytes / PAGE_BYTES as u64;
+        let mut runs = RunIter {
+            r: Reader::new(records),
+            ram_pages,
+            next_free: 0,
+            done: false,
+        };
+        let (mut nr_runs, mut pages) = (0u64, 0u64);
+        while let Some(run) = runs.next_run()? {
+            nr_runs += 1;
+            pages += run.1.len() as u64 / PAGE_BYTES as u64;
+        }
+        Ok(ParsedSnapshot {
+            header,
+            records,
+            nr_runs,
+            pages,
+        })
+    }
+
+    /// Checks and decodes a snapshot, calling `run(first_page, data)` for each page run with the
+    /// run's bytes borrowed from `bytes` (so a monitor can copy them straight into guest frames).
+    /// Checks as [`Snapshot::parse`]; `run` is only called once the whole snapshot is known good.
+    pub fn visit(
+        bytes: &[u8],
+        mut run: impl FnMut(u64, &[u8]),
+    ) -> Result<SnapshotHeader, SnapshotError> {
+        let parsed = Snapshot::parse(bytes)?;
+        for (first, data) in parsed.runs() {
+            run(first, data);
+        }
+        Ok(parsed.header.to_header())
     }
 
     /// Decodes a whole snapshot into memory.
@@ -189,5 +201,267 @@ impl Snapshot {
             })
         })?;
         Ok(Snapshot { header, runs })
+    }
+}
+
+/// Longest VM name in a snapshot.
+pub const MAX_NAME_BYTES: usize = 256;
+/// Longest command line in a snapshot.
+pub const MAX_CMDLINE_BYTES: usize = 4096;
+/// Largest vCPU and device state in a snapshot.
+pub const MAX_STATE_BYTES: usize = 16 << 20;
+
+fn bounded_str<'a>(
+    r: &mut Reader<'a>,
+    max: usize,
+    what: &'static str,
+) -> Result<&'a str, DecodeError> {
+    let b = r.bytes_ref()?;
+    if b.len() > max {
+        return Err(DecodeError::Limit(what));
+    }
+    core::str::from_utf8(b).map_err(|_| DecodeError::BadUtf8)
+}
+
+/// A snapshot header borrowed from the snapshot's bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeaderRef<'a> {
+    /// The VM's name.
+    pub name: &'a str,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest RAM size in bytes.
+    pub mem_bytes: u64,
+    /// IPA of guest RAM.
+    pub ram_base: u64,
+    /// Kernel command line.
+    pub cmdline: &'a str,
+    /// vCPU and device state.
+    pub state: &'a [u8],
+}
+
+impl HeaderRef<'_> {
+    /// An owned copy.
+    pub fn to_header(&self) -> SnapshotHeader {
+        SnapshotHeader {
+            name: String::from(self.name),
+            vcpus: self.vcpus,
+            mem_bytes: self.mem_bytes,
+            ram_base: self.ram_base,
+            cmdline: String::from(self.cmdline),
+            state: self.state.to_vec(),
+        }
+    }
+}
+
+/// A snapshot whose every byte has been checked by [`Snapshot::parse`]; its page runs are still
+/// borrowed from the input.
+#[derive(Clone, Debug)]
+pub struct ParsedSnapshot<'a> {
+    /// The header.
+    pub header: HeaderRef<'a>,
+    records: &'a [u8],
+    /// Number of page runs.
+    pub nr_runs: u64,
+    /// Pages in all runs.
+    pub pages: u64,
+}
+
+impl<'a> ParsedSnapshot<'a> {
+    /// The page runs, `(first_page, data)`, in ascending order, data borrowed from the input.
+    pub fn runs(&self) -> RunIter<'a> {
+        RunIter {
+            r: Reader::new(self.records),
+            ram_pages: self.header.mem_bytes / PAGE_BYTES as u64,
+            next_free: 0,
+            done: false,
+        }
+    }
+}
+
+/// Iterator over the page runs of a [`ParsedSnapshot`].
+#[derive(Debug)]
+pub struct RunIter<'a> {
+    r: Reader<'a>,
+    ram_pages: u64,
+    next_free: u64,
+    done: bool,
+}
+
+impl<'a> RunIter<'a> {
+    /// The next run, `None` at the end marker (which must be the last byte).
+    fn next_run(&mut self) -> Result<Option<(u64, &'a [u8])>, DecodeError> {
+        if self.done {
+            return Ok(None);
+        }
+        match self.r.u8()? {
+            0 => {
+                self.done = true;
+                if self.r.remaining() != 0 {
+                    return Err(DecodeError::TrailingBytes(self.r.remaining()));
+                }
+                Ok(None)
+            }
+            1 => {
+                let first = self.r.u64()?;
+                let pages = u64::from(self.r.u32()?);
+                if pages == 0 {
+                    return Err(DecodeError::Limit("empty page run"));
+                }
+                let end = first
+                    .checked_add(pages)
+                    .ok_or(DecodeError::Limit("page run overflows"))?;
+                if first < self.next_free || end > self.ram_pages {
+                    return Err(DecodeError::Limit("page run outside RAM or out of order"));
+                }
+                let len = usize::try_from(pages)
+                    .ok()
+                    .and_then(|p| p.checked_mul(PAGE_BYTES))
+                    .ok_or(DecodeError::Truncated)?;
+                let data = self.r.take(len)?;
+                self.next_free = end;
+                Ok(Some((first, data)))
+            }
+            t => Err(DecodeError::BadTag {
+                what: "snapshot record",
+                value: u32::from(t),
+            }),
+        }
+    }
+}
+
+impl<'a> Iterator for RunIter<'a> {
+    type Item = (u64, &'a [u8]);
+
+    /// Runs of a parsed snapshot were all checked: this never meets an error (and stops if it
+    /// did).
+    fn next(&mut self) -> Option<Self::Item> {
+        match self.next_run() {
+            Ok(run) => run,
+            Err(_) => {
+                self.done = true;
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Writer;
+
+    fn header(mem_pages: u64) -> SnapshotHeader {
+        SnapshotHeader {
+            name: String::from("guest0.2"),
+            vcpus: 1,
+            mem_bytes: mem_pages * PAGE_BYTES as u64,
+            ram_base: 0x4000_0000,
+            cmdline: String::from("console=ttyAMA0"),
+            state: vec![1, 2, 3],
+        }
+    }
+
+    /// A snapshot of `h` with raw run records `(first, pages field, data pages)`.
+    fn raw(h: &SnapshotHeader, runs: &[(u64, u32, usize)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        h.encode(&mut out);
+        for &(first, pages, data) in runs {
+            let mut w = Writer::new(&mut out);
+            w.u8(1);
+            w.u64(first);
+            w.u32(pages);
+            out.extend(core::iter::repeat_n(0xa5, data * PAGE_BYTES));
+        }
+        encode_end(&mut out);
+        out
+    }
+
+    #[test]
+    fn good_runs_parse_and_iterate() {
+        let h = header(16);
+        let bytes = raw(&h, &[(0, 2, 2), (2, 1, 1), (10, 6, 6)]);
+        let p = Snapshot::parse(&bytes).unwrap();
+        assert_eq!((p.nr_runs, p.pages), (3, 9));
+        let runs: Vec<(u64, usize)> = p.runs().map(|(f, d)| (f, d.len())).collect();
+        assert_eq!(runs, [(0, 8192), (2, 4096), (10, 6 * 4096)]);
+        assert_eq!(p.header.to_header(), h);
+    }
+
+    /// Zero-page runs were accepted, so a file made of them (13 bytes each) made a restore push
+    /// one entry per record: the heap ran out. They are refused.
+    #[test]
+    fn empty_runs_are_refused() {
+        let h = header(16);
+        let bytes = raw(&h, &[(0, 0, 0)]);
+        assert_eq!(
+            Snapshot::parse(&bytes).unwrap_err(),
+            DecodeError::Limit("empty page run")
+        );
+        let many: Vec<(u64, u32, usize)> = (0..10_000).map(|_| (3, 0, 0)).collect();
+        let mut calls = 0;
+        assert!(Snapshot::visit(&raw(&h, &many), |_, _| calls += 1).is_err());
+        assert_eq!(calls, 0);
+    }
+
+    #[test]
+    fn runs_outside_ram_overlapping_or_overflowing_are_refused() {
+        let h = header(16);
+        for runs in [
+            &[(15, 2, 2)][..],
+            &[(16, 1, 1)],
+            &[(4, 2, 2), (5, 1, 1)],
+            &[(4, 1, 1), (3, 1, 1)],
+            &[(u64::MAX, 1, 1)],
+            &[(0, u32::MAX, 0)],
+        ] {
+            assert!(Snapshot::parse(&raw(&h, runs)).is_err(), "{runs:?}");
+        }
+    }
+
+    /// `visit` used to call back for the runs before a bad one; now nothing is visited unless
+    /// the whole snapshot is good.
+    #[test]
+    fn visit_calls_back_only_for_a_good_snapshot() {
+        let h = header(16);
+        let bytes = raw(&h, &[(0, 1, 1), (1, 1, 1), (0, 1, 1)]);
+        let mut calls = 0;
+        assert!(Snapshot::visit(&bytes, |_, _| calls += 1).is_err());
+        assert_eq!(calls, 0);
+    }
+
+    #[test]
+    fn header_limits() {
+        let mut h = header(16);
+        h.name = "n".repeat(MAX_NAME_BYTES + 1);
+        assert!(Snapshot::parse(&raw(&h, &[])).is_err());
+        h.name = "n".repeat(MAX_NAME_BYTES);
+        assert!(Snapshot::parse(&raw(&h, &[])).is_ok());
+        let mut h = header(16);
+        h.cmdline = "c".repeat(MAX_CMDLINE_BYTES + 1);
+        assert!(Snapshot::parse(&raw(&h, &[])).is_err());
+        let mut h = header(16);
+        h.state = vec![0; MAX_STATE_BYTES + 1];
+        assert_eq!(
+            Snapshot::parse(&raw(&h, &[])).unwrap_err(),
+            DecodeError::Limit("snapshot state too large")
+        );
+    }
+
+    #[test]
+    fn bytes_after_the_end_marker_are_refused() {
+        let h = header(16);
+        let mut bytes = Vec::new();
+        h.encode(&mut bytes);
+        bytes.push(0);
+        bytes.push(7);
+        let mut c = Crc32::new();
+        c.update(&bytes);
+        let crc = c.finish();
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            Snapshot::parse(&bytes).unwrap_err(),
+            DecodeError::TrailingBytes(1)
+        );
     }
 }

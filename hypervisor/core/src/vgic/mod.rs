@@ -155,6 +155,10 @@ pub const ICH_VMCR_VENG1: u64 = 1 << 1;
 /// ICH_VMCR_EL2.VPMR, bits 31:24: the virtual priority mask.
 pub const ICH_VMCR_VPMR_SHIFT: u32 = 24;
 
+/// The defined fields of ICH_VMCR_EL2: VPMR (31:24), VBPR0 (23:21), VBPR1 (20:18), VEOIM (9),
+/// VCBPR (4), VFIQEn (3), VAckCtl (2), VENG1 (1), VENG0 (0); the rest is RES0.
+pub const ICH_VMCR_DEFINED: u64 = 0xfffc_021f;
+
 /// Affinity fields of an MPIDR_EL1 / GICD_IROUTER value: Aff3 (39:32), Aff2, Aff1, Aff0 (23:0).
 pub const AFFINITY_MASK: u64 = 0xff_00ff_ffff;
 
@@ -176,6 +180,9 @@ pub enum VgicError {
     InvalidLrCount(usize),
     /// The configuration cannot be built (message says why).
     InvalidConfig(&'static str),
+    /// A saved state (a snapshot being restored) breaks an invariant of the model (message
+    /// says which); see [`Vgic::validate`].
+    InvalidState(&'static str),
     /// A list register read back held another vINTID than the one written.
     LrMismatch {
         /// List register index.
@@ -194,6 +201,7 @@ impl fmt::Display for VgicError {
             Self::InvalidIntid(i) => write!(f, "INTID {i} not usable here"),
             Self::InvalidLrCount(n) => write!(f, "{n} list registers: must be 1 to 16"),
             Self::InvalidConfig(why) => write!(f, "invalid vGIC configuration: {why}"),
+            Self::InvalidState(why) => write!(f, "invalid vGIC state: {why}"),
             Self::LrMismatch {
                 lr,
                 expected,
@@ -485,9 +493,14 @@ pub struct Vgic {
     nr_irqs: u32,
     enable_grp0: bool,
     enable_grp1: bool,
+    #[serde(deserialize_with = "crate::bounded::vec::<_, _, MAX_VCPUS>")]
     vcpus: Vec<VcpuState>,
+    #[serde(deserialize_with = "crate::bounded::vec::<_, _, MAX_SPIS>")]
     spis: Vec<Irq>,
 }
+
+/// Most SPIs: INTIDs 32 to 1019.
+const MAX_SPIS: usize = (FIRST_SPECIAL_INTID - NR_PRIVATE_IRQS) as usize;
 
 impl Vgic {
     /// Builds a GIC in its reset state.
@@ -540,6 +553,85 @@ impl Vgic {
             spi.target = target;
         }
         Ok(gic)
+    }
+
+    /// Checks every invariant the model and the list-register code rely on, for a state that
+    /// was not built by [`Vgic::new`] and this model's own operations (a snapshot being
+    /// restored). Nothing a register write or an injection can produce is refused; everything
+    /// that could make an INTID the model does not implement reach a list register, index a
+    /// vCPU that does not exist, or leave state in a list register that no vCPU holds, is:
+    ///
+    /// - 1 to [`MAX_VCPUS`] vCPUs; `nr_irqs` a multiple of 32 from 32 to 1024 and exactly
+    ///   `nr_irqs - 32` SPIs (fewer than 1020 - 32), so every INTID a list register can be
+    ///   given (private 0-31, SPI `32 + index`) is implemented and below the special 1020-1023;
+    /// - MPIDRs with affinity fields only, all different;
+    /// - per vCPU: no list register filled (the state is taken synced, between
+    ///   `sync_from_lrs` and `fill_lrs`), ICH_VMCR_EL2 only its defined fields (VPMR, VBPR0,
+    ///   VBPR1, VEOIM, VCBPR, VFIQEn, VAckCtl, VENG1, VENG0);
+    /// - per INTID: not resident in a list register; the active owner an existing vCPU (the
+    ///   vCPU itself for SGIs and PPIs); SGIs edge-triggered (GICR_ICFGR0 is read-only);
+    ///   private interrupts with no route; an SPI's route only affinity bits and its cached
+    ///   target the vCPU that route names, as a GICD_IROUTER write would have set it.
+    ///
+    /// Priorities (8 bits, all implemented) and the one-bit enable, group, pending, line and
+    /// active states hold any value. ICH_AP0R/AP1R are the guest's active-priority bits, as its
+    /// own acknowledges could have left them: any value.
+    pub fn validate(&self) -> Result<(), VgicError> {
+        let bad = VgicError::InvalidState;
+        let n = self.vcpus.len();
+        if n == 0 || n > MAX_VCPUS {
+            return Err(bad("vCPU count must be 1 to 64"));
+        }
+        if !self.nr_irqs.is_multiple_of(32) || !(32..=1024).contains(&self.nr_irqs) {
+            return Err(bad("nr_irqs must be a multiple of 32 from 32 to 1024"));
+        }
+        let nr_spis = (self.nr_irqs.min(FIRST_SPECIAL_INTID) - NR_PRIVATE_IRQS) as usize;
+        if self.spis.len() != nr_spis {
+            return Err(bad("the SPI table does not match nr_irqs"));
+        }
+        for (i, v) in self.vcpus.iter().enumerate() {
+            if v.mpidr & !AFFINITY_MASK != 0 {
+                return Err(bad("an MPIDR holds more than affinity fields"));
+            }
+            if self.vcpus[..i].iter().any(|w| w.mpidr == v.mpidr) {
+                return Err(bad("two vCPUs share an MPIDR"));
+            }
+            if v.slots.iter().any(Option::is_some) {
+                return Err(bad("list registers of a vCPU are still filled"));
+            }
+            if v.vmcr & !ICH_VMCR_DEFINED != 0 {
+                return Err(bad("ICH_VMCR_EL2 holds undefined bits"));
+            }
+            for (intid, irq) in v.private.iter().enumerate() {
+                if irq.resident.is_some() {
+                    return Err(bad("an interrupt is resident in a list register"));
+                }
+                if irq.owner as usize != i {
+                    return Err(bad("an SGI or PPI is owned by another vCPU"));
+                }
+                if (intid as u32) < NR_SGIS && !irq.edge {
+                    return Err(bad("an SGI is level-sensitive"));
+                }
+                if irq.route != 0 || irq.target.is_some() {
+                    return Err(bad("an SGI or PPI has a route"));
+                }
+            }
+        }
+        for irq in &self.spis {
+            if irq.resident.is_some() {
+                return Err(bad("an interrupt is resident in a list register"));
+            }
+            if irq.owner as usize >= n {
+                return Err(bad("an SPI is owned by a vCPU that does not exist"));
+            }
+            if irq.route & !AFFINITY_MASK != 0 {
+                return Err(bad("an SPI route holds more than affinity fields"));
+            }
+            if irq.target != self.vcpu_by_affinity(irq.route) {
+                return Err(bad("an SPI's target is not the vCPU its route names"));
+            }
+        }
+        Ok(())
     }
 
     /// Number of vCPUs.

@@ -1104,3 +1104,170 @@ mod prop_level {
         }
     }
 }
+
+/// `Vgic::validate`: a state restored from a snapshot must keep every invariant the model and
+/// the list-register code rely on.
+mod validate {
+    use super::*;
+
+    fn bad(g: &Vgic, what: &str) {
+        match g.validate() {
+            Err(VgicError::InvalidState(why)) => {
+                assert!(why.contains(what), "expected `{what}`, got `{why}`")
+            }
+            other => panic!("expected a refusal for `{what}`, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn states_the_model_makes_are_valid() {
+        for n in [1, 2, 8, MAX_VCPUS] {
+            gic(n).validate().expect("reset state");
+        }
+        // A busy state: enabled, pending, active, routed SPIs, synced after an entry.
+        let mut g = gic(2);
+        dwrite(&mut g, GICD_CTLR, 4, 0x3);
+        dwrite(&mut g, GICD_ISENABLER + 4, 4, 0xffff_ffff);
+        dwrite(&mut g, GICD_ISPENDR + 4, 4, 0x0000_00ff);
+        dwrite(&mut g, GICD_ISACTIVER + 4, 4, 0x0000_0f00);
+        dwrite(&mut g, GICD_IROUTER + 8 * 40, 8, qemu_virt_mpidr(1));
+        dwrite(&mut g, GICD_IROUTER + 8 * 41, 8, 0x77); // names no vCPU
+        g.set_irq_level(VTIMER_INTID, 1, true).unwrap();
+        let cpuif = g.fill_lrs(0, 4).unwrap();
+        g.validate().expect_err("LRs filled: not a synced state");
+        g.sync_from_lrs(0, &cpuif).unwrap();
+        g.validate().expect("synced busy state");
+        let nr = Vgic::new(&VgicConfig {
+            mpidrs: vec![0],
+            nr_irqs: 1024,
+        })
+        .unwrap();
+        nr.validate().expect("1024 INTIDs");
+    }
+
+    #[test]
+    fn refuses_bad_sizes() {
+        let mut g = gic(1);
+        g.nr_irqs = 100;
+        bad(&g, "nr_irqs");
+        g.nr_irqs = 2048;
+        bad(&g, "nr_irqs");
+        // More SPIs than nr_irqs says: INTIDs past the table (here up to 1055) would be
+        // given to list registers.
+        let mut g = gic(1);
+        g.spis = vec![Irq::reset(false, 0); 1024];
+        bad(&g, "SPI table");
+        let mut g = gic(1);
+        g.spis.pop();
+        bad(&g, "SPI table");
+        let mut g = gic(1);
+        g.vcpus.clear();
+        bad(&g, "vCPU count");
+        let mut g = gic(1);
+        let extra = g.vcpus[0].clone();
+        for i in 0..MAX_VCPUS {
+            let mut v = extra.clone();
+            v.mpidr = 0x100 + i as u64;
+            g.vcpus.push(v);
+        }
+        bad(&g, "vCPU count");
+    }
+
+    /// What an unchecked state with a long SPI table does: a pending, enabled SPI past INTID
+    /// 1019 reaches a list register (special INTIDs there are UNPREDICTABLE). `validate`
+    /// stops such a state before it is used.
+    #[test]
+    fn a_long_spi_table_would_put_special_intids_in_list_registers() {
+        let mut g = gic(1);
+        g.enable_grp1 = true;
+        let mut irq = Irq::reset(false, 0);
+        irq.enabled = true;
+        irq.latch = true;
+        irq.target = Some(0);
+        g.spis = vec![Irq::reset(false, 0); 1000];
+        g.spis[1020 - 32] = irq;
+        let cpuif = g.fill_lrs(0, 4).unwrap();
+        assert_eq!(ListRegister(cpuif.lrs[0]).vintid(), 1020);
+        let mut g = gic(1);
+        g.spis = vec![Irq::reset(false, 0); 1000];
+        bad(&g, "SPI table");
+    }
+
+    #[test]
+    fn refuses_bad_vcpu_state() {
+        let mut g = gic(2);
+        g.vcpus[1].mpidr = g.vcpus[0].mpidr;
+        bad(&g, "share an MPIDR");
+        let mut g = gic(2);
+        g.vcpus[1].mpidr |= 1 << 31;
+        bad(&g, "affinity");
+        let mut g = gic(1);
+        g.vcpus[0].slots[3] = Some(Slot { intid: 27, lr: 0 });
+        bad(&g, "list registers");
+        let mut g = gic(1);
+        g.vcpus[0].vmcr = 1 << 5;
+        bad(&g, "ICH_VMCR_EL2");
+        let mut g = gic(1);
+        g.vcpus[0].vmcr = 1 << 32;
+        bad(&g, "ICH_VMCR_EL2");
+        let mut g = gic(1);
+        g.vcpus[0].vmcr = ICH_VMCR_DEFINED;
+        g.vcpus[0].ap0r = [u32::MAX; 4];
+        g.validate()
+            .expect("every defined VMCR field and any APR value");
+    }
+
+    #[test]
+    fn refuses_bad_interrupt_state() {
+        let resident = Residency {
+            vcpu: 0,
+            pending: true,
+            active: false,
+            latched: true,
+            pending_cleared: false,
+            active_cleared: false,
+        };
+        let mut g = gic(2);
+        g.vcpus[0].private[27].resident = Some(resident);
+        bad(&g, "resident");
+        let mut g = gic(2);
+        g.spis[3].resident = Some(resident);
+        bad(&g, "resident");
+        let mut g = gic(2);
+        g.vcpus[1].private[20].owner = 0;
+        bad(&g, "owned by another vCPU");
+        let mut g = gic(2);
+        g.vcpus[0].private[3].edge = false;
+        bad(&g, "SGI is level");
+        let mut g = gic(2);
+        g.vcpus[0].private[20].target = Some(0);
+        bad(&g, "route");
+        let mut g = gic(2);
+        g.vcpus[0].private[20].route = 1;
+        bad(&g, "route");
+        let mut g = gic(2);
+        g.spis[0].owner = 2;
+        bad(&g, "does not exist");
+        let mut g = gic(2);
+        g.spis[0].route = 1 << 31;
+        bad(&g, "affinity");
+        let mut g = gic(2);
+        g.spis[0].target = Some(1); // route 0 names vCPU 0
+        bad(&g, "target");
+        let mut g = gic(2);
+        g.spis[0].target = Some(9);
+        bad(&g, "target");
+        let mut g = gic(2);
+        g.spis[0].route = 0x77;
+        bad(&g, "target"); // names nobody, but the cached target still says vCPU 0
+        g.spis[0].target = None;
+        g.validate().expect("a route that names nobody");
+        let mut g = gic(2);
+        g.vcpus[1].private[30].priority = 0xff;
+        g.spis[7].priority = 0x01;
+        g.spis[8].line = true;
+        g.spis[8].active = true;
+        g.spis[8].owner = 1;
+        g.validate().expect("any priority, line, active state");
+    }
+}

@@ -33,6 +33,20 @@ macro_rules! el1_sysregs {
                 aarch64_cpu::asm::barrier::isb(aarch64_cpu::asm::barrier::SY);
             }
 
+            /// The register names, in field order.
+            pub const NAMES: &'static [&'static str] = &[$($reg),*];
+
+            /// The values in field order (a snapshot's encoding).
+            pub fn to_array(&self) -> [u64; $name::NAMES.len()] {
+                [$(self.$field),*]
+            }
+
+            /// The registers from values in field order.
+            pub fn from_array(a: &[u64; $name::NAMES.len()]) -> Self {
+                let [$($field),*] = *a;
+                Self { $($field),* }
+            }
+
             /// Reads every register from the CPU into `self`.
             pub fn store(&mut self) {
                 $(
@@ -125,6 +139,39 @@ impl El1Sysregs {
         }
     }
 }
+
+/// True when two lists of register names are equal (usable in constants).
+const fn same_names(a: &[&str], b: &[&str]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        let (x, y) = (a[i].as_bytes(), b[i].as_bytes());
+        if x.len() != y.len() {
+            return false;
+        }
+        let mut j = 0;
+        while j < x.len() {
+            if x[j] != y[j] {
+                return false;
+            }
+            j += 1;
+        }
+        i += 1;
+    }
+    true
+}
+
+// A snapshot stores these registers by position (vmfork_core::snapshot): the lists must agree.
+const _: () = assert!(same_names(
+    El1Sysregs::NAMES,
+    &vmfork_core::snapshot::EL1_SYSREG_NAMES
+));
+const _: () = assert!(same_names(
+    PauthKeys::NAMES,
+    &vmfork_core::snapshot::PAUTH_KEY_NAMES
+));
 
 // EL2 controls the scheduler writes around every guest run, through aarch64-cpu's typed
 // registers like the rest of arch/. Each write that later instructions depend on is followed by
