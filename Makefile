@@ -95,8 +95,11 @@ qemu-virt: ensure-qemu build
 
 test: ensure-qemu build test-host test-qemu
 
+# The default members (core, proto, vmfork), then the host tests of the crates that are not
+# default members: the guest images' portable parts and the bench report.
 test-host: ensure-toolchain
 	$(CARGO) test
+	$(CARGO) test -p vmfork-guests -p vmfork-bench
 
 test-qemu: ensure-qemu build
 	$(CARGO) test --release -p vmfork-tests
