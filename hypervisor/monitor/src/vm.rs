@@ -621,9 +621,15 @@ impl Vm {
     pub fn check_vtimer(&mut self, vcpu: usize, ctx: &mut VcpuCtx, now: u64) {
         if let Some(deadline) = self.timer_deadline(ctx, now) {
             if now >= deadline {
+                let id = self.id;
+                // Without a vGIC (the VM just paused: no heap for its copy) the timer stays
+                // unmasked, so it fires again once the VM is resumed.
+                let Some(vgic) = self.vgic_mut() else {
+                    return;
+                };
                 ctx.sys.cntv_ctl_el0 |= CNTV_IMASK;
-                if let Err(e) = self.vgic.inject_edge(VTIMER_INTID, vcpu) {
-                    log::warn!("vm{}: cannot inject the virtual timer: {e:?}", self.id);
+                if let Err(e) = vgic.inject_edge(VTIMER_INTID, vcpu) {
+                    log::warn!("vm{id}: cannot inject the virtual timer: {e:?}");
                 }
             }
         }
@@ -642,7 +648,13 @@ impl Vm {
     /// Prints the guest's console output, one `[vmN] ` line at a time.
     pub fn drain_console(&mut self) {
         let out: Vec<u8> = self.uart.take_output().collect();
-        if self.console_attached {
+        // The backlog for an attached client is kept only while the heap has room above its
+        // reserve; past that (or past the limit, oldest first) bytes are dropped, as a slow
+        // terminal would lose them.
+        let room = |tap: &mut Vec<u8>| {
+            crate::heap::check(out.len()).is_ok() && tap.try_reserve(out.len()).is_ok()
+        };
+        if self.console_attached && room(&mut self.console_tap) {
             self.console_tap.extend_from_slice(&out);
             let limit = crate::control::server::CONSOLE_TAP_LIMIT;
             if self.console_tap.len() > limit {
@@ -676,9 +688,14 @@ impl Vm {
     /// Raises the vmgenid interrupt of a fork that has not seen it yet (before a vCPU runs).
     pub fn raise_new_identity(&mut self) {
         if self.new_identity == NewIdentity::Pending {
+            let id = self.id;
+            // Without a vGIC (no heap for its copy: the VM is paused) it is raised on resume.
+            let Some(vgic) = self.vgic_mut() else {
+                return;
+            };
             // Linux (6.10+) reseeds its RNG when this interrupt says the ID changed.
-            if let Err(e) = self.vgic.inject_edge(crate::fork::VMGENID_INTID, 0) {
-                log::warn!("vm{}: cannot raise the vmgenid interrupt: {e:?}", self.id);
+            if let Err(e) = vgic.inject_edge(crate::fork::VMGENID_INTID, 0) {
+                log::warn!("vm{id}: cannot raise the vmgenid interrupt: {e:?}");
             }
             self.new_identity = NewIdentity::IrqRaised;
         }
@@ -702,10 +719,12 @@ impl Vm {
     /// they are dropped, as a real line would overrun) and moves what fits into its FIFO.
     /// Returns the vCPU to kick when its interrupt line changed.
     pub fn type_input(&mut self, bytes: &[u8]) -> Option<usize> {
-        for &b in bytes {
-            if self.rx_pending.len() < RX_PENDING_LIMIT {
-                self.rx_pending.push_back(b);
-            }
+        let n = bytes
+            .len()
+            .min(RX_PENDING_LIMIT.saturating_sub(self.rx_pending.len()));
+        // Fallibly, and only with the heap's reserve left: otherwise the bytes are dropped too.
+        if crate::heap::check(n).is_ok() && self.rx_pending.try_reserve(n).is_ok() {
+            self.rx_pending.extend(&bytes[..n]);
         }
         self.feed_uart()
     }
@@ -724,10 +743,37 @@ impl Vm {
     /// Re-evaluates the UART's interrupt line after any UART activity. Returns the vCPU to kick.
     pub fn uart_irq_changed(&mut self) -> Option<usize> {
         let level = self.uart.irq_level();
-        self.vgic
+        self.vgic_mut()?
             .set_irq_level(vmfork_core::vuart::PL011_INTID, 0, level)
             .ok()
             .flatten()
+    }
+
+    /// The vGIC, to change. A fork shares its vGIC with its fork point (and a parent with its
+    /// children's fork points) until the first change, which copies it: that copy is made here,
+    /// fallibly and only with the heap's reserve left ([`crate::heap::check`]). When it cannot
+    /// be made the VM is paused with an "out of memory" reason and `None` is returned: nothing
+    /// changed, and resuming the VM tries again.
+    pub fn vgic_mut(&mut self) -> Option<&mut Vgic> {
+        if self.vgic.is_shared() {
+            let copied = crate::heap::check(self.vgic.copy_bytes())
+                .map_err(|e| format!("{e}"))
+                .and_then(|()| {
+                    self.vgic
+                        .try_make_mut()
+                        .map(|_| ())
+                        .map_err(|e| format!("{e}"))
+                });
+            if let Err(e) = copied {
+                if !matches!(self.state, VmState::Stopping(_)) {
+                    log::warn!("vm{}: paused: no heap to copy its vGIC: {e}", self.id);
+                    self.state = VmState::Paused(String::from("out of memory: vGIC copy"));
+                }
+                return None;
+            }
+        }
+        // Not shared now: this never copies.
+        self.vgic.try_make_mut().ok()
     }
 }
 
@@ -988,25 +1034,33 @@ fn data_abort(
     });
     let a = ipa.0;
     let result = if (layout::GICD_BASE..layout::GICD_BASE + layout::GICD_SIZE).contains(&a) {
-        vm.vgic.dist_access(
-            vcpu,
-            MmioAccess {
-                offset: a - layout::GICD_BASE,
-                size,
-                write: write_value,
-            },
-        )
+        match vm.vgic_mut() {
+            // Paused: the access is made again when the VM is resumed.
+            None => return Next::Leave,
+            Some(vgic) => vgic.dist_access(
+                vcpu,
+                MmioAccess {
+                    offset: a - layout::GICD_BASE,
+                    size,
+                    write: write_value,
+                },
+            ),
+        }
     } else if (layout::GICR_BASE..layout::GICR_BASE + layout::gicr_size(vm.vcpus.len() as u32))
         .contains(&a)
     {
-        vm.vgic.redist_access(
-            vcpu,
-            MmioAccess {
-                offset: a - layout::GICR_BASE,
-                size,
-                write: write_value,
-            },
-        )
+        match vm.vgic_mut() {
+            // Paused: the access is made again when the VM is resumed.
+            None => return Next::Leave,
+            Some(vgic) => vgic.redist_access(
+                vcpu,
+                MmioAccess {
+                    offset: a - layout::GICR_BASE,
+                    size,
+                    write: write_value,
+                },
+            ),
+        }
     } else if (layout::UART_BASE..layout::UART_BASE + layout::UART_SIZE).contains(&a) {
         let r = vmfork_core::mmio::MmioDevice::access(
             &mut vm.uart,
@@ -1220,7 +1274,11 @@ fn sysreg(vm: &mut Vm, vcpu: usize, ctx: &mut VcpuCtx, esr: Esr, kicks: &mut Vec
         } else {
             ctx.regs.x[iss.rt as usize]
         };
-        match vm.vgic.send_sgi(vcpu, value) {
+        let Some(vgic) = vm.vgic_mut() else {
+            // Paused: the write is made again when the VM is resumed.
+            return Next::Leave;
+        };
+        match vgic.send_sgi(vcpu, value) {
             Ok(targets) => {
                 for t in targets.iter() {
                     vm.kick_vcpu(t, kicks);

@@ -341,6 +341,7 @@ impl<'c, 'a, M: PhysMem, T: TlbOps> Walk<'c, 'a, M, T> {
                     self.set_desc(slot, d, 0);
                     if !unmanaged {
                         self.cx.frames.put(f).map_err(Stop::Frame)?;
+                        self.stats.pages_unmapped += 1;
                     }
                 }
                 Ok(())

@@ -86,6 +86,7 @@ use core::fmt;
 
 use crate::addr::Ipa;
 use crate::mmio::MmioRegion;
+use crate::shared::TryClone;
 
 #[allow(unused_imports)] // for the doc links above
 use crate::mmio::MmioResult;
@@ -478,6 +479,19 @@ pub struct Vgic {
     spis: Vec<Irq>,
 }
 
+impl TryClone for Vgic {
+    /// An exact copy, like `clone`, whose tables are allocated fallibly.
+    fn try_clone(&self) -> Result<Self, alloc::collections::TryReserveError> {
+        Ok(Self {
+            nr_irqs: self.nr_irqs,
+            enable_grp0: self.enable_grp0,
+            enable_grp1: self.enable_grp1,
+            vcpus: self.vcpus.try_clone()?,
+            spis: self.spis.try_clone()?,
+        })
+    }
+}
+
 impl Vgic {
     /// Builds a GIC in its reset state.
     pub fn new(config: &VgicConfig) -> Result<Self, VgicError> {
@@ -529,6 +543,14 @@ impl Vgic {
             spi.target = target;
         }
         Ok(gic)
+    }
+
+    /// Heap bytes a copy of this GIC takes (its tables plus the value itself): what a fork's
+    /// first write to a shared vGIC allocates.
+    pub fn copy_bytes(&self) -> usize {
+        core::mem::size_of::<Self>()
+            + self.vcpus.len() * core::mem::size_of::<VcpuState>()
+            + self.spis.len() * core::mem::size_of::<Irq>()
     }
 
     /// Number of vCPUs.

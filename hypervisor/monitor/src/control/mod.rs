@@ -89,11 +89,18 @@ pub fn poll() -> bool {
         Service::Idle => false,
         Service::Protocol => {
             let mut buf = [0u8; POLL_CHUNK];
-            let n = ch.port.recv(&mut buf);
+            // While decoded requests still wait (their replies were over one step's budget),
+            // nothing more is received: the host's bytes stay in the device and its socket
+            // until the server has caught up, so what the server holds stays bounded.
+            let n = if ch.server.backlog() {
+                0
+            } else {
+                ch.port.recv(&mut buf)
+            };
             ch.server.input(&buf[..n], &mut ch.out);
             ch.server.pump(&mut ch.out);
             if ch.out.is_empty() {
-                return n > 0;
+                return n > 0 || ch.server.backlog();
             }
             let out = core::mem::take(&mut ch.out);
             if let Err(e) = ch.port.send(&out) {

@@ -4,7 +4,7 @@
 //! VM lock while it talks to the device, and survives any byte sequence: the decoder skips
 //! garbage and bad frames, and a request that cannot be decoded gets a `BadRequest` reply.
 
-use alloc::collections::BTreeMap;
+use alloc::collections::{BTreeMap, VecDeque};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -15,7 +15,7 @@ use vmfork_proto::msg::{
     DiffReport, ErrorReply, GlobalStats, PageRange, PauseReason, Request, Response, StopReason,
     UploadPurpose, VmId, VmInfo, VmState as ProtoState,
 };
-use vmfork_proto::{Decoder, FrameError, PROTOCOL_VERSION};
+use vmfork_proto::{Decoder, PROTOCOL_VERSION};
 
 use crate::fork::{self, ForkError, PendingOp};
 use crate::vm::{self, GuestSpec, Vm, VmState, VmTable, VMS};
@@ -24,6 +24,17 @@ use crate::vm::{self, GuestSpec, Vm, VmState, VmTable, VMS};
 pub const CONSOLE_TAP_LIMIT: usize = 64 * 1024;
 /// Console bytes sent in one event.
 const CONSOLE_CHUNK: usize = 4096;
+/// Reply bytes one [`Server::input`] call makes at most before it leaves the remaining decoded
+/// requests queued for the next call (one reply may pass it: a reply is never split).
+pub const REPLY_BUDGET: usize = 256 * 1024;
+/// Consoles attached at once (each holds a backlog of up to [`CONSOLE_TAP_LIMIT`]).
+pub const MAX_ATTACHED_CONSOLES: usize = 16;
+/// Guest RAM pages `diff` compares per hold of the VM lock.
+pub const DIFF_PAGES_PER_LOCK: u64 = 256;
+/// What a page compared by `diff` counts against [`REPLY_BUDGET`] (as if it were reply bytes):
+/// one step of [`Server::input`] diffs at most about 128 MiB of guest RAM before the CPU goes
+/// back to running guests.
+const DIFF_PAGE_WORK: u64 = 8;
 
 struct Upload {
     purpose: UploadPurpose,
@@ -53,6 +64,11 @@ pub struct Server {
     consoles: BTreeMap<u32, u32>,
     uploads: BTreeMap<u32, Upload>,
     next_upload: u32,
+    /// Decoded requests not handled yet (at most one input chunk's worth: `control::poll`
+    /// receives no more while any wait).
+    queued: VecDeque<vmfork_proto::Frame>,
+    /// Work done in this step besides reply bytes (pages diffed), against [`REPLY_BUDGET`].
+    step_work: usize,
     /// Bad frames seen (logged once each at debug).
     pub bad_frames: u64,
 }
@@ -68,43 +84,58 @@ impl Server {
             consoles: BTreeMap::new(),
             uploads: BTreeMap::new(),
             next_upload: 1,
+            queued: VecDeque::new(),
+            step_work: 0,
             bad_frames: 0,
         }
     }
 
-    /// Feeds received bytes; appends every reply to `out`.
+    /// Feeds received bytes (possibly none) and handles the requests they complete, in order,
+    /// appending the replies to `out`, until about [`REPLY_BUDGET`] bytes of replies are made:
+    /// the rest stay queued ([`Server::backlog`]) for the next call. Every request is answered
+    /// exactly once, in the order received.
     pub fn input(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
-        let frames: Vec<Result<vmfork_proto::Frame, FrameError>> =
-            self.decoder.push(bytes).collect();
-        for f in frames {
+        for f in self.decoder.push(bytes) {
             match f {
-                Ok(frame) => {
-                    if frame.version != PROTOCOL_VERSION {
-                        reply(
-                            out,
-                            frame.id,
-                            Response::Error(ErrorReply::VersionMismatch {
-                                ours: PROTOCOL_VERSION,
-                                theirs: frame.version,
-                            }),
-                        );
-                        continue;
-                    }
-                    match Request::decode(frame.kind, &frame.payload) {
-                        Ok(req) => self.handle(frame.id, req, out),
-                        Err(e) => reply(
-                            out,
-                            frame.id,
-                            Response::Error(ErrorReply::BadRequest(format!("{e}"))),
-                        ),
-                    }
-                }
+                Ok(frame) => self.queued.push_back(frame),
                 Err(e) => {
                     self.bad_frames += 1;
                     log::debug!("control: bad input skipped: {e:?}");
                 }
             }
         }
+        let start = out.len();
+        self.step_work = 0;
+        while (out.len() - start).saturating_add(self.step_work) < REPLY_BUDGET {
+            let Some(frame) = self.queued.pop_front() else {
+                break;
+            };
+            if frame.version != PROTOCOL_VERSION {
+                reply(
+                    out,
+                    frame.id,
+                    Response::Error(ErrorReply::VersionMismatch {
+                        ours: PROTOCOL_VERSION,
+                        theirs: frame.version,
+                    }),
+                );
+                continue;
+            }
+            match Request::decode(frame.kind, &frame.payload) {
+                Ok(req) => self.handle(frame.id, req, out),
+                Err(e) => reply(
+                    out,
+                    frame.id,
+                    Response::Error(ErrorReply::BadRequest(format!("{e}"))),
+                ),
+            }
+        }
+    }
+
+    /// True while decoded requests wait to be handled: call [`Server::input`] again (with no
+    /// new bytes) before receiving more.
+    pub fn backlog(&self) -> bool {
+        !self.queued.is_empty()
     }
 
     /// Sends what became ready since the last call: results of forks and resets, console
@@ -171,8 +202,18 @@ impl Server {
                 }
             }
             Request::List => {
-                let t = VMS.lock();
-                Response::VmList(t.vms.values().map(info).collect())
+                // One VM per hold of the VM lock, not the whole table at once.
+                let ids: Vec<u32> = VMS.lock().vms.keys().copied().collect();
+                let mut list = Vec::new();
+                if list.try_reserve_exact(ids.len()).is_err() {
+                    return reply(out, id, Response::Error(ErrorReply::OutOfMemory));
+                }
+                for vm in ids {
+                    if let Some(v) = VMS.lock().vms.get(&vm) {
+                        list.push(info(v));
+                    }
+                }
+                Response::VmList(list)
             }
             Request::Info { vm } => with_vm(vm, |vm| Ok(Response::VmInfo(info(vm)))),
             Request::Stats { vm } => {
@@ -271,6 +312,14 @@ impl Server {
                 let mut t = VMS.lock();
                 match t.vms.get_mut(&vm.0) {
                     None => Response::Error(ErrorReply::NoSuchVm(vm)),
+                    Some(_)
+                        if !self.consoles.contains_key(&vm.0)
+                            && self.consoles.len() >= MAX_ATTACHED_CONSOLES =>
+                    {
+                        Response::Error(ErrorReply::BadRequest(format!(
+                            "limit reached: {MAX_ATTACHED_CONSOLES} consoles attached already"
+                        )))
+                    }
                     Some(v) => {
                         v.console_attached = true;
                         self.consoles.insert(vm.0, id);
@@ -315,7 +364,15 @@ impl Server {
                 vcpus,
                 cmdline,
             } => self.create(kernel, initrd, mem_bytes, vcpus, cmdline),
-            Request::Diff { a, b } => diff(a, b),
+            Request::Diff { a, b } => {
+                let r = diff(a, b);
+                if let Response::Diff(d) = &r {
+                    self.step_work = self
+                        .step_work
+                        .saturating_add(d.pages_compared.saturating_mul(DIFF_PAGE_WORK) as usize);
+                }
+                r
+            }
             Request::Dump { vm } => {
                 // A paused fork, made now in constant time, is what the snapshot is read from:
                 // the VM itself keeps running.
@@ -344,6 +401,10 @@ impl Server {
             },
             Request::DumpClose { dump } => self.close_dump(dump),
             Request::Restore { upload } => {
+                if let Err(e) = fork::check_vm_limit(&VMS.lock(), 1) {
+                    self.uploads.remove(&upload);
+                    return reply(out, id, Response::Error(fork_error(e)));
+                }
                 match self.take_upload(upload, UploadPurpose::Snapshot) {
                     Err(e) => Response::Error(e),
                     Ok(bytes) => {
@@ -448,10 +509,13 @@ impl Server {
         }
     }
 
+    /// Opens an upload. Nothing is reserved yet: the buffer grows as chunks arrive. Bounded by
+    /// `max_uploads=` (uploads open at once) and `max_upload_bytes=` (bytes all open uploads
+    /// announce together).
     fn upload_begin(&mut self, purpose: UploadPurpose, total: u64) -> Response {
         let limit = match purpose {
             UploadPurpose::Kernel | UploadPurpose::Initrd => vmfork_proto::MAX_IMAGE_BYTES,
-            // Bounded by the monitor's heap in practice (try_reserve below).
+            // Bounded by max_upload_bytes and the monitor's heap in practice.
             UploadPurpose::Snapshot => 4 << 30,
         };
         if total == 0 || total > limit {
@@ -459,9 +523,21 @@ impl Server {
                 "upload of {total} bytes: must be 1 to {limit}"
             )));
         }
-        let mut data = Vec::new();
-        if data.try_reserve_exact(total as usize).is_err() {
-            return Response::Error(ErrorReply::OutOfMemory);
+        let limits = fork::limits();
+        if self.uploads.len() >= limits.max_uploads as usize {
+            return Response::Error(ErrorReply::BadRequest(format!(
+                "limit reached: max_uploads={}, {} uploads open already",
+                limits.max_uploads,
+                self.uploads.len()
+            )));
+        }
+        let announced: u64 = self.uploads.values().map(|u| u.total).sum();
+        let max_bytes = limits.max_upload_bytes.unwrap_or(u64::MAX);
+        if announced.saturating_add(total) > max_bytes {
+            return Response::Error(ErrorReply::BadRequest(format!(
+                "limit reached: max_upload_bytes={max_bytes}, {announced} bytes announced by \
+                 open uploads already and {total} more asked for"
+            )));
         }
         let handle = self.next_upload;
         self.next_upload = self.next_upload.wrapping_add(1).max(1);
@@ -470,7 +546,7 @@ impl Server {
             Upload {
                 purpose,
                 total,
-                data,
+                data: Vec::new(),
             },
         );
         Response::UploadReady { upload: handle }
@@ -486,11 +562,28 @@ impl Server {
                 up.data.len()
             )));
         }
-        if up.data.len() as u64 + data.len() as u64 > up.total {
+        let needed = up.data.len() as u64 + data.len() as u64;
+        if needed > up.total {
             return Response::Error(ErrorReply::BadRequest(format!(
                 "upload {handle}: more than the {} bytes announced",
                 up.total
             )));
+        }
+        if needed as usize > up.data.capacity() {
+            // Grow geometrically (at most to the announced size), fallibly and only with the
+            // heap's reserve left; a growth that fails leaves the upload as it was.
+            let target = (up.data.capacity().saturating_mul(2))
+                .max(needed as usize)
+                .min(up.total as usize);
+            let grow = target - up.data.capacity();
+            if let Err(e) = crate::heap::check(target) {
+                log::warn!("control: upload {handle} of {} bytes: {e}", up.total);
+                return Response::Error(ErrorReply::OutOfMemory);
+            }
+            if up.data.try_reserve_exact(target - up.data.len()).is_err() {
+                log::warn!("control: upload {handle}: no heap for {grow} more bytes");
+                return Response::Error(ErrorReply::OutOfMemory);
+            }
         }
         up.data.extend_from_slice(data);
         Response::Ok
@@ -539,6 +632,18 @@ impl Server {
             Some(Ok(i)) => Some(i),
             Some(Err(e)) => return Response::Error(e),
         };
+        if let Err(e) = fork::check_vm_limit(&VMS.lock(), 1) {
+            return Response::Error(fork_error(e));
+        }
+        // The VM's bookkeeping (vCPU contexts, vGIC, device tree) is built with infallible
+        // allocations: ask for a generous estimate of it first.
+        let estimate = 64 * 1024
+            + vcpus as usize * 4 * core::mem::size_of::<vm::VcpuCtx>()
+            + cmdline.len() * 4;
+        if let Err(e) = crate::heap::check(estimate) {
+            log::warn!("control: create refused: {e}");
+            return Response::Error(ErrorReply::OutOfMemory);
+        }
         let spec = GuestSpec {
             name: String::from("created"),
             kernel: &kernel,
@@ -587,13 +692,14 @@ fn with_vm(id: VmId, f: impl FnOnce(&Vm) -> Result<Response, ErrorReply>) -> Res
     }
 }
 
-/// What the tool shows for a VM.
+/// What the tool shows for a VM. Its page counts come from `Stage2::usage_private`: a counter
+/// and a walk of its private tables only, never of what it shares (a fork costs O(1)).
 pub fn info(vm: &Vm) -> VmInfo {
     let usage = vm.s2.as_ref().map(|s2| {
         let frames = crate::mem::FRAMES.lock();
         frames
             .as_ref()
-            .map(|fa| s2.usage(fa, &crate::physmem::IdentityMem))
+            .map(|fa| s2.usage_private(fa, &crate::physmem::IdentityMem))
     });
     let (private, shared) = match usage.flatten() {
         Some(u) => (u.private_frames as u64, u.shared_frames as u64),
@@ -639,30 +745,42 @@ pub fn info(vm: &Vm) -> VmInfo {
 
 fn global_stats(t: &VmTable) -> GlobalStats {
     let (free, total) = crate::mem::frame_counts();
+    let (heap_used, heap_free) = crate::heap::usage();
+    let limits = fork::limits();
     GlobalStats {
         free_frames: free as u64,
         used_frames: (total - free) as u64,
         total_frames: total as u64,
         vms: t.vms.len() as u32,
         counter_hz: crate::arch::counter().1,
+        heap_used: heap_used as u64,
+        heap_free: heap_free as u64,
+        heap_reserve: crate::heap::margin() as u64,
+        max_vms: limits.max_vms,
+        max_forks_per_tree: limits.max_forks_per_tree,
     }
 }
 
 /// Which guest RAM pages differ between VMs `a` and `b`. Pages that map the same frame are equal
-/// without reading them (the common case within a fork tree).
+/// without reading them (the common case within a fork tree). The VM lock is held for
+/// [`DIFF_PAGES_PER_LOCK`] pages at a time, never across the whole scan, so guest exits on
+/// other CPUs go on meanwhile; both VMs are looked up again at every step (a VM killed meanwhile
+/// ends the diff with `NoSuchVm`), so only frames they map at that moment are read. A VM that
+/// runs meanwhile may change pages already compared: the report is best-effort, each page's
+/// verdict correct for the moment it was compared.
 fn diff(a: VmId, b: VmId) -> Response {
-    let t = VMS.lock();
-    let (Some(va), Some(vb)) = (t.vms.get(&a.0), t.vms.get(&b.0)) else {
+    let gone = |t: &VmTable| {
         let missing = if t.vms.contains_key(&a.0) { b } else { a };
-        return Response::Error(ErrorReply::NoSuchVm(missing));
+        Response::Error(ErrorReply::NoSuchVm(missing))
     };
-    let (Some(sa), Some(sb)) = (va.s2.as_ref(), vb.s2.as_ref()) else {
-        return Response::Error(ErrorReply::BadRequest(String::from(
-            "a VM is being torn down",
-        )));
+    let pages = {
+        let t = VMS.lock();
+        let (Some(va), Some(vb)) = (t.vms.get(&a.0), t.vms.get(&b.0)) else {
+            return gone(&t);
+        };
+        va.ram_size.min(vb.ram_size) / PAGE_SIZE
     };
     let mem = crate::physmem::IdentityMem;
-    let pages = va.ram_size.min(vb.ram_size) / PAGE_SIZE;
     let mut report = DiffReport {
         ram_base: layout::RAM_BASE,
         pages_compared: pages,
@@ -672,29 +790,44 @@ fn diff(a: VmId, b: VmId) -> Response {
     };
     let mut ba = [0u8; PAGE_SIZE as usize];
     let mut bb = [0u8; PAGE_SIZE as usize];
-    for p in 0..pages {
-        let ipa = Ipa(layout::RAM_BASE + p * PAGE_SIZE);
-        let same_frame = match (sa.translate(&mem, ipa), sb.translate(&mem, ipa)) {
-            (Some(x), Some(y)) => x.pa == y.pa,
-            _ => false,
+    let mut p = 0;
+    while p < pages {
+        let t = VMS.lock();
+        let (Some(va), Some(vb)) = (t.vms.get(&a.0), t.vms.get(&b.0)) else {
+            return gone(&t);
         };
-        let differs = !same_frame && {
-            let ra = sa.read_guest(&mem, ipa, &mut ba);
-            let rb = sb.read_guest(&mem, ipa, &mut bb);
-            ra.is_err() || rb.is_err() || ba != bb
+        let (Some(sa), Some(sb)) = (va.s2.as_ref(), vb.s2.as_ref()) else {
+            return Response::Error(ErrorReply::BadRequest(String::from(
+                "a VM is being torn down",
+            )));
         };
-        if differs {
-            report.differing_pages += 1;
-            let full = report.ranges.len() >= vmfork_proto::MAX_DIFF_RANGES;
-            match report.ranges.last_mut() {
-                Some(r) if r.first_page + r.pages == p => r.pages += 1,
-                _ if full => report.truncated = true,
-                _ => report.ranges.push(PageRange {
-                    first_page: p,
-                    pages: 1,
-                }),
+        let end = pages.min(p + DIFF_PAGES_PER_LOCK);
+        for q in p..end {
+            let ipa = Ipa(layout::RAM_BASE + q * PAGE_SIZE);
+            let same_frame = match (sa.translate(&mem, ipa), sb.translate(&mem, ipa)) {
+                (Some(x), Some(y)) => x.pa == y.pa,
+                _ => false,
+            };
+            let differs = !same_frame && {
+                let ra = sa.read_guest(&mem, ipa, &mut ba);
+                let rb = sb.read_guest(&mem, ipa, &mut bb);
+                ra.is_err() || rb.is_err() || ba != bb
+            };
+            if differs {
+                report.differing_pages += 1;
+                let full = report.ranges.len() >= vmfork_proto::MAX_DIFF_RANGES;
+                match report.ranges.last_mut() {
+                    Some(r) if r.first_page + r.pages == q => r.pages += 1,
+                    _ if full => report.truncated = true,
+                    _ => report.ranges.push(PageRange {
+                        first_page: q,
+                        pages: 1,
+                    }),
+                }
             }
         }
+        drop(t);
+        p = end;
     }
     Response::Diff(report)
 }
