@@ -408,7 +408,7 @@ pub(crate) fn fork_now(
 fn try_clone_vcpus(vcpus: &[Vcpu]) -> Result<Vec<Vcpu>, HeapLow> {
     let mut out = Vec::new();
     out.try_reserve_exact(vcpus.len()).map_err(|_| HeapLow {
-        wanted: vcpus.len() * core::mem::size_of::<Vcpu>(),
+        wanted: core::mem::size_of_val(vcpus),
         free: crate::heap::usage().1,
     })?;
     for v in vcpus {

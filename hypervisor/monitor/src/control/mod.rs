@@ -92,6 +92,13 @@ pub fn poll() -> bool {
             // While decoded requests still wait (their replies were over one step's budget),
             // nothing more is received: the host's bytes stay in the device and its socket
             // until the server has caught up, so what the server holds stays bounded.
+            // Replies a previous step could not queue go out first, whole: until they have,
+            // nothing new is made (a reply is never cut, the stream never loses a byte).
+            if !ch.out.is_empty() {
+                // Briefly: a client that does not read must not keep this CPU from its guests.
+                flush(ch, RETRY_SEND_MS);
+                return true;
+            }
             let n = if ch.server.backlog() {
                 0
             } else {
@@ -102,10 +109,7 @@ pub fn poll() -> bool {
             if ch.out.is_empty() {
                 return n > 0 || ch.server.backlog();
             }
-            let out = core::mem::take(&mut ch.out);
-            if let Err(e) = ch.port.send(&out) {
-                log::warn!("control: sending {} bytes: {e}", out.len());
-            }
+            flush(ch, SEND_MS);
             true
         }
         Service::Echo => {
@@ -118,6 +122,26 @@ pub fn poll() -> bool {
                 log::warn!("control: echo of {n} bytes: {e}");
             }
             true
+        }
+    }
+}
+
+/// How long a step waits for the host to take fresh replies, and replies left over from a
+/// previous step.
+const SEND_MS: u64 = 1000;
+const RETRY_SEND_MS: u64 = 2;
+
+/// Sends what `ch.out` holds, waiting at most `timeout_ms`. What the device could not take (the
+/// host is not reading) stays in `ch.out` for the next step; a device error drops it.
+fn flush(ch: &mut Channel, timeout_ms: u64) {
+    match ch.port.send_within(&ch.out, timeout_ms) {
+        Ok(()) => ch.out.clear(),
+        Err(virtio::ControlError::Timeout { queued }) => {
+            ch.out.drain(..queued.min(ch.out.len()));
+        }
+        Err(e) => {
+            log::warn!("control: sending {} bytes: {e}", ch.out.len());
+            ch.out.clear();
         }
     }
 }

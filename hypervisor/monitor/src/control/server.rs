@@ -26,15 +26,23 @@ pub const CONSOLE_TAP_LIMIT: usize = 64 * 1024;
 const CONSOLE_CHUNK: usize = 4096;
 /// Reply bytes one [`Server::input`] call makes at most before it leaves the remaining decoded
 /// requests queued for the next call (one reply may pass it: a reply is never split).
-pub const REPLY_BUDGET: usize = 256 * 1024;
+pub const REPLY_BUDGET: usize = 64 * 1024;
 /// Consoles attached at once (each holds a backlog of up to [`CONSOLE_TAP_LIMIT`]).
 pub const MAX_ATTACHED_CONSOLES: usize = 16;
-/// Guest RAM pages `diff` compares per hold of the VM lock.
+/// Guest RAM pages `diff` compares (and a dump scans for non-zero pages) per hold of the VM
+/// lock.
 pub const DIFF_PAGES_PER_LOCK: u64 = 256;
-/// What a page compared by `diff` counts against [`REPLY_BUDGET`] (as if it were reply bytes):
-/// one step of [`Server::input`] diffs at most about 128 MiB of guest RAM before the CPU goes
-/// back to running guests.
-const DIFF_PAGE_WORK: u64 = 8;
+/// Diffs under way at once; further requests wait, decoded, until one is answered.
+pub const MAX_DIFF_JOBS: usize = 4;
+
+/// A `Diff` under way: [`DIFF_PAGES_PER_LOCK`] pages are compared per step of the server.
+struct DiffJob {
+    id: u32,
+    a: VmId,
+    b: VmId,
+    next: u64,
+    report: DiffReport,
+}
 
 struct Upload {
     purpose: UploadPurpose,
@@ -67,8 +75,8 @@ pub struct Server {
     /// Decoded requests not handled yet (at most one input chunk's worth: `control::poll`
     /// receives no more while any wait).
     queued: VecDeque<vmfork_proto::Frame>,
-    /// Work done in this step besides reply bytes (pages diffed), against [`REPLY_BUDGET`].
-    step_work: usize,
+    /// Diffs under way, oldest first (one step of the oldest per [`Server::input`]).
+    diffs: VecDeque<DiffJob>,
     /// Bad frames seen (logged once each at debug).
     pub bad_frames: u64,
 }
@@ -85,7 +93,7 @@ impl Server {
             uploads: BTreeMap::new(),
             next_upload: 1,
             queued: VecDeque::new(),
-            step_work: 0,
+            diffs: VecDeque::new(),
             bad_frames: 0,
         }
     }
@@ -105,8 +113,7 @@ impl Server {
             }
         }
         let start = out.len();
-        self.step_work = 0;
-        while (out.len() - start).saturating_add(self.step_work) < REPLY_BUDGET {
+        while out.len() - start < REPLY_BUDGET && self.diffs.len() < MAX_DIFF_JOBS {
             let Some(frame) = self.queued.pop_front() else {
                 break;
             };
@@ -130,12 +137,26 @@ impl Server {
                 ),
             }
         }
+        self.step_diff(out);
     }
 
-    /// True while decoded requests wait to be handled: call [`Server::input`] again (with no
-    /// new bytes) before receiving more.
+    /// True while decoded requests wait to be handled or diffs are under way: call
+    /// [`Server::input`] again (with no new bytes) before receiving more.
     pub fn backlog(&self) -> bool {
-        !self.queued.is_empty()
+        !self.queued.is_empty() || !self.diffs.is_empty()
+    }
+
+    /// One step of the oldest diff: [`DIFF_PAGES_PER_LOCK`] pages under one hold of the VM
+    /// lock; its reply once it is done.
+    fn step_diff(&mut self, out: &mut Vec<u8>) {
+        let Some(job) = self.diffs.front_mut() else {
+            return;
+        };
+        if let Some(resp) = diff_step(job) {
+            let id = job.id;
+            self.diffs.pop_front();
+            reply(out, id, resp);
+        }
     }
 
     /// Sends what became ready since the last call: results of forks and resets, console
@@ -364,15 +385,10 @@ impl Server {
                 vcpus,
                 cmdline,
             } => self.create(kernel, initrd, mem_bytes, vcpus, cmdline),
-            Request::Diff { a, b } => {
-                let r = diff(a, b);
-                if let Response::Diff(d) = &r {
-                    self.step_work = self
-                        .step_work
-                        .saturating_add(d.pages_compared.saturating_mul(DIFF_PAGE_WORK) as usize);
-                }
-                r
-            }
+            Request::Diff { a, b } => match diff_start(id, a, b) {
+                Ok(job) => return self.diffs.push_back(job),
+                Err(e) => Response::Error(e),
+            },
             Request::Dump { vm } => {
                 // A paused fork, made now in constant time, is what the snapshot is read from:
                 // the VM itself keeps running.
@@ -427,12 +443,22 @@ impl Server {
         let Some(child) = child else {
             return Response::Error(ErrorReply::Internal(String::from("no snapshot fork")));
         };
-        let mut t = VMS.lock();
-        let name = t
+        let name = VMS
+            .lock()
             .vms
             .get(&source)
             .map_or_else(String::new, |v| v.name.clone());
-        match crate::snapshot::begin(&t, child, &name) {
+        let begun = crate::snapshot::begin(&VMS.lock(), child, &name);
+        // The non-zero pages are found DIFF_PAGES_PER_LOCK at a time, the VM lock taken again
+        // for each step (the fork being dumped is paused: its memory stays as it is).
+        let scanned = begun.and_then(|mut d| loop {
+            match d.scan(&VMS.lock(), DIFF_PAGES_PER_LOCK) {
+                Ok(true) => break Ok(d),
+                Ok(false) => {}
+                Err(e) => break Err(e),
+            }
+        });
+        match scanned {
             Ok(d) => {
                 let handle = self.next_dump;
                 self.next_dump = self.next_dump.wrapping_add(1).max(1);
@@ -444,8 +470,9 @@ impl Server {
                 }
             }
             Err(e) => {
-                let kicks = t.stop(child, String::from("snapshot fork discarded"));
-                drop(t);
+                let kicks = VMS
+                    .lock()
+                    .stop(child, String::from("snapshot fork discarded"));
                 crate::sched::kick(&kicks);
                 Response::Error(ErrorReply::Internal(e))
             }
@@ -761,73 +788,84 @@ fn global_stats(t: &VmTable) -> GlobalStats {
     }
 }
 
-/// Which guest RAM pages differ between VMs `a` and `b`. Pages that map the same frame are equal
-/// without reading them (the common case within a fork tree). The VM lock is held for
-/// [`DIFF_PAGES_PER_LOCK`] pages at a time, never across the whole scan, so guest exits on
-/// other CPUs go on meanwhile; both VMs are looked up again at every step (a VM killed meanwhile
-/// ends the diff with `NoSuchVm`), so only frames they map at that moment are read. A VM that
-/// runs meanwhile may change pages already compared: the report is best-effort, each page's
-/// verdict correct for the moment it was compared.
-fn diff(a: VmId, b: VmId) -> Response {
-    let gone = |t: &VmTable| {
-        let missing = if t.vms.contains_key(&a.0) { b } else { a };
-        Response::Error(ErrorReply::NoSuchVm(missing))
+/// Starts a diff of VMs `a` and `b` (request `id`): which guest RAM pages differ. The pages are
+/// compared by [`diff_step`], [`DIFF_PAGES_PER_LOCK`] at a time, one step per server step, so
+/// the VM lock is never held across the scan and the boot CPU runs guests in between.
+fn diff_start(id: u32, a: VmId, b: VmId) -> Result<DiffJob, ErrorReply> {
+    let t = VMS.lock();
+    let (Some(va), Some(vb)) = (t.vms.get(&a.0), t.vms.get(&b.0)) else {
+        return Err(gone(&t, a, b));
     };
-    let pages = {
-        let t = VMS.lock();
-        let (Some(va), Some(vb)) = (t.vms.get(&a.0), t.vms.get(&b.0)) else {
-            return gone(&t);
-        };
-        va.ram_size.min(vb.ram_size) / PAGE_SIZE
+    Ok(DiffJob {
+        id,
+        a,
+        b,
+        next: 0,
+        report: DiffReport {
+            ram_base: layout::RAM_BASE,
+            pages_compared: va.ram_size.min(vb.ram_size) / PAGE_SIZE,
+            differing_pages: 0,
+            ranges: Vec::new(),
+            truncated: false,
+        },
+    })
+}
+
+fn gone(t: &VmTable, a: VmId, b: VmId) -> ErrorReply {
+    let missing = if t.vms.contains_key(&a.0) { b } else { a };
+    ErrorReply::NoSuchVm(missing)
+}
+
+/// Compares the next [`DIFF_PAGES_PER_LOCK`] pages of `job`; returns its reply once done. Pages
+/// that map the same frame are equal without reading them (the common case within a fork
+/// tree). Both VMs are looked up again at every step (a VM killed meanwhile ends the diff with
+/// `NoSuchVm`), so only frames they map at that moment are read. A VM that runs meanwhile may
+/// change pages already compared: the report is best-effort, each page's verdict right for the
+/// moment it was compared.
+fn diff_step(job: &mut DiffJob) -> Option<Response> {
+    let t = VMS.lock();
+    let (Some(va), Some(vb)) = (t.vms.get(&job.a.0), t.vms.get(&job.b.0)) else {
+        return Some(Response::Error(gone(&t, job.a, job.b)));
+    };
+    let (Some(sa), Some(sb)) = (va.s2.as_ref(), vb.s2.as_ref()) else {
+        return Some(Response::Error(ErrorReply::BadRequest(String::from(
+            "a VM is being torn down",
+        ))));
     };
     let mem = crate::physmem::IdentityMem;
-    let mut report = DiffReport {
-        ram_base: layout::RAM_BASE,
-        pages_compared: pages,
-        differing_pages: 0,
-        ranges: Vec::new(),
-        truncated: false,
-    };
+    let report = &mut job.report;
     let mut ba = [0u8; PAGE_SIZE as usize];
     let mut bb = [0u8; PAGE_SIZE as usize];
-    let mut p = 0;
-    while p < pages {
-        let t = VMS.lock();
-        let (Some(va), Some(vb)) = (t.vms.get(&a.0), t.vms.get(&b.0)) else {
-            return gone(&t);
+    let end = report.pages_compared.min(job.next + DIFF_PAGES_PER_LOCK);
+    for q in job.next..end {
+        let ipa = Ipa(layout::RAM_BASE + q * PAGE_SIZE);
+        let same_frame = match (sa.translate(&mem, ipa), sb.translate(&mem, ipa)) {
+            (Some(x), Some(y)) => x.pa == y.pa,
+            _ => false,
         };
-        let (Some(sa), Some(sb)) = (va.s2.as_ref(), vb.s2.as_ref()) else {
-            return Response::Error(ErrorReply::BadRequest(String::from(
-                "a VM is being torn down",
-            )));
+        let differs = !same_frame && {
+            let ra = sa.read_guest(&mem, ipa, &mut ba);
+            let rb = sb.read_guest(&mem, ipa, &mut bb);
+            ra.is_err() || rb.is_err() || ba != bb
         };
-        let end = pages.min(p + DIFF_PAGES_PER_LOCK);
-        for q in p..end {
-            let ipa = Ipa(layout::RAM_BASE + q * PAGE_SIZE);
-            let same_frame = match (sa.translate(&mem, ipa), sb.translate(&mem, ipa)) {
-                (Some(x), Some(y)) => x.pa == y.pa,
-                _ => false,
-            };
-            let differs = !same_frame && {
-                let ra = sa.read_guest(&mem, ipa, &mut ba);
-                let rb = sb.read_guest(&mem, ipa, &mut bb);
-                ra.is_err() || rb.is_err() || ba != bb
-            };
-            if differs {
-                report.differing_pages += 1;
-                let full = report.ranges.len() >= vmfork_proto::MAX_DIFF_RANGES;
-                match report.ranges.last_mut() {
-                    Some(r) if r.first_page + r.pages == q => r.pages += 1,
-                    _ if full => report.truncated = true,
-                    _ => report.ranges.push(PageRange {
-                        first_page: q,
-                        pages: 1,
-                    }),
-                }
+        if differs {
+            report.differing_pages += 1;
+            let full = report.ranges.len() >= vmfork_proto::MAX_DIFF_RANGES;
+            match report.ranges.last_mut() {
+                Some(r) if r.first_page + r.pages == q => r.pages += 1,
+                _ if full => report.truncated = true,
+                _ => report.ranges.push(PageRange {
+                    first_page: q,
+                    pages: 1,
+                }),
             }
         }
-        drop(t);
-        p = end;
     }
-    Response::Diff(report)
+    job.next = end;
+    (end == report.pages_compared).then(|| {
+        Response::Diff(DiffReport {
+            ranges: core::mem::take(&mut report.ranges),
+            ..*report
+        })
+    })
 }
