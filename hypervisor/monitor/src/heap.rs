@@ -24,8 +24,10 @@ static HEAP: LockedHeap = LockedHeap::empty();
 /// Size of the heap, set by [`init`].
 static SIZE: AtomicUsize = AtomicUsize::new(0);
 
-/// Smallest safety margin: the largest reply frame (1 MiB) plus room for the rest.
-const MARGIN_MIN: usize = 2 << 20;
+/// Smallest safety margin. Building the largest reply (a 1 MiB frame: `List` of thousands of
+/// VMs) takes about four times its size at once (the list, its encoding as it grows, the frame
+/// in the output buffer); the rest is room for logging and the scheduler.
+const MARGIN_MIN: usize = 6 << 20;
 
 /// Gives the allocator `[start, start + size)`.
 ///
@@ -49,7 +51,7 @@ pub fn size() -> usize {
 }
 
 /// Free heap that guest- and channel-driven work may never use: 1/32 of the heap, at least
-/// [`MARGIN_MIN`].
+/// [`MARGIN_MIN`] (6 MiB).
 pub fn margin() -> usize {
     (size() / 32).max(MARGIN_MIN)
 }

@@ -40,7 +40,7 @@ pub const MAX_FORKS_PER_TREE: u32 = 1024;
 /// (a base plus so much per VM).
 pub const HEAP_BYTES: u64 = 32 << 20;
 /// Reserve the fake reports (the monitor's smallest).
-pub const HEAP_RESERVE: u64 = 2 << 20;
+pub const HEAP_RESERVE: u64 = 6 << 20;
 /// Heap the fake counts per live VM.
 pub const HEAP_PER_VM: u64 = 8 << 10;
 

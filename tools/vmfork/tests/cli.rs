@@ -375,14 +375,14 @@ fn stats_global_and_per_vm() {
         "{s}"
     );
     assert!(
-        s.contains("heap:            1.0 MiB used, 31.0 MiB free (2 MiB of it the reserve)"),
+        s.contains("heap:            1.0 MiB used, 31.0 MiB free (6 MiB of it the reserve)"),
         "{s}"
     );
     let j: serde_json::Value = serde_json::from_str(&e.ok(&["--json", "stats", "1"])).unwrap();
     assert_eq!(j["global"]["total_frames"], 65536);
     assert_eq!(j["global"]["used_frames"], 4096);
     assert_eq!(j["global"]["max_vms"], 4096);
-    assert_eq!(j["global"]["heap_reserve"], 2 << 20);
+    assert_eq!(j["global"]["heap_reserve"], 6 << 20);
     assert_eq!(j["vm"]["id"], 1);
 }
 

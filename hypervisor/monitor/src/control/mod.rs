@@ -39,6 +39,10 @@ struct Channel {
     service: Service,
     server: server::Server,
     out: alloc::vec::Vec<u8>,
+    /// Pacing of what is sent (see [`SEND_RATE`]): bytes that may go now, and when that was
+    /// last brought up to date (counter ticks).
+    send_tokens: usize,
+    send_at: u64,
 }
 
 static CHANNEL: Mutex<Option<Channel>> = Mutex::new(None);
@@ -67,6 +71,8 @@ pub fn init(platform: &Platform, bootargs: &str) -> bool {
                 service,
                 server: server::Server::new(),
                 out: alloc::vec::Vec::new(),
+                send_tokens: SEND_BURST,
+                send_at: 0,
             });
             true
         }
@@ -130,13 +136,33 @@ pub fn poll() -> bool {
 /// previous step.
 const SEND_MS: u64 = 1000;
 const RETRY_SEND_MS: u64 = 2;
+/// Bytes per microsecond sent at most, on average, and the largest burst. QEMU's virtconsole
+/// drops what its socket cannot take at once instead of holding it back (it behaves like a serial
+/// line), so the monitor paces what it sends to give the host's reader time: 8 MB/s, 64 KiB at
+/// once (a third of a Unix socket's default buffer).
+const SEND_RATE: u64 = 8;
+const SEND_BURST: usize = 64 * 1024;
 
-/// Sends what `ch.out` holds, waiting at most `timeout_ms`. What the device could not take (the
-/// host is not reading) stays in `ch.out` for the next step; a device error drops it.
+/// Sends what `ch.out` holds (as much as the pacing allows now), waiting at most `timeout_ms`
+/// for the device. What is not sent (paced, or the device could not take it) stays in `ch.out`
+/// for the next step; a device error drops it.
 fn flush(ch: &mut Channel, timeout_ms: u64) {
-    match ch.port.send_within(&ch.out, timeout_ms) {
-        Ok(()) => ch.out.clear(),
+    let now = crate::arch::counter().0;
+    let elapsed = crate::arch::timer::micros_from_ticks(now.wrapping_sub(ch.send_at));
+    ch.send_at = now;
+    let refill = usize::try_from(elapsed.saturating_mul(SEND_RATE)).unwrap_or(usize::MAX);
+    ch.send_tokens = ch.send_tokens.saturating_add(refill).min(SEND_BURST);
+    let n = ch.out.len().min(ch.send_tokens);
+    if n == 0 {
+        return;
+    }
+    match ch.port.send_within(&ch.out[..n], timeout_ms) {
+        Ok(()) => {
+            ch.send_tokens -= n;
+            ch.out.drain(..n);
+        }
         Err(virtio::ControlError::Timeout { queued }) => {
+            ch.send_tokens = ch.send_tokens.saturating_sub(queued);
             ch.out.drain(..queued.min(ch.out.len()));
         }
         Err(e) => {

@@ -225,8 +225,12 @@ impl Server {
             Request::List => {
                 // One VM per hold of the VM lock, not the whole table at once.
                 let ids: Vec<u32> = VMS.lock().vms.keys().copied().collect();
+                // Building the reply takes about four times its encoded size (~120 bytes a
+                // VM) at once: that may use the heap's reserve, which is kept for it, but
+                // never more than is free.
+                let need = ids.len().saturating_mul(4 * 128);
                 let mut list = Vec::new();
-                if list.try_reserve_exact(ids.len()).is_err() {
+                if crate::heap::usage().1 < need || list.try_reserve_exact(ids.len()).is_err() {
                     return reply(out, id, Response::Error(ErrorReply::OutOfMemory));
                 }
                 for vm in ids {
