@@ -300,6 +300,10 @@ fn guest_fork_bomb(name: &str, append: &str, expect_error: &str) -> (Qemu, u64) 
         DEFAULT_TIMEOUT * 4,
     );
     let forks: u64 = caps[1].parse().unwrap();
+    println!(
+        "{name}: the guest's fork refused after {forks} forks: {}",
+        caps[2]
+    );
     assert_eq!(caps[2], expect_error, "{caps:?}");
     assert_alive(&q);
     // The well-behaved VM beside it goes on.
