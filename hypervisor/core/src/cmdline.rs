@@ -17,6 +17,8 @@ pub enum CmdlineError {
     BadSize,
     /// A size does not fit in 64 bits.
     SizeOverflow,
+    /// A limit is 0 or does not fit in 32 bits.
+    LimitRange,
 }
 
 impl fmt::Display for CmdlineError {
@@ -28,6 +30,7 @@ impl fmt::Display for CmdlineError {
                 "bad size (expected digits with an optional K, M, G, T, P or E suffix)"
             }
             Self::SizeOverflow => "size does not fit in 64 bits",
+            Self::LimitRange => "limit must be 1 to 4294967295",
         })
     }
 }
@@ -162,6 +165,77 @@ pub fn parse_size(s: &str) -> Result<u64, CmdlineError> {
         return Err(CmdlineError::SizeOverflow);
     }
     Ok(value << shift)
+}
+
+/// Limits on what the control channel and guests can make the monitor hold, from
+/// `max_vms=`, `max_forks_per_tree=`, `max_uploads=` and `max_upload_bytes=`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// VMs alive at once, forks and internal snapshot forks included (`max_vms=`).
+    pub max_vms: u32,
+    /// Forks alive at once in one fork tree: the descendants of one VM that was created or
+    /// restored, its children's children included (`max_forks_per_tree=`).
+    pub max_forks_per_tree: u32,
+    /// Uploads open at once on the control channel (`max_uploads=`).
+    pub max_uploads: u32,
+    /// Bytes all open uploads may announce together (`max_upload_bytes=`, a size); `None`: half
+    /// the monitor's heap, decided at boot.
+    pub max_upload_bytes: Option<u64>,
+}
+
+impl Limits {
+    /// The limits when the command line sets none.
+    pub const DEFAULT: Limits = Limits {
+        max_vms: 4096,
+        max_forks_per_tree: 1024,
+        max_uploads: 8,
+        max_upload_bytes: None,
+    };
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// Parses a count limit: like [`parse_size`] (so `64K` works), 1 to `u32::MAX`.
+pub fn parse_limit(s: &str) -> Result<u32, CmdlineError> {
+    let v = parse_size(s)?;
+    u32::try_from(v)
+        .ok()
+        .filter(|&v| v > 0)
+        .ok_or(CmdlineError::LimitRange)
+}
+
+/// The limits `cmdline` sets, defaults for the rest. A bad value keeps its default and is
+/// reported (the first one, with its key), so the monitor can say so and boot on.
+pub fn limits(cmdline: &str) -> (Limits, Option<(&'static str, CmdlineError)>) {
+    let mut l = Limits::DEFAULT;
+    let mut first_error = None;
+    let mut note = |key: &'static str, e: CmdlineError| {
+        first_error.get_or_insert((key, e));
+    };
+    for (key, slot) in [
+        ("max_vms", &mut l.max_vms),
+        ("max_forks_per_tree", &mut l.max_forks_per_tree),
+        ("max_uploads", &mut l.max_uploads),
+    ] {
+        if let Some(v) = value(cmdline, key) {
+            match parse_limit(v) {
+                Ok(v) => *slot = v,
+                Err(e) => note(key, e),
+            }
+        }
+    }
+    if let Some(v) = value(cmdline, "max_upload_bytes") {
+        match parse_size(v) {
+            Ok(0) => note("max_upload_bytes", CmdlineError::LimitRange),
+            Ok(v) => l.max_upload_bytes = Some(v),
+            Err(e) => note("max_upload_bytes", e),
+        }
+    }
+    (l, first_error)
 }
 
 #[cfg(test)]
@@ -313,6 +387,50 @@ mod tests {
             let _ = flag(&s, &k);
             let _ = log_level(&s);
             let _ = parse_size(&s);
+        }
+    }
+
+    #[test]
+    fn limits_default_and_set() {
+        assert_eq!(limits(""), (Limits::DEFAULT, None));
+        let (l, e) = limits("log=info max_vms=100 max_forks_per_tree=64K max_uploads=2");
+        assert_eq!(e, None);
+        assert_eq!(l.max_vms, 100);
+        assert_eq!(l.max_forks_per_tree, 65536);
+        assert_eq!(l.max_uploads, 2);
+        assert_eq!(l.max_upload_bytes, None);
+        let (l, e) = limits("max_upload_bytes=16M max_vms=1");
+        assert_eq!(e, None);
+        assert_eq!(l.max_upload_bytes, Some(16 << 20));
+        assert_eq!(l.max_vms, 1);
+        assert_eq!(limits("max_vms=1 -- max_vms=2").0.max_vms, 1);
+    }
+
+    #[test]
+    fn bad_limits_keep_their_default_and_are_reported() {
+        let (l, e) = limits("max_vms=0 max_forks_per_tree=x max_uploads=4G");
+        assert_eq!(l, Limits::DEFAULT);
+        assert_eq!(e, Some(("max_vms", CmdlineError::LimitRange)));
+        let (l, e) = limits("max_vms=10 max_forks_per_tree=x");
+        assert_eq!(l.max_vms, 10);
+        assert_eq!(e, Some(("max_forks_per_tree", CmdlineError::BadSize)));
+        assert_eq!(
+            limits("max_uploads=4294967296").1,
+            Some(("max_uploads", CmdlineError::LimitRange))
+        );
+        assert_eq!(
+            limits("max_upload_bytes=0").1,
+            Some(("max_upload_bytes", CmdlineError::LimitRange))
+        );
+        assert_eq!(parse_limit("4294967295"), Ok(u32::MAX));
+    }
+
+    proptest! {
+        #[test]
+        fn limits_never_panic_and_stay_in_range(s in "\\PC{0,80}") {
+            let (l, _) = limits(&s);
+            prop_assert!(l.max_vms >= 1 && l.max_forks_per_tree >= 1 && l.max_uploads >= 1);
+            prop_assert!(l.max_upload_bytes != Some(0));
         }
     }
 }

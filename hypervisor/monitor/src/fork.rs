@@ -15,6 +15,7 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use spin::Mutex;
+use vmfork_core::cmdline::Limits;
 use vmfork_core::guest_dtb::layout;
 use vmfork_core::opqueue::{guest_x0, Busy, GuestError, Waiter};
 use vmfork_core::shared::Shared;
@@ -22,7 +23,8 @@ use vmfork_core::stage2::{ForkPoint, MemCtx, Stage2, Stage2Error, TlbOps};
 use vmfork_core::vgic::Vgic;
 use vmfork_core::vuart::Vuart;
 
-use crate::vm::{new_generation_id, with_mem, Vcpu, Vm, VmState, VmTable};
+use crate::heap::HeapLow;
+use crate::vm::{new_generation_id, with_mem, Vcpu, VcpuCtx, Vm, VmState, VmTable};
 
 /// INTID of the `microsoft,vmgenid` interrupt (an SPI), raised in a child after its fork.
 pub const VMGENID_INTID: u32 = layout::spi_intid(layout::VMGENID_SPI);
@@ -78,6 +80,9 @@ pub struct VmStats {
     pub resets: u64,
     /// Counter ticks the last reset took.
     pub last_reset_ticks: u64,
+    /// The root of this VM's fork tree (the VM created or restored that it descends from), or
+    /// `None` when this VM is a root. Kept when the VMs between them are gone.
+    pub tree_root: Option<u32>,
 }
 
 /// Why a fork or reset failed. Nothing was changed.
@@ -85,7 +90,7 @@ pub struct VmStats {
 pub enum ForkError {
     /// No VM with that id.
     NoSuchVm(u32),
-    /// Not enough free frames.
+    /// Not enough free frames, or the monitor's heap is low (its reserve counted).
     OutOfMemory,
     /// No VMID left.
     NoVmid,
@@ -95,8 +100,27 @@ pub enum ForkError {
     Stopping(u32),
     /// As many forks and resets of the VM as may wait already wait.
     Busy(u32),
+    /// A limit set on the monitor's command line (`max_vms=`, `max_forks_per_tree=`).
+    Limit {
+        /// The limit's command-line key.
+        key: &'static str,
+        /// Its value.
+        limit: u32,
+        /// How many there are already.
+        alive: u32,
+        /// How many the fork would add.
+        asked: u32,
+    },
     /// A stage-2 error other than running out of memory (a bug).
     Internal(String),
+}
+
+impl From<HeapLow> for ForkError {
+    /// The heap running low is reported like the frames running out: the guest gets
+    /// `INTERNAL_FAILURE`, the channel `OutOfMemory` (the detail is logged where it happens).
+    fn from(_: HeapLow) -> Self {
+        ForkError::OutOfMemory
+    }
 }
 
 impl core::fmt::Display for ForkError {
@@ -108,6 +132,15 @@ impl core::fmt::Display for ForkError {
             ForkError::NotAFork(id) => write!(f, "vm{id} is not a fork: it has no fork point"),
             ForkError::Stopping(id) => write!(f, "vm{id} is being torn down"),
             ForkError::Busy(id) => write!(f, "vm{id} has too many forks or resets waiting"),
+            ForkError::Limit {
+                key,
+                limit,
+                alive,
+                asked,
+            } => write!(
+                f,
+                "limit reached: {key}={limit}, {alive} alive and {asked} more asked for"
+            ),
             ForkError::Internal(e) => write!(f, "internal error: {e}"),
         }
     }
@@ -118,6 +151,55 @@ fn stage2_error(e: Stage2Error) -> ForkError {
         Stage2Error::OutOfMemory => ForkError::OutOfMemory,
         e => ForkError::Internal(format!("{e}")),
     }
+}
+
+/// The limits in force, from the command line ([`set_limits`]).
+static LIMITS: Mutex<Limits> = Mutex::new(Limits::DEFAULT);
+
+/// Sets the limits (once, at boot, from the command line).
+pub fn set_limits(l: Limits) {
+    *LIMITS.lock() = l;
+}
+
+/// The limits in force.
+pub fn limits() -> Limits {
+    *LIMITS.lock()
+}
+
+/// The root of `vm`'s fork tree.
+pub fn tree_root(vm: &Vm) -> u32 {
+    vm.stats.tree_root.unwrap_or(vm.id)
+}
+
+/// Refuses a new VM when `max_vms` VMs are alive.
+pub fn check_vm_limit(t: &VmTable, adding: u32) -> Result<(), ForkError> {
+    let limit = limits().max_vms;
+    let alive = u32::try_from(t.vms.len()).unwrap_or(u32::MAX);
+    if alive.saturating_add(adding) > limit {
+        return Err(ForkError::Limit {
+            key: "max_vms",
+            limit,
+            alive,
+            asked: adding,
+        });
+    }
+    Ok(())
+}
+
+/// Heap bytes one fork of `parent` takes: the child (its share of a map node too), its vCPU
+/// contexts and those of its fork point, its name and command line, its UARTs, and slack for
+/// the small allocations around them. (Not the copy of the vGIC a running child makes: that is
+/// fallible, and `fork_now` adds it for children that run.)
+pub fn fork_heap_cost(parent: &Vm) -> usize {
+    use core::mem::size_of;
+    let vcpus = parent.vcpus.len();
+    2 * size_of::<Vm>()
+        + 2 * vcpus * (size_of::<VcpuCtx>() + size_of::<Vcpu>() + 16)
+        + parent.name.len()
+        + 12
+        + parent.cmdline.len()
+        + 2 * (size_of::<vmfork_core::vuart::Vuart>() + 128)
+        + 512
 }
 
 /// Results of operations requested through the monitor's API, by ticket.
@@ -204,7 +286,12 @@ fn answer(vm: Option<&mut Vm>, waiter: Waiter, result: Result<Vec<u32>, ForkErro
 pub fn fail_pending(vm: &mut Vm) {
     let id = vm.id;
     for w in vm.pending.drain() {
-        log::info!("vm{id}: {:?} not run: the VM is being torn down", w.op);
+        crate::vm_log!(
+            Info,
+            id,
+            "vm{id}: {:?} not run: the VM is being torn down",
+            w.op
+        );
         answer(Some(vm), w.waiter, Err(ForkError::Stopping(id)));
     }
 }
@@ -224,7 +311,7 @@ pub fn run_pending(t: &mut VmTable, id: u32) {
             PendingOp::Reset => reset_now(t, id).map(|()| Vec::new()),
         };
         if let Err(e) = &result {
-            log::warn!("vm{id}: {:?} failed: {e}", w.op);
+            crate::vm_log!(Warn, id, "vm{id}: {:?} failed: {e}", w.op);
         }
         answer(t.vms.get_mut(&id), w.waiter, result);
     }
@@ -246,7 +333,9 @@ fn discard(t: &mut VmTable, s2: Stage2, fp: ForkPoint) {
     }
 }
 
-/// Forks VM `id` `count` times, now. All or nothing.
+/// Forks VM `id` `count` times, now. All or nothing. Refused, with nothing changed, when a
+/// limit would be passed ([`limits`]) or the heap cannot take `count` forks with its reserve
+/// left ([`fork_heap_cost`], [`crate::heap::check`]); the big pieces are allocated fallibly too.
 pub(crate) fn fork_now(
     t: &mut VmTable,
     id: u32,
@@ -255,9 +344,58 @@ pub(crate) fn fork_now(
     caller: Option<usize>,
 ) -> Result<Vec<u32>, ForkError> {
     let t0 = crate::arch::counter().0;
+    let count = count.max(1);
+    let parent = t.vms.get(&id).ok_or(ForkError::NoSuchVm(id))?;
+    // The limits first: they are cheap, and say more than the heap running out.
+    check_vm_limit(t, count)?;
+    let root = tree_root(parent);
+    let limit = limits().max_forks_per_tree;
+    let in_tree = t
+        .vms
+        .values()
+        .filter(|v| v.stats.tree_root == Some(root))
+        .count();
+    let in_tree = u32::try_from(in_tree).unwrap_or(u32::MAX);
+    if in_tree.saturating_add(count) > limit {
+        return Err(ForkError::Limit {
+            key: "max_forks_per_tree",
+            limit,
+            alive: in_tree,
+            asked: count,
+        });
+    }
+    // Children that run copy the vGIC they share on their first interrupt, and a running
+    // parent needs its own copy again (the children's fork points keep the one it had), made
+    // below: counted too, so that a fork bomb is refused its fork rather than paused for want
+    // of a vGIC copy.
+    let vgic = parent.vgic.copy_bytes() + 64;
+    let per_child = fork_heap_cost(parent) + if paused { 0 } else { vgic };
+    let cost = per_child
+        .saturating_mul(count as usize)
+        .saturating_add(vgic);
+    if let Err(e) = crate::heap::check(cost) {
+        crate::vm_log!(Warn, id, "vm{id}: fork of {count} refused: {e}");
+        return Err(e.into());
+    }
+    // A running parent gets its own vGIC copy now (fallibly), rather than lazily on its next
+    // entry, where want of heap could only pause it.
+    let parent_vgic = if matches!(parent.state, VmState::Running) {
+        match parent.vgic.try_clone_value() {
+            Ok(g) => Some(Shared::new(g)),
+            Err(_) => return Err(ForkError::OutOfMemory),
+        }
+    } else {
+        None
+    };
     let mut built: Vec<Vm> = Vec::new();
-    for _ in 0..count.max(1) {
-        match fork_one(t, id, paused, caller) {
+    let mut ids: Vec<u32> = Vec::new();
+    if built.try_reserve_exact(count as usize).is_err()
+        || ids.try_reserve_exact(count as usize).is_err()
+    {
+        return Err(ForkError::OutOfMemory);
+    }
+    for _ in 0..count {
+        match fork_one(t, id, root, paused, caller) {
             Ok(child) => built.push(child),
             Err(e) => {
                 for mut child in built {
@@ -270,42 +408,100 @@ pub(crate) fn fork_now(
         }
     }
     let ticks = crate::arch::counter().0.wrapping_sub(t0);
-    let ids: Vec<u32> = built.iter().map(|c| c.id).collect();
+    ids.extend(built.iter().map(|c| c.id));
     for child in built {
         t.vms.insert(child.id, child);
     }
     let parent = t.vms.get_mut(&id).ok_or(ForkError::NoSuchVm(id))?;
+    if let Some(g) = parent_vgic {
+        parent.vgic = g;
+    }
     parent.stats.forks += ids.len() as u64;
     parent.stats.last_fork_ticks = ticks;
-    if let Some(ctx) = caller.and_then(|c| parent.vcpus[c].ctx.as_mut()) {
-        ctx.regs.x[0] = ids[0] as u64;
+    if let Some(ctx) = caller.and_then(|c| parent.vcpus.get_mut(c)?.ctx.as_mut()) {
+        ctx.regs.x[0] = u64::from(ids[0]);
     }
-    log::info!(
-        "vm{id}: forked {} in {ticks} counter ticks ({} us)",
-        ids.iter()
-            .map(|c| format!("vm{c}"))
-            .collect::<Vec<_>>()
-            .join(", "),
-        crate::arch::timer::micros_from_ticks(ticks)
-    );
+    // Children get consecutive ids: name the first and the last (no list to allocate).
+    let (first, last) = (ids[0], ids[ids.len() - 1]);
+    let us = crate::arch::timer::micros_from_ticks(ticks);
+    if first == last {
+        crate::vm_log!(
+            Info,
+            id,
+            "vm{id}: forked vm{first} in {ticks} counter ticks ({us} us)"
+        );
+    } else {
+        crate::vm_log!(
+            Info,
+            id,
+            "vm{id}: forked {} children vm{first}..vm{last} in {ticks} counter ticks ({us} us)",
+            ids.len()
+        );
+    }
     Ok(ids)
+}
+
+/// A copy of `vcpus` whose allocations fail instead of aborting.
+fn try_clone_vcpus(vcpus: &[Vcpu]) -> Result<Vec<Vcpu>, HeapLow> {
+    let mut out = Vec::new();
+    out.try_reserve_exact(vcpus.len()).map_err(|_| HeapLow {
+        wanted: core::mem::size_of_val(vcpus),
+        free: crate::heap::usage().1,
+    })?;
+    for v in vcpus {
+        let ctx = match &v.ctx {
+            Some(c) => Some(crate::heap::try_box(VcpuCtx::clone(c))?),
+            None => None,
+        };
+        out.push(Vcpu {
+            ctx,
+            state: v.state,
+            mpidr: v.mpidr,
+        });
+    }
+    Ok(out)
+}
+
+/// `s` copied into a string allocated fallibly, with `suffix` appended.
+fn try_string(s: &str, suffix: core::fmt::Arguments<'_>) -> Result<String, HeapLow> {
+    use core::fmt::Write;
+    let mut out = String::new();
+    let want = s.len() + 16;
+    out.try_reserve_exact(want).map_err(|_| HeapLow {
+        wanted: want,
+        free: crate::heap::usage().1,
+    })?;
+    out.push_str(s);
+    // At most a few digits: fits in what was reserved.
+    let _ = out.write_fmt(suffix);
+    Ok(out)
 }
 
 fn fork_one(
     t: &mut VmTable,
     id: u32,
+    root: u32,
     paused: bool,
     caller: Option<usize>,
 ) -> Result<Vm, ForkError> {
-    let vmid = t.vmids.alloc().ok_or(ForkError::NoVmid)?;
     let child_id = t.next_id;
     let parent = t.vms.get_mut(&id).ok_or(ForkError::NoSuchVm(id))?;
     if matches!(parent.state, VmState::Stopping(_)) {
-        t.vmids.free(vmid);
         return Err(ForkError::Stopping(id));
     }
     // What the parent printed so far is the parent's; the child starts with an empty line.
     parent.drain_console();
+    // The heap first (fallibly), then a VMID and the tables: nothing to undo if the heap fails.
+    let parent = t.vms.get(&id).ok_or(ForkError::NoSuchVm(id))?;
+    let mut vcpus = try_clone_vcpus(&parent.vcpus)?;
+    if let Some(ctx) = caller.and_then(|c| vcpus.get_mut(c)?.ctx.as_mut()) {
+        ctx.regs.x[0] = 0; // the fork hypercall returns 0 in the child
+    }
+    let snapshot_vcpus = try_clone_vcpus(&vcpus)?;
+    let name = try_string(&parent.name, format_args!(".{child_id}"))?;
+    let cmdline = try_string(&parent.cmdline, format_args!(""))?;
+    let vmid = t.vmids.alloc().ok_or(ForkError::NoVmid)?;
+    let parent = t.vms.get_mut(&id).ok_or(ForkError::NoSuchVm(id))?;
     let Some(s2) = parent.s2.as_mut() else {
         t.vmids.free(vmid);
         return Err(ForkError::Stopping(id));
@@ -321,20 +517,16 @@ fn fork_one(
     // needs them (`Vm::apply_new_identity`), not here: that keeps the fork constant and small.
     let genid = new_generation_id(child_id);
     let parent = t.vms.get(&id).ok_or(ForkError::NoSuchVm(id))?;
-    let mut vcpus = parent.vcpus.clone();
-    if let Some(ctx) = caller.and_then(|c| vcpus[c].ctx.as_mut()) {
-        ctx.regs.x[0] = 0; // the fork hypercall returns 0 in the child
-    }
     let vgic = parent.vgic.clone();
     let snapshot = ForkSnapshot {
         point,
-        vcpus: vcpus.clone(),
+        vcpus: snapshot_vcpus,
         vgic: vgic.clone(),
         uart: parent.uart.clone(),
     };
     let child = Vm {
         id: child_id,
-        name: format!("{}.{child_id}", parent.name),
+        name,
         state: if paused {
             VmState::Paused(String::from("forked paused"))
         } else {
@@ -346,7 +538,7 @@ fn fork_one(
         uart: parent.uart.clone(),
         cntvoff: parent.cntvoff,
         ram_size: parent.ram_size,
-        cmdline: parent.cmdline.clone(),
+        cmdline,
         line: Vec::new(),
         parent: Some(id),
         generation: parent.generation + 1,
@@ -354,7 +546,10 @@ fn fork_one(
         new_identity: crate::vm::NewIdentity::Pending,
         fork_point: Some(snapshot),
         pending: Default::default(),
-        stats: VmStats::default(),
+        stats: VmStats {
+            tree_root: Some(root),
+            ..VmStats::default()
+        },
         console_attached: false,
         console_tap: Vec::new(),
         rx_pending: Default::default(),
@@ -372,6 +567,8 @@ pub(crate) fn reset_now(t: &mut VmTable, id: u32) -> Result<(), ForkError> {
         return Err(ForkError::Stopping(id));
     }
     let snap = vm.fork_point.as_ref().ok_or(ForkError::NotAFork(id))?;
+    // The vCPU copies first, fallibly: a reset that fails changes nothing.
+    let vcpus = try_clone_vcpus(&snap.vcpus)?;
     let s2 = vm.s2.as_mut().ok_or(ForkError::Stopping(id))?;
     with_mem(|cx| s2.reset(cx, &snap.point)).map_err(stage2_error)?;
     // The fork point's ID page holds what the parent's held: a reset is a new generation for
@@ -379,7 +576,7 @@ pub(crate) fn reset_now(t: &mut VmTable, id: u32) -> Result<(), ForkError> {
     // (then its interrupt raised) before any of its vCPUs runs again (Vm::apply_new_identity).
     vm.genid = new_generation_id(id);
     vm.new_identity = crate::vm::NewIdentity::Pending;
-    vm.vcpus = snap.vcpus.clone();
+    vm.vcpus = vcpus;
     vm.vgic = snap.vgic.clone();
     vm.uart = snap.uart.clone();
     vm.line.clear();
@@ -389,7 +586,9 @@ pub(crate) fn reset_now(t: &mut VmTable, id: u32) -> Result<(), ForkError> {
     let ticks = crate::arch::counter().0.wrapping_sub(t0);
     vm.stats.resets += 1;
     vm.stats.last_reset_ticks = ticks;
-    log::info!(
+    crate::vm_log!(
+        Info,
+        id,
         "vm{id}: reset to its fork point in {ticks} counter ticks ({} us)",
         crate::arch::timer::micros_from_ticks(ticks)
     );

@@ -1,11 +1,33 @@
 //! The monitor's heap: a linked-list allocator over a RAM range chosen at boot, right after the
 //! image. It holds the monitor's own data (page tables of its identity map, frame-allocator
 //! metadata, VM bookkeeping); guest memory comes from the frame allocator instead.
+//!
+//! Rust's `alloc` aborts (here: panics the monitor, killing every VM) when an allocation fails,
+//! so whatever a guest or the control channel can make the monitor allocate is budgeted:
+//! - the big pieces (vCPU contexts, vGIC copies, uploads, console buffers) are allocated
+//!   fallibly (`try_reserve*`, [`try_box`]) and the operation fails or the VM pauses;
+//! - before an operation that also makes small infallible allocations (map nodes, log lines,
+//!   the reference count of a vGIC copy), [`check`] asks for its estimated cost plus a safety
+//!   [`margin`] that is never handed out to such operations. The margin is what the monitor
+//!   itself needs to go on (replies, logging, the scheduler): it is large next to any one
+//!   infallible allocation, so first-fit always finds a hole for those.
+
+use alloc::boxed::Box;
+use core::alloc::Layout;
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 use linked_list_allocator::LockedHeap;
 
 #[global_allocator]
 static HEAP: LockedHeap = LockedHeap::empty();
+
+/// Size of the heap, set by [`init`].
+static SIZE: AtomicUsize = AtomicUsize::new(0);
+
+/// Smallest safety margin. Building the largest reply (a 1 MiB frame: `List` of thousands of
+/// VMs) takes about four times its size at once (the list, its encoding as it grows, the frame
+/// in the output buffer); the rest is room for logging and the scheduler.
+const MARGIN_MIN: usize = 6 << 20;
 
 /// Gives the allocator `[start, start + size)`.
 ///
@@ -14,10 +36,80 @@ static HEAP: LockedHeap = LockedHeap::empty();
 pub unsafe fn init(start: u64, size: u64) {
     // SAFETY: the caller guarantees the range is unused RAM, handed over exactly once.
     unsafe { HEAP.lock().init(start as *mut u8, size as usize) };
+    SIZE.store(size as usize, Ordering::Relaxed);
 }
 
 /// Bytes currently allocated and bytes free on the heap.
 pub fn usage() -> (usize, usize) {
     let heap = HEAP.lock();
     (heap.used(), heap.free())
+}
+
+/// Bytes of the heap in all.
+pub fn size() -> usize {
+    SIZE.load(Ordering::Relaxed)
+}
+
+/// Free heap that guest- and channel-driven work may never use: 1/32 of the heap, at least
+/// [`MARGIN_MIN`] (6 MiB).
+pub fn margin() -> usize {
+    (size() / 32).max(MARGIN_MIN)
+}
+
+/// Not enough heap for an operation (the margin counted).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeapLow {
+    /// Bytes asked for.
+    pub wanted: usize,
+    /// Bytes free, margin included.
+    pub free: usize,
+}
+
+impl core::fmt::Display for HeapLow {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "monitor heap low: {} KiB wanted, {} KiB free of which {} KiB is the reserve",
+            self.wanted >> 10,
+            self.free >> 10,
+            margin() >> 10
+        )
+    }
+}
+
+/// Whether `bytes` more can be allocated while keeping the [`margin`] free.
+pub fn check(bytes: usize) -> Result<(), HeapLow> {
+    let (_, free) = usage();
+    if free >= bytes.saturating_add(margin()) {
+        Ok(())
+    } else {
+        Err(HeapLow {
+            wanted: bytes,
+            free,
+        })
+    }
+}
+
+/// `Box::new(value)` that fails instead of aborting when the heap cannot hold it (the margin
+/// counted).
+pub fn try_box<T>(value: T) -> Result<Box<T>, HeapLow> {
+    let layout = Layout::new::<T>();
+    check(layout.size())?;
+    if layout.size() == 0 {
+        return Ok(Box::new(value));
+    }
+    // SAFETY: the layout has a non-zero size, as `alloc` requires.
+    let p = unsafe { alloc::alloc::alloc(layout) }.cast::<T>();
+    if p.is_null() {
+        return Err(HeapLow {
+            wanted: layout.size(),
+            free: usage().1,
+        });
+    }
+    // SAFETY: `p` is a fresh allocation of `T`'s layout from the global allocator, which is what
+    // `Box::from_raw` requires; writing `value` initialises it first.
+    unsafe {
+        p.write(value);
+        Ok(Box::from_raw(p))
+    }
 }

@@ -202,6 +202,21 @@ fn boot(dtb: &[u8], platform: Platform, image: (u64, u64), heap: (u64, u64)) -> 
         console::set_uart_intid(uart.intid.unwrap_or(0));
     }
     sched::init_cpu(0);
+    let (mut limits, bad) = vmfork_core::cmdline::limits(bootargs);
+    if let Some((key, e)) = bad {
+        log::warn!("{key}=: {e}; its default is kept");
+    }
+    limits.max_upload_bytes = Some(limits.max_upload_bytes.unwrap_or(heap::size() as u64 / 2));
+    log::info!(
+        "limits: max_vms={} max_forks_per_tree={} max_uploads={} max_upload_bytes={}; heap {} KiB, reserve {} KiB",
+        limits.max_vms,
+        limits.max_forks_per_tree,
+        limits.max_uploads,
+        limits.max_upload_bytes.unwrap_or(0),
+        heap::size() >> 10,
+        heap::margin() >> 10
+    );
+    fork::set_limits(limits);
     control::init(&platform, bootargs);
     let guests = guests::create_boot_guests(&platform);
     let cpus = start_secondaries(&platform);

@@ -216,13 +216,16 @@ fn deliver_console_input() {
 /// The scheduler loop of physical CPU `cpu`. Never returns.
 pub fn run(cpu: usize) -> ! {
     loop {
+        // The control channel did work and may have more (requests still queued): no sleep.
+        let mut channel_busy = false;
         if cpu == 0 {
             deliver_console_input();
-            crate::control::poll();
+            channel_busy = crate::control::poll();
         }
         let picked = VMS.lock().pick(cpu);
         match picked {
             Some((id, vcpu, ctx)) => run_vcpu(cpu, id, vcpu, ctx),
+            None if channel_busy => {}
             None => idle(cpu),
         }
     }
@@ -296,18 +299,24 @@ pub(crate) fn run_vcpu(cpu: usize, id: u32, vcpu: usize, mut ctx: Box<VcpuCtx>) 
         // Prepare under the lock: deliver a due virtual-timer interrupt, fill the list registers.
         let setup = {
             let mut t = VMS.lock();
-            // A new vmgenid ID is shown (page, then interrupt) before the vCPU runs.
+            // A vCPU only runs with its VM's own vGIC (the copy of a shared one is made here,
+            // before anything else, so no exit of a running vCPU ever copies it); with no heap
+            // for the copy the VM pauses instead.
+            // Then a new vmgenid ID is shown (page, then interrupt) before the vCPU runs.
             let vm = t
                 .vms
                 .get_mut(&id)
                 .filter(|vm| vm.schedulable())
+                .and_then(|vm| vm.vgic_mut().is_some().then_some(vm))
                 .and_then(|vm| vm.apply_new_identity().then_some(vm));
             match vm {
                 Some(vm) => {
                     vm.check_vtimer(vcpu, &mut ctx, timer::now());
-                    match vm.vgic.fill_lrs(vcpu, nr_lrs) {
-                        Ok(cpuif) => ctx.cpuif = cpuif,
-                        Err(e) => crate::vm_log!(Error, id, "vm{id}: vgic fill failed: {e:?}"),
+                    if let Some(vgic) = vm.vgic_mut() {
+                        match vgic.fill_lrs(vcpu, nr_lrs) {
+                            Ok(cpuif) => ctx.cpuif = cpuif,
+                            Err(e) => crate::vm_log!(Error, id, "vm{id}: vgic fill failed: {e:?}"),
+                        }
                     }
                     Some((
                         vm.s2.as_ref().map_or(0, |s| s.vttbr_el2()),
@@ -365,8 +374,11 @@ pub(crate) fn run_vcpu(cpu: usize, id: u32, vcpu: usize, mut ctx: Box<VcpuCtx>) 
         let (next, kicks) = match t.vms.get_mut(&id) {
             None => (Next::Leave, Vec::new()),
             Some(vm) => {
-                if let Err(e) = vm.vgic.sync_from_lrs(vcpu, &ctx.cpuif) {
-                    crate::vm_log!(Error, id, "vm{id}: vgic sync failed: {e:?}");
+                // Never a copy here: the vGIC was made the VM's own before the vCPU ran.
+                if let Some(vgic) = vm.vgic_mut() {
+                    if let Err(e) = vgic.sync_from_lrs(vcpu, &ctx.cpuif) {
+                        crate::vm_log!(Error, id, "vm{id}: vgic sync failed: {e:?}");
+                    }
                 }
                 vm.check_vtimer(vcpu, &mut ctx, now);
                 match exit {

@@ -77,20 +77,25 @@ pub struct Dump {
     end_sent: bool,
     crc: Crc32,
     pending: Vec<u8>,
+    /// Pages looked at by [`Dump::scan`] so far, of `pages`.
+    scanned: u64,
+    pages: u64,
 }
 
 fn page_is_zero(page: &[u8]) -> bool {
     page.iter().all(|&b| b == 0)
 }
 
-/// Starts a dump of `vm` (a paused fork made for the purpose): encodes the header and state and
-/// finds the non-zero pages.
+/// Starts a dump of `vm` (a paused fork made for the purpose): encodes the header and state.
+/// The non-zero pages are found by [`Dump::scan`], in steps, before the first read.
 pub fn begin(t: &VmTable, id: u32, name: &str) -> Result<Dump, String> {
     let vm = t
         .vms
         .get(&id)
         .ok_or_else(|| format!("no such VM: vm{id}"))?;
-    let s2 = vm.s2.as_ref().ok_or("the VM is being torn down")?;
+    if vm.s2.is_none() {
+        return Err(String::from("the VM is being torn down"));
+    }
     let mut vcpus = Vec::new();
     for v in &vm.vcpus {
         let ctx = v.ctx.as_ref().ok_or("a vCPU is running")?;
@@ -126,28 +131,13 @@ pub fn begin(t: &VmTable, id: u32, name: &str) -> Result<Dump, String> {
     let mut prefix = Vec::new();
     header.encode(&mut prefix);
 
-    // Runs of non-zero pages, RUN_PAGES at most each.
-    let mem = crate::physmem::IdentityMem;
-    let mut page = [0u8; PAGE_SIZE as usize];
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for p in 0..vm.ram_size / PAGE_SIZE {
-        let ipa = Ipa(layout::RAM_BASE + p * PAGE_SIZE);
-        s2.read_guest(&mem, ipa, &mut page)
-            .map_err(|e| format!("reading page {p}: {e}"))?;
-        if page_is_zero(&page) {
-            continue;
-        }
-        match runs.last_mut() {
-            Some((first, n)) if *first + *n == p && *n < RUN_PAGES => *n += 1,
-            _ => runs.push((p, 1)),
-        }
-    }
-    let run_bytes: u64 = runs.iter().map(|(_, n)| 13 + n * PAGE_SIZE).sum();
-    let total = prefix.len() as u64 + run_bytes + 5;
+    let pages = vm.ram_size / PAGE_SIZE;
+    // The end marker and CRC; the runs are added by `scan`.
+    let total = prefix.len() as u64 + 5;
     Ok(Dump {
         vm: id,
         prefix,
-        runs,
+        runs: Vec::new(),
         total,
         cursor: 0,
         next: 0,
@@ -155,13 +145,53 @@ pub fn begin(t: &VmTable, id: u32, name: &str) -> Result<Dump, String> {
         end_sent: false,
         crc: Crc32::new(),
         pending: Vec::new(),
+        scanned: 0,
+        pages,
     })
 }
 
 impl Dump {
+    /// Looks at up to `max_pages` more pages for the runs of non-zero pages (RUN_PAGES at most
+    /// each), adding them to `total`. Returns true once every page has been looked at. Called
+    /// with the VM lock held for one step only, so a large VM never holds it for the whole scan;
+    /// the dumped VM is a paused internal fork, so its memory does not change in between.
+    pub fn scan(&mut self, t: &VmTable, max_pages: u64) -> Result<bool, String> {
+        let vm = t.vms.get(&self.vm).ok_or("the dump's VM is gone")?;
+        let s2 = vm.s2.as_ref().ok_or("the dump's VM is being torn down")?;
+        let mem = crate::physmem::IdentityMem;
+        let mut page = [0u8; PAGE_SIZE as usize];
+        let end = self.pages.min(self.scanned.saturating_add(max_pages));
+        for p in self.scanned..end {
+            let ipa = Ipa(layout::RAM_BASE + p * PAGE_SIZE);
+            s2.read_guest(&mem, ipa, &mut page)
+                .map_err(|e| format!("reading page {p}: {e}"))?;
+            if page_is_zero(&page) {
+                continue;
+            }
+            match self.runs.last_mut() {
+                Some((first, n)) if *first + *n == p && *n < RUN_PAGES => {
+                    *n += 1;
+                    self.total += PAGE_SIZE;
+                }
+                _ => {
+                    self.runs
+                        .try_reserve(1)
+                        .map_err(|_| String::from("out of memory listing the page runs"))?;
+                    self.runs.push((p, 1));
+                    self.total += 13 + PAGE_SIZE;
+                }
+            }
+        }
+        self.scanned = end;
+        Ok(self.scanned == self.pages)
+    }
+
     /// The next at most `max` bytes of the snapshot, which must be read in order from `offset`.
     /// Empty at the end.
     pub fn read(&mut self, t: &VmTable, offset: u64, max: usize) -> Result<Vec<u8>, String> {
+        if self.scanned != self.pages {
+            return Err(String::from("the dump's pages have not been scanned yet"));
+        }
         if offset != self.cursor {
             return Err(format!(
                 "dump reads must be sequential: asked for offset {offset}, next is {}",

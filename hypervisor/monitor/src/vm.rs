@@ -629,14 +629,15 @@ impl Vm {
     pub fn check_vtimer(&mut self, vcpu: usize, ctx: &mut VcpuCtx, now: u64) {
         if let Some(deadline) = self.timer_deadline(ctx, now) {
             if now >= deadline {
+                let id = self.id;
+                // Without a vGIC (the VM just paused: no heap for its copy) the timer stays
+                // unmasked, so it fires again once the VM is resumed.
+                let Some(vgic) = self.vgic_mut() else {
+                    return;
+                };
                 ctx.sys.cntv_ctl_el0 |= CNTV_IMASK;
-                if let Err(e) = self.vgic.inject_edge(VTIMER_INTID, vcpu) {
-                    crate::vm_log!(
-                        Warn,
-                        self.id,
-                        "vm{}: cannot inject the virtual timer: {e:?}",
-                        self.id
-                    );
+                if let Err(e) = vgic.inject_edge(VTIMER_INTID, vcpu) {
+                    crate::vm_log!(Warn, id, "vm{id}: cannot inject the virtual timer: {e:?}");
                 }
             }
         }
@@ -655,7 +656,13 @@ impl Vm {
     /// Prints the guest's console output, one `[vmN] ` line at a time.
     pub fn drain_console(&mut self) {
         let out: Vec<u8> = self.uart.take_output().collect();
-        if self.console_attached {
+        // The backlog for an attached client is kept only while the heap has room above its
+        // reserve; past that (or past the limit, oldest first) bytes are dropped, as a slow
+        // terminal would lose them.
+        let room = |tap: &mut Vec<u8>| {
+            crate::heap::check(out.len()).is_ok() && tap.try_reserve(out.len()).is_ok()
+        };
+        if self.console_attached && room(&mut self.console_tap) {
             self.console_tap.extend_from_slice(&out);
             let limit = crate::control::server::CONSOLE_TAP_LIMIT;
             if self.console_tap.len() > limit {
@@ -693,7 +700,8 @@ impl Vm {
     /// pauses the VM with the reason, and false is returned: the vCPU must not run.
     pub fn apply_new_identity(&mut self) -> bool {
         match self.show_new_identity() {
-            Ok(()) => true,
+            // Not done only when the VM just paused for want of heap for its vGIC.
+            Ok(()) => self.new_identity == NewIdentity::Done,
             Err(Stage2Error::OutOfMemory) => {
                 self.state =
                     VmState::Paused(String::from("out of memory writing its new vmgenid ID"));
@@ -717,6 +725,12 @@ impl Vm {
         if self.new_identity == NewIdentity::Done {
             return Ok(());
         }
+        let id = self.id;
+        // The interrupt needs the VM's own vGIC: when a shared one cannot be copied the VM is
+        // paused (`vgic_mut`) and nothing is written; this runs again before its next run.
+        if self.vgic_mut().is_none() {
+            return Ok(());
+        }
         let s2 = self
             .s2
             .as_mut()
@@ -724,13 +738,14 @@ impl Vm {
         let genid = self.genid;
         with_mem(|cx| s2.write_guest(cx, Ipa(layout::VMGENID_BASE), &genid))?;
         // Only now that the page holds the new ID.
-        if let Err(e) = self.vgic.inject_edge(crate::fork::VMGENID_INTID, 0) {
-            crate::vm_log!(
-                Warn,
-                self.id,
-                "vm{}: cannot raise the vmgenid interrupt: {e:?}",
-                self.id
-            );
+        if let Some(vgic) = self.vgic_mut() {
+            if let Err(e) = vgic.inject_edge(crate::fork::VMGENID_INTID, 0) {
+                crate::vm_log!(
+                    Warn,
+                    id,
+                    "vm{id}: cannot raise the vmgenid interrupt: {e:?}"
+                );
+            }
         }
         self.new_identity = NewIdentity::Done;
         Ok(())
@@ -751,10 +766,12 @@ impl Vm {
     /// they are dropped, as a real line would overrun) and moves what fits into its FIFO.
     /// Returns the vCPU to kick when its interrupt line changed.
     pub fn type_input(&mut self, bytes: &[u8]) -> Option<usize> {
-        for &b in bytes {
-            if self.rx_pending.len() < RX_PENDING_LIMIT {
-                self.rx_pending.push_back(b);
-            }
+        let n = bytes
+            .len()
+            .min(RX_PENDING_LIMIT.saturating_sub(self.rx_pending.len()));
+        // Fallibly, and only with the heap's reserve left: otherwise the bytes are dropped too.
+        if crate::heap::check(n).is_ok() && self.rx_pending.try_reserve(n).is_ok() {
+            self.rx_pending.extend(&bytes[..n]);
         }
         self.feed_uart()
     }
@@ -773,10 +790,42 @@ impl Vm {
     /// Re-evaluates the UART's interrupt line after any UART activity. Returns the vCPU to kick.
     pub fn uart_irq_changed(&mut self) -> Option<usize> {
         let level = self.uart.irq_level();
-        self.vgic
+        self.vgic_mut()?
             .set_irq_level(vmfork_core::vuart::PL011_INTID, 0, level)
             .ok()
             .flatten()
+    }
+
+    /// The vGIC, to change. A fork shares its vGIC with its fork point (and a parent with its
+    /// children's fork points) until the first change, which copies it: that copy is made here,
+    /// fallibly and only with the heap's reserve left ([`crate::heap::check`]). When it cannot
+    /// be made the VM is paused with an "out of memory" reason and `None` is returned: nothing
+    /// changed, and resuming the VM tries again.
+    pub fn vgic_mut(&mut self) -> Option<&mut Vgic> {
+        if self.vgic.is_shared() {
+            let copied = crate::heap::check(self.vgic.copy_bytes())
+                .map_err(|e| format!("{e}"))
+                .and_then(|()| {
+                    self.vgic
+                        .try_make_mut()
+                        .map(|_| ())
+                        .map_err(|e| format!("{e}"))
+                });
+            if let Err(e) = copied {
+                if !matches!(self.state, VmState::Stopping(_)) {
+                    crate::vm_log!(
+                        Warn,
+                        self.id,
+                        "vm{}: paused: no heap to copy its vGIC: {e}",
+                        self.id
+                    );
+                    self.state = VmState::Paused(String::from("out of memory: vGIC copy"));
+                }
+                return None;
+            }
+        }
+        // Not shared now: this never copies.
+        self.vgic.try_make_mut().ok()
     }
 }
 
@@ -1087,25 +1136,33 @@ fn data_abort(
     });
     let a = ipa.0;
     let result = if (layout::GICD_BASE..layout::GICD_BASE + layout::GICD_SIZE).contains(&a) {
-        vm.vgic.dist_access(
-            vcpu,
-            MmioAccess {
-                offset: a - layout::GICD_BASE,
-                size,
-                write: write_value,
-            },
-        )
+        match vm.vgic_mut() {
+            // Paused: the access is made again when the VM is resumed.
+            None => return Next::Leave,
+            Some(vgic) => vgic.dist_access(
+                vcpu,
+                MmioAccess {
+                    offset: a - layout::GICD_BASE,
+                    size,
+                    write: write_value,
+                },
+            ),
+        }
     } else if (layout::GICR_BASE..layout::GICR_BASE + layout::gicr_size(vm.vcpus.len() as u32))
         .contains(&a)
     {
-        vm.vgic.redist_access(
-            vcpu,
-            MmioAccess {
-                offset: a - layout::GICR_BASE,
-                size,
-                write: write_value,
-            },
-        )
+        match vm.vgic_mut() {
+            // Paused: the access is made again when the VM is resumed.
+            None => return Next::Leave,
+            Some(vgic) => vgic.redist_access(
+                vcpu,
+                MmioAccess {
+                    offset: a - layout::GICR_BASE,
+                    size,
+                    write: write_value,
+                },
+            ),
+        }
     } else if (layout::UART_BASE..layout::UART_BASE + layout::UART_SIZE).contains(&a) {
         let r = vmfork_core::mmio::MmioDevice::access(
             &mut vm.uart,
@@ -1360,7 +1417,11 @@ fn sysreg(vm: &mut Vm, vcpu: usize, ctx: &mut VcpuCtx, esr: Esr, kicks: &mut Vec
         } else {
             ctx.regs.x[iss.rt as usize]
         };
-        match vm.vgic.send_sgi_from(vcpu, value, register) {
+        let Some(vgic) = vm.vgic_mut() else {
+            // Paused: the write is made again when the VM is resumed.
+            return Next::Leave;
+        };
+        match vgic.send_sgi_from(vcpu, value, register) {
             Ok(targets) => {
                 for t in targets.iter() {
                     vm.kick_vcpu(t, kicks);

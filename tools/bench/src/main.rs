@@ -97,7 +97,11 @@ fn qemu_args(o: &Options) -> Vec<String> {
         "-kernel",
         &o.monitor.display().to_string(),
         "-append",
-        &format!("log=warn bench={}", o.phases),
+        // The scale phase forks until VMIDs run out (65,534): lift the VM limits past that.
+        &format!(
+            "log=warn max_vms=65536 max_forks_per_tree=65536 bench={}",
+            o.phases
+        ),
     ]
     .iter()
     .map(|s| s.to_string())

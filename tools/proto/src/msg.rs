@@ -136,6 +136,16 @@ pub struct GlobalStats {
     pub vms: u32,
     /// Generic-counter frequency (CNTFRQ_EL0) in Hz, to turn ticks into time.
     pub counter_hz: u64,
+    /// Bytes of the monitor's heap in use.
+    pub heap_used: u64,
+    /// Bytes of the monitor's heap free (the reserve included).
+    pub heap_free: u64,
+    /// Free heap that forks, uploads and console buffers may not use: below it they are refused.
+    pub heap_reserve: u64,
+    /// Most VMs alive at once (`max_vms=` on the monitor's command line).
+    pub max_vms: u32,
+    /// Most forks alive at once in one fork tree (`max_forks_per_tree=`).
+    pub max_forks_per_tree: u32,
 }
 
 /// What an upload will be used for.
@@ -819,6 +829,11 @@ impl Response {
                 w.u64(global.total_frames);
                 w.u32(global.vms);
                 w.u64(global.counter_hz);
+                w.u64(global.heap_used);
+                w.u64(global.heap_free);
+                w.u64(global.heap_reserve);
+                w.u32(global.max_vms);
+                w.u32(global.max_forks_per_tree);
                 match vm {
                     None => w.u8(0),
                     Some(i) => {
@@ -927,6 +942,11 @@ impl Response {
                     total_frames: r.u64()?,
                     vms: r.u32()?,
                     counter_hz: r.u64()?,
+                    heap_used: r.u64()?,
+                    heap_free: r.u64()?,
+                    heap_reserve: r.u64()?,
+                    max_vms: r.u32()?,
+                    max_forks_per_tree: r.u32()?,
                 },
                 vm: match r.u8()? {
                     0 => None,

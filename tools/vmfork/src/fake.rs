@@ -32,6 +32,17 @@ pub const COUNTER_HZ: u64 = 62_500_000;
 pub const FORK_TICKS: u64 = 1_000;
 /// Most console output a VM keeps for replay on attach.
 pub const CONSOLE_LOG: usize = 4096;
+/// Most VMs alive at once (the monitor's default `max_vms=`).
+pub const MAX_VMS: u32 = 4096;
+/// Most forks alive in one fork tree the fake reports (the monitor's default; not enforced).
+pub const MAX_FORKS_PER_TREE: u32 = 1024;
+/// The fake's "heap": a fixed size, of which a fixed part is the reserve, and a model of its use
+/// (a base plus so much per VM).
+pub const HEAP_BYTES: u64 = 32 << 20;
+/// Reserve the fake reports (the monitor's smallest).
+pub const HEAP_RESERVE: u64 = 6 << 20;
+/// Heap the fake counts per live VM.
+pub const HEAP_PER_VM: u64 = 8 << 10;
 
 /// How the fake monitor starts.
 #[derive(Clone, Debug)]
@@ -547,7 +558,16 @@ impl Model {
             total_frames: self.total_frames,
             vms: self.vms.len() as u32,
             counter_hz: COUNTER_HZ,
+            heap_used: self.heap_used(),
+            heap_free: HEAP_BYTES.saturating_sub(self.heap_used()),
+            heap_reserve: HEAP_RESERVE,
+            max_vms: MAX_VMS,
+            max_forks_per_tree: MAX_FORKS_PER_TREE,
         }
+    }
+
+    fn heap_used(&self) -> u64 {
+        (1 << 20) + self.vms.len() as u64 * HEAP_PER_VM
     }
 
     /// How many live VMs map each frame.
@@ -674,6 +694,12 @@ impl Model {
         let p = self.vms.get(&parent).ok_or(no_such(parent))?;
         if let VmState::Stopped { .. } = p.state {
             return Err(ErrorReply::BadRequest(format!("vm {parent} is stopped")));
+        }
+        let alive = self.vms.len() as u32;
+        if alive.saturating_add(count) > MAX_VMS {
+            return Err(ErrorReply::BadRequest(format!(
+                "limit reached: max_vms={MAX_VMS}, {alive} alive and {count} more asked for"
+            )));
         }
         let (pname, vcpus, cmdline, pages, first_n) = (
             p.name.clone(),

@@ -152,6 +152,18 @@ pub fn global_stats(g: &GlobalStats) -> String {
         bytes(g.used_frames.saturating_mul(4096)),
         bytes(g.total_frames.saturating_mul(4096))
     );
+    let _ = writeln!(
+        s,
+        "heap:            {} used, {} free ({} of it the reserve)",
+        bytes(g.heap_used),
+        bytes(g.heap_free),
+        bytes(g.heap_reserve)
+    );
+    let _ = writeln!(
+        s,
+        "limits:          max_vms={} max_forks_per_tree={}",
+        g.max_vms, g.max_forks_per_tree
+    );
     let _ = writeln!(s, "counter:         {} Hz", g.counter_hz);
     s
 }

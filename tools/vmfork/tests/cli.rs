@@ -421,9 +421,19 @@ fn stats_global_and_per_vm() {
     let e = env();
     let s = e.ok(&["stats"]);
     assert!(s.contains("vms:             1"), "{s}");
+    assert!(
+        s.contains("limits:          max_vms=4096 max_forks_per_tree=1024"),
+        "{s}"
+    );
+    assert!(
+        s.contains("heap:            1.0 MiB used, 31.0 MiB free (6 MiB of it the reserve)"),
+        "{s}"
+    );
     let j: serde_json::Value = serde_json::from_str(&e.ok(&["--json", "stats", "1"])).unwrap();
     assert_eq!(j["global"]["total_frames"], 65536);
     assert_eq!(j["global"]["used_frames"], 4096);
+    assert_eq!(j["global"]["max_vms"], 4096);
+    assert_eq!(j["global"]["heap_reserve"], 6 << 20);
     assert_eq!(j["vm"]["id"], 1);
 }
 

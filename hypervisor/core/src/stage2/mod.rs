@@ -209,6 +209,8 @@ pub struct Stage2Stats {
     pub table_takeovers: u64,
     /// Fresh RAM frames mapped by `map_ram`.
     pub frames_mapped: u64,
+    /// RAM pages unmapped by `unmap`.
+    pub pages_unmapped: u64,
 }
 
 impl Stage2Stats {
@@ -218,6 +220,7 @@ impl Stage2Stats {
         self.table_copies += o.table_copies;
         self.table_takeovers += o.table_takeovers;
         self.frames_mapped += o.frames_mapped;
+        self.pages_unmapped += o.pages_unmapped;
     }
 }
 
@@ -259,6 +262,8 @@ pub struct Translation {
 pub struct ForkPoint {
     /// (root index, level-2 table) of every non-empty root entry.
     entries: Vec<(usize, PhysAddr)>,
+    /// RAM pages mapped in it (the VM's count at the fork).
+    mapped: u64,
 }
 
 impl ForkPoint {
@@ -286,6 +291,9 @@ pub struct Stage2 {
     root: PhysAddr,
     vmid: Vmid,
     stats: Stage2Stats,
+    /// RAM pages mapped (device pages excluded), kept as the tables change: what a census would
+    /// count as `mapped_pages`, without the walk.
+    mapped: u64,
     /// The fork point the dirty log is relative to (`None`: no valid log, the next reset is a
     /// full one). Set when the tables are made from a fork point or fully reset to one; cleared
     /// when this VM is forked or snapshotted itself (its tables become shared) or the log
@@ -310,6 +318,7 @@ impl Stage2 {
             root,
             vmid,
             stats: Stage2Stats::default(),
+            mapped: 0,
             dirty_base: None,
             dirty: Vec::new(),
         })
@@ -397,6 +406,13 @@ impl Stage2 {
         let r = w.visit(self.root, 1, 0, s, e, View::PRIVATE);
         let f = w.finish();
         self.stats.add(&w.stats);
+        self.mapped = (self.mapped + w.stats.frames_mapped).saturating_sub(w.stats.pages_unmapped);
+        if w.stats.frames_mapped > 0 || w.stats.pages_unmapped > 0 {
+            // The dirty log records copies only: a reset from it would keep pages mapped or
+            // unmapped since (the counters proptest found it). The next reset is a full one.
+            self.dirty_base = None;
+            self.dirty = Vec::new();
+        }
         if self.dirty_base.is_some() {
             self.dirty.append(&mut w.dirty);
             if self.dirty.len() > DIRTY_LOG_LIMIT {
@@ -588,7 +604,10 @@ impl Stage2 {
             }
         }
         w.finish()?;
-        Ok(ForkPoint { entries })
+        Ok(ForkPoint {
+            entries,
+            mapped: self.mapped,
+        })
     }
 
     /// New tables for VM `vmid` holding markers to `fp`'s tables (a fresh child of a fork point).
@@ -615,6 +634,7 @@ impl Stage2 {
             root,
             vmid,
             stats: Stage2Stats::default(),
+            mapped: fp.mapped,
             dirty_base: Some(fp.entries.clone()),
             dirty: Vec::new(),
         };
@@ -635,7 +655,9 @@ impl Stage2 {
         fp: &ForkPoint,
     ) -> Result<(), Stage2Error> {
         if self.dirty_base.as_ref() == Some(&fp.entries) {
-            return self.reset_dirty(cx);
+            self.reset_dirty(cx)?;
+            self.mapped = fp.mapped;
+            return Ok(());
         }
         // Prepare: take the fork point's references first (so a table in both trees never drops
         // to zero in between).
@@ -662,6 +684,7 @@ impl Stage2 {
         }
         self.dirty_base = Some(fp.entries.clone());
         self.dirty = Vec::new();
+        self.mapped = fp.mapped;
         Ok(())
     }
 
@@ -726,6 +749,29 @@ impl Stage2 {
         Ok(())
     }
 
+    /// RAM pages mapped (device pages excluded): the census's `mapped_pages`, kept as the
+    /// tables change (O(1)).
+    pub fn mapped_pages(&self) -> u64 {
+        self.mapped
+    }
+
+    /// The census `vmfork list` shows, without walking what is shared: `mapped_pages` from
+    /// [`Stage2::mapped_pages`], `private_frames` from a walk that stops at every shared table
+    /// (everything below one is shared), `shared_frames` the rest, the same numbers as
+    /// [`Stage2::usage`]. `shared_tables` counts only the shared tables met, not those below
+    /// them. O(private tables): a fresh fork costs O(1), a VM that owns most of its memory
+    /// O(its private pages / 512) tables of 512 entries.
+    pub fn usage_private<M: PhysMem>(&self, frames: &FrameAllocator, mem: &M) -> Usage {
+        let mut u = Usage {
+            private_tables: 1,
+            ..Usage::default()
+        };
+        census_private(frames, mem, self.root, 1, &mut u);
+        u.mapped_pages = self.mapped as usize;
+        u.shared_frames = u.mapped_pages.saturating_sub(u.private_frames);
+        u
+    }
+
     /// Memory census of this VM (walks its whole tree: O(VM size), for statistics only).
     pub fn usage<M: PhysMem>(&self, frames: &FrameAllocator, mem: &M) -> Usage {
         let mut u = Usage {
@@ -773,6 +819,33 @@ fn census<M: PhysMem>(
                 if private && frames.refcount(f) == 1 {
                     u.private_frames += 1;
                 }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// [`census`] of private tables only: a shared table is counted and not entered.
+fn census_private<M: PhysMem>(
+    frames: &FrameAllocator,
+    mem: &M,
+    t: PhysAddr,
+    level: u8,
+    u: &mut Usage,
+) {
+    for index in 0..TABLE_ENTRIES {
+        let d = mem.read_desc(t, index);
+        match desc::decode(d, level) {
+            desc::Desc::Table(x) | desc::Desc::Marker(x) if level < 3 => {
+                if frames.refcount(x) == 1 {
+                    u.private_tables += 1;
+                    census_private(frames, mem, x, level + 1, u);
+                } else {
+                    u.shared_tables += 1;
+                }
+            }
+            desc::Desc::Page(f) if !desc::is_unmanaged(d) && frames.refcount(f) == 1 => {
+                u.private_frames += 1;
             }
             _ => {}
         }

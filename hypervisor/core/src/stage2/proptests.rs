@@ -360,7 +360,26 @@ impl World {
         for vm in &self.vms {
             hw_invariant(&self.h.frames, mem, vm.s2.root(), 1);
         }
+        // 4. The kept counters and the census that skips shared tables equal the full walk.
+        for vm in &self.vms {
+            assert_counters_match_census(&vm.s2, &self.h.frames, mem);
+        }
     }
+}
+
+/// [`Stage2::mapped_pages`] and [`Stage2::usage_private`] against [`Stage2::usage`].
+fn assert_counters_match_census(s2: &Stage2, frames: &FrameAllocator, mem: &FakePhysMem) {
+    let full = s2.usage(frames, mem);
+    let fast = s2.usage_private(frames, mem);
+    assert_eq!(
+        s2.mapped_pages() as usize,
+        full.mapped_pages,
+        "mapped pages"
+    );
+    assert_eq!(fast.mapped_pages, full.mapped_pages);
+    assert_eq!(fast.private_frames, full.private_frames, "private frames");
+    assert_eq!(fast.shared_frames, full.shared_frames, "shared frames");
+    assert_eq!(fast.private_tables, full.private_tables, "private tables");
 }
 
 fn read_table(mem: &FakePhysMem, t: PhysAddr) -> [u64; 512] {
@@ -436,5 +455,91 @@ proptest! {
         }
         prop_assert_eq!(w.h.frames.used_frames(), 0);
         prop_assert!(w.h.tlb.flushes > 0);
+    }
+}
+
+/// What the counters test does: map or unmap a run of pages, write one (a COW fault), fork,
+/// kill, reset.
+#[derive(Clone, Debug)]
+enum CountOp {
+    Map(usize, u64, u64),
+    Unmap(usize, u64, u64),
+    Write(usize, u64),
+    Fork(usize),
+    Kill(usize),
+    Reset(usize),
+}
+
+fn count_op() -> impl Strategy<Value = CountOp> {
+    // Page indexes over 3 MiB: runs cross level-3 and level-2 table boundaries.
+    let page = || 0u64..768;
+    let run = || 1u64..80;
+    let ix = || 0usize..8;
+    prop_oneof![
+        3 => (ix(), page(), run()).prop_map(|(a, p, n)| CountOp::Map(a, p, n)),
+        2 => (ix(), page(), run()).prop_map(|(a, p, n)| CountOp::Unmap(a, p, n)),
+        5 => (ix(), page()).prop_map(|(a, p)| CountOp::Write(a, p)),
+        2 => ix().prop_map(CountOp::Fork),
+        1 => ix().prop_map(CountOp::Kill),
+        1 => ix().prop_map(CountOp::Reset),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    /// The per-VM counters kept as tables change (and the census that stops at shared tables)
+    /// equal a full walk after any sequence of maps, unmaps, COW writes, forks, kills and resets.
+    #[test]
+    fn kept_counters_equal_the_full_census(ops in proptest::collection::vec(count_op(), 1..200)) {
+        let mut h: Host<ModelTlb> = Host::new(8192);
+        let mut next = 1u16;
+        let mut vms: Vec<(Stage2, Option<ForkPoint>)> = Vec::new();
+        for op in ops {
+            if vms.is_empty() {
+                next += 1;
+                vms.push((Stage2::new(&mut h.cx(), Vmid(next)).unwrap(), None));
+            }
+            let n = vms.len();
+            match op {
+                CountOp::Map(a, p, k) => {
+                    // Refused (nothing changed) when a page of the run is mapped already.
+                    let _ = vms[a % n].0.map_ram(&mut h.cx(), Ipa(RAM + p * 4096), k, Perms::RWX);
+                }
+                CountOp::Unmap(a, p, k) => {
+                    vms[a % n].0.unmap(&mut h.cx(), Ipa(RAM + p * 4096), k).unwrap();
+                }
+                CountOp::Write(a, p) => {
+                    let _ = vms[a % n].0.handle_fault(&mut h.cx(), Ipa(RAM + p * 4096), true);
+                }
+                CountOp::Fork(a) if n < 6 => {
+                    next += 1;
+                    let (c, fp) = vms[a % n].0.fork(&mut h.cx(), Vmid(next)).unwrap();
+                    vms.push((c, Some(fp)));
+                }
+                CountOp::Fork(a) | CountOp::Kill(a) => {
+                    let (s2, fp) = vms.swap_remove(a % n);
+                    s2.destroy(&mut h.cx()).unwrap();
+                    if let Some(fp) = fp {
+                        fp.release(&mut h.cx()).unwrap();
+                    }
+                }
+                CountOp::Reset(a) => {
+                    let (s2, fp) = &mut vms[a % n];
+                    if let Some(fp) = fp {
+                        s2.reset(&mut h.cx(), fp).unwrap();
+                    }
+                }
+            }
+            for (s2, _) in &vms {
+                assert_counters_match_census(s2, &h.frames, &h.mem);
+            }
+        }
+        for (s2, fp) in vms {
+            s2.destroy(&mut h.cx()).unwrap();
+            if let Some(fp) = fp {
+                fp.release(&mut h.cx()).unwrap();
+            }
+        }
+        prop_assert_eq!(h.frames.used_frames(), 0);
     }
 }

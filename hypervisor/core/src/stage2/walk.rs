@@ -341,6 +341,7 @@ impl<'c, 'a, M: PhysMem, T: TlbOps> Walk<'c, 'a, M, T> {
                     self.set_desc(slot, d, 0);
                     if !unmanaged {
                         self.cx.frames.put(f).map_err(Stop::Frame)?;
+                        self.stats.pages_unmapped += 1;
                     }
                 }
                 Ok(())
@@ -479,7 +480,11 @@ pub(super) fn reserve(frames: &mut FrameAllocator, n: usize) -> Result<Vec<PhysA
     if n > frames.free_frames() {
         return Err(FrameError::OutOfMemory);
     }
-    let mut pool = Vec::with_capacity(n);
+    // The list itself is heap: reserved fallibly, so a large plan on a full heap is refused
+    // like one the frames cannot cover, never an allocation failure (an abort at EL2).
+    let mut pool = Vec::new();
+    pool.try_reserve_exact(n)
+        .map_err(|_| FrameError::OutOfMemory)?;
     for _ in 0..n {
         match frames.alloc() {
             Ok(f) => pool.push(f),

@@ -86,6 +86,7 @@ use core::fmt;
 
 use crate::addr::Ipa;
 use crate::mmio::MmioRegion;
+use crate::shared::TryClone;
 
 #[allow(unused_imports)] // for the doc links above
 use crate::mmio::MmioResult;
@@ -502,6 +503,19 @@ pub struct Vgic {
 /// Most SPIs: INTIDs 32 to 1019.
 const MAX_SPIS: usize = (FIRST_SPECIAL_INTID - NR_PRIVATE_IRQS) as usize;
 
+impl TryClone for Vgic {
+    /// An exact copy, like `clone`, whose tables are allocated fallibly.
+    fn try_clone(&self) -> Result<Self, alloc::collections::TryReserveError> {
+        Ok(Self {
+            nr_irqs: self.nr_irqs,
+            enable_grp0: self.enable_grp0,
+            enable_grp1: self.enable_grp1,
+            vcpus: self.vcpus.try_clone()?,
+            spis: self.spis.try_clone()?,
+        })
+    }
+}
+
 impl Vgic {
     /// Builds a GIC in its reset state.
     pub fn new(config: &VgicConfig) -> Result<Self, VgicError> {
@@ -632,6 +646,14 @@ impl Vgic {
             }
         }
         Ok(())
+    }
+
+    /// Heap bytes a copy of this GIC takes (its tables plus the value itself): what a fork's
+    /// first write to a shared vGIC allocates.
+    pub fn copy_bytes(&self) -> usize {
+        core::mem::size_of::<Self>()
+            + self.vcpus.len() * core::mem::size_of::<VcpuState>()
+            + self.spis.len() * core::mem::size_of::<Irq>()
     }
 
     /// Number of vCPUs.

@@ -1271,3 +1271,25 @@ mod validate {
         g.validate().expect("any priority, line, active state");
     }
 }
+
+#[test]
+fn try_clone_is_an_exact_copy_and_shared_copies_on_first_write() {
+    let mut g = gic(4);
+    enable(&mut g, 1, 40, 0x80);
+    enable(&mut g, 0, 27, 0x80);
+    g.inject_edge(40, 1).unwrap();
+    let copy = g.try_clone().expect("a copy");
+    assert_eq!(format!("{copy:?}"), format!("{g:?}"));
+    assert!(g.copy_bytes() >= core::mem::size_of::<Vgic>() + 4 * 32 * 8);
+
+    let mut a = crate::shared::Shared::new(g);
+    let b = a.clone();
+    a.try_make_mut().unwrap().inject_edge(27, 0).unwrap();
+    assert!(!a.is_shared());
+    assert_eq!(format!("{:?}", *b), format!("{copy:?}"), "b is untouched");
+    assert_ne!(
+        format!("{:?}", *a),
+        format!("{copy:?}"),
+        "the write went to a's copy"
+    );
+}

@@ -39,6 +39,10 @@ struct Channel {
     service: Service,
     server: server::Server,
     out: alloc::vec::Vec<u8>,
+    /// Pacing of what is sent (see [`SEND_RATE`]): bytes that may go now, and when that was
+    /// last brought up to date (counter ticks).
+    send_tokens: usize,
+    send_at: u64,
 }
 
 static CHANNEL: Mutex<Option<Channel>> = Mutex::new(None);
@@ -67,6 +71,8 @@ pub fn init(platform: &Platform, bootargs: &str) -> bool {
                 service,
                 server: server::Server::new(),
                 out: alloc::vec::Vec::new(),
+                send_tokens: SEND_BURST,
+                send_at: 0,
             });
             true
         }
@@ -89,16 +95,27 @@ pub fn poll() -> bool {
         Service::Idle => false,
         Service::Protocol => {
             let mut buf = [0u8; POLL_CHUNK];
-            let n = ch.port.recv(&mut buf);
+            // While decoded requests still wait (their replies were over one step's budget),
+            // nothing more is received: the host's bytes stay in the device and its socket
+            // until the server has caught up, so what the server holds stays bounded.
+            // Replies a previous step could not queue go out first, whole: until they have,
+            // nothing new is made (a reply is never cut, the stream never loses a byte).
+            if !ch.out.is_empty() {
+                // Briefly: a client that does not read must not keep this CPU from its guests.
+                flush(ch, RETRY_SEND_MS);
+                return true;
+            }
+            let n = if ch.server.backlog() {
+                0
+            } else {
+                ch.port.recv(&mut buf)
+            };
             ch.server.input(&buf[..n], &mut ch.out);
             ch.server.pump(&mut ch.out);
             if ch.out.is_empty() {
-                return n > 0;
+                return n > 0 || ch.server.backlog();
             }
-            let out = core::mem::take(&mut ch.out);
-            if let Err(e) = ch.port.send(&out) {
-                log::warn!("control: sending {} bytes: {e}", out.len());
-            }
+            flush(ch, SEND_MS);
             true
         }
         Service::Echo => {
@@ -111,6 +128,46 @@ pub fn poll() -> bool {
                 log::warn!("control: echo of {n} bytes: {e}");
             }
             true
+        }
+    }
+}
+
+/// How long a step waits for the host to take fresh replies, and replies left over from a
+/// previous step.
+const SEND_MS: u64 = 1000;
+const RETRY_SEND_MS: u64 = 2;
+/// Bytes per microsecond sent at most, on average, and the largest burst. QEMU's virtconsole
+/// drops what its socket cannot take at once instead of holding it back (it behaves like a serial
+/// line), so the monitor paces what it sends to give the host's reader time: 8 MB/s, 64 KiB at
+/// once (a third of a Unix socket's default buffer).
+const SEND_RATE: u64 = 8;
+const SEND_BURST: usize = 64 * 1024;
+
+/// Sends what `ch.out` holds (as much as the pacing allows now), waiting at most `timeout_ms`
+/// for the device. What is not sent (paced, or the device could not take it) stays in `ch.out`
+/// for the next step; a device error drops it.
+fn flush(ch: &mut Channel, timeout_ms: u64) {
+    let now = crate::arch::counter().0;
+    let elapsed = crate::arch::timer::micros_from_ticks(now.wrapping_sub(ch.send_at));
+    ch.send_at = now;
+    let refill = usize::try_from(elapsed.saturating_mul(SEND_RATE)).unwrap_or(usize::MAX);
+    ch.send_tokens = ch.send_tokens.saturating_add(refill).min(SEND_BURST);
+    let n = ch.out.len().min(ch.send_tokens);
+    if n == 0 {
+        return;
+    }
+    match ch.port.send_within(&ch.out[..n], timeout_ms) {
+        Ok(()) => {
+            ch.send_tokens -= n;
+            ch.out.drain(..n);
+        }
+        Err(virtio::ControlError::Timeout { queued }) => {
+            ch.send_tokens = ch.send_tokens.saturating_sub(queued);
+            ch.out.drain(..queued.min(ch.out.len()));
+        }
+        Err(e) => {
+            log::warn!("control: sending {} bytes: {e}", ch.out.len());
+            ch.out.clear();
         }
     }
 }

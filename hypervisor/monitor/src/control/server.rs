@@ -4,7 +4,7 @@
 //! VM lock while it talks to the device, and survives any byte sequence: the decoder skips
 //! garbage and bad frames, and a request that cannot be decoded gets a `BadRequest` reply.
 
-use alloc::collections::BTreeMap;
+use alloc::collections::{BTreeMap, VecDeque};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -15,7 +15,7 @@ use vmfork_proto::msg::{
     DiffReport, ErrorReply, GlobalStats, PageRange, PauseReason, Request, Response, StopReason,
     UploadPurpose, VmId, VmInfo, VmState as ProtoState,
 };
-use vmfork_proto::{Decoder, FrameError, PROTOCOL_VERSION};
+use vmfork_proto::{Decoder, PROTOCOL_VERSION};
 
 use crate::fork::{self, ForkError, PendingOp};
 use crate::vm::{self, GuestSpec, Vm, VmState, VmTable, VMS};
@@ -24,6 +24,25 @@ use crate::vm::{self, GuestSpec, Vm, VmState, VmTable, VMS};
 pub const CONSOLE_TAP_LIMIT: usize = 64 * 1024;
 /// Console bytes sent in one event.
 const CONSOLE_CHUNK: usize = 4096;
+/// Reply bytes one [`Server::input`] call makes at most before it leaves the remaining decoded
+/// requests queued for the next call (one reply may pass it: a reply is never split).
+pub const REPLY_BUDGET: usize = 64 * 1024;
+/// Consoles attached at once (each holds a backlog of up to [`CONSOLE_TAP_LIMIT`]).
+pub const MAX_ATTACHED_CONSOLES: usize = 16;
+/// Guest RAM pages `diff` compares (and a dump scans for non-zero pages) per hold of the VM
+/// lock.
+pub const DIFF_PAGES_PER_LOCK: u64 = 256;
+/// Diffs under way at once; further requests wait, decoded, until one is answered.
+pub const MAX_DIFF_JOBS: usize = 4;
+
+/// A `Diff` under way: [`DIFF_PAGES_PER_LOCK`] pages are compared per step of the server.
+struct DiffJob {
+    id: u32,
+    a: VmId,
+    b: VmId,
+    next: u64,
+    report: DiffReport,
+}
 
 struct Upload {
     purpose: UploadPurpose,
@@ -53,6 +72,11 @@ pub struct Server {
     consoles: BTreeMap<u32, u32>,
     uploads: BTreeMap<u32, Upload>,
     next_upload: u32,
+    /// Decoded requests not handled yet (at most one input chunk's worth: `control::poll`
+    /// receives no more while any wait).
+    queued: VecDeque<vmfork_proto::Frame>,
+    /// Diffs under way, oldest first (one step of the oldest per [`Server::input`]).
+    diffs: VecDeque<DiffJob>,
     /// Bad frames seen (logged once each at debug).
     pub bad_frames: u64,
 }
@@ -68,42 +92,70 @@ impl Server {
             consoles: BTreeMap::new(),
             uploads: BTreeMap::new(),
             next_upload: 1,
+            queued: VecDeque::new(),
+            diffs: VecDeque::new(),
             bad_frames: 0,
         }
     }
 
-    /// Feeds received bytes; appends every reply to `out`.
+    /// Feeds received bytes (possibly none) and handles the requests they complete, in order,
+    /// appending the replies to `out`, until about [`REPLY_BUDGET`] bytes of replies are made:
+    /// the rest stay queued ([`Server::backlog`]) for the next call. Every request is answered
+    /// exactly once, in the order received.
     pub fn input(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
-        let frames: Vec<Result<vmfork_proto::Frame, FrameError>> =
-            self.decoder.push(bytes).collect();
-        for f in frames {
+        for f in self.decoder.push(bytes) {
             match f {
-                Ok(frame) => {
-                    if frame.version != PROTOCOL_VERSION {
-                        reply(
-                            out,
-                            frame.id,
-                            Response::Error(ErrorReply::VersionMismatch {
-                                ours: PROTOCOL_VERSION,
-                                theirs: frame.version,
-                            }),
-                        );
-                        continue;
-                    }
-                    match Request::decode(frame.kind, &frame.payload) {
-                        Ok(req) => self.handle(frame.id, req, out),
-                        Err(e) => reply(
-                            out,
-                            frame.id,
-                            Response::Error(ErrorReply::BadRequest(format!("{e}"))),
-                        ),
-                    }
-                }
+                Ok(frame) => self.queued.push_back(frame),
                 Err(e) => {
                     self.bad_frames += 1;
                     log::debug!("control: bad input skipped: {e:?}");
                 }
             }
+        }
+        let start = out.len();
+        while out.len() - start < REPLY_BUDGET && self.diffs.len() < MAX_DIFF_JOBS {
+            let Some(frame) = self.queued.pop_front() else {
+                break;
+            };
+            if frame.version != PROTOCOL_VERSION {
+                reply(
+                    out,
+                    frame.id,
+                    Response::Error(ErrorReply::VersionMismatch {
+                        ours: PROTOCOL_VERSION,
+                        theirs: frame.version,
+                    }),
+                );
+                continue;
+            }
+            match Request::decode(frame.kind, &frame.payload) {
+                Ok(req) => self.handle(frame.id, req, out),
+                Err(e) => reply(
+                    out,
+                    frame.id,
+                    Response::Error(ErrorReply::BadRequest(format!("{e}"))),
+                ),
+            }
+        }
+        self.step_diff(out);
+    }
+
+    /// True while decoded requests wait to be handled or diffs are under way: call
+    /// [`Server::input`] again (with no new bytes) before receiving more.
+    pub fn backlog(&self) -> bool {
+        !self.queued.is_empty() || !self.diffs.is_empty()
+    }
+
+    /// One step of the oldest diff: [`DIFF_PAGES_PER_LOCK`] pages under one hold of the VM
+    /// lock; its reply once it is done.
+    fn step_diff(&mut self, out: &mut Vec<u8>) {
+        let Some(job) = self.diffs.front_mut() else {
+            return;
+        };
+        if let Some(resp) = diff_step(job) {
+            let id = job.id;
+            self.diffs.pop_front();
+            reply(out, id, resp);
         }
     }
 
@@ -171,8 +223,22 @@ impl Server {
                 }
             }
             Request::List => {
-                let t = VMS.lock();
-                Response::VmList(t.vms.values().map(info).collect())
+                // One VM per hold of the VM lock, not the whole table at once.
+                let ids: Vec<u32> = VMS.lock().vms.keys().copied().collect();
+                // Building the reply takes about four times its encoded size (~120 bytes a
+                // VM) at once: that may use the heap's reserve, which is kept for it, but
+                // never more than is free.
+                let need = ids.len().saturating_mul(4 * 128);
+                let mut list = Vec::new();
+                if crate::heap::usage().1 < need || list.try_reserve_exact(ids.len()).is_err() {
+                    return reply(out, id, Response::Error(ErrorReply::OutOfMemory));
+                }
+                for vm in ids {
+                    if let Some(v) = VMS.lock().vms.get(&vm) {
+                        list.push(info(v));
+                    }
+                }
+                Response::VmList(list)
             }
             Request::Info { vm } => with_vm(vm, |vm| Ok(Response::VmInfo(info(vm)))),
             Request::Stats { vm } => {
@@ -261,6 +327,14 @@ impl Server {
                 let mut t = VMS.lock();
                 match t.vms.get_mut(&vm.0) {
                     None => Response::Error(ErrorReply::NoSuchVm(vm)),
+                    Some(_)
+                        if !self.consoles.contains_key(&vm.0)
+                            && self.consoles.len() >= MAX_ATTACHED_CONSOLES =>
+                    {
+                        Response::Error(ErrorReply::BadRequest(format!(
+                            "limit reached: {MAX_ATTACHED_CONSOLES} consoles attached already"
+                        )))
+                    }
                     Some(v) => {
                         v.console_attached = true;
                         self.consoles.insert(vm.0, id);
@@ -305,7 +379,10 @@ impl Server {
                 vcpus,
                 cmdline,
             } => self.create(kernel, initrd, mem_bytes, vcpus, cmdline),
-            Request::Diff { a, b } => diff(a, b),
+            Request::Diff { a, b } => match diff_start(id, a, b) {
+                Ok(job) => return self.diffs.push_back(job),
+                Err(e) => Response::Error(e),
+            },
             Request::Dump { vm } => {
                 // A paused fork, made now in constant time, is what the snapshot is read from:
                 // the VM itself keeps running.
@@ -332,6 +409,10 @@ impl Server {
             },
             Request::DumpClose { dump } => self.close_dump(dump),
             Request::Restore { upload } => {
+                if let Err(e) = fork::check_vm_limit(&VMS.lock(), 1) {
+                    self.uploads.remove(&upload);
+                    return reply(out, id, Response::Error(fork_error(e)));
+                }
                 match self.take_upload(upload, UploadPurpose::Snapshot) {
                     Err(e) => Response::Error(e),
                     Ok(bytes) => {
@@ -354,12 +435,22 @@ impl Server {
         let Some(child) = child else {
             return Response::Error(ErrorReply::Internal(String::from("no snapshot fork")));
         };
-        let mut t = VMS.lock();
-        let name = t
+        let name = VMS
+            .lock()
             .vms
             .get(&source)
             .map_or_else(String::new, |v| v.name.clone());
-        match crate::snapshot::begin(&t, child, &name) {
+        let begun = crate::snapshot::begin(&VMS.lock(), child, &name);
+        // The non-zero pages are found DIFF_PAGES_PER_LOCK at a time, the VM lock taken again
+        // for each step (the fork being dumped is paused: its memory stays as it is).
+        let scanned = begun.and_then(|mut d| loop {
+            match d.scan(&VMS.lock(), DIFF_PAGES_PER_LOCK) {
+                Ok(true) => break Ok(d),
+                Ok(false) => {}
+                Err(e) => break Err(e),
+            }
+        });
+        match scanned {
             Ok(d) => {
                 let handle = self.next_dump;
                 self.next_dump = self.next_dump.wrapping_add(1).max(1);
@@ -371,8 +462,9 @@ impl Server {
                 }
             }
             Err(e) => {
-                let kicks = t.stop(child, String::from("snapshot fork discarded"));
-                drop(t);
+                let kicks = VMS
+                    .lock()
+                    .stop(child, String::from("snapshot fork discarded"));
                 crate::sched::kick(&kicks);
                 Response::Error(ErrorReply::Internal(e))
             }
@@ -436,10 +528,13 @@ impl Server {
         }
     }
 
+    /// Opens an upload. Nothing is reserved yet: the buffer grows as chunks arrive. Bounded by
+    /// `max_uploads=` (uploads open at once) and `max_upload_bytes=` (bytes all open uploads
+    /// announce together).
     fn upload_begin(&mut self, purpose: UploadPurpose, total: u64) -> Response {
         let limit = match purpose {
             UploadPurpose::Kernel | UploadPurpose::Initrd => vmfork_proto::MAX_IMAGE_BYTES,
-            // Bounded by the monitor's heap in practice (try_reserve below).
+            // Bounded by max_upload_bytes and the monitor's heap in practice.
             UploadPurpose::Snapshot => 4 << 30,
         };
         if total == 0 || total > limit {
@@ -447,9 +542,21 @@ impl Server {
                 "upload of {total} bytes: must be 1 to {limit}"
             )));
         }
-        let mut data = Vec::new();
-        if data.try_reserve_exact(total as usize).is_err() {
-            return Response::Error(ErrorReply::OutOfMemory);
+        let limits = fork::limits();
+        if self.uploads.len() >= limits.max_uploads as usize {
+            return Response::Error(ErrorReply::BadRequest(format!(
+                "limit reached: max_uploads={}, {} uploads open already",
+                limits.max_uploads,
+                self.uploads.len()
+            )));
+        }
+        let announced: u64 = self.uploads.values().map(|u| u.total).sum();
+        let max_bytes = limits.max_upload_bytes.unwrap_or(u64::MAX);
+        if announced.saturating_add(total) > max_bytes {
+            return Response::Error(ErrorReply::BadRequest(format!(
+                "limit reached: max_upload_bytes={max_bytes}, {announced} bytes announced by \
+                 open uploads already and {total} more asked for"
+            )));
         }
         let handle = self.next_upload;
         self.next_upload = self.next_upload.wrapping_add(1).max(1);
@@ -458,7 +565,7 @@ impl Server {
             Upload {
                 purpose,
                 total,
-                data,
+                data: Vec::new(),
             },
         );
         Response::UploadReady { upload: handle }
@@ -474,11 +581,28 @@ impl Server {
                 up.data.len()
             )));
         }
-        if up.data.len() as u64 + data.len() as u64 > up.total {
+        let needed = up.data.len() as u64 + data.len() as u64;
+        if needed > up.total {
             return Response::Error(ErrorReply::BadRequest(format!(
                 "upload {handle}: more than the {} bytes announced",
                 up.total
             )));
+        }
+        if needed as usize > up.data.capacity() {
+            // Grow geometrically (at most to the announced size), fallibly and only with the
+            // heap's reserve left; a growth that fails leaves the upload as it was.
+            let target = (up.data.capacity().saturating_mul(2))
+                .max(needed as usize)
+                .min(up.total as usize);
+            let grow = target - up.data.capacity();
+            if let Err(e) = crate::heap::check(target) {
+                log::warn!("control: upload {handle} of {} bytes: {e}", up.total);
+                return Response::Error(ErrorReply::OutOfMemory);
+            }
+            if up.data.try_reserve_exact(target - up.data.len()).is_err() {
+                log::warn!("control: upload {handle}: no heap for {grow} more bytes");
+                return Response::Error(ErrorReply::OutOfMemory);
+            }
         }
         up.data.extend_from_slice(data);
         Response::Ok
@@ -527,6 +651,18 @@ impl Server {
             Some(Ok(i)) => Some(i),
             Some(Err(e)) => return Response::Error(e),
         };
+        if let Err(e) = fork::check_vm_limit(&VMS.lock(), 1) {
+            return Response::Error(fork_error(e));
+        }
+        // The VM's bookkeeping (vCPU contexts, vGIC, device tree) is built with infallible
+        // allocations: ask for a generous estimate of it first.
+        let estimate = 64 * 1024
+            + vcpus as usize * 4 * core::mem::size_of::<vm::VcpuCtx>()
+            + cmdline.len() * 4;
+        if let Err(e) = crate::heap::check(estimate) {
+            log::warn!("control: create refused: {e}");
+            return Response::Error(ErrorReply::OutOfMemory);
+        }
         let spec = GuestSpec {
             name: String::from("created"),
             kernel: &kernel,
@@ -575,13 +711,14 @@ fn with_vm(id: VmId, f: impl FnOnce(&Vm) -> Result<Response, ErrorReply>) -> Res
     }
 }
 
-/// What the tool shows for a VM.
+/// What the tool shows for a VM. Its page counts come from `Stage2::usage_private`: a counter
+/// and a walk of its private tables only, never of what it shares (a fork costs O(1)).
 pub fn info(vm: &Vm) -> VmInfo {
     let usage = vm.s2.as_ref().map(|s2| {
         let frames = crate::mem::FRAMES.lock();
         frames
             .as_ref()
-            .map(|fa| s2.usage(fa, &crate::physmem::IdentityMem))
+            .map(|fa| s2.usage_private(fa, &crate::physmem::IdentityMem))
     });
     let (private, shared) = match usage.flatten() {
         Some(u) => (u.private_frames as u64, u.shared_frames as u64),
@@ -627,41 +764,73 @@ pub fn info(vm: &Vm) -> VmInfo {
 
 fn global_stats(t: &VmTable) -> GlobalStats {
     let (free, total) = crate::mem::frame_counts();
+    let (heap_used, heap_free) = crate::heap::usage();
+    let limits = fork::limits();
     GlobalStats {
         free_frames: free as u64,
         used_frames: (total - free) as u64,
         total_frames: total as u64,
         vms: t.vms.len() as u32,
         counter_hz: crate::arch::counter().1,
+        heap_used: heap_used as u64,
+        heap_free: heap_free as u64,
+        heap_reserve: crate::heap::margin() as u64,
+        max_vms: limits.max_vms,
+        max_forks_per_tree: limits.max_forks_per_tree,
     }
 }
 
-/// Which guest RAM pages differ between VMs `a` and `b`. Pages that map the same frame are equal
-/// without reading them (the common case within a fork tree).
-fn diff(a: VmId, b: VmId) -> Response {
+/// Starts a diff of VMs `a` and `b` (request `id`): which guest RAM pages differ. The pages are
+/// compared by [`diff_step`], [`DIFF_PAGES_PER_LOCK`] at a time, one step per server step, so
+/// the VM lock is never held across the scan and the boot CPU runs guests in between.
+fn diff_start(id: u32, a: VmId, b: VmId) -> Result<DiffJob, ErrorReply> {
     let t = VMS.lock();
     let (Some(va), Some(vb)) = (t.vms.get(&a.0), t.vms.get(&b.0)) else {
-        let missing = if t.vms.contains_key(&a.0) { b } else { a };
-        return Response::Error(ErrorReply::NoSuchVm(missing));
+        return Err(gone(&t, a, b));
+    };
+    Ok(DiffJob {
+        id,
+        a,
+        b,
+        next: 0,
+        report: DiffReport {
+            ram_base: layout::RAM_BASE,
+            pages_compared: va.ram_size.min(vb.ram_size) / PAGE_SIZE,
+            differing_pages: 0,
+            ranges: Vec::new(),
+            truncated: false,
+        },
+    })
+}
+
+fn gone(t: &VmTable, a: VmId, b: VmId) -> ErrorReply {
+    let missing = if t.vms.contains_key(&a.0) { b } else { a };
+    ErrorReply::NoSuchVm(missing)
+}
+
+/// Compares the next [`DIFF_PAGES_PER_LOCK`] pages of `job`; returns its reply once done. Pages
+/// that map the same frame are equal without reading them (the common case within a fork
+/// tree). Both VMs are looked up again at every step (a VM killed meanwhile ends the diff with
+/// `NoSuchVm`), so only frames they map at that moment are read. A VM that runs meanwhile may
+/// change pages already compared: the report is best-effort, each page's verdict right for the
+/// moment it was compared.
+fn diff_step(job: &mut DiffJob) -> Option<Response> {
+    let t = VMS.lock();
+    let (Some(va), Some(vb)) = (t.vms.get(&job.a.0), t.vms.get(&job.b.0)) else {
+        return Some(Response::Error(gone(&t, job.a, job.b)));
     };
     let (Some(sa), Some(sb)) = (va.s2.as_ref(), vb.s2.as_ref()) else {
-        return Response::Error(ErrorReply::BadRequest(String::from(
+        return Some(Response::Error(ErrorReply::BadRequest(String::from(
             "a VM is being torn down",
-        )));
+        ))));
     };
     let mem = crate::physmem::IdentityMem;
-    let pages = va.ram_size.min(vb.ram_size) / PAGE_SIZE;
-    let mut report = DiffReport {
-        ram_base: layout::RAM_BASE,
-        pages_compared: pages,
-        differing_pages: 0,
-        ranges: Vec::new(),
-        truncated: false,
-    };
+    let report = &mut job.report;
     let mut ba = [0u8; PAGE_SIZE as usize];
     let mut bb = [0u8; PAGE_SIZE as usize];
-    for p in 0..pages {
-        let ipa = Ipa(layout::RAM_BASE + p * PAGE_SIZE);
+    let end = report.pages_compared.min(job.next + DIFF_PAGES_PER_LOCK);
+    for q in job.next..end {
+        let ipa = Ipa(layout::RAM_BASE + q * PAGE_SIZE);
         let same_frame = match (sa.translate(&mem, ipa), sb.translate(&mem, ipa)) {
             (Some(x), Some(y)) => x.pa == y.pa,
             _ => false,
@@ -675,14 +844,20 @@ fn diff(a: VmId, b: VmId) -> Response {
             report.differing_pages += 1;
             let full = report.ranges.len() >= vmfork_proto::MAX_DIFF_RANGES;
             match report.ranges.last_mut() {
-                Some(r) if r.first_page + r.pages == p => r.pages += 1,
+                Some(r) if r.first_page + r.pages == q => r.pages += 1,
                 _ if full => report.truncated = true,
                 _ => report.ranges.push(PageRange {
-                    first_page: p,
+                    first_page: q,
                     pages: 1,
                 }),
             }
         }
     }
-    Response::Diff(report)
+    job.next = end;
+    (end == report.pages_compared).then(|| {
+        Response::Diff(DiffReport {
+            ranges: core::mem::take(&mut report.ranges),
+            ..*report
+        })
+    })
 }

@@ -428,8 +428,13 @@ impl ControlPort {
     /// connected QEMU discards the bytes (see the module comment), so this does not block on a
     /// missing client.
     pub fn send(&mut self, bytes: &[u8]) -> Result<(), ControlError> {
+        self.send_within(bytes, SEND_TIMEOUT_MS)
+    }
+
+    /// [`ControlPort::send`] waiting at most `timeout_ms` ms for transmit buffers.
+    pub fn send_within(&mut self, bytes: &[u8], timeout_ms: u64) -> Result<(), ControlError> {
         let (start, freq) = crate::arch::counter();
-        let timeout = ms_to_ticks(SEND_TIMEOUT_MS, freq);
+        let timeout = ms_to_ticks(timeout_ms, freq);
         let mut queued = 0;
         for chunk in bytes.chunks(BUFFER_SIZE) {
             let buf = loop {

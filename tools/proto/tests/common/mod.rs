@@ -147,18 +147,23 @@ pub fn response() -> impl Strategy<Value = Response> {
         vec(info(), 0..6).prop_map(Response::VmList),
         info().prop_map(Response::VmInfo),
         (
-            any::<[u64; 4]>(),
-            any::<u32>(),
+            any::<[u64; 7]>(),
+            any::<[u32; 3]>(),
             proptest::option::of(info())
         )
-            .prop_map(|(n, vms, vm)| {
+            .prop_map(|(n, m, vm)| {
                 Response::Stats {
                     global: GlobalStats {
                         free_frames: n[0],
                         used_frames: n[1],
                         total_frames: n[2],
-                        vms,
+                        vms: m[0],
                         counter_hz: n[3],
+                        heap_used: n[4],
+                        heap_free: n[5],
+                        heap_reserve: n[6],
+                        max_vms: m[1],
+                        max_forks_per_tree: m[2],
                     },
                     vm,
                 }
