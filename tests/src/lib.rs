@@ -41,6 +41,7 @@
 //!   `--nocapture` to watch a test live).
 
 pub mod linux;
+pub mod proto_client;
 
 use std::ffi::OsString;
 use std::io::{Read, Write};

@@ -2,102 +2,13 @@
 //! monitor-side fork/reset/pause/resume/kill API, console streaming, diff, and garbage on the
 //! channel. Speaks the protocol directly with `vmfork-proto`.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use vmfork_proto::msg::{ErrorReply, Request, Response, VmId, VmState};
-use vmfork_proto::{Decoder, PROTOCOL_VERSION};
+use vmfork_proto::PROTOCOL_VERSION;
+use vmfork_tests::proto_client::ProtoClient;
 use vmfork_tests::{ControlSocket, Qemu, QemuConfig, DEFAULT_TIMEOUT};
-
-struct Client {
-    s: UnixStream,
-    dec: Decoder,
-    next_id: u32,
-    /// Frames read but not yet asked for (console events, replies to other requests).
-    backlog: Vec<(u32, Response)>,
-}
-
-impl Client {
-    fn new(socket: &ControlSocket) -> Self {
-        let mut c = Client {
-            s: socket.connect(Duration::from_millis(200)),
-            dec: Decoder::new(),
-            next_id: 1,
-            backlog: Vec::new(),
-        };
-        match c.call(Request::Hello {
-            version: PROTOCOL_VERSION,
-            client: "vmfork-tests".into(),
-        }) {
-            Response::HelloReply { version, .. } => assert_eq!(version, PROTOCOL_VERSION),
-            other => panic!("hello: {other:?}"),
-        }
-        c
-    }
-
-    fn send(&mut self, req: &Request) -> u32 {
-        let id = self.next_id;
-        self.next_id += 1;
-        let mut out = Vec::new();
-        req.encode_frame(id, &mut out).expect("encode");
-        self.s.write_all(&out).expect("send");
-        id
-    }
-
-    /// Reads frames until `pred` accepts one (by id and response); others are kept.
-    fn wait(&mut self, what: &str, mut pred: impl FnMut(u32, &Response) -> bool) -> Response {
-        let deadline = Instant::now() + DEFAULT_TIMEOUT;
-        loop {
-            if let Some(i) = self.backlog.iter().position(|(id, r)| pred(*id, r)) {
-                return self.backlog.remove(i).1;
-            }
-            assert!(Instant::now() < deadline, "no reply: {what}");
-            let mut buf = [0u8; 65536];
-            let n = match self.s.read(&mut buf) {
-                Ok(0) => panic!("the monitor closed the channel"),
-                Ok(n) => n,
-                Err(_) => continue, // read timeout: poll again
-            };
-            let frames: Vec<_> = self.dec.push(&buf[..n]).collect();
-            for f in frames {
-                let f = f.expect("the monitor sends only good frames");
-                let r = Response::decode(f.kind, &f.payload).expect("decodable reply");
-                self.backlog.push((f.id, r));
-            }
-        }
-    }
-
-    fn call(&mut self, req: Request) -> Response {
-        let what = format!("{req:?}");
-        let id = self.send(&req);
-        self.wait(&what, |rid, r| {
-            rid == id && !matches!(r, Response::ConsoleOutput { .. })
-        })
-    }
-
-    fn list(&mut self) -> Vec<vmfork_proto::msg::VmInfo> {
-        match self.call(Request::List) {
-            Response::VmList(v) => v,
-            other => panic!("list: {other:?}"),
-        }
-    }
-
-    /// Collects console output of `vm` until it contains `text`.
-    fn console_until(&mut self, vm: u32, text: &str) -> String {
-        let mut seen = String::new();
-        while !seen.contains(text) {
-            let r = self.wait(
-                &format!("console of vm{vm} showing {text:?}"),
-                |_, r| matches!(r, Response::ConsoleOutput { vm: VmId(v), .. } if *v == vm),
-            );
-            if let Response::ConsoleOutput { data, .. } = r {
-                seen.push_str(&String::from_utf8_lossy(&data));
-            }
-        }
-        seen
-    }
-}
 
 fn boot(name: &str, socket: &ControlSocket) -> Qemu {
     let cfg = QemuConfig::monitor()
@@ -115,7 +26,7 @@ fn boot(name: &str, socket: &ControlSocket) -> Qemu {
 fn fork_reset_pause_resume_kill_through_the_monitor_api() {
     let socket = ControlSocket::new();
     let mut q = boot("ctl_api", &socket);
-    let mut c = Client::new(&socket);
+    let mut c = ProtoClient::new(&socket, "vmfork-tests");
     q.wait_for("[vm1] counter: tick 2", DEFAULT_TIMEOUT);
 
     let vms = c.list();
@@ -218,7 +129,7 @@ fn fork_reset_pause_resume_kill_through_the_monitor_api() {
 fn console_streams_and_diff_counts_pages() {
     let socket = ControlSocket::new();
     let mut q = boot("ctl_console", &socket);
-    let mut c = Client::new(&socket);
+    let mut c = ProtoClient::new(&socket, "vmfork-tests");
     assert_eq!(c.call(Request::ConsoleAttach { vm: VmId(1) }), Response::Ok);
     let text = c.console_until(1, "counter: tick");
     assert!(text.contains("counter: tick"), "{text}");
@@ -278,10 +189,10 @@ fn garbage_and_bad_versions_do_not_wedge_the_monitor() {
         // The client vanishes mid-request.
     }
     // A new client is served, a wrong version gets a clear error, and the VM still runs.
-    let mut c = Client::new(&socket);
+    let mut c = ProtoClient::new(&socket, "vmfork-tests");
     let mut out = Vec::new();
     vmfork_proto::frame::encode_frame(99, vmfork_proto::msg::kind::LIST, 5, &[], &mut out).unwrap();
-    c.s.write_all(&out).unwrap();
+    c.write_raw(&out);
     let r = c.wait("version mismatch", |id, _| id == 5);
     assert_eq!(
         r,

@@ -2,12 +2,10 @@
 //! the same instant, `vmfork reset` sent while a child resets itself in a loop, and a VM killed
 //! while a fork of it waits for its vCPUs to leave the CPUs.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vmfork_proto::msg::{Request, Response, VmId};
-use vmfork_proto::{Decoder, PROTOCOL_VERSION};
+use vmfork_tests::proto_client::ProtoClient;
 use vmfork_tests::{vmfork_ok, wait_count, ControlSocket, Qemu, QemuConfig, DEFAULT_TIMEOUT};
 
 #[test]
@@ -66,73 +64,6 @@ fn reset_requests_while_a_child_resets_itself_are_all_answered() {
     q.kill();
 }
 
-/// A protocol client that can pipeline requests (the `vmfork` tool sends one at a time, and
-/// this test needs a kill to arrive right behind a fork).
-struct Client {
-    s: UnixStream,
-    dec: Decoder,
-    next_id: u32,
-    backlog: Vec<(u32, Response)>,
-}
-
-impl Client {
-    fn new(socket: &ControlSocket) -> Self {
-        let mut c = Client {
-            s: socket.connect(Duration::from_millis(200)),
-            dec: Decoder::new(),
-            next_id: 1,
-            backlog: Vec::new(),
-        };
-        let hello = c.call(Request::Hello {
-            version: PROTOCOL_VERSION,
-            client: "vmfork-tests ops".into(),
-        });
-        assert!(matches!(hello, Response::HelloReply { .. }), "{hello:?}");
-        c
-    }
-
-    /// Sends `reqs` in one write; returns their ids.
-    fn send_all(&mut self, reqs: &[Request]) -> Vec<u32> {
-        let mut out = Vec::new();
-        let mut ids = Vec::new();
-        for r in reqs {
-            r.encode_frame(self.next_id, &mut out).expect("encode");
-            ids.push(self.next_id);
-            self.next_id += 1;
-        }
-        self.s.write_all(&out).expect("send");
-        ids
-    }
-
-    /// Reads until the reply to `id` is in; returns it (other frames stay in the backlog).
-    fn reply(&mut self, id: u32) -> Response {
-        let deadline = Instant::now() + DEFAULT_TIMEOUT;
-        loop {
-            if let Some(i) = self.backlog.iter().position(|(rid, _)| *rid == id) {
-                return self.backlog.remove(i).1;
-            }
-            assert!(Instant::now() < deadline, "no reply to request {id}");
-            let mut buf = [0u8; 65536];
-            let n = match self.s.read(&mut buf) {
-                Ok(0) => panic!("the monitor closed the channel"),
-                Ok(n) => n,
-                Err(_) => continue,
-            };
-            let frames: Vec<_> = self.dec.push(&buf[..n]).collect();
-            for f in frames {
-                let f = f.expect("the monitor sends only good frames");
-                let r = Response::decode(f.kind, &f.payload).expect("decodable reply");
-                self.backlog.push((f.id, r));
-            }
-        }
-    }
-
-    fn call(&mut self, req: Request) -> Response {
-        let id = self.send_all(&[req])[0];
-        self.reply(id)
-    }
-}
-
 #[test]
 fn a_vm_killed_while_a_fork_of_it_waits_answers_that_fork_at_once() {
     // The fork waits for the VM's two spinning vCPUs to leave the CPUs; the kill comes right
@@ -148,7 +79,7 @@ fn a_vm_killed_while_a_fork_of_it_waits_answers_that_fork_at_once() {
             .guest(0, "forkrace", "mem=16M cpus=2 cmdline=mode=spin"),
     );
     q.wait_for("[vm1] forkrace: spinning", DEFAULT_TIMEOUT);
-    let mut c = Client::new(&socket);
+    let mut c = ProtoClient::new(&socket, "vmfork-tests ops");
     // The original stays paused; each round forks a running copy that has the CPUs to itself.
     assert_eq!(c.call(Request::Pause { vm: VmId(1) }), Response::Ok);
     let (mut ran, mut failed) = (0, 0);
@@ -177,10 +108,10 @@ fn a_vm_killed_while_a_fork_of_it_waits_answers_that_fork_at_once() {
         let list = c.send_all(&[Request::List])[0];
         let listed = c.reply(list);
         assert!(matches!(listed, Response::VmList(_)), "{listed:?}");
-        let Some(i) = c.backlog.iter().position(|(id, _)| *id == ids[0]) else {
+        let Some(fork) = c.take_read(ids[0]) else {
             panic!("round {round}: the fork of {child} was not answered when {child} was killed")
         };
-        match c.backlog.remove(i).1 {
+        match fork {
             Response::Forked { children } => {
                 ran += 1;
                 for g in children {

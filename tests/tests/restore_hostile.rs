@@ -7,14 +7,12 @@
 //! decodes the state as (postcard); the test first checks that decoding and re-encoding the
 //! real dump gives back the same bytes, so a patched file differs in the one field only.
 
-use std::io::{Read, Write};
-use std::time::{Duration, Instant};
-
 use vmfork_core::snapshot::{SavedVcpuState, SavedVm};
 use vmfork_core::vgic::Vgic;
 use vmfork_proto::msg::{ErrorReply, Request, Response, UploadPurpose};
 use vmfork_proto::snapshot::{encode_end, encode_run, Snapshot};
-use vmfork_proto::{Decoder, CHUNK_SIZE, PROTOCOL_VERSION};
+use vmfork_proto::CHUNK_SIZE;
+use vmfork_tests::proto_client::ProtoClient;
 use vmfork_tests::{vmfork_ok, vmfork_run, ControlSocket, Qemu, QemuConfig, DEFAULT_TIMEOUT};
 
 fn encode_with(snap: &Snapshot, state: &SavedVm) -> Vec<u8> {
@@ -23,70 +21,27 @@ fn encode_with(snap: &Snapshot, state: &SavedVm) -> Vec<u8> {
     s.encode()
 }
 
-/// Sends `req` on the raw channel and returns its reply.
-fn call(
-    s: &mut std::os::unix::net::UnixStream,
-    dec: &mut Decoder,
-    id: u32,
-    req: Request,
-) -> Response {
-    let mut out = Vec::new();
-    req.encode_frame(id, &mut out).expect("encode");
-    s.write_all(&out).expect("send");
-    let deadline = Instant::now() + DEFAULT_TIMEOUT;
-    loop {
-        assert!(Instant::now() < deadline, "no reply to request {id}");
-        let mut buf = [0u8; 65536];
-        let n = match s.read(&mut buf) {
-            Ok(0) => panic!("the monitor closed the channel"),
-            Ok(n) => n,
-            Err(_) => continue,
-        };
-        for f in dec.push(&buf[..n]).collect::<Vec<_>>() {
-            let f = f.expect("good frames");
-            let r = Response::decode(f.kind, &f.payload).expect("decodable reply");
-            if f.id == id {
-                return r;
-            }
-        }
-    }
-}
-
 /// Uploads `bytes` and asks the monitor itself to restore them (the `vmfork` tool checks the
 /// container before sending, so a broken container only reaches the monitor this way).
 /// Returns the monitor's error.
 fn restore_raw(socket: &ControlSocket, bytes: &[u8]) -> String {
-    let mut s = socket.connect(Duration::from_millis(200));
-    let mut dec = Decoder::new();
-    let hello = Request::Hello {
-        version: PROTOCOL_VERSION,
-        client: "restore_hostile".into(),
-    };
-    assert!(matches!(
-        call(&mut s, &mut dec, 1, hello),
-        Response::HelloReply { .. }
-    ));
+    let mut c = ProtoClient::new(socket, "restore_hostile");
     let begin = Request::UploadBegin {
         purpose: UploadPurpose::Snapshot,
         total_len: bytes.len() as u64,
     };
-    let Response::UploadReady { upload } = call(&mut s, &mut dec, 2, begin) else {
+    let Response::UploadReady { upload } = c.call(begin) else {
         panic!("upload refused");
     };
     for (i, chunk) in bytes.chunks(CHUNK_SIZE).enumerate() {
-        let r = call(
-            &mut s,
-            &mut dec,
-            3 + i as u32,
-            Request::UploadChunk {
-                upload,
-                offset: (i * CHUNK_SIZE) as u64,
-                data: chunk.to_vec(),
-            },
-        );
+        let r = c.call(Request::UploadChunk {
+            upload,
+            offset: (i * CHUNK_SIZE) as u64,
+            data: chunk.to_vec(),
+        });
         assert!(matches!(r, Response::Ok), "chunk {i}: {r:?}");
     }
-    match call(&mut s, &mut dec, 1000, Request::Restore { upload }) {
+    match c.call(Request::Restore { upload }) {
         Response::Error(ErrorReply::BadRequest(e)) => e,
         other => panic!("restore of a broken container answered {other:?}"),
     }
