@@ -350,12 +350,9 @@ pub(crate) fn fork_now(
     check_vm_limit(t, count)?;
     let root = tree_root(parent);
     let limit = limits().max_forks_per_tree;
-    let in_tree = t
-        .vms
-        .values()
-        .filter(|v| v.stats.tree_root == Some(root))
-        .count();
-    let in_tree = u32::try_from(in_tree).unwrap_or(u32::MAX);
+    // Kept by the table as forks come and go: a walk of every VM here made forking N children
+    // O(N^2) (the bench's scale phase, 65,534 forks, no longer finished).
+    let in_tree = t.tree_forks(root);
     if in_tree.saturating_add(count) > limit {
         return Err(ForkError::Limit {
             key: "max_forks_per_tree",
@@ -410,7 +407,7 @@ pub(crate) fn fork_now(
     let ticks = crate::arch::counter().0.wrapping_sub(t0);
     ids.extend(built.iter().map(|c| c.id));
     for child in built {
-        t.vms.insert(child.id, child);
+        t.insert_fork(child);
     }
     let parent = t.vms.get_mut(&id).ok_or(ForkError::NoSuchVm(id))?;
     if let Some(g) = parent_vgic {

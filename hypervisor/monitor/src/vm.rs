@@ -161,6 +161,9 @@ pub struct VmTable {
     pub focus: Option<u32>,
     /// Round-robin cursor: (vm id, vcpu index) last picked.
     cursor: (u32, usize),
+    /// Forks alive per fork tree (by the tree's root VM id), kept as forks are added and
+    /// destroyed so that `max_forks_per_tree=` is checked without walking every VM.
+    tree_forks: BTreeMap<u32, u32>,
 }
 
 /// The one lock over all VMs.
@@ -170,6 +173,7 @@ pub static VMS: Mutex<VmTable> = Mutex::new(VmTable {
     vmids: VmidAllocator::new(),
     focus: None,
     cursor: (0, 0),
+    tree_forks: BTreeMap::new(),
 });
 
 /// Hands out VMIDs. A VMID is flushed from every TLB when its VM is destroyed (`destroy` does a
@@ -327,6 +331,19 @@ pub fn new_generation_id(vm: u32) -> [u8; 16] {
 }
 
 impl VmTable {
+    /// Forks alive in the tree rooted at VM `root` (the root itself not counted).
+    pub fn tree_forks(&self, root: u32) -> u32 {
+        self.tree_forks.get(&root).copied().unwrap_or(0)
+    }
+
+    /// Puts a new fork into the table, counting it in its tree.
+    pub fn insert_fork(&mut self, child: Vm) {
+        if let Some(root) = child.stats.tree_root {
+            *self.tree_forks.entry(root).or_insert(0) += 1;
+        }
+        self.vms.insert(child.id, child);
+    }
+
     /// Tells the VMID allocator how wide VMIDs are on this CPU.
     pub fn set_vmid_bits(&mut self, bits: u32) {
         self.vmids.set_bits(bits);
@@ -543,6 +560,14 @@ impl VmTable {
         let Some(mut vm) = self.vms.remove(&id) else {
             return;
         };
+        if let Some(root) = vm.stats.tree_root {
+            if let Some(n) = self.tree_forks.get_mut(&root) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.tree_forks.remove(&root);
+                }
+            }
+        }
         // A VM that stopped by itself (SYSTEM_OFF, a fatal exit) may still have waiters.
         crate::fork::fail_pending(&mut vm);
         vm.flush_console_line();
