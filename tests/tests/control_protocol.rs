@@ -134,6 +134,9 @@ fn console_streams_and_diff_counts_pages() {
     let text = c.console_until(1, "counter: tick");
     assert!(text.contains("counter: tick"), "{text}");
 
+    // The parent is paused around the fork and the first diff: a diff runs in steps while
+    // guests run, so a running parent could write a page before the diff is done.
+    assert_eq!(c.call(Request::Pause { vm: VmId(1) }), Response::Ok);
     let child = match c.call(Request::Fork {
         vm: VmId(1),
         count: 1,
@@ -153,6 +156,7 @@ fn console_streams_and_diff_counts_pages() {
         }
         other => panic!("diff: {other:?}"),
     }
+    assert_eq!(c.call(Request::Resume { vm: VmId(1) }), Response::Ok);
     // The parent runs on (its counter and stack pages change); the child does not.
     q.wait_for("[vm1] counter: tick 5", DEFAULT_TIMEOUT);
     match c.call(Request::Diff {
