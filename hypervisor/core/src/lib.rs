@@ -18,6 +18,7 @@ pub mod guest_dtb;
 pub mod guest_spec;
 pub mod idregs;
 pub mod loader;
+pub mod machine;
 pub mod mmio;
 pub mod opqueue;
 pub mod physmem;

@@ -9,13 +9,13 @@
 //! and the plot (docs/BENCHMARKS.md).
 //!
 //! Phases (`bench=` takes a comma-separated list of these, or `all`):
-//! * `fork`: fork latency (`fork::fork_now`, one child) for 16, 64, 256 and 1024 MiB guests with
+//! * `fork`: fork latency (`VmTable::fork_now`, one child) for 16, 64, 256 and 1024 MiB guests with
 //!   1 and 2 vCPUs, and an *eager clone* beside it that copies every page at once (written here
 //!   only, as the baseline; never run);
 //! * `cow`: the first write to a shared page after a fork (`Stage2::handle_fault`), the first
 //!   touch of each table (read faults that unshare a level-2 and a level-3 table), and a plain
 //!   4 KiB copy in the same run;
-//! * `reset`: `fork::reset_now` against the number of pages the child dirtied;
+//! * `reset`: `VmTable::reset_now` against the number of pages the child dirtied;
 //! * `density`: frames and heap used per idle child, 100 children of a 64 MiB guest;
 //! * `fuzz`: fork once, then reset and really run a small workload in the child, in a loop;
 //! * `scale`: fork idle children until something runs out, and say what.
@@ -115,7 +115,7 @@ pub fn run(spec: &str) -> ! {
         .u("emulated_ns", ns(now() - start))
         .u("frames_free", free as u64)
         .emit();
-    crate::fatal_stop(0)
+    crate::arch::semihosting::exit(0)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -285,7 +285,7 @@ fn touch_parent(t: &mut VmTable, id: u32) -> Result<(), String> {
 /// Forks `parent` once (paused child unless `running`); returns the child and the ticks taken.
 fn fork_timed(t: &mut VmTable, parent: u32, running: bool) -> Result<(u32, u64), String> {
     let t0 = now();
-    let r = crate::fork::fork_now(t, parent, 1, !running, None);
+    let r = t.fork_now(parent, 1, !running, None);
     let ticks = now() - t0;
     let ids = r.map_err(|e| format!("fork of vm{parent}: {e}"))?;
     let child = ids.first().copied().ok_or("fork returned no child")?;
@@ -598,7 +598,7 @@ fn phase_reset() -> Result<(), String> {
                     }
                     let before = used_frames();
                     let t0 = now();
-                    let r = crate::fork::reset_now(&mut t, child);
+                    let r = t.reset_now(child);
                     samples.push(now() - t0);
                     r.map_err(|e| format!("reset of vm{child}: {e}"))?;
                     freed = before.saturating_sub(used_frames());
@@ -610,7 +610,7 @@ fn phase_reset() -> Result<(), String> {
                         fault(&mut t, child, WORKLOAD_BUF + p * PAGE_SIZE, true)?;
                     }
                     let vm = t.vms.get_mut(&child).ok_or("child vanished")?;
-                    let (Some(s2), Some(snap)) = (vm.s2.as_mut(), vm.fork_point.as_ref()) else {
+                    let (Some(s2), Some(snap)) = (vm.s2.as_mut(), vm.reset_point.as_ref()) else {
                         return Err(String::from("child has no tables or fork point"));
                     };
                     let genid = vm.genid;
@@ -732,7 +732,8 @@ fn phase_fuzz() -> Result<(), String> {
             let loop_start = now();
             for _ in 0..FUZZ_CYCLES {
                 let t0 = now();
-                crate::fork::reset_now(&mut VMS.lock(), child)
+                VMS.lock()
+                    .reset_now(child)
                     .map_err(|e| format!("reset of vm{child}: {e}"))?;
                 let t1 = now();
                 run_until(child, done_pc)?;
@@ -765,7 +766,7 @@ fn phase_fuzz() -> Result<(), String> {
 /// Runs the (only running) bench child on this CPU until its vCPU 0 sits in the final `wfi`.
 fn run_until(child: u32, done_pc: u64) -> Result<(), String> {
     for _ in 0..10_000 {
-        let picked = VMS.lock().pick(0);
+        let picked = VMS.lock().pick(0, crate::arch::counter().0);
         let Some((id, vcpu, ctx)) = picked else {
             return Err(format!(
                 "vm{child}: no runnable vCPU before the workload ended"
@@ -805,13 +806,13 @@ fn phase_scale() -> Result<(), String> {
             break String::from("heap");
         }
         let t1 = now();
-        match crate::fork::fork_now(&mut t, parent, 1, true, None) {
+        match t.fork_now(parent, 1, true, None) {
             Ok(ids) => {
                 ticks.push(u32::try_from(now() - t1).unwrap_or(u32::MAX));
                 children.extend(ids);
             }
-            Err(crate::fork::ForkError::NoVmid) => break String::from("vmid"),
-            Err(crate::fork::ForkError::OutOfMemory) => break String::from("frames"),
+            Err(crate::vm::ForkError::NoVmid) => break String::from("vmid"),
+            Err(crate::vm::ForkError::OutOfMemory) => break String::from("frames"),
             Err(e) => break format!("error: {e}"),
         }
     };

@@ -7,7 +7,7 @@
 use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::percpu::cpu_index;
+use crate::arch::percpu::cpu_index;
 
 /// Where QEMU's virt board puts its PL011; used until the device tree has been read.
 pub const EARLY_UART_BASE: usize = 0x0900_0000;

@@ -428,7 +428,7 @@ impl FwCfg {
                     "fw_cfg: DMA of item {select:#x} not done after {DMA_TIMEOUT_SECS} s \
                      (control {c:#x}); stopping"
                 );
-                crate::fatal_stop(crate::EXIT_PANIC);
+                crate::arch::semihosting::exit(crate::arch::semihosting::EXIT_PANIC);
             }
             core::hint::spin_loop();
         };

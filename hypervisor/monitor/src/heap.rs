@@ -57,25 +57,7 @@ pub fn margin() -> usize {
 }
 
 /// Not enough heap for an operation (the margin counted).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HeapLow {
-    /// Bytes asked for.
-    pub wanted: usize,
-    /// Bytes free, margin included.
-    pub free: usize,
-}
-
-impl core::fmt::Display for HeapLow {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(
-            f,
-            "monitor heap low: {} KiB wanted, {} KiB free of which {} KiB is the reserve",
-            self.wanted >> 10,
-            self.free >> 10,
-            margin() >> 10
-        )
-    }
-}
+pub use vmfork_core::machine::HeapLow;
 
 /// Whether `bytes` more can be allocated while keeping the [`margin`] free.
 pub fn check(bytes: usize) -> Result<(), HeapLow> {
@@ -86,6 +68,7 @@ pub fn check(bytes: usize) -> Result<(), HeapLow> {
         Err(HeapLow {
             wanted: bytes,
             free,
+            reserve: margin(),
         })
     }
 }
@@ -104,6 +87,7 @@ pub fn try_box<T>(value: T) -> Result<Box<T>, HeapLow> {
         return Err(HeapLow {
             wanted: layout.size(),
             free: usage().1,
+            reserve: margin(),
         });
     }
     // SAFETY: `p` is a fresh allocation of `T`'s layout from the global allocator, which is what

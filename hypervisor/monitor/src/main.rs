@@ -13,21 +13,21 @@ mod arch;
 mod bench;
 mod console;
 mod control;
-mod fork;
 mod fwcfg;
 mod guests;
 mod heap;
+mod kick;
 mod mem;
-mod percpu;
 mod physmem;
 mod sched;
-mod snapshot;
 mod vm;
 
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 use alloc::vec::Vec;
 use vmfork_core::platform::{self, Platform};
+
+use arch::percpu;
 
 /// Addresses below RAM on the virt board are all device registers (GIC, UART, RTC, fw_cfg,
 /// GPIO, virtio-mmio, PCIe windows): mapped as Device memory.
@@ -38,10 +38,7 @@ const RAM_BASE_DTB: usize = 0x4000_0000;
 /// 4 KiB frame) and guest images read from fw_cfg before they are copied into guest RAM.
 const HEAP_FIXED: u64 = 16 << 20;
 
-/// Exit status for an unexpected exception.
-pub const EXIT_EXCEPTION: u32 = 1;
-/// Exit status for a panic.
-pub const EXIT_PANIC: u32 = 101;
+pub use arch::semihosting::{EXIT_EXCEPTION, EXIT_PANIC};
 
 /// Number of CPUs that have finished their bring-up.
 static ONLINE: AtomicUsize = AtomicUsize::new(0);
@@ -110,6 +107,8 @@ fn heap_range(dtb: &[u8], image_end: u64) -> Option<(u64, u64)> {
 #[no_mangle]
 extern "C" fn rust_main_el2(x0: usize) -> ! {
     percpu::set_cpu_index(0);
+    // A fatal exception from here on prints its dump on the console.
+    arch::exception::set_fatal_printer(console::emergency_print);
     arch::entry::install_vectors();
     let Some(dtb) = locate_dtb(x0) else {
         fatal("no device tree: neither x0 nor the start of RAM holds one")
@@ -216,7 +215,7 @@ fn boot(dtb: &[u8], platform: Platform, image: (u64, u64), heap: (u64, u64)) -> 
         heap::size() >> 10,
         heap::margin() >> 10
     );
-    fork::set_limits(limits);
+    vm::VMS.lock().limits = limits;
     control::init(&platform, bootargs);
     let guests = guests::create_boot_guests(&platform);
     let cpus = start_secondaries(&platform);

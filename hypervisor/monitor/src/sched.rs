@@ -15,12 +15,11 @@ use vmfork_core::vgic::CpuIfState;
 
 use crate::arch::boot::MAX_CPUS;
 use crate::arch::gic;
+use crate::arch::sysregs::{load_el1, load_pauth, store_el1, store_pauth};
 use crate::arch::timer;
 use crate::arch::vcpu::{enter_guest, GuestExit};
 use crate::vm::{self, Next, Syndrome, VcpuCtx, VcpuState, VMS};
 
-/// SGI used to make another physical CPU leave its guest (it then reloads state or reschedules).
-pub const KICK_SGI: u32 = 0;
 /// Length of a time slice in microseconds.
 const SLICE_MICROS: u64 = 4_000;
 /// Longest an idle CPU sleeps before looking at the run queue again, in microseconds.
@@ -29,7 +28,6 @@ const IDLE_MICROS: u64 = 20_000;
 pub const FOCUS_KEY: u8 = 0x14;
 
 static SLICE_OVER: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
-static IDLE: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
 /// Bytes typed on the monitor console, waiting to go to the focused VM.
 static RX: Mutex<VecDeque<u8>> = Mutex::new(VecDeque::new());
 static HCR_GUEST: AtomicU64 = AtomicU64::new(0);
@@ -116,7 +114,7 @@ pub fn init_cpu(cpu: usize) {
         let _ = gic::register_handler(timer::intid(), on_slice_timer);
         let _ = gic::register_handler(vm::VTIMER_INTID, on_nothing);
         let _ = gic::register_handler(25, on_nothing); // GIC maintenance interrupt
-        let _ = gic::register_handler(KICK_SGI, on_nothing);
+        let _ = gic::register_handler(crate::kick::KICK_SGI, on_nothing);
         if let Some(intid) = crate::console::rx_intid() {
             let _ = gic::register_handler(intid, on_console_rx);
             let _ = gic::enable_spi(intid, 0);
@@ -139,7 +137,7 @@ fn on_nothing(_intid: u32) {}
 
 fn on_slice_timer(_intid: u32) {
     timer::cancel();
-    SLICE_OVER[crate::percpu::cpu_index()].store(true, Ordering::SeqCst);
+    SLICE_OVER[crate::arch::percpu::cpu_index()].store(true, Ordering::SeqCst);
 }
 
 fn on_console_rx(_intid: u32) {
@@ -147,32 +145,6 @@ fn on_console_rx(_intid: u32) {
     while let Some(b) = crate::console::read_byte() {
         if rx.len() < 4096 {
             rx.push_back(b);
-        }
-    }
-}
-
-/// Sends the kick SGI to each CPU in `cpus` (other than the caller).
-pub fn kick(cpus: &[usize]) {
-    let me = crate::percpu::cpu_index();
-    for &c in cpus {
-        if c != me {
-            let _ = gic::send_sgi(KICK_SGI, c);
-        }
-    }
-}
-
-/// Wakes every idle CPU (after a VM became schedulable again).
-pub fn kick_idle() {
-    let mut kicks = Vec::new();
-    wake_idle(&mut kicks);
-    kick(&kicks);
-}
-
-/// Adds every idle CPU to `kicks`, so that one of them picks up a vCPU that became runnable.
-pub fn wake_idle(kicks: &mut Vec<usize>) {
-    for (c, idle) in IDLE.iter().enumerate() {
-        if idle.load(Ordering::SeqCst) {
-            kicks.push(c);
         }
     }
 }
@@ -186,9 +158,10 @@ fn deliver_console_input() {
         }
         rx.drain(..).collect()
     };
-    let mut kicks = Vec::new();
+    let mut kicks = vmfork_core::machine::Kicks::new();
     {
-        let mut t = VMS.lock();
+        let mut guard = VMS.lock();
+        let t = &mut *guard;
         for b in bytes {
             if b == FOCUS_KEY {
                 let next = t
@@ -204,13 +177,13 @@ fn deliver_console_input() {
             }
             let Some(id) = t.focus else { continue };
             if let Some(vm) = t.vms.get_mut(&id) {
-                if let Some(v) = vm.type_input(&[b]) {
+                if let Some(v) = vm.type_input(&t.host, &[b]) {
                     vm.kick_vcpu(v, &mut kicks);
                 }
             }
         }
     }
-    kick(&kicks);
+    crate::kick::send(&kicks);
 }
 
 /// The scheduler loop of physical CPU `cpu`. Never returns.
@@ -222,7 +195,7 @@ pub fn run(cpu: usize) -> ! {
             deliver_console_input();
             channel_busy = crate::control::poll();
         }
-        let picked = VMS.lock().pick(cpu);
+        let picked = VMS.lock().pick(cpu, timer::now());
         match picked {
             Some((id, vcpu, ctx)) => run_vcpu(cpu, id, vcpu, ctx),
             None if channel_busy => {}
@@ -232,7 +205,7 @@ pub fn run(cpu: usize) -> ! {
 }
 
 fn idle(cpu: usize) {
-    IDLE[cpu].store(true, Ordering::SeqCst);
+    crate::kick::set_idle(cpu, true);
     let now = timer::now();
     // CPU 0 also serves the control channel (polled): it looks again sooner.
     let sleep = if cpu == 0 {
@@ -241,20 +214,20 @@ fn idle(cpu: usize) {
         IDLE_MICROS
     };
     let mut deadline = now + timer::ticks_from_micros(sleep);
-    if let Some(d) = VMS.lock().next_timer_deadline() {
+    if let Some(d) = VMS.lock().next_timer_deadline(now) {
         deadline = deadline.min(d);
     }
     // Look again after publishing IDLE: a vCPU made runnable in between would otherwise wait
     // for the next tick.
     if VMS.lock().has_runnable() {
-        IDLE[cpu].store(false, Ordering::SeqCst);
+        crate::kick::set_idle(cpu, false);
         return;
     }
     timer::arm_at(deadline.max(now + 1));
     // WFI wakes on a pending physical interrupt even with PSTATE.I set at EL2 (ARM ARM D1.16.2,
     // "Wait for Interrupt"); the interrupt is then handled here by polling.
     aarch64_cpu::asm::wfi();
-    IDLE[cpu].store(false, Ordering::SeqCst);
+    crate::kick::set_idle(cpu, false);
     gic::dispatch_pending();
     SLICE_OVER[cpu].store(false, Ordering::SeqCst);
 }
@@ -298,7 +271,9 @@ pub(crate) fn run_vcpu(cpu: usize, id: u32, vcpu: usize, mut ctx: Box<VcpuCtx>) 
     loop {
         // Prepare under the lock: deliver a due virtual-timer interrupt, fill the list registers.
         let setup = {
-            let mut t = VMS.lock();
+            let mut guard = VMS.lock();
+            let t = &mut *guard;
+            let h = &t.host;
             // A vCPU only runs with its VM's own vGIC (the copy of a shared one is made here,
             // before anything else, so no exit of a running vCPU ever copies it); with no heap
             // for the copy the VM pauses instead.
@@ -307,12 +282,12 @@ pub(crate) fn run_vcpu(cpu: usize, id: u32, vcpu: usize, mut ctx: Box<VcpuCtx>) 
                 .vms
                 .get_mut(&id)
                 .filter(|vm| vm.schedulable())
-                .and_then(|vm| vm.vgic_mut().is_some().then_some(vm))
-                .and_then(|vm| vm.apply_new_identity().then_some(vm));
+                .and_then(|vm| vm.vgic_mut(h).is_some().then_some(vm))
+                .and_then(|vm| vm.apply_new_identity(h).then_some(vm));
             match vm {
                 Some(vm) => {
-                    vm.check_vtimer(vcpu, &mut ctx, timer::now());
-                    if let Some(vgic) = vm.vgic_mut() {
+                    vm.check_vtimer(h, vcpu, &mut ctx, timer::now());
+                    if let Some(vgic) = vm.vgic_mut(h) {
                         match vgic.fill_lrs(vcpu, nr_lrs) {
                             Ok(cpuif) => ctx.cpuif = cpuif,
                             Err(e) => crate::vm_log!(Error, id, "vm{id}: vgic fill failed: {e:?}"),
@@ -328,7 +303,8 @@ pub(crate) fn run_vcpu(cpu: usize, id: u32, vcpu: usize, mut ctx: Box<VcpuCtx>) 
             }
         };
         let Some((vttbr, cntvoff, mpidr)) = setup else {
-            VMS.lock().put_back(id, vcpu, ctx, VcpuState::Runnable);
+            let kicks = VMS.lock().put_back(id, vcpu, ctx, VcpuState::Runnable);
+            crate::kick::send(&kicks);
             return;
         };
 
@@ -337,9 +313,9 @@ pub(crate) fn run_vcpu(cpu: usize, id: u32, vcpu: usize, mut ctx: Box<VcpuCtx>) 
         write_vmpidr(mpidr | (1 << 31));
         // SAFETY: the registers being loaded are this vCPU's own saved context.
         unsafe {
-            ctx.sys.load();
+            load_el1(&ctx.sys);
             if pauth {
-                ctx.pauth.load();
+                load_pauth(&ctx.pauth);
             }
         }
         load_cpuif(&ctx.cpuif);
@@ -355,9 +331,9 @@ pub(crate) fn run_vcpu(cpu: usize, id: u32, vcpu: usize, mut ctx: Box<VcpuCtx>) 
             hpfar: HPFAR_EL2.get(),
         };
         write_hcr(HCR_MONITOR);
-        ctx.sys.store();
+        store_el1(&mut ctx.sys);
         if pauth {
-            ctx.pauth.store();
+            store_pauth(&mut ctx.pauth);
         }
         // The guest's virtual timer must not fire while someone else runs: its state is saved.
         crate::arch::sysregs::stop_guest_vtimer();
@@ -369,21 +345,27 @@ pub(crate) fn run_vcpu(cpu: usize, id: u32, vcpu: usize, mut ctx: Box<VcpuCtx>) 
             deliver_console_input();
         }
 
-        let mut t = VMS.lock();
+        let mut guard = VMS.lock();
+        let t = &mut *guard;
         let now = timer::now();
-        let (next, kicks) = match t.vms.get_mut(&id) {
-            None => (Next::Leave, Vec::new()),
+        let (next, mut kicks) = match t.vms.get_mut(&id) {
+            None => (Next::Leave, vmfork_core::machine::Kicks::new()),
             Some(vm) => {
+                let h = &t.host;
                 // Never a copy here: the vGIC was made the VM's own before the vCPU ran.
-                if let Some(vgic) = vm.vgic_mut() {
+                if let Some(vgic) = vm.vgic_mut(h) {
                     if let Err(e) = vgic.sync_from_lrs(vcpu, &ctx.cpuif) {
                         crate::vm_log!(Error, id, "vm{id}: vgic sync failed: {e:?}");
                     }
                 }
-                vm.check_vtimer(vcpu, &mut ctx, now);
+                vm.check_vtimer(h, vcpu, &mut ctx, now);
                 match exit {
-                    GuestExit::Sync => vm::handle_sync(&mut t, id, vcpu, &mut ctx, syn),
-                    GuestExit::Irq | GuestExit::Fiq => (Next::Resume, Vec::new()),
+                    GuestExit::Sync => {
+                        vmfork_core::machine::handle_sync(t, id, vcpu, &mut ctx, syn)
+                    }
+                    GuestExit::Irq | GuestExit::Fiq => {
+                        (Next::Resume, vmfork_core::machine::Kicks::new())
+                    }
                     GuestExit::SError | GuestExit::Aarch32(_) => {
                         let reason = alloc::format!(
                             "{exit:?} from the guest (ESR {:#x}, PC {:#x})",
@@ -411,13 +393,13 @@ pub(crate) fn run_vcpu(cpu: usize, id: u32, vcpu: usize, mut ctx: Box<VcpuCtx>) 
         };
         match state {
             None => {
-                drop(t);
-                kick(&kicks);
+                drop(guard);
+                crate::kick::send(&kicks);
             }
             Some(state) => {
-                t.put_back(id, vcpu, ctx, state);
-                drop(t);
-                kick(&kicks);
+                kicks.merge(t.put_back(id, vcpu, ctx, state));
+                drop(guard);
+                crate::kick::send(&kicks);
                 timer::cancel();
                 return;
             }

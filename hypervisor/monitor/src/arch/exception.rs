@@ -10,6 +10,15 @@ use vmfork_core::esr::Esr;
 
 use super::entry::TrapFrame;
 
+/// How a fatal exception's dump is printed: the console registers its lock-free emergency path
+/// at boot ([`set_fatal_printer`]), so the arch layer does not depend on the console driver.
+static FATAL_PRINT: spin::Once<fn(fmt::Arguments<'_>)> = spin::Once::new();
+
+/// Sets how a fatal exception's dump is printed (once, at boot, by the console).
+pub fn set_fatal_printer(print: fn(fmt::Arguments<'_>)) {
+    FATAL_PRINT.call_once(|| print);
+}
+
 /// Which of the 16 vector entries was taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VectorKind {
@@ -75,7 +84,7 @@ impl fmt::Display for Dump<'_> {
         writeln!(
             f,
             "unexpected exception on cpu{}: {:?}, {} (EC {:#04x})",
-            crate::percpu::cpu_index(),
+            crate::arch::percpu::cpu_index(),
             self.kind,
             ec.name(),
             self.esr.0 >> 26 & 0x3f
@@ -127,6 +136,8 @@ extern "C" fn handle_exception(frame: &mut TrapFrame, index: u64) {
         far: FAR_EL2.get(),
         hpfar: HPFAR_EL2.get(),
     };
-    crate::console::emergency_print(format_args!("{dump}"));
-    crate::fatal_stop(1);
+    if let Some(print) = FATAL_PRINT.get() {
+        print(format_args!("{dump}"));
+    }
+    super::semihosting::exit(super::semihosting::EXIT_EXCEPTION);
 }

@@ -8,6 +8,7 @@ pub mod exception;
 pub mod gic;
 pub mod idregs;
 pub mod mmu;
+pub mod percpu;
 pub mod psci;
 pub mod semihosting;
 pub mod sysregs;

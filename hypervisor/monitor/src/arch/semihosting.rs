@@ -9,6 +9,11 @@ use core::sync::atomic::{AtomicBool, Ordering};
 /// undefined-instruction exception from the `HLT` apart from a real fault.
 pub static ATTEMPTING: AtomicBool = AtomicBool::new(false);
 
+/// Exit status for an unexpected exception at EL2.
+pub const EXIT_EXCEPTION: u32 = 1;
+/// Exit status for a panic.
+pub const EXIT_PANIC: u32 = 101;
+
 const SYS_EXIT: u64 = 0x18;
 const ADP_STOPPED_APPLICATION_EXIT: u64 = 0x20026;
 

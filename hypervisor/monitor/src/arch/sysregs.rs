@@ -2,65 +2,50 @@
 //!
 //! The monitor runs at EL2 and never uses these registers itself, so they hold the guest's
 //! values while it runs and are stored back into an [`El1Sysregs`] when another vCPU needs the
-//! CPU. Everything a guest can change is here, so a fork copies a complete vCPU.
+//! CPU. Everything a guest can change is here, so a fork copies a complete vCPU. The register
+//! blocks themselves are plain data in the machine model (`vmfork_core::machine::regs`).
 
-/// Defines [`El1Sysregs`] with one field per register and the load/store code for all of them.
-macro_rules! el1_sysregs {
-    ($(#[$doc:meta])* $name:ident { $($field:ident => $reg:literal),* $(,)? }) => {
+pub use vmfork_core::machine::{El1Sysregs, PauthKeys};
+
+/// Defines the functions that move a block of system registers (a struct of the machine model,
+/// `vmfork_core::machine::regs`) into and out of the CPU, one `msr`/`mrs` per field, and checks
+/// at compile time that the register names agree with the model's list.
+macro_rules! sysreg_switch {
+    ($(#[$doc:meta])* $ty:ident, $load:ident, $store:ident { $($field:ident => $reg:literal),* $(,)? }) => {
         $(#[$doc])*
-        #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-        pub struct $name {
+        ///
+        /// Writes every register of `r` into the CPU.
+        ///
+        /// # Safety
+        /// Only while this CPU runs this vCPU: the values become the EL1 context the next
+        /// `eret` to EL1 runs with.
+        pub unsafe fn $load(r: &$ty) {
             $(
-                #[doc = concat!("`", $reg, "`")]
-                pub $field: u64,
+                // SAFETY: writing an EL1 register at EL2 only changes the context of the
+                // guest about to run (the caller's contract); the monitor does not use it.
+                unsafe { core::arch::asm!(concat!("msr ", $reg, ", {0}"), in(reg) r.$field, options(nostack, preserves_flags)) };
+            )*
+            // Context synchronization so the writes are in effect before the ERET
+            // (ARM ARM: direct writes to system registers need an ISB to be observed).
+            aarch64_cpu::asm::barrier::isb(aarch64_cpu::asm::barrier::SY);
+        }
+
+        /// Reads every register of the block from the CPU into `r`.
+        pub fn $store(r: &mut $ty) {
+            $(
+                // SAFETY: reading an EL1 system register at EL2 has no side effect.
+                unsafe { core::arch::asm!(concat!("mrs {0}, ", $reg), out(reg) r.$field, options(nostack, preserves_flags)) };
             )*
         }
 
-        impl $name {
-            /// Writes every register of `self` into the CPU.
-            ///
-            /// # Safety
-            /// Only while this CPU runs this vCPU: the values become the EL1 context the next
-            /// `eret` to EL1 runs with.
-            pub unsafe fn load(&self) {
-                $(
-                    // SAFETY: writing an EL1 register at EL2 only changes the context of the
-                    // guest about to run (the caller's contract); the monitor does not use it.
-                    unsafe { core::arch::asm!(concat!("msr ", $reg, ", {0}"), in(reg) self.$field, options(nostack, preserves_flags)) };
-                )*
-                // Context synchronization so the writes are in effect before the ERET
-                // (ARM ARM: direct writes to system registers need an ISB to be observed).
-                aarch64_cpu::asm::barrier::isb(aarch64_cpu::asm::barrier::SY);
-            }
-
-            /// The register names, in field order.
-            pub const NAMES: &'static [&'static str] = &[$($reg),*];
-
-            /// The values in field order (a snapshot's encoding).
-            pub fn to_array(&self) -> [u64; $name::NAMES.len()] {
-                [$(self.$field),*]
-            }
-
-            /// The registers from values in field order.
-            pub fn from_array(a: &[u64; $name::NAMES.len()]) -> Self {
-                let [$($field),*] = *a;
-                Self { $($field),* }
-            }
-
-            /// Reads every register from the CPU into `self`.
-            pub fn store(&mut self) {
-                $(
-                    // SAFETY: reading an EL1 system register at EL2 has no side effect.
-                    unsafe { core::arch::asm!(concat!("mrs {0}, ", $reg), out(reg) self.$field, options(nostack, preserves_flags)) };
-                )*
-            }
-        }
+        // The model's names, in field order, are the registers switched here.
+        const _: () = assert!(same_names($ty::NAMES, &[$($reg),*]));
     };
 }
 
-el1_sysregs! {
-    /// A vCPU's EL1/EL0 system registers (names as in the ARM ARM, lower case).
-    El1Sysregs {
+sysreg_switch! {
+    /// The EL1/EL0 system registers of a vCPU.
+    El1Sysregs, load_el1, store_el1 {
     sctlr_el1 => "sctlr_el1",
     actlr_el1 => "actlr_el1",
     cpacr_el1 => "cpacr_el1",
@@ -91,10 +76,10 @@ el1_sysregs! {
     }
 }
 
-el1_sysregs! {
-    /// The pointer-authentication keys (FEAT_PAuth), switched only on CPUs that have them:
-    /// on others the registers do not exist and touching them is UNDEFINED.
-    PauthKeys {
+sysreg_switch! {
+    /// The pointer-authentication keys (FEAT_PAuth), switched only on CPUs that have them
+    /// ([`has_pauth`]): on others the registers do not exist and touching them is UNDEFINED.
+    PauthKeys, load_pauth, store_pauth {
     apiakeylo_el1 => "S3_0_C2_C1_0",
     apiakeyhi_el1 => "S3_0_C2_C1_1",
     apibkeylo_el1 => "S3_0_C2_C1_2",
@@ -126,18 +111,6 @@ pub fn has_pauth() -> bool {
         || field(isar1, 28) != 0 // GPI
         || field(isar2, 12) != 0 // APA3
         || field(isar2, 8) != 0 // GPA3
-}
-
-impl El1Sysregs {
-    /// The registers of a vCPU that has just been reset: MMU and caches off, as the Linux boot
-    /// protocol and a CPU coming out of reset both expect. SCTLR_EL1 has its RES1 bits set
-    /// (bits 11, 20, 22, 23, 28, 29) and EE=0 (little endian).
-    pub fn reset() -> Self {
-        Self {
-            sctlr_el1: (1 << 11) | (1 << 20) | (1 << 22) | (1 << 23) | (1 << 28) | (1 << 29),
-            ..Self::default()
-        }
-    }
 }
 
 /// True when two lists of register names are equal (usable in constants).

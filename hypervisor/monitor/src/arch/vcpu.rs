@@ -11,24 +11,7 @@
 //! The EL1 system registers are not touched here: [`El1Sysregs`] loads and stores them around the
 //! call, since the monitor itself never uses them.
 
-/// A guest vCPU's general-purpose, PC/PSTATE and FP/SIMD state.
-#[repr(C, align(16))]
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct GuestRegs {
-    /// x0 to x30.
-    pub x: [u64; 31],
-    /// Program counter (loaded into ELR_EL2 to enter, read from it on exit).
-    pub pc: u64,
-    /// PSTATE as SPSR_EL2 holds it.
-    pub pstate: u64,
-    _pad: u64,
-    /// The 32 128-bit SIMD registers.
-    pub v: [u128; 32],
-    /// Floating-point control register.
-    pub fpcr: u64,
-    /// Floating-point status register.
-    pub fpsr: u64,
-}
+pub use vmfork_core::machine::GuestRegs;
 
 /// Why the guest stopped running: which lower-EL vector was taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

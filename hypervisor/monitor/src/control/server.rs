@@ -11,23 +11,22 @@ use alloc::vec::Vec;
 
 use vmfork_core::addr::{Ipa, PAGE_SIZE};
 use vmfork_core::guest_dtb::layout;
+use vmfork_core::machine::saved as dumpfile;
 use vmfork_proto::msg::{
     DiffReport, ErrorReply, GlobalStats, PageRange, PauseReason, Request, Response, StopReason,
     UploadPurpose, VmId, VmInfo, VmState as ProtoState,
 };
 use vmfork_proto::{Decoder, PROTOCOL_VERSION};
 
-use crate::fork::{self, ForkError, PendingOp};
-use crate::vm::{self, GuestSpec, Vm, VmState, VmTable, VMS};
+use crate::vm::{self, ForkError, GuestSpec, PendingOp, Vm, VmState, VmTable, VMS};
 
-/// Largest console backlog kept per attached VM; older bytes are dropped.
-pub const CONSOLE_TAP_LIMIT: usize = 64 * 1024;
 /// Console bytes sent in one event.
 const CONSOLE_CHUNK: usize = 4096;
 /// Reply bytes one [`Server::input`] call makes at most before it leaves the remaining decoded
 /// requests queued for the next call (one reply may pass it: a reply is never split).
 pub const REPLY_BUDGET: usize = 64 * 1024;
-/// Consoles attached at once (each holds a backlog of up to [`CONSOLE_TAP_LIMIT`]).
+/// Consoles attached at once (each holds a backlog of up to
+/// [`vmfork_core::machine::CONSOLE_TAP_LIMIT`]).
 pub const MAX_ATTACHED_CONSOLES: usize = 16;
 /// Guest RAM pages `diff` compares (and a dump scans for non-zero pages) per hold of the VM
 /// lock.
@@ -66,7 +65,7 @@ pub struct Server {
     decoder: Decoder,
     /// Requests waiting for a fork or reset to run: request id, ticket, what to answer.
     waiting: Vec<(u32, u64, Waiting)>,
-    dumps: BTreeMap<u32, crate::snapshot::Dump>,
+    dumps: BTreeMap<u32, dumpfile::Dump>,
     next_dump: u32,
     /// Attached consoles: VM -> the attach request's id.
     consoles: BTreeMap<u32, u32>,
@@ -164,7 +163,8 @@ impl Server {
     pub fn pump(&mut self, out: &mut Vec<u8>) {
         let mut still = Vec::new();
         for (id, ticket, what) in core::mem::take(&mut self.waiting) {
-            match (fork::take_result(ticket), what) {
+            let result = VMS.lock().take_result(ticket);
+            match (result, what) {
                 (None, _) => still.push((id, ticket, what)),
                 (Some(Err(e)), _) => reply(out, id, Response::Error(fork_error(e))),
                 (Some(Ok(children)), Waiting::Fork) => reply(
@@ -185,13 +185,14 @@ impl Server {
         if self.consoles.is_empty() {
             return;
         }
-        let mut t = VMS.lock();
+        let mut guard = VMS.lock();
+        let t = &mut *guard;
         let mut gone = Vec::new();
         for (&vm_id, &req) in &self.consoles {
             match t.vms.get_mut(&vm_id) {
                 None => gone.push(vm_id),
                 Some(vm) => {
-                    vm.drain_console();
+                    vm.drain_console(&t.host);
                     let data = core::mem::take(&mut vm.console_tap);
                     for chunk in data.chunks(CONSOLE_CHUNK) {
                         reply(
@@ -284,12 +285,14 @@ impl Server {
                         }
                         _ => {
                             v.state = VmState::Paused(String::from("requested"));
-                            v.running_cpus()
+                            let mut k = vmfork_core::machine::Kicks::new();
+                            k.extend(v.running_cpus());
+                            k
                         }
                     },
                 };
                 drop(t);
-                crate::sched::kick(&kicks);
+                crate::kick::send(&kicks);
                 Response::Ok
             }
             Request::Resume { vm } => {
@@ -300,7 +303,7 @@ impl Server {
                         VmState::Paused(_) => {
                             v.state = VmState::Running;
                             drop(t);
-                            crate::sched::kick_idle();
+                            crate::kick::idle_cpus();
                             Response::Ok
                         }
                         VmState::Running => Response::Ok,
@@ -318,7 +321,7 @@ impl Server {
                 } else {
                     let kicks = t.stop(vm.0, String::from("killed by the control channel"));
                     drop(t);
-                    crate::sched::kick(&kicks);
+                    crate::kick::send(&kicks);
                     self.consoles.remove(&vm.0);
                     Response::Ok
                 }
@@ -351,19 +354,20 @@ impl Server {
                 Response::Ok
             }
             Request::ConsoleInput { vm, data } => {
-                let mut t = VMS.lock();
-                let mut kicks = Vec::new();
+                let mut guard = VMS.lock();
+                let t = &mut *guard;
+                let mut kicks = vmfork_core::machine::Kicks::new();
                 let r = match t.vms.get_mut(&vm.0) {
                     None => Response::Error(ErrorReply::NoSuchVm(vm)),
                     Some(v) => {
-                        if let Some(k) = v.type_input(&data) {
+                        if let Some(k) = v.type_input(&t.host, &data) {
                             v.kick_vcpu(k, &mut kicks);
                         }
                         Response::Ok
                     }
                 };
-                drop(t);
-                crate::sched::kick(&kicks);
+                drop(guard);
+                crate::kick::send(&kicks);
                 r
             }
             Request::UploadBegin { purpose, total_len } => self.upload_begin(purpose, total_len),
@@ -409,17 +413,17 @@ impl Server {
             },
             Request::DumpClose { dump } => self.close_dump(dump),
             Request::Restore { upload } => {
-                if let Err(e) = fork::check_vm_limit(&VMS.lock(), 1) {
+                if let Err(e) = VMS.lock().check_vm_limit(1) {
                     self.uploads.remove(&upload);
                     return reply(out, id, Response::Error(fork_error(e)));
                 }
                 match self.take_upload(upload, UploadPurpose::Snapshot) {
                     Err(e) => Response::Error(e),
                     Ok(bytes) => {
-                        let result = crate::snapshot::restore(&mut VMS.lock(), &bytes);
+                        let result = dumpfile::restore(&mut VMS.lock(), &bytes);
                         match result {
                             Ok(vm) => {
-                                crate::sched::kick_idle();
+                                crate::kick::idle_cpus();
                                 Response::Created { vm: VmId(vm) }
                             }
                             Err(e) => Response::Error(ErrorReply::BadRequest(e)),
@@ -440,7 +444,7 @@ impl Server {
             .vms
             .get(&source)
             .map_or_else(String::new, |v| v.name.clone());
-        let begun = crate::snapshot::begin(&VMS.lock(), child, &name);
+        let begun = dumpfile::begin(&VMS.lock(), child, &name);
         // The non-zero pages are found DIFF_PAGES_PER_LOCK at a time, the VM lock taken again
         // for each step (the fork being dumped is paused: its memory stays as it is).
         let scanned = begun.and_then(|mut d| loop {
@@ -465,7 +469,7 @@ impl Server {
                 let kicks = VMS
                     .lock()
                     .stop(child, String::from("snapshot fork discarded"));
-                crate::sched::kick(&kicks);
+                crate::kick::send(&kicks);
                 Response::Error(ErrorReply::Internal(e))
             }
         }
@@ -476,7 +480,7 @@ impl Server {
             None => Response::Error(ErrorReply::BadRequest(format!("no dump {handle}"))),
             Some(d) => {
                 let kicks = VMS.lock().stop(d.vm, String::from("snapshot read out"));
-                crate::sched::kick(&kicks);
+                crate::kick::send(&kicks);
                 Response::Ok
             }
         }
@@ -514,13 +518,10 @@ impl Server {
         what: Waiting,
         out: &mut Vec<u8>,
     ) {
-        let result = {
-            let mut t = VMS.lock();
-            fork::request(&mut t, vm.0, op)
-        };
+        let result = { VMS.lock().request(vm.0, op) };
         match result {
             Ok((ticket, kicks)) => {
-                crate::sched::kick(&kicks);
+                crate::kick::send(&kicks);
                 self.waiting.push((id, ticket, what));
                 self.pump(out);
             }
@@ -542,7 +543,7 @@ impl Server {
                 "upload of {total} bytes: must be 1 to {limit}"
             )));
         }
-        let limits = fork::limits();
+        let limits = VMS.lock().limits;
         if self.uploads.len() >= limits.max_uploads as usize {
             return Response::Error(ErrorReply::BadRequest(format!(
                 "limit reached: max_uploads={}, {} uploads open already",
@@ -651,7 +652,7 @@ impl Server {
             Some(Ok(i)) => Some(i),
             Some(Err(e)) => return Response::Error(e),
         };
-        if let Err(e) = fork::check_vm_limit(&VMS.lock(), 1) {
+        if let Err(e) = VMS.lock().check_vm_limit(1) {
             return Response::Error(fork_error(e));
         }
         // The VM's bookkeeping (vCPU contexts, vGIC, device tree) is built with infallible
@@ -674,7 +675,7 @@ impl Server {
         let result = VMS.lock().create(&spec);
         match result {
             Ok(id) => {
-                crate::sched::kick_idle();
+                crate::kick::idle_cpus();
                 Response::Created { vm: VmId(id) }
             }
             Err(vm::CreateError::Stage2(vmfork_core::stage2::Stage2Error::OutOfMemory)) => {
@@ -765,7 +766,7 @@ pub fn info(vm: &Vm) -> VmInfo {
 fn global_stats(t: &VmTable) -> GlobalStats {
     let (free, total) = crate::mem::frame_counts();
     let (heap_used, heap_free) = crate::heap::usage();
-    let limits = fork::limits();
+    let limits = t.limits;
     GlobalStats {
         free_frames: free as u64,
         used_frames: (total - free) as u64,

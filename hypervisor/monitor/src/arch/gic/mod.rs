@@ -296,7 +296,7 @@ pub fn online_cpus() -> impl Iterator<Item = usize> {
 }
 
 fn this_rd() -> Result<usize, GicError> {
-    let cpu = crate::percpu::cpu_index();
+    let cpu = crate::arch::percpu::cpu_index();
     match RD_BASE.get(cpu).map(|r| r.load(Ordering::Acquire)) {
         Some(rd) if rd != 0 => Ok(rd),
         _ => Err(GicError::UnknownCpu(cpu)),
@@ -639,7 +639,7 @@ pub fn irq_restore(were_enabled: bool) {
 // Handlers and dispatch
 
 /// Registers `handler` for `intid`, replacing any earlier one. Handlers are global: the same
-/// function runs on whichever CPU takes the interrupt (use [`crate::percpu::cpu_index`]).
+/// function runs on whichever CPU takes the interrupt (use [`crate::arch::percpu::cpu_index`]).
 pub fn register_handler(intid: u32, handler: Handler) -> Result<(), GicError> {
     let slot = HANDLERS
         .get(intid as usize)

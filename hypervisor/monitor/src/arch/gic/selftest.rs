@@ -25,7 +25,7 @@ static SELFTEST_TICK_COUNT: [AtomicUsize; MAX_CPUS] = [const { AtomicUsize::new(
 static SELFTEST_SGI_SEEN: [AtomicUsize; MAX_CPUS] = [const { AtomicUsize::new(0) }; MAX_CPUS];
 
 fn selftest_tick(_intid: u32) {
-    let me = crate::percpu::cpu_index();
+    let me = crate::arch::percpu::cpu_index();
     let Some(count) = SELFTEST_TICK_COUNT.get(me) else {
         return;
     };
@@ -48,7 +48,7 @@ fn selftest_start(_intid: u32) {
 }
 
 fn selftest_check(intid: u32) {
-    let me = crate::percpu::cpu_index();
+    let me = crate::arch::percpu::cpu_index();
     // Print before counting, so that CPU 0's final line comes after every CPU's report.
     log::info!("selftest: cpu{me} got SGI {intid}");
     if let Some(seen) = SELFTEST_SGI_SEEN.get(me) {

@@ -10,18 +10,16 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use vmfork_core::addr::{Ipa, PAGE_SIZE};
-use vmfork_core::guest_dtb::layout;
-use vmfork_core::snapshot::{
-    check_header, SavedCtx, SavedRegs, SavedVcpu, SavedVcpuState, SavedVm,
-};
-use vmfork_core::vgic::CpuIfState;
 use vmfork_proto::crc::Crc32;
 use vmfork_proto::snapshot::{encode_run, Snapshot, SnapshotHeader};
 
-use crate::arch::sysregs::{El1Sysregs, PauthKeys};
-use crate::arch::vcpu::GuestRegs;
-use crate::vm::{guest_memory, new_generation_id, Vcpu, VcpuCtx, VcpuState, Vm, VmState, VmTable};
+use super::vm::{NewIdentity, Vcpu, VcpuState, Vm, VmState};
+use super::{El1Sysregs, GuestRegs, Host, PauthKeys, VcpuCtx, VmTable};
+use crate::addr::{Ipa, PAGE_SIZE};
+use crate::guest_dtb::layout;
+use crate::shared::Shared;
+use crate::snapshot::{check_header, SavedCtx, SavedRegs, SavedVcpu, SavedVcpuState, SavedVm};
+use crate::vgic::CpuIfState;
 
 /// Pages per run in a snapshot.
 const RUN_PAGES: u64 = 16;
@@ -88,7 +86,7 @@ fn page_is_zero(page: &[u8]) -> bool {
 
 /// Starts a dump of `vm` (a paused fork made for the purpose): encodes the header and state.
 /// The non-zero pages are found by [`Dump::scan`], in steps, before the first read.
-pub fn begin(t: &VmTable, id: u32, name: &str) -> Result<Dump, String> {
+pub fn begin<H: Host>(t: &VmTable<H>, id: u32, name: &str) -> Result<Dump, String> {
     let vm = t
         .vms
         .get(&id)
@@ -114,7 +112,7 @@ pub fn begin(t: &VmTable, id: u32, name: &str) -> Result<Dump, String> {
         vcpus,
         vgic: (*vm.vgic).clone(),
         uart: vm.uart.clone(),
-        virtual_count: crate::arch::counter().0.wrapping_sub(vm.cntvoff),
+        virtual_count: t.host.now().wrapping_sub(vm.cntvoff),
         generation: vm.generation,
     };
     let state = saved
@@ -155,15 +153,15 @@ impl Dump {
     /// each), adding them to `total`. Returns true once every page has been looked at. Called
     /// with the VM lock held for one step only, so a large VM never holds it for the whole scan;
     /// the dumped VM is a paused internal fork, so its memory does not change in between.
-    pub fn scan(&mut self, t: &VmTable, max_pages: u64) -> Result<bool, String> {
+    pub fn scan<H: Host>(&mut self, t: &VmTable<H>, max_pages: u64) -> Result<bool, String> {
         let vm = t.vms.get(&self.vm).ok_or("the dump's VM is gone")?;
         let s2 = vm.s2.as_ref().ok_or("the dump's VM is being torn down")?;
-        let mem = crate::physmem::IdentityMem;
         let mut page = [0u8; PAGE_SIZE as usize];
         let end = self.pages.min(self.scanned.saturating_add(max_pages));
         for p in self.scanned..end {
             let ipa = Ipa(layout::RAM_BASE + p * PAGE_SIZE);
-            s2.read_guest(&mem, ipa, &mut page)
+            t.host
+                .with_mem(|cx| s2.read_guest(&*cx.mem, ipa, &mut page))
                 .map_err(|e| format!("reading page {p}: {e}"))?;
             if page_is_zero(&page) {
                 continue;
@@ -188,7 +186,12 @@ impl Dump {
 
     /// The next at most `max` bytes of the snapshot, which must be read in order from `offset`.
     /// Empty at the end.
-    pub fn read(&mut self, t: &VmTable, offset: u64, max: usize) -> Result<Vec<u8>, String> {
+    pub fn read<H: Host>(
+        &mut self,
+        t: &VmTable<H>,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<u8>, String> {
         if self.scanned != self.pages {
             return Err(String::from("the dump's pages have not been scanned yet"));
         }
@@ -207,12 +210,10 @@ impl Dump {
                 let vm = t.vms.get(&self.vm).ok_or("the dump's VM is gone")?;
                 let s2 = vm.s2.as_ref().ok_or("the dump's VM is being torn down")?;
                 let mut data = alloc::vec![0u8; (n * PAGE_SIZE) as usize];
-                s2.read_guest(
-                    &crate::physmem::IdentityMem,
-                    Ipa(layout::RAM_BASE + first * PAGE_SIZE),
-                    &mut data,
-                )
-                .map_err(|e| format!("reading pages at {first}: {e}"))?;
+                let ipa = Ipa(layout::RAM_BASE + first * PAGE_SIZE);
+                t.host
+                    .with_mem(|cx| s2.read_guest(&*cx.mem, ipa, &mut data))
+                    .map_err(|e| format!("reading pages at {first}: {e}"))?;
                 encode_run(first, &data, &mut self.pending);
                 self.next += 1;
             } else {
@@ -236,10 +237,10 @@ impl Dump {
 /// anything is allocated or changed (`vmfork_core::snapshot` lists the checks): the container
 /// and its page runs, the header against the machine's free memory, then every vCPU and device
 /// field. A restore that fails changes nothing.
-pub fn restore(t: &mut VmTable, bytes: &[u8]) -> Result<u32, String> {
+pub fn restore<H: Host>(t: &mut VmTable<H>, bytes: &[u8]) -> Result<u32, String> {
     let parsed = Snapshot::parse(bytes).map_err(|e| format!("not a snapshot: {e}"))?;
     let header = &parsed.header;
-    let (free_frames, _) = crate::mem::frame_counts();
+    let free_frames = t.host.with_mem(|cx| cx.frames.free_frames());
     check_header(
         header.vcpus,
         header.mem_bytes,
@@ -257,8 +258,8 @@ pub fn restore(t: &mut VmTable, bytes: &[u8]) -> Result<u32, String> {
     // Everything is known good: build.
     let vmid = t.vmids.alloc().ok_or("no VMID left")?;
     let id = t.next_id;
-    let genid = new_generation_id(id);
-    let built = guest_memory(vmid, header.mem_bytes, &genid, |s2, cx| {
+    let genid = t.host.generation_id(id);
+    let built = t.guest_memory(vmid, header.mem_bytes, &genid, |s2, cx| {
         for (first, data) in parsed.runs() {
             s2.write_guest(cx, Ipa(layout::RAM_BASE + first * PAGE_SIZE), data)?;
         }
@@ -271,12 +272,21 @@ pub fn restore(t: &mut VmTable, bytes: &[u8]) -> Result<u32, String> {
             return Err(format!("{e}"));
         }
     };
-    let now = crate::arch::counter().0;
-    let vcpus = saved
-        .vcpus
-        .iter()
-        .map(|v| Vcpu {
-            ctx: Some(alloc::boxed::Box::new(load_ctx(&v.ctx))),
+    let now = t.host.now();
+    let mut vcpus = Vec::new();
+    for v in &saved.vcpus {
+        let ctx = vcpus
+            .try_reserve(1)
+            .ok()
+            .and_then(|()| t.host.try_box(load_ctx(&v.ctx)).ok());
+        let Some(ctx) = ctx else {
+            // Give the tables back: a restore that fails changes nothing.
+            let _ = t.host.with_mem(|cx| s2.destroy(cx));
+            t.vmids.free(vmid);
+            return Err(String::from("out of memory: monitor heap low"));
+        };
+        vcpus.push(Vcpu {
+            ctx: Some(ctx),
             state: match v.state {
                 SavedVcpuState::Off => VcpuState::Off,
                 SavedVcpuState::Waiting => VcpuState::Waiting,
@@ -284,8 +294,8 @@ pub fn restore(t: &mut VmTable, bytes: &[u8]) -> Result<u32, String> {
                 SavedVcpuState::Runnable | SavedVcpuState::Running(_) => VcpuState::Runnable,
             },
             mpidr: v.mpidr,
-        })
-        .collect();
+        });
+    }
     let SavedVm {
         vgic,
         uart,
@@ -297,34 +307,24 @@ pub fn restore(t: &mut VmTable, bytes: &[u8]) -> Result<u32, String> {
     let ram_size = header.mem_bytes;
     let (name, cmdline) = (String::from(header.name), String::from(header.cmdline));
     t.next_id += 1;
-    t.vms.insert(
+    let mut vm = Vm::new(
         id,
-        Vm {
-            id,
-            name,
-            state: VmState::Running,
-            s2: Some(s2),
-            vcpus,
-            vgic: vmfork_core::shared::Shared::new(vgic),
-            uart,
-            cntvoff: now.wrapping_sub(virtual_count),
-            ram_size,
-            cmdline,
-            line: Vec::new(),
-            parent: None,
-            generation,
-            genid,
-            // A restored VM is a new clone of the one dumped: its new ID is already in place
-            // (guest_memory wrote it); tell it through the vmgenid interrupt.
-            new_identity: crate::vm::NewIdentity::Pending,
-            fork_point: None,
-            pending: Default::default(),
-            stats: Default::default(),
-            console_attached: false,
-            console_tap: Vec::new(),
-            rx_pending: Default::default(),
-        },
+        name,
+        VmState::Running,
+        s2,
+        vcpus,
+        Shared::new(vgic),
+        uart,
+        now.wrapping_sub(virtual_count),
+        ram_size,
+        cmdline,
+        genid,
     );
+    vm.generation = generation;
+    // A restored VM is a new clone of the one dumped: its new ID is already in place
+    // (guest_memory wrote it); tell it through the vmgenid interrupt.
+    vm.new_identity = NewIdentity::Pending;
+    t.vms.insert(id, vm);
     log::info!(
         "vm{id}: restored from a snapshot: {} MiB, {} vCPU(s), {} page runs",
         ram_size >> 20,

@@ -1,0 +1,496 @@
+//! The table of all VMs: VMIDs, creation from an image, the scheduler's picks, stop and
+//! teardown. (Fork and reset are in [`super::ops`], dump and restore in [`super::saved`].)
+
+use alloc::boxed::Box;
+use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use super::ops::ForkError;
+use super::vm::{Vcpu, VcpuState, Vm, VmState};
+use super::{Host, Kicks, VcpuCtx};
+use crate::addr::{Ipa, PAGE_SIZE};
+use crate::cmdline::Limits;
+use crate::guest_dtb::{self, layout, GuestDtbConfig};
+use crate::loader;
+use crate::shared::Shared;
+use crate::stage2::{MemCtx, Perms, Stage2, Stage2Error, Vmid};
+use crate::vgic::{Vgic, VgicConfig};
+use crate::vuart::Vuart;
+
+/// Hands out VMIDs. A VMID is flushed from every TLB when its VM is destroyed (`destroy` does a
+/// `flush_vmid`), so it can be given to the next VM at once: that is the whole rollover scheme,
+/// and with 16-bit VMIDs (65,535 usable) there is no generation counter to wrap.
+#[derive(Debug)]
+pub struct VmidAllocator {
+    used: BTreeSet<u16>,
+    next: u16,
+    limit: u16,
+}
+
+impl Default for VmidAllocator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl VmidAllocator {
+    /// 8-bit VMIDs (1..=255) until [`VmidAllocator::set_bits`] says otherwise.
+    pub const fn new() -> Self {
+        Self {
+            used: BTreeSet::new(),
+            next: 1,
+            limit: 255,
+        }
+    }
+
+    /// Sets how many VMIDs the CPU has (8 or 16 bits).
+    pub fn set_bits(&mut self, bits: u32) {
+        self.limit = if bits >= 16 { u16::MAX } else { 255 };
+    }
+
+    /// Uses only VMIDs 1..=`limit` (tests run out of them on purpose).
+    pub fn set_limit(&mut self, limit: u16) {
+        self.limit = limit.max(1);
+    }
+
+    /// VMIDs in use.
+    pub fn in_use(&self) -> usize {
+        self.used.len()
+    }
+
+    /// A free VMID, now marked used.
+    pub fn alloc(&mut self) -> Option<Vmid> {
+        for _ in 0..self.limit {
+            let v = self.next;
+            self.next = if self.next >= self.limit {
+                1
+            } else {
+                self.next + 1
+            };
+            if self.used.insert(v) {
+                return Some(Vmid(v));
+            }
+        }
+        None
+    }
+
+    /// Gives back a VMID whose TLB entries have been flushed.
+    pub fn free(&mut self, v: Vmid) {
+        self.used.remove(&v.0);
+    }
+}
+
+/// What a new guest is made of.
+pub struct GuestSpec<'a> {
+    /// Name for logs and the tool.
+    pub name: String,
+    /// Kernel image (Linux arm64 `Image` or ELF).
+    pub kernel: &'a [u8],
+    /// Optional initrd.
+    pub initrd: Option<&'a [u8]>,
+    /// RAM in bytes (a multiple of 2 MiB).
+    pub mem: u64,
+    /// Number of vCPUs.
+    pub cpus: u32,
+    /// Kernel command line.
+    pub cmdline: String,
+}
+
+/// Why a VM could not be created. Nothing is left behind.
+#[derive(Debug)]
+pub enum CreateError {
+    /// No VMID left.
+    NoVmid,
+    /// The stage-2 code failed (usually out of memory).
+    Stage2(Stage2Error),
+    /// The kernel image cannot be loaded.
+    Load(loader::LoadError),
+    /// The guest DTB cannot be built.
+    Dtb(guest_dtb::DtbError),
+    /// The vGIC refused the configuration.
+    Config(String),
+    /// A limit of the monitor's command line.
+    Limit(ForkError),
+}
+
+impl core::fmt::Display for CreateError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            CreateError::NoVmid => write!(f, "no VMID left"),
+            CreateError::Stage2(e) => write!(f, "{e}"),
+            CreateError::Load(e) => write!(f, "cannot load the kernel: {e}"),
+            CreateError::Dtb(e) => write!(f, "cannot build the guest device tree: {e}"),
+            CreateError::Config(e) => write!(f, "{e}"),
+            CreateError::Limit(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Everything the monitor knows about its VMs.
+pub struct VmTable<H: Host> {
+    /// Memory, time, heap and log.
+    pub host: H,
+    /// VMs by id.
+    pub vms: BTreeMap<u32, Vm>,
+    /// Id the next VM gets.
+    pub next_id: u32,
+    /// VMIDs in use.
+    pub vmids: VmidAllocator,
+    /// VM whose console receives what is typed on the monitor's console.
+    pub focus: Option<u32>,
+    /// The limits of the monitor's command line (`max_vms=`, `max_forks_per_tree=`).
+    pub limits: Limits,
+    /// Round-robin cursor: (vm id, vcpu index) last picked.
+    cursor: (u32, usize),
+    /// Forks alive per fork tree (by the tree's root VM id), kept as forks are added and
+    /// destroyed so that `max_forks_per_tree=` is checked without walking every VM.
+    tree_forks: BTreeMap<u32, u32>,
+    /// Results of operations asked for by ticket ([`VmTable::request`]), until taken.
+    pub(super) results: BTreeMap<u64, Result<Vec<u32>, ForkError>>,
+    /// The next ticket.
+    pub(super) next_ticket: u64,
+}
+
+impl<H: Host> VmTable<H> {
+    /// An empty table.
+    pub const fn new(host: H) -> Self {
+        Self {
+            host,
+            vms: BTreeMap::new(),
+            next_id: 1,
+            vmids: VmidAllocator::new(),
+            focus: None,
+            limits: Limits::DEFAULT,
+            cursor: (0, 0),
+            tree_forks: BTreeMap::new(),
+            results: BTreeMap::new(),
+            next_ticket: 1,
+        }
+    }
+
+    /// Forks alive in the tree rooted at VM `root` (the root itself not counted).
+    pub fn tree_forks(&self, root: u32) -> u32 {
+        self.tree_forks.get(&root).copied().unwrap_or(0)
+    }
+
+    /// Puts a new fork into the table, counting it in its tree.
+    pub fn insert_fork(&mut self, child: Vm) {
+        if let Some(root) = child.stats.tree_root {
+            *self.tree_forks.entry(root).or_insert(0) += 1;
+        }
+        self.vms.insert(child.id, child);
+    }
+
+    /// Tells the VMID allocator how wide VMIDs are on this CPU.
+    pub fn set_vmid_bits(&mut self, bits: u32) {
+        self.vmids.set_bits(bits);
+    }
+
+    /// Refuses `adding` new VMs when `max_vms` VMs are alive.
+    pub fn check_vm_limit(&self, adding: u32) -> Result<(), ForkError> {
+        let limit = self.limits.max_vms;
+        let alive = u32::try_from(self.vms.len()).unwrap_or(u32::MAX);
+        if alive.saturating_add(adding) > limit {
+            return Err(ForkError::Limit {
+                key: "max_vms",
+                limit,
+                alive,
+                asked: adding,
+            });
+        }
+        Ok(())
+    }
+
+    /// Stage-2 tables for a new VM with VMID `vmid`: `mem` bytes of zeroed RAM at
+    /// [`layout::RAM_BASE`], the read-only `microsoft,vmgenid` page (outside RAM, because Linux
+    /// claims its region as a device resource) holding `genid`, and whatever `fill` writes. All
+    /// or nothing: on an error every frame is given back.
+    pub fn guest_memory(
+        &self,
+        vmid: Vmid,
+        mem: u64,
+        genid: &[u8; 16],
+        fill: impl FnOnce(&mut Stage2, &mut MemCtx<'_, H::Mem, H::Tlb>) -> Result<(), Stage2Error>,
+    ) -> Result<Stage2, Stage2Error> {
+        self.host.with_mem(|cx| {
+            let mut s2 = Stage2::new(cx, vmid)?;
+            let read_only = Perms {
+                write: false,
+                exec: false,
+            };
+            let result = s2
+                .map_ram(cx, Ipa(layout::RAM_BASE), mem / PAGE_SIZE, Perms::RWX)
+                .and_then(|()| s2.map_ram(cx, Ipa(layout::VMGENID_BASE), 1, read_only))
+                .and_then(|()| s2.write_guest(cx, Ipa(layout::VMGENID_BASE), genid))
+                .and_then(|()| fill(&mut s2, cx));
+            match result {
+                Ok(()) => Ok(s2),
+                Err(e) => {
+                    // Give every frame back before reporting.
+                    let _ = s2.destroy(cx);
+                    Err(e)
+                }
+            }
+        })
+    }
+
+    /// Creates a VM from `spec`, loads its kernel, DTB and initrd, and makes vCPU 0 runnable.
+    pub fn create(&mut self, spec: &GuestSpec) -> Result<u32, CreateError> {
+        self.check_vm_limit(1).map_err(CreateError::Limit)?;
+        let vmid = self.vmids.alloc().ok_or(CreateError::NoVmid)?;
+        match self.build(spec, vmid) {
+            Ok(vm) => {
+                let id = vm.id;
+                self.vms.insert(id, vm);
+                if self.focus.is_none() {
+                    self.focus = Some(id);
+                }
+                Ok(id)
+            }
+            Err(e) => {
+                self.vmids.free(vmid);
+                Err(e)
+            }
+        }
+    }
+
+    fn build(&mut self, spec: &GuestSpec, vmid: Vmid) -> Result<Vm, CreateError> {
+        let id = self.next_id;
+        let cpus = spec.cpus.clamp(1, layout::MAX_VCPUS);
+        let initrd_len = spec.initrd.map_or(0, |i| i.len() as u64);
+        let mut dtb_cfg = GuestDtbConfig {
+            vcpus: cpus,
+            ram_base: layout::RAM_BASE,
+            ram_size: spec.mem,
+            bootargs: spec.cmdline.clone(),
+            initrd: (initrd_len > 0).then_some((layout::RAM_BASE, layout::RAM_BASE + initrd_len)),
+            vmgenid: Some(layout::VMGENID_BASE),
+            ..GuestDtbConfig::default()
+        };
+        // The DTB's size does not depend on the initrd's address: size it first, plan, then
+        // build it for real with the planned addresses.
+        let probe = guest_dtb::build(&dtb_cfg).map_err(CreateError::Dtb)?;
+        let plan = loader::plan(
+            spec.kernel,
+            layout::RAM_BASE,
+            spec.mem,
+            initrd_len,
+            probe.len() as u64,
+        )
+        .map_err(CreateError::Load)?;
+        dtb_cfg.initrd = plan.initrd.as_ref().map(|r| (r.start, r.end));
+        let dtb = guest_dtb::build(&dtb_cfg).map_err(CreateError::Dtb)?;
+        let genid = self.host.generation_id(id);
+        let vgic = Vgic::new(&VgicConfig::qemu_virt(cpus as usize))
+            .map_err(|e| CreateError::Config(alloc::format!("vgic: {e:?}")))?;
+
+        let s2 = self
+            .guest_memory(vmid, spec.mem, &genid, |s2, cx| {
+                for seg in &plan.segments {
+                    s2.write_guest(cx, Ipa(seg.ipa), &spec.kernel[seg.src.clone()])?;
+                }
+                s2.write_guest(cx, Ipa(plan.dtb.start), &dtb)?;
+                if let (Some(r), Some(initrd)) = (&plan.initrd, spec.initrd) {
+                    s2.write_guest(cx, Ipa(r.start), initrd)?;
+                }
+                Ok(())
+            })
+            .map_err(CreateError::Stage2)?;
+
+        let mut vcpus = Vec::new();
+        for i in 0..cpus {
+            let mut ctx = Box::new(VcpuCtx::at_reset(0));
+            let state = if i == 0 {
+                ctx.regs.pc = plan.entry;
+                ctx.regs.x[..4].copy_from_slice(&plan.boot_registers());
+                VcpuState::Runnable
+            } else {
+                VcpuState::Off
+            };
+            vcpus.push(Vcpu {
+                ctx: Some(ctx),
+                state,
+                mpidr: layout::vcpu_mpidr_affinity(i),
+            });
+        }
+        self.next_id += 1;
+        log::info!(
+            "vm{id}: created '{}' with {} MiB, {cpus} vCPU(s), entry {:#x}, VMID {}",
+            spec.name,
+            spec.mem >> 20,
+            plan.entry,
+            vmid.0
+        );
+        Ok(Vm::new(
+            id,
+            spec.name.clone(),
+            VmState::Running,
+            s2,
+            vcpus,
+            Shared::new(vgic),
+            Vuart::new(),
+            // The guest's virtual count starts near zero, like on a fresh machine.
+            self.host.now(),
+            spec.mem,
+            spec.cmdline.clone(),
+            genid,
+        ))
+    }
+
+    /// Picks a vCPU for physical CPU `cpu` to run at time `now`: wakes waiting vCPUs whose
+    /// interrupt or timer is due, then takes the next runnable one after the round-robin
+    /// cursor. Returns the VM id, vCPU index and its context, now marked as running on `cpu`.
+    pub fn pick(&mut self, cpu: usize, now: u64) -> Option<(u32, usize, Box<VcpuCtx>)> {
+        let host = &self.host;
+        for vm in self.vms.values_mut() {
+            if !vm.schedulable() {
+                continue;
+            }
+            for i in 0..vm.vcpus.len() {
+                if vm.vcpus[i].state == VcpuState::Waiting {
+                    vm.wake_if_due(host, i, now);
+                }
+            }
+        }
+        // The first runnable vCPU after the cursor, going round once.
+        let cursor = self.cursor;
+        let after = self
+            .vms
+            .range(cursor.0..)
+            .flat_map(|(&id, vm)| (0..vm.vcpus.len()).map(move |i| (id, i, vm)))
+            .filter(|&(id, i, _)| (id, i) > cursor);
+        let before = self
+            .vms
+            .range(..=cursor.0)
+            .flat_map(|(&id, vm)| (0..vm.vcpus.len()).map(move |i| (id, i, vm)))
+            .filter(|&(id, i, _)| (id, i) <= cursor);
+        let (id, i) = after
+            .chain(before)
+            .find(|(_, i, vm)| {
+                vm.schedulable()
+                    && vm.vcpus[*i].state == VcpuState::Runnable
+                    && vm.vcpus[*i].ctx.is_some()
+            })
+            .map(|(id, i, _)| (id, i))?;
+        let vm = self.vms.get_mut(&id)?;
+        let ctx = vm.vcpus[i].ctx.take()?;
+        vm.vcpus[i].state = VcpuState::Running(cpu);
+        self.cursor = (id, i);
+        Some((id, i, ctx))
+    }
+
+    /// Earliest physical-counter time at which a waiting vCPU's virtual timer fires.
+    pub fn next_timer_deadline(&self, now: u64) -> Option<u64> {
+        self.vms
+            .values()
+            .filter(|vm| vm.schedulable())
+            .flat_map(|vm| {
+                vm.vcpus.iter().filter_map(move |v| {
+                    let ctx = v.ctx.as_ref()?;
+                    (v.state == VcpuState::Waiting).then(|| vm.timer_deadline(ctx, now))?
+                })
+            })
+            .min()
+    }
+
+    /// Hands a vCPU's context back after it ran, with its new state. Tears the VM down if it is
+    /// stopping and this was the last of its vCPUs on a CPU, or runs the forks and resets that
+    /// wait for that. Returns what to wake.
+    pub fn put_back(&mut self, id: u32, vcpu: usize, ctx: Box<VcpuCtx>, state: VcpuState) -> Kicks {
+        let Some(vm) = self.vms.get_mut(&id) else {
+            return Kicks::new();
+        };
+        let Some(v) = vm.vcpus.get_mut(vcpu) else {
+            return Kicks::new();
+        };
+        v.ctx = Some(ctx);
+        v.state = state;
+        if vm.any_running() {
+            return Kicks::new();
+        }
+        if matches!(vm.state, VmState::Stopping(_)) {
+            self.destroy(id);
+            Kicks::new()
+        } else if !vm.pending.is_empty() {
+            self.run_pending(id)
+        } else {
+            Kicks::new()
+        }
+    }
+
+    /// Stops VM `id` for `reason`: it is torn down now if none of its vCPUs is on a CPU, else
+    /// when the last one comes back. Returns the physical CPUs to kick.
+    pub fn stop(&mut self, id: u32, reason: String) -> Kicks {
+        let Some(vm) = self.vms.get_mut(&id) else {
+            return Kicks::new();
+        };
+        log::info!("vm{id}: stopping: {reason}");
+        vm.state = VmState::Stopping(reason);
+        // Whoever waits for a fork or reset of it is told now, not when its last vCPU leaves
+        // (which may be never).
+        self.fail_pending(id);
+        let mut kicks = Kicks::new();
+        if let Some(vm) = self.vms.get(&id) {
+            kicks.extend(vm.running_cpus());
+        }
+        if kicks.cpus.is_empty() {
+            self.destroy(id);
+        }
+        kicks
+    }
+
+    /// Removes VM `id` and frees everything it holds. None of its vCPUs may be on a CPU.
+    pub fn destroy(&mut self, id: u32) {
+        // A VM that stopped by itself (SYSTEM_OFF, a fatal exit) may still have waiters.
+        self.fail_pending(id);
+        let Some(mut vm) = self.vms.remove(&id) else {
+            return;
+        };
+        if let Some(root) = vm.stats.tree_root {
+            if let Some(n) = self.tree_forks.get_mut(&root) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.tree_forks.remove(&root);
+                }
+            }
+        }
+        vm.drain_console(&self.host);
+        vm.flush_console_line(&self.host);
+        if let Some(rp) = vm.reset_point.take() {
+            if let Err(e) = self.host.with_mem(|cx| rp.release(cx)) {
+                log::error!("vm{id}: releasing its reset point failed: {e}");
+            }
+        }
+        if let Some(s2) = vm.s2.take() {
+            let vmid = s2.vmid();
+            match self.host.with_mem(|cx| s2.destroy(cx)) {
+                Ok(()) => self.vmids.free(vmid),
+                Err(e) => log::error!("vm{id}: teardown of its stage-2 tables failed: {e}"),
+            }
+        }
+        if self.focus == Some(id) {
+            self.focus = self.vms.keys().next().copied();
+        }
+        let (free, total) = self
+            .host
+            .with_mem(|cx| (cx.frames.free_frames(), cx.frames.total_frames()));
+        let reason = match &vm.state {
+            VmState::Stopping(r) => r.as_str(),
+            _ => "stopped",
+        };
+        log::info!(
+            "vm{id}: '{}' {reason}; destroyed, its {} MiB of RAM returned; frames free {free} of {total}",
+            vm.name,
+            vm.ram_size >> 20
+        );
+        self.host.vm_gone(id);
+    }
+
+    /// True when some vCPU of a running VM is ready to run.
+    pub fn has_runnable(&self) -> bool {
+        self.vms
+            .values()
+            .any(|vm| vm.schedulable() && vm.vcpus.iter().any(|v| v.state == VcpuState::Runnable))
+    }
+}

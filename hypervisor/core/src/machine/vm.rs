@@ -1,0 +1,439 @@
+//! One VM: its vCPUs, devices, virtual time, identity and stage-2 memory.
+
+use alloc::boxed::Box;
+use alloc::collections::VecDeque;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use super::ops::{OpQueue, ResetPoint, VmStats};
+use super::{vm_log, Host, Kicks, VcpuCtx, CONSOLE_TAP_LIMIT, RX_PENDING_LIMIT};
+use crate::addr::Ipa;
+use crate::guest_dtb::layout;
+use crate::shared::Shared;
+use crate::stage2::{Stage2, Stage2Error};
+use crate::vgic::Vgic;
+use crate::vuart::Vuart;
+
+/// The virtual timer's PPI.
+pub const VTIMER_INTID: u32 = 27;
+/// INTID of the `microsoft,vmgenid` interrupt (an SPI), raised after a fork, reset or restore.
+pub const VMGENID_INTID: u32 = layout::spi_intid(layout::VMGENID_SPI);
+/// CNTV_CTL_EL0 bits.
+const CNTV_ENABLE: u64 = 1 << 0;
+const CNTV_IMASK: u64 = 1 << 1;
+/// Console output is printed a line at a time; a line this long is printed unended.
+const CONSOLE_LINE_MAX: usize = 1024;
+
+/// Whether a VM's `microsoft,vmgenid` page and interrupt show its current generation ID.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NewIdentity {
+    /// Nothing to do.
+    Done,
+    /// The ID page does not hold [`Vm::genid`] yet (a fork or a reset: it still holds what the
+    /// fork point's page held) and the interrupt has not been raised. Before any vCPU of the VM
+    /// runs again ([`Vm::apply_new_identity`]) the page is written first and the interrupt
+    /// raised after, so the guest can never read the old ID, and a guest that takes the
+    /// interrupt always reads the new one. A fork that never runs (a paused snapshot fork)
+    /// never pays for it.
+    Pending,
+}
+
+/// Scheduling state of one vCPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum VcpuState {
+    /// Powered off (not started by PSCI CPU_ON yet, or CPU_OFF).
+    Off,
+    /// Ready to run.
+    Runnable,
+    /// Running on the physical CPU with this index; its context is out of the table.
+    Running(usize),
+    /// In WFI: waits for an interrupt or its virtual timer.
+    Waiting,
+}
+
+/// One virtual CPU.
+#[derive(Clone, Debug)]
+pub struct Vcpu {
+    /// Context while not running (`None` while a physical CPU holds it).
+    pub ctx: Option<Box<VcpuCtx>>,
+    /// Scheduling state.
+    pub state: VcpuState,
+    /// MPIDR affinity the guest sees (VMPIDR_EL2 without the RES1 bit).
+    pub mpidr: u64,
+}
+
+/// Why a VM does not run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmState {
+    /// Its vCPUs are scheduled.
+    Running,
+    /// Stopped on purpose or by the monitor, with the reason; its memory and state are kept.
+    Paused(String),
+    /// Being torn down (the reason); gone once no physical CPU runs one of its vCPUs.
+    Stopping(String),
+}
+
+/// A virtual machine.
+pub struct Vm {
+    /// The VM's id (vmN), never reused while the monitor runs.
+    pub id: u32,
+    /// Name from its configuration.
+    pub name: String,
+    /// Scheduling state of the whole VM.
+    pub state: VmState,
+    /// Stage-2 translation tables (None only during teardown).
+    pub s2: Option<Stage2>,
+    /// Its vCPUs.
+    pub vcpus: Vec<Vcpu>,
+    /// Emulated GICv3 distributor and redistributors (shared with the fork point until changed).
+    pub vgic: Shared<Vgic>,
+    /// Emulated PL011.
+    pub uart: Vuart,
+    /// CNTVOFF_EL2: virtual time = physical count - cntvoff.
+    pub cntvoff: u64,
+    /// Guest RAM size in bytes (at [`layout::RAM_BASE`]).
+    pub ram_size: u64,
+    /// The kernel command line it booted with.
+    pub cmdline: String,
+    /// Console output not yet ended by a newline.
+    pub line: Vec<u8>,
+    /// The VM this one was forked from.
+    pub parent: Option<u32>,
+    /// Fork generation: 0 for a VM created from an image, the parent's + 1 for a fork.
+    pub generation: u64,
+    /// The 16 bytes of its `microsoft,vmgenid` page.
+    pub genid: [u8; 16],
+    /// Whether the VM still has to get its vmgenid ID written and its interrupt raised.
+    pub new_identity: NewIdentity,
+    /// Where `reset` puts the VM back to (forks only).
+    pub reset_point: Option<ResetPoint>,
+    /// Operations that need every vCPU of this VM off the CPUs (fork, reset), with who waits
+    /// for each; while one waits no vCPU of the VM is scheduled. Each is answered exactly once:
+    /// run when the last vCPU leaves ([`super::VmTable::run_pending`]), or failed when the VM
+    /// goes ([`super::VmTable::stop`], [`super::VmTable::destroy`]).
+    pub pending: OpQueue,
+    /// Counters for `vmfork stats`.
+    pub stats: VmStats,
+    /// A control-channel client streams this VM's console.
+    pub console_attached: bool,
+    /// Console output not yet sent to the attached client.
+    pub console_tap: Vec<u8>,
+    /// Typed input the guest's UART receive FIFO has no room for yet (fed as it drains).
+    pub rx_pending: VecDeque<u8>,
+}
+
+impl Vm {
+    /// A VM in state `state` with everything else empty: no parent, no reset point, nothing
+    /// pending, no console client.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: u32,
+        name: String,
+        state: VmState,
+        s2: Stage2,
+        vcpus: Vec<Vcpu>,
+        vgic: Shared<Vgic>,
+        uart: Vuart,
+        cntvoff: u64,
+        ram_size: u64,
+        cmdline: String,
+        genid: [u8; 16],
+    ) -> Self {
+        Self {
+            id,
+            name,
+            state,
+            s2: Some(s2),
+            vcpus,
+            vgic,
+            uart,
+            cntvoff,
+            ram_size,
+            cmdline,
+            line: Vec::new(),
+            parent: None,
+            generation: 0,
+            genid,
+            new_identity: NewIdentity::Done,
+            reset_point: None,
+            pending: OpQueue::default(),
+            stats: VmStats::default(),
+            console_attached: false,
+            console_tap: Vec::new(),
+            rx_pending: VecDeque::new(),
+        }
+    }
+
+    /// True when its vCPUs may be put on a CPU: running, with no fork or reset waiting.
+    pub fn schedulable(&self) -> bool {
+        self.state == VmState::Running && self.pending.is_empty()
+    }
+
+    /// True when one of its vCPUs is on a CPU.
+    pub fn any_running(&self) -> bool {
+        self.vcpus
+            .iter()
+            .any(|v| matches!(v.state, VcpuState::Running(_)))
+    }
+
+    /// The CPUs its vCPUs run on.
+    pub fn running_cpus(&self) -> impl Iterator<Item = usize> + '_ {
+        self.vcpus.iter().filter_map(|v| match v.state {
+            VcpuState::Running(c) => Some(c),
+            _ => None,
+        })
+    }
+
+    /// The root of this VM's fork tree.
+    pub fn tree_root(&self) -> u32 {
+        self.stats.tree_root.unwrap_or(self.id)
+    }
+
+    /// Physical-counter time at which the vCPU's virtual timer condition becomes true, if it is
+    /// enabled and not masked (`now` if it already is). Virtual time is the physical count minus
+    /// CNTVOFF modulo 2^64, as the hardware computes it (a restored VM's offset may wrap).
+    pub fn timer_deadline(&self, ctx: &VcpuCtx, now: u64) -> Option<u64> {
+        let ctl = ctx.sys.cntv_ctl_el0;
+        if ctl & CNTV_ENABLE == 0 || ctl & CNTV_IMASK != 0 {
+            return None;
+        }
+        let vnow = now.wrapping_sub(self.cntvoff);
+        let cval = ctx.sys.cntv_cval_el0;
+        Some(if cval <= vnow {
+            now
+        } else {
+            now.saturating_add(cval - vnow)
+        })
+    }
+
+    /// If the vCPU's virtual timer has fired (condition true, not masked), injects its PPI and
+    /// masks the timer in the saved context so it does not fire again until the guest rearms it
+    /// (the guest's handler writes CNTV_CTL_EL0 itself; ISTATUS is unaffected by IMASK).
+    pub fn check_vtimer<H: Host>(&mut self, h: &H, vcpu: usize, ctx: &mut VcpuCtx, now: u64) {
+        if let Some(deadline) = self.timer_deadline(ctx, now) {
+            if now >= deadline {
+                let id = self.id;
+                // Without a vGIC (the VM just paused: no heap for its copy) the timer stays
+                // unmasked, so it fires again once the VM is resumed.
+                let Some(vgic) = self.vgic_mut(h) else {
+                    return;
+                };
+                ctx.sys.cntv_ctl_el0 |= CNTV_IMASK;
+                if let Err(e) = vgic.inject_edge(VTIMER_INTID, vcpu) {
+                    vm_log!(
+                        h,
+                        Warn,
+                        id,
+                        "vm{id}: cannot inject the virtual timer: {e:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Makes waiting vCPU `vcpu` runnable when its timer fired or an interrupt is pending.
+    pub fn wake_if_due<H: Host>(&mut self, h: &H, vcpu: usize, now: u64) {
+        if let Some(mut ctx) = self.vcpus[vcpu].ctx.take() {
+            self.check_vtimer(h, vcpu, &mut ctx, now);
+            self.vcpus[vcpu].ctx = Some(ctx);
+        }
+        if self.vgic.has_pending(vcpu) {
+            self.vcpus[vcpu].state = VcpuState::Runnable;
+        }
+    }
+
+    /// Hands the guest's console output to the host, one line at a time, and keeps a copy for
+    /// an attached control-channel client.
+    pub fn drain_console<H: Host>(&mut self, h: &H) {
+        let out: Vec<u8> = self.uart.take_output().collect();
+        // The backlog for an attached client is kept only while the heap has room above its
+        // reserve; past that (or past the limit, oldest first) bytes are dropped, as a slow
+        // terminal would lose them.
+        if self.console_attached
+            && h.heap_check(out.len()).is_ok()
+            && self.console_tap.try_reserve(out.len()).is_ok()
+        {
+            self.console_tap.extend_from_slice(&out);
+            if self.console_tap.len() > CONSOLE_TAP_LIMIT {
+                let excess = self.console_tap.len() - CONSOLE_TAP_LIMIT;
+                self.console_tap.drain(..excess);
+            }
+        }
+        for b in out {
+            match b {
+                b'\n' => self.flush_console_line(h),
+                b'\r' => {}
+                _ => {
+                    // The line is bounded: reserved fallibly, printed when full.
+                    if self.line.try_reserve(1).is_ok() {
+                        self.line.push(b);
+                    }
+                    if self.line.len() >= CONSOLE_LINE_MAX {
+                        self.flush_console_line(h);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Prints what is left of the current console line.
+    pub fn flush_console_line<H: Host>(&mut self, h: &H) {
+        if self.line.is_empty() {
+            return;
+        }
+        let text = String::from_utf8_lossy(&self.line);
+        h.console_line(self.id, &text);
+        self.line.clear();
+    }
+
+    /// Shows the guest its new vmgenid ID if it does not see it yet (after a fork, a reset or a
+    /// restore): writes the ID page, then raises the interrupt, in that order, so a guest that
+    /// takes the interrupt reads the new ID (Linux 6.10+ then reseeds its RNG). Called before
+    /// every run of a vCPU. Out of memory for the page (it is copied on write like any other)
+    /// pauses the VM with the reason, and false is returned: the vCPU must not run.
+    pub fn apply_new_identity<H: Host>(&mut self, h: &H) -> bool {
+        match self.show_new_identity(h) {
+            // Not done only when the VM just paused for want of heap for its vGIC.
+            Ok(()) => self.new_identity == NewIdentity::Done,
+            Err(Stage2Error::OutOfMemory) => {
+                self.state =
+                    VmState::Paused(String::from("out of memory writing its new vmgenid ID"));
+                vm_log!(
+                    h,
+                    Warn,
+                    self.id,
+                    "vm{}: paused: no free frame for its vmgenid page",
+                    self.id
+                );
+                false
+            }
+            Err(e) => {
+                self.state =
+                    VmState::Stopping(alloc::format!("stage-2 error writing its vmgenid ID: {e}"));
+                false
+            }
+        }
+    }
+
+    fn show_new_identity<H: Host>(&mut self, h: &H) -> Result<(), Stage2Error> {
+        if self.new_identity == NewIdentity::Done {
+            return Ok(());
+        }
+        let id = self.id;
+        // The interrupt needs the VM's own vGIC: when a shared one cannot be copied the VM is
+        // paused (`vgic_mut`) and nothing is written; this runs again before its next run.
+        if self.vgic_mut(h).is_none() {
+            return Ok(());
+        }
+        let s2 = self
+            .s2
+            .as_mut()
+            .ok_or(Stage2Error::NotMapped(Ipa(layout::VMGENID_BASE)))?;
+        let genid = self.genid;
+        h.with_mem(|cx| s2.write_guest(cx, Ipa(layout::VMGENID_BASE), &genid))?;
+        // Only now that the page holds the new ID.
+        if let Some(vgic) = self.vgic_mut(h) {
+            if let Err(e) = vgic.inject_edge(VMGENID_INTID, 0) {
+                vm_log!(
+                    h,
+                    Warn,
+                    id,
+                    "vm{id}: cannot raise the vmgenid interrupt: {e:?}"
+                );
+            }
+        }
+        self.new_identity = NewIdentity::Done;
+        Ok(())
+    }
+
+    /// Writes the VM's new vmgenid ID (and raises its interrupt) if it does not show it yet,
+    /// before a stage-2 fault at `ipa` is handled in the low GiB (where the ID page is). A
+    /// vCPU never runs before [`Vm::apply_new_identity`], so this is a second line of defence.
+    /// Out of memory is returned as is.
+    pub fn write_new_identity<H: Host>(&mut self, h: &H, ipa: Ipa) -> Result<(), Stage2Error> {
+        if self.new_identity == NewIdentity::Done || ipa.0 >= layout::RAM_BASE {
+            return Ok(());
+        }
+        self.show_new_identity(h)
+    }
+
+    /// Queues typed bytes for the guest's UART (at most [`RX_PENDING_LIMIT`] wait; beyond that
+    /// they are dropped, as a real line would overrun) and moves what fits into its FIFO.
+    /// Returns the vCPU to kick when its interrupt line changed.
+    pub fn type_input<H: Host>(&mut self, h: &H, bytes: &[u8]) -> Option<usize> {
+        let n = bytes
+            .len()
+            .min(RX_PENDING_LIMIT.saturating_sub(self.rx_pending.len()));
+        // Fallibly, and only with the heap's reserve left: otherwise the bytes are dropped too.
+        if h.heap_check(n).is_ok() && self.rx_pending.try_reserve(n).is_ok() {
+            self.rx_pending.extend(&bytes[..n]);
+        }
+        self.feed_uart(h)
+    }
+
+    /// Moves queued input into the UART's receive FIFO while it has room.
+    pub fn feed_uart<H: Host>(&mut self, h: &H) -> Option<usize> {
+        while let Some(&b) = self.rx_pending.front() {
+            if !self.uart.push_rx(b) {
+                break;
+            }
+            self.rx_pending.pop_front();
+        }
+        self.uart_irq_changed(h)
+    }
+
+    /// Re-evaluates the UART's interrupt line after any UART activity. Returns the vCPU to kick.
+    pub fn uart_irq_changed<H: Host>(&mut self, h: &H) -> Option<usize> {
+        let level = self.uart.irq_level();
+        self.vgic_mut(h)?
+            .set_irq_level(crate::vuart::PL011_INTID, 0, level)
+            .ok()
+            .flatten()
+    }
+
+    /// The vGIC, to change. A fork shares its vGIC with its reset point (and a parent with its
+    /// children's reset points) until the first change, which copies it: that copy is made
+    /// here, fallibly and only with the heap's reserve left ([`Host::heap_check`]). When it
+    /// cannot be made the VM is paused with an "out of memory" reason and `None` is returned:
+    /// nothing changed, and resuming the VM tries again.
+    pub fn vgic_mut<H: Host>(&mut self, h: &H) -> Option<&mut Vgic> {
+        if self.vgic.is_shared() {
+            let copied = match h.heap_check(self.vgic.copy_bytes()) {
+                Err(e) => Err(alloc::format!("{e}")),
+                Ok(()) => self
+                    .vgic
+                    .try_make_mut()
+                    .map(|_| ())
+                    .map_err(|e| alloc::format!("{e}")),
+            };
+            if let Err(e) = copied {
+                if !matches!(self.state, VmState::Stopping(_)) {
+                    vm_log!(
+                        h,
+                        Warn,
+                        self.id,
+                        "vm{}: paused: no heap to copy its vGIC: {e}",
+                        self.id
+                    );
+                    self.state = VmState::Paused(String::from("out of memory: vGIC copy"));
+                }
+                return None;
+            }
+        }
+        // Not shared now: this never copies.
+        self.vgic.try_make_mut().ok()
+    }
+
+    /// Marks a vCPU that has a new interrupt: a waiting one becomes runnable (and an idle CPU is
+    /// woken for it); one running on a CPU gets that CPU kicked so it reloads its list registers.
+    pub fn kick_vcpu(&mut self, vcpu: usize, kicks: &mut Kicks) {
+        match self.vcpus.get(vcpu).map(|v| v.state) {
+            Some(VcpuState::Waiting) => {
+                self.vcpus[vcpu].state = VcpuState::Runnable;
+                kicks.idle = true;
+            }
+            Some(VcpuState::Running(c)) => kicks.cpu(c),
+            _ => {}
+        }
+    }
+}
