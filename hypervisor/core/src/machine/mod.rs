@@ -25,9 +25,6 @@ pub mod saved;
 pub mod table;
 pub mod vm;
 
-#[cfg(test)]
-mod tests;
-
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::fmt;
