@@ -23,8 +23,8 @@ use vmfork_core::frame::FrameAllocator;
 use vmfork_core::guest_dtb::layout;
 use vmfork_core::machine::saved;
 use vmfork_core::machine::{
-    handle_sync, El1Sysregs, ForkError, GuestRegs, GuestSpec, HeapLow, Host, Next, PendingOp,
-    Syndrome, VcpuState, VmState, VmTable,
+    handle_sync, El1Sysregs, ForkError, GuestRegs, GuestSpec, HeapLow, Host, MemoryWant, Next,
+    PauseReason, PendingOp, StopReason, Syndrome, VcpuState, VmState, VmTable,
 };
 use vmfork_core::mmio::{MmioAccess, MmioResult};
 use vmfork_core::physmem::{FakePhysMem, PhysMem};
@@ -328,7 +328,12 @@ fn enter(t: &mut VmTable<TestHost>, id: u32) -> bool {
     let ran = vm.schedulable() && vm.vgic_mut(h).is_some() && vm.apply_new_identity(h);
     if !ran {
         assert!(
-            matches!(&vm.state, VmState::Paused(r) if r.contains("out of memory")),
+            matches!(
+                vm.state,
+                VmState::Paused(PauseReason::OutOfMemory(
+                    MemoryWant::VgicCopy | MemoryWant::NewIdentity
+                ))
+            ),
             "a VM that cannot be entered is paused for memory: {:?}",
             vm.state
         );
@@ -385,7 +390,10 @@ fn guest_store(t: &mut VmTable<TestHost>, id: u32, loc: Loc, value: u64) -> bool
         if next != Next::Resume {
             let vm = &t.vms[&id];
             assert!(
-                matches!(&vm.state, VmState::Paused(r) if r.contains("out of memory")),
+                matches!(
+                    vm.state,
+                    VmState::Paused(PauseReason::OutOfMemory(MemoryWant::CowWrite(_)))
+                ),
                 "a fault that does not resume pauses the VM for memory: {:?}",
                 vm.state
             );
@@ -634,7 +642,7 @@ impl World {
                 let Some(id) = self.pick(vm) else {
                     return Ok(());
                 };
-                let kicks = self.t.stop(id, "killed".to_string());
+                let kicks = self.t.stop(id, StopReason::Killed);
                 prop_assert!(kicks.cpus.is_empty(), "no vCPU runs: nothing to kick");
                 prop_assert!(!self.t.vms.contains_key(&id), "torn down at once");
                 self.model.remove(&id);
@@ -675,7 +683,7 @@ impl World {
                     d.total,
                     "the dump is as long as it said"
                 );
-                let _ = self.t.stop(snap, "snapshot read out".to_string());
+                let _ = self.t.stop(snap, StopReason::DumpDone);
                 match saved::restore(&mut self.t, &bytes) {
                     Ok(new) => {
                         let now = self.model[&id].now.clone();
@@ -702,7 +710,7 @@ impl World {
                 let Some(id) = self.pick(vm) else {
                     return Ok(());
                 };
-                self.t.vms.get_mut(&id).unwrap().state = VmState::Paused("requested".into());
+                self.t.vms.get_mut(&id).unwrap().state = VmState::Paused(PauseReason::Requested);
                 self.model.get_mut(&id).unwrap().paused = true;
             }
             Op::Resume { vm } => {
@@ -763,7 +771,7 @@ impl World {
     fn teardown(mut self, frames: usize) -> Result<(), TestCaseError> {
         let ids: Vec<u32> = self.t.vms.keys().copied().collect();
         for id in ids {
-            let _ = self.t.stop(id, "end".to_string());
+            let _ = self.t.stop(id, StopReason::Killed);
         }
         prop_assert!(self.t.vms.is_empty());
         prop_assert_eq!(self.t.vmids.in_use(), 0);

@@ -249,7 +249,7 @@ fn create_vm(t: &mut VmTable, mem_mib: u64, cpus: u32, dirty: u16) -> Result<u32
         .create(&spec)
         .map_err(|e| format!("creating a {mem_mib} MiB guest: {e}"))?;
     if let Some(vm) = t.vms.get_mut(&id) {
-        vm.state = VmState::Paused(String::from("benchmark"));
+        vm.state = VmState::Paused(vmfork_core::machine::PauseReason::Requested);
     }
     Ok(id)
 }

@@ -372,7 +372,10 @@ pub(crate) fn run_vcpu(cpu: usize, id: u32, vcpu: usize, mut ctx: Box<VcpuCtx>) 
                             syn.esr.0,
                             ctx.regs.pc
                         );
-                        (Next::Leave, t.stop(id, reason))
+                        (
+                            Next::Leave,
+                            t.stop(id, vmfork_core::machine::StopReason::Fault(reason)),
+                        )
                     }
                 }
             }

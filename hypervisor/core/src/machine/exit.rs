@@ -4,10 +4,9 @@
 //! would have, and says what the CPU does next.
 
 use alloc::format;
-use alloc::string::String;
 
 use super::ops::PendingOp;
-use super::vm::{VcpuState, Vm, VmState};
+use super::vm::{MemoryWant, PauseReason, StopReason, VcpuState, Vm, VmState};
 use super::{
     vm_log, El1Sysregs, GuestRegs, Host, Kicks, PauthKeys, VcpuCtx, VmTable, PSTATE_EL1H_MASKED,
 };
@@ -92,7 +91,7 @@ pub fn handle_sync<H: Host>(
                 ctx.regs.pc
             );
             dump_vcpu(id, vcpu, ctx);
-            kicks.merge(t.stop(id, reason));
+            kicks.merge(t.stop(id, StopReason::Fault(reason)));
             return (Next::Leave, kicks);
         }
     };
@@ -166,9 +165,7 @@ fn new_identity_first<H: Host>(h: &H, vm: &mut Vm, ipa: Ipa) -> Option<Next> {
     match vm.write_new_identity(h, ipa) {
         Ok(()) => None,
         Err(Stage2Error::OutOfMemory) => {
-            vm.state = VmState::Paused(String::from(
-                "out of memory writing its vmgenid ID after the fork",
-            ));
+            vm.state = VmState::Paused(PauseReason::OutOfMemory(MemoryWant::NewIdentity));
             vm_log!(
                 h,
                 Warn,
@@ -179,7 +176,9 @@ fn new_identity_first<H: Host>(h: &H, vm: &mut Vm, ipa: Ipa) -> Option<Next> {
             Some(Next::Leave)
         }
         Err(e) => {
-            vm.state = VmState::Stopping(format!("stage-2 error writing its vmgenid ID: {e}"));
+            vm.state = VmState::Stopping(StopReason::Internal(format!(
+                "stage-2 error writing its vmgenid ID: {e}"
+            )));
             Some(Next::Leave)
         }
     }
@@ -221,9 +220,7 @@ fn instruction_abort<H: Host>(h: &H, vm: &mut Vm, ctx: &mut VcpuCtx, syn: Syndro
         }
         Ok(FaultOutcome::Retry) => Next::Resume,
         Ok(FaultOutcome::OutOfMemory) => {
-            vm.state = VmState::Paused(format!(
-                "out of memory on an instruction fetch at IPA {ipa}"
-            ));
+            vm.state = VmState::Paused(PauseReason::OutOfMemory(MemoryWant::Fetch(ipa)));
             vm_log!(h, Warn, vm.id, "vm{}: paused: out of memory", vm.id);
             Next::Leave
         }
@@ -240,7 +237,9 @@ fn instruction_abort<H: Host>(h: &H, vm: &mut Vm, ctx: &mut VcpuCtx, syn: Syndro
             Next::Resume
         }
         Err(e) => {
-            vm.state = VmState::Stopping(format!("stage-2 error at IPA {ipa}: {e}"));
+            vm.state = VmState::Stopping(StopReason::Internal(format!(
+                "stage-2 error at IPA {ipa}: {e}"
+            )));
             Next::Leave
         }
     }
@@ -268,9 +267,7 @@ fn data_abort<H: Host>(
     match h.with_mem(|cx| s2.handle_fault(cx, ipa, write)) {
         Ok(FaultOutcome::Retry) => return Next::Resume,
         Ok(FaultOutcome::OutOfMemory) => {
-            vm.state = VmState::Paused(format!(
-                "out of memory copying a page for a write to IPA {ipa}"
-            ));
+            vm.state = VmState::Paused(PauseReason::OutOfMemory(MemoryWant::CowWrite(ipa)));
             vm_log!(
                 h,
                 Warn,
@@ -282,7 +279,9 @@ fn data_abort<H: Host>(
         }
         Ok(FaultOutcome::NotMapped) | Ok(FaultOutcome::PermissionDenied) => {}
         Err(e) => {
-            vm.state = VmState::Stopping(format!("stage-2 error at IPA {ipa}: {e}"));
+            vm.state = VmState::Stopping(StopReason::Internal(format!(
+                "stage-2 error at IPA {ipa}: {e}"
+            )));
             return Next::Leave;
         }
     }
@@ -473,13 +472,11 @@ fn hypercall(vm: &mut Vm, vcpu: usize, ctx: &mut VcpuCtx, kicks: &mut Kicks) -> 
             }
         }
         PsciCall::SystemOff => {
-            vm.state = VmState::Stopping(String::from("powered off (PSCI SYSTEM_OFF)"));
+            vm.state = VmState::Stopping(StopReason::PowerOff);
             0
         }
         PsciCall::SystemReset => {
-            vm.state = VmState::Stopping(String::from(
-                "reset requested (PSCI SYSTEM_RESET): torn down",
-            ));
+            vm.state = VmState::Stopping(StopReason::SystemReset);
             0
         }
         PsciCall::VendorHypCallUid => {

@@ -37,7 +37,7 @@ pub use exit::{handle_sync, Next, Syndrome};
 pub use ops::{ForkError, PendingOp, ResetPoint, VmStats};
 pub use regs::{El1Sysregs, GuestRegs, PauthKeys, VcpuCtx, PSTATE_EL1H_MASKED};
 pub use table::{CreateError, GuestSpec, VmTable, VmidAllocator};
-pub use vm::{NewIdentity, Vcpu, VcpuState, Vm, VmState};
+pub use vm::{MemoryWant, NewIdentity, PauseReason, StopReason, Vcpu, VcpuState, Vm, VmState};
 
 /// Most console output kept for a control-channel client that streams a VM's console and has
 /// not read it yet; older bytes are dropped first.

@@ -13,7 +13,7 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use super::vm::{NewIdentity, Vcpu, Vm, VmState};
+use super::vm::{NewIdentity, PauseReason, Vcpu, Vm, VmState};
 use super::{vm_log, HeapLow, Host, Kicks, VcpuCtx, VmTable};
 use crate::opqueue::{guest_x0, Busy, GuestError, Waiter};
 use crate::physmem::PhysMem;
@@ -497,7 +497,7 @@ impl<H: Host> VmTable<H> {
             uart: parent.uart.clone(),
         };
         let state = if paused {
-            VmState::Paused(String::from("forked paused"))
+            VmState::Paused(PauseReason::Forked)
         } else {
             VmState::Running
         };

@@ -7,7 +7,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use super::ops::ForkError;
-use super::vm::{Vcpu, VcpuState, Vm, VmState};
+use super::vm::{StopReason, Vcpu, VcpuState, Vm, VmState};
 use super::{Host, Kicks, VcpuCtx};
 use crate::addr::{Ipa, PAGE_SIZE};
 use crate::cmdline::Limits;
@@ -421,7 +421,7 @@ impl<H: Host> VmTable<H> {
 
     /// Stops VM `id` for `reason`: it is torn down now if none of its vCPUs is on a CPU, else
     /// when the last one comes back. Returns the physical CPUs to kick.
-    pub fn stop(&mut self, id: u32, reason: String) -> Kicks {
+    pub fn stop(&mut self, id: u32, reason: StopReason) -> Kicks {
         let Some(vm) = self.vms.get_mut(&id) else {
             return Kicks::new();
         };
@@ -476,8 +476,8 @@ impl<H: Host> VmTable<H> {
             .host
             .with_mem(|cx| (cx.frames.free_frames(), cx.frames.total_frames()));
         let reason = match &vm.state {
-            VmState::Stopping(r) => r.as_str(),
-            _ => "stopped",
+            VmState::Stopping(r) => alloc::format!("{r}"),
+            _ => String::from("stopped"),
         };
         log::info!(
             "vm{id}: '{}' {reason}; destroyed, its {} MiB of RAM returned; frames free {free} of {total}",

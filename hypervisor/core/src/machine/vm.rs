@@ -67,10 +67,89 @@ pub struct Vcpu {
 pub enum VmState {
     /// Its vCPUs are scheduled.
     Running,
-    /// Stopped on purpose or by the monitor, with the reason; its memory and state are kept.
-    Paused(String),
-    /// Being torn down (the reason); gone once no physical CPU runs one of its vCPUs.
-    Stopping(String),
+    /// Stopped on purpose or by the monitor; its memory and state are kept and resuming it
+    /// runs it again (an operation that waited for memory is retried).
+    Paused(PauseReason),
+    /// Being torn down; gone once no physical CPU runs one of its vCPUs.
+    Stopping(StopReason),
+}
+
+/// Why a VM is paused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PauseReason {
+    /// Asked for (the control channel's `Pause`).
+    Requested,
+    /// A fork made paused (`Fork { paused: true }`, the dump's own fork).
+    Forked,
+    /// What the VM needed could not be had: no free frame or no heap above its reserve.
+    OutOfMemory(MemoryWant),
+}
+
+/// What a VM paused for want of memory was doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemoryWant {
+    /// Its own copy of the vGIC it shares with its reset point (heap).
+    VgicCopy,
+    /// The copy of its vmgenid page, to write its new ID in (a frame).
+    NewIdentity,
+    /// The copy of a shared page a guest store hit (a frame, and maybe a table).
+    CowWrite(Ipa),
+    /// A page or table an instruction fetch needed (a frame).
+    Fetch(Ipa),
+}
+
+/// Why a VM is being torn down.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest powered off (PSCI SYSTEM_OFF).
+    PowerOff,
+    /// The guest asked for a reset (PSCI SYSTEM_RESET): a VM is torn down instead.
+    SystemReset,
+    /// Killed by the control channel.
+    Killed,
+    /// The internal fork a dump was read from, once read out.
+    DumpDone,
+    /// The internal fork of a dump that failed.
+    DumpDiscarded,
+    /// The guest did something the monitor cannot go on from (an unhandled exception, an
+    /// SError): what, with ESR/FAR/PC.
+    Fault(String),
+    /// A stage-2 error that is not running out of memory: a bug in the monitor.
+    Internal(String),
+}
+
+impl core::fmt::Display for PauseReason {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            PauseReason::Requested => write!(f, "requested"),
+            PauseReason::Forked => write!(f, "forked paused"),
+            PauseReason::OutOfMemory(MemoryWant::VgicCopy) => write!(f, "out of memory: vGIC copy"),
+            PauseReason::OutOfMemory(MemoryWant::NewIdentity) => {
+                write!(f, "out of memory writing its new vmgenid ID")
+            }
+            PauseReason::OutOfMemory(MemoryWant::CowWrite(ipa)) => {
+                write!(f, "out of memory copying a page for a write to IPA {ipa}")
+            }
+            PauseReason::OutOfMemory(MemoryWant::Fetch(ipa)) => {
+                write!(f, "out of memory on an instruction fetch at IPA {ipa}")
+            }
+        }
+    }
+}
+
+impl core::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            StopReason::PowerOff => write!(f, "powered off (PSCI SYSTEM_OFF)"),
+            StopReason::SystemReset => {
+                write!(f, "reset requested (PSCI SYSTEM_RESET): torn down")
+            }
+            StopReason::Killed => write!(f, "killed by the control channel"),
+            StopReason::DumpDone => write!(f, "snapshot read out"),
+            StopReason::DumpDiscarded => write!(f, "snapshot fork discarded"),
+            StopReason::Fault(s) | StopReason::Internal(s) => write!(f, "{s}"),
+        }
+    }
 }
 
 /// A virtual machine.
@@ -296,8 +375,7 @@ impl Vm {
             // Not done only when the VM just paused for want of heap for its vGIC.
             Ok(()) => self.new_identity == NewIdentity::Done,
             Err(Stage2Error::OutOfMemory) => {
-                self.state =
-                    VmState::Paused(String::from("out of memory writing its new vmgenid ID"));
+                self.state = VmState::Paused(PauseReason::OutOfMemory(MemoryWant::NewIdentity));
                 vm_log!(
                     h,
                     Warn,
@@ -308,8 +386,9 @@ impl Vm {
                 false
             }
             Err(e) => {
-                self.state =
-                    VmState::Stopping(alloc::format!("stage-2 error writing its vmgenid ID: {e}"));
+                self.state = VmState::Stopping(StopReason::Internal(alloc::format!(
+                    "stage-2 error writing its vmgenid ID: {e}"
+                )));
                 false
             }
         }
@@ -415,7 +494,7 @@ impl Vm {
                         "vm{}: paused: no heap to copy its vGIC: {e}",
                         self.id
                     );
-                    self.state = VmState::Paused(String::from("out of memory: vGIC copy"));
+                    self.state = VmState::Paused(PauseReason::OutOfMemory(MemoryWant::VgicCopy));
                 }
                 return None;
             }

@@ -11,7 +11,7 @@ use alloc::vec::Vec;
 
 use vmfork_core::addr::{Ipa, PAGE_SIZE};
 use vmfork_core::guest_dtb::layout;
-use vmfork_core::machine::saved as dumpfile;
+use vmfork_core::machine::{self, saved as dumpfile};
 use vmfork_proto::msg::{
     DiffReport, ErrorReply, GlobalStats, PageRange, PauseReason, Request, Response, StopReason,
     UploadPurpose, VmId, VmInfo, VmState as ProtoState,
@@ -284,7 +284,7 @@ impl Server {
                             )
                         }
                         _ => {
-                            v.state = VmState::Paused(String::from("requested"));
+                            v.state = VmState::Paused(machine::PauseReason::Requested);
                             let mut k = vmfork_core::machine::Kicks::new();
                             k.extend(v.running_cpus());
                             k
@@ -319,7 +319,7 @@ impl Server {
                 if !t.vms.contains_key(&vm.0) {
                     Response::Error(ErrorReply::NoSuchVm(vm))
                 } else {
-                    let kicks = t.stop(vm.0, String::from("killed by the control channel"));
+                    let kicks = t.stop(vm.0, machine::StopReason::Killed);
                     drop(t);
                     crate::kick::send(&kicks);
                     self.consoles.remove(&vm.0);
@@ -466,9 +466,7 @@ impl Server {
                 }
             }
             Err(e) => {
-                let kicks = VMS
-                    .lock()
-                    .stop(child, String::from("snapshot fork discarded"));
+                let kicks = VMS.lock().stop(child, machine::StopReason::DumpDiscarded);
                 crate::kick::send(&kicks);
                 Response::Error(ErrorReply::Internal(e))
             }
@@ -479,7 +477,7 @@ impl Server {
         match self.dumps.remove(&handle) {
             None => Response::Error(ErrorReply::BadRequest(format!("no dump {handle}"))),
             Some(d) => {
-                let kicks = VMS.lock().stop(d.vm, String::from("snapshot read out"));
+                let kicks = VMS.lock().stop(d.vm, machine::StopReason::DumpDone);
                 crate::kick::send(&kicks);
                 Response::Ok
             }
@@ -731,21 +729,20 @@ pub fn info(vm: &Vm) -> VmInfo {
     });
     let state = match &vm.state {
         VmState::Running => ProtoState::Running,
-        VmState::Paused(r) if r.starts_with("out of memory") => ProtoState::Stopped {
+        VmState::Paused(machine::PauseReason::OutOfMemory(_)) => ProtoState::Stopped {
             reason: StopReason::OutOfMemory,
         },
-        VmState::Paused(r) if r == "forked paused" => ProtoState::Paused {
+        VmState::Paused(machine::PauseReason::Forked) => ProtoState::Paused {
             reason: PauseReason::Forked,
         },
-        VmState::Paused(_) => ProtoState::Paused {
+        VmState::Paused(machine::PauseReason::Requested) => ProtoState::Paused {
             reason: PauseReason::Requested,
         },
+        VmState::Stopping(machine::StopReason::PowerOff) => ProtoState::Stopped {
+            reason: StopReason::PowerOff,
+        },
         VmState::Stopping(r) => ProtoState::Stopped {
-            reason: if r.contains("SYSTEM_OFF") {
-                StopReason::PowerOff
-            } else {
-                StopReason::Fault(r.clone())
-            },
+            reason: StopReason::Fault(format!("{r}")),
         },
     };
     VmInfo {
