@@ -812,7 +812,15 @@ fn phase_scale() -> Result<(), String> {
                 children.extend(ids);
             }
             Err(crate::vm::ForkError::NoVmid) => break String::from("vmid"),
-            Err(crate::vm::ForkError::OutOfMemory) => break String::from("frames"),
+            // Out of frames, or the heap's reserve reached (`heap::check` or a fallible
+            // allocation): a fork needs one frame, its root table.
+            Err(crate::vm::ForkError::OutOfMemory) => {
+                break String::from(if crate::mem::frame_counts().0 == 0 {
+                    "frames"
+                } else {
+                    "heap"
+                })
+            }
             Err(e) => break format!("error: {e}"),
         }
     };
@@ -823,11 +831,18 @@ fn phase_scale() -> Result<(), String> {
     let n = children.len();
     let head: Vec<u64> = ticks.iter().take(100).map(|&x| x as u64).collect();
     let tail: Vec<u64> = ticks.iter().rev().take(100).map(|&x| x as u64).collect();
+    // The fork samples are summarized: the teardown's go into their vector (the heap is at its
+    // reserve here).
+    ticks.clear();
     let td0 = now();
     for c in children {
+        let t1 = now();
         t.destroy(c);
+        ticks.push(u32::try_from(now() - t1).unwrap_or(u32::MAX));
     }
     let destroy = now() - td0;
+    let d_head: Vec<u64> = ticks.iter().take(100).map(|&x| x as u64).collect();
+    let d_tail: Vec<u64> = ticks.iter().rev().take(100).map(|&x| x as u64).collect();
     t.destroy(parent);
     let (free, _) = crate::mem::frame_counts();
     Line::new("scale")
@@ -844,12 +859,16 @@ fn phase_scale() -> Result<(), String> {
         .u("heap_alloc_last_ns", alloc_last)
         .u("forks_ns", ns(elapsed))
         .u("destroy_all_ns", ns(destroy))
+        .u("destroy_first100_median_ns", summarize(&d_head).median)
+        .u("destroy_last100_median_ns", summarize(&d_tail).median)
         .emit();
     Ok(())
 }
 
-/// Median time of one 1 KiB heap allocation and its free (the allocator is first-fit over a
-/// list of holes: this shows how it slows as the heap fills).
+/// Median time of one 1 KiB heap allocation and its free, at the start and at the end of the
+/// scale phase: whether the allocator slows as the heap fills with tens of thousands of VMs and
+/// the holes between them (the first-fit list allocator the monitor had did, and made every fork
+/// O(VMs alive); docs/BENCHMARKS.md).
 fn heap_probe() -> u64 {
     let mut samples = Vec::with_capacity(9);
     for _ in 0..9 {

@@ -1,6 +1,15 @@
-//! The monitor's heap: a linked-list allocator over a RAM range chosen at boot, right after the
-//! image. It holds the monitor's own data (page tables of its identity map, frame-allocator
-//! metadata, VM bookkeeping); guest memory comes from the frame allocator instead.
+//! The monitor's heap: a RAM range chosen at boot, right after the image, managed by `talc`
+//! (boundary-tagged chunks in free lists binned by size). It holds the monitor's own data (page
+//! tables of its identity map, frame-allocator metadata, VM bookkeeping); guest memory comes from
+//! the frame allocator instead.
+//!
+//! A binned allocator, not a first-fit list: with `linked_list_allocator` (first-fit over one
+//! address-ordered list of holes, walked by every allocation and every free) each fork left
+//! holes that later allocations walked past, so a fork cost O(VMs alive) and the bench's scale
+//! phase (65,534 forks) no longer finished (docs/BENCHMARKS.md). Here an allocation takes the
+//! first chunk of the smallest non-empty bin whose chunks all fit (a bitmap scan), and a free
+//! merges with its neighbours through their boundary tags: neither depends on how many chunks
+//! or holes the heap has.
 //!
 //! Rust's `alloc` aborts (here: panics the monitor, killing every VM) when an allocation fails,
 //! so whatever a guest or the control channel can make the monitor allocate is budgeted:
@@ -10,16 +19,17 @@
 //!   the reference count of a vGIC copy), [`check`] asks for its estimated cost plus a safety
 //!   [`margin`] that is never handed out to such operations. The margin is what the monitor
 //!   itself needs to go on (replies, logging, the scheduler): it is large next to any one
-//!   infallible allocation, so first-fit always finds a hole for those.
+//!   infallible allocation, so a free chunk is always there for those.
 
 use alloc::boxed::Box;
 use core::alloc::Layout;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-use linked_list_allocator::LockedHeap;
+use talc::source::Manual;
+use talc::TalcLock;
 
 #[global_allocator]
-static HEAP: LockedHeap = LockedHeap::empty();
+static HEAP: TalcLock<spin::mutex::SpinMutex<()>, Manual> = TalcLock::new(Manual);
 
 /// Size of the heap, set by [`init`].
 static SIZE: AtomicUsize = AtomicUsize::new(0);
@@ -34,15 +44,21 @@ const MARGIN_MIN: usize = 6 << 20;
 /// # Safety
 /// The range must be RAM that nothing else uses, now or later, and this must be called once.
 pub unsafe fn init(start: u64, size: u64) {
-    // SAFETY: the caller guarantees the range is unused RAM, handed over exactly once.
-    unsafe { HEAP.lock().init(start as *mut u8, size as usize) };
-    SIZE.store(size as usize, Ordering::Relaxed);
+    // SAFETY: the caller guarantees the range is unused RAM that nothing else mutates, handed
+    // over exactly once and never released (what `claim` requires).
+    let claimed = unsafe { HEAP.lock().claim(start as *mut u8, size as usize) };
+    if claimed.is_some() {
+        SIZE.store(size as usize, Ordering::Relaxed);
+    }
 }
 
-/// Bytes currently allocated and bytes free on the heap.
+/// Bytes in use and bytes free on the heap. In use counts the allocator's own overhead too (its
+/// bin heads, a tag per allocation, rounding to its 32-byte chunks): it is the heap less what can
+/// still be handed out, so `used + free` is the heap's size.
 pub fn usage() -> (usize, usize) {
     let heap = HEAP.lock();
-    (heap.used(), heap.free())
+    let c = heap.counters();
+    (c.claimed_bytes - c.available_bytes, c.available_bytes)
 }
 
 /// Bytes of the heap in all.

@@ -461,6 +461,16 @@ pub fn table(
             us(num(v, "heap_alloc_first_ns")),
             us(num(v, "heap_alloc_last_ns")),
         );
+        let secs =
+            |k: &str| num(v, k).map_or_else(|| String::from("-"), |n| format!("{:.2}", n / 1e9));
+        let _ = writeln!(
+            w,
+            "  all forks {} s, destroying all {} s; destroy: {} us for the first 100, {} us for the last 100",
+            secs("forks_ns"),
+            secs("destroy_all_ns"),
+            us(num(v, "destroy_first100_median_ns")),
+            us(num(v, "destroy_last100_median_ns")),
+        );
     }
 
     if !targets.is_empty() {
@@ -505,6 +515,12 @@ mod tests {
             json!({"bench":"reset","dirty":0,"median_ns":1000}),
             json!({"bench":"reset","dirty":16,"median_ns":20000}),
             json!({"bench":"density","bytes_per_child":20480}),
+            json!({"bench":"scale","mem_mib":16,"children":60023,"stopped_by":"heap",
+                "frames_used":60023,"frames_free":978296,"heap_used":271935648,
+                "fork_first100_median_ns":15376,"fork_last100_median_ns":16624,
+                "heap_alloc_first_ns":208,"heap_alloc_last_ns":240,"forks_ns":1042038304,
+                "destroy_all_ns":766616656,"destroy_first100_median_ns":12800,
+                "destroy_last100_median_ns":12700}),
         ]
     }
 
@@ -559,5 +575,7 @@ mod tests {
         assert!(s.contains("1. Fork latency") && s.contains("3. Reset"));
         assert!(s.contains("MISSED") && s.contains("met"));
         assert!(!s.contains("5. Fuzzing loop"), "no fuzz lines, no section");
+        assert!(s.contains("60023 children of a 16 MiB guest; stopped by: heap"));
+        assert!(s.contains("all forks 1.04 s, destroying all 0.77 s; destroy: 12.80 us"));
     }
 }
