@@ -12,23 +12,21 @@
 //! interrupt-enable mask and, for a fork, a copy of all that as it was at the fork.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::collections::BTreeMap;
-use std::fmt;
 
 use proptest::prelude::*;
 use vmfork_core::addr::{Ipa, PhysAddr, PAGE_SIZE};
-use vmfork_core::esr::{Esr, SysRegIss};
-use vmfork_core::frame::FrameAllocator;
+use vmfork_core::esr::Esr;
 use vmfork_core::guest_dtb::layout;
+use vmfork_core::machine::fake::FakeHost;
 use vmfork_core::machine::saved;
 use vmfork_core::machine::{
-    handle_sync, El1Sysregs, ForkError, GuestRegs, GuestSpec, HeapLow, Host, MemoryWant, Next,
-    PauseReason, PendingOp, StopReason, Syndrome, VcpuState, VmState, VmTable,
+    handle_sync, ForkError, GuestSpec, Host, MemoryWant, Next, PauseReason, PendingOp, StopReason,
+    Syndrome, VcpuState, VmState, VmTable,
 };
 use vmfork_core::mmio::{MmioAccess, MmioResult};
-use vmfork_core::physmem::{FakePhysMem, PhysMem};
-use vmfork_core::stage2::{MemCtx, TlbOps, Vmid};
+use vmfork_core::physmem::PhysMem;
 
 // ---- heap accounting: bytes live per thread (tests run on several threads) ----
 
@@ -65,117 +63,9 @@ fn live_bytes() -> isize {
     LIVE.with(|l| l.get())
 }
 
-// ---- the host: fake memory, a clock, a heap that can be made to run low ----
+// ---- the host: vmfork_core::machine::fake (fake memory, a clock, a heap made low on purpose) ----
 
-/// TLB maintenance that only counts (the stage-2 suite checks the rules with its TLB model).
-#[derive(Default)]
-struct CountTlb {
-    flushes: u64,
-}
-
-impl TlbOps for CountTlb {
-    fn flush_ipa(&mut self, _: Vmid, _: Ipa) {
-        self.flushes += 1;
-    }
-    fn flush_vmid(&mut self, _: Vmid) {
-        self.flushes += 1;
-    }
-}
-
-struct Mem {
-    frames: FrameAllocator,
-    mem: FakePhysMem,
-    tlb: CountTlb,
-}
-
-struct TestHost {
-    mem: RefCell<Mem>,
-    clock: Cell<u64>,
-    heap_low: Cell<bool>,
-    console: RefCell<Vec<(u32, String)>>,
-}
-
-const FRAME_BASE: u64 = 0x1_0000_0000;
-
-impl TestHost {
-    fn new(frames: usize) -> Self {
-        let mut fa = FrameAllocator::new(PhysAddr(FRAME_BASE), frames);
-        fa.add_free(
-            PhysAddr(FRAME_BASE),
-            PhysAddr(FRAME_BASE + frames as u64 * PAGE_SIZE),
-        )
-        .expect("the span is free");
-        Self {
-            mem: RefCell::new(Mem {
-                frames: fa,
-                mem: FakePhysMem::new(),
-                tlb: CountTlb::default(),
-            }),
-            clock: Cell::new(1_000_000),
-            heap_low: Cell::new(false),
-            console: RefCell::new(Vec::new()),
-        }
-    }
-
-    fn free_frames(&self) -> usize {
-        self.mem.borrow().frames.free_frames()
-    }
-
-    fn low(&self, bytes: usize) -> HeapLow {
-        HeapLow {
-            wanted: bytes,
-            free: 0,
-            reserve: 0,
-        }
-    }
-}
-
-impl Host for TestHost {
-    type Mem = FakePhysMem;
-    type Tlb = CountTlb;
-
-    fn with_mem<R>(&self, f: impl FnOnce(&mut MemCtx<'_, FakePhysMem, CountTlb>) -> R) -> R {
-        let mut m = self.mem.borrow_mut();
-        let Mem { frames, mem, tlb } = &mut *m;
-        f(&mut MemCtx { frames, mem, tlb })
-    }
-
-    fn now(&self) -> u64 {
-        // Time moves on with every look at the clock, as it would.
-        let t = self.clock.get() + 17;
-        self.clock.set(t);
-        t
-    }
-
-    fn micros(&self, ticks: u64) -> u64 {
-        ticks / 62
-    }
-
-    fn heap_check(&self, bytes: usize) -> Result<(), HeapLow> {
-        if self.heap_low.get() && bytes > 0 {
-            Err(self.low(bytes))
-        } else {
-            Ok(())
-        }
-    }
-
-    fn try_box<T>(&self, value: T) -> Result<Box<T>, HeapLow> {
-        self.heap_check(std::mem::size_of::<T>())?;
-        Ok(Box::new(value))
-    }
-
-    fn emulate_sysreg(&self, _: &SysRegIss, _: &mut GuestRegs, _: &mut El1Sysregs) -> bool {
-        false
-    }
-
-    fn vm_log(&self, _: log::Level, _: u32, _: fmt::Arguments<'_>) {}
-
-    fn console_line(&self, vm: u32, line: &str) {
-        self.console.borrow_mut().push((vm, line.to_string()));
-    }
-
-    fn vm_gone(&self, _: u32) {}
-}
+type TestHost = FakeHost;
 
 // ---- the reference model ----
 
@@ -457,7 +347,7 @@ struct World {
 
 impl World {
     fn new(frames: usize, vmids: u16) -> Self {
-        let mut t = VmTable::new(TestHost::new(frames));
+        let mut t = VmTable::new(FakeHost::new(frames));
         t.vmids.set_limit(vmids);
         let mut model = BTreeMap::new();
         for name in ["a", "b"] {

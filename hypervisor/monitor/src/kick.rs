@@ -42,13 +42,6 @@ fn add_idle(out: &mut Vec<usize>) {
     }
 }
 
-/// Wakes every idle CPU (after a VM became schedulable again).
-pub fn idle_cpus() {
-    let mut out = Vec::new();
-    add_idle(&mut out);
-    cpus(&out);
-}
-
 /// Does what `kicks` asks: kicks its CPUs, and every idle CPU when it says so.
 pub fn send(kicks: &Kicks) {
     if kicks.is_empty() {

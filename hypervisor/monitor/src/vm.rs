@@ -12,16 +12,14 @@ use core::fmt;
 
 use spin::Mutex;
 use vmfork_core::esr::SysRegIss;
-use vmfork_core::machine::{self, El1Sysregs, GuestRegs, HeapLow, Host};
+use vmfork_core::machine::{self, El1Sysregs, GuestRegs, HeapLow, HeapUsage, Host};
 use vmfork_core::stage2::MemCtx;
 
 use crate::arch::cache::HwTlb;
 use crate::physmem::IdentityMem;
 
 pub use vmfork_core::machine::vm::VTIMER_INTID;
-pub use vmfork_core::machine::{
-    CreateError, ForkError, GuestSpec, Next, PendingOp, Syndrome, VcpuCtx, VcpuState, Vm, VmState,
-};
+pub use vmfork_core::machine::{ForkError, GuestSpec, Next, Syndrome, VcpuCtx, VcpuState, VmState};
 
 /// The machine model's view of this machine: every method reaches the monitor's globals.
 pub struct MonitorHost;
@@ -51,6 +49,19 @@ impl Host for MonitorHost {
 
     fn micros(&self, ticks: u64) -> u64 {
         crate::arch::timer::micros_from_ticks(ticks)
+    }
+
+    fn counter_hz(&self) -> u64 {
+        crate::arch::counter().1
+    }
+
+    fn heap_usage(&self) -> HeapUsage {
+        let (used, free) = crate::heap::usage();
+        HeapUsage {
+            used,
+            free,
+            reserve: crate::heap::margin(),
+        }
     }
 
     fn heap_check(&self, bytes: usize) -> Result<(), HeapLow> {

@@ -16,12 +16,16 @@
 //! Module map: [`regs`] (register state as data), [`vm`] (one VM), [`table`] (all VMs, VMIDs,
 //! scheduling picks, create/stop/destroy), [`ops`] (fork and reset, queued until every vCPU of
 //! the VM is off the CPUs), [`exit`] (a vCPU's synchronous exits: aborts, MMIO, PSCI and the
-//! vmfork hypercalls, trapped system registers), [`saved`] (dump and restore).
+//! vmfork hypercalls, trapped system registers), [`saved`] (dump and restore), [`server`] (the
+//! control protocol served over a table of VMs: the monitor's control channel and the host
+//! tool's fake monitor run this same code).
 
 pub mod exit;
+pub mod fake;
 pub mod ops;
 pub mod regs;
 pub mod saved;
+pub mod server;
 pub mod table;
 pub mod vm;
 
@@ -66,6 +70,12 @@ pub trait Host {
     /// Microseconds in `ticks` counter ticks (for logs).
     fn micros(&self, ticks: u64) -> u64;
 
+    /// The counter's frequency in Hz (CNTFRQ_EL0).
+    fn counter_hz(&self) -> u64;
+
+    /// The monitor's heap: bytes used, free and kept in reserve.
+    fn heap_usage(&self) -> HeapUsage;
+
     /// Whether `bytes` more can be allocated on the monitor's heap with its reserve kept.
     fn heap_check(&self, bytes: usize) -> Result<(), HeapLow>;
 
@@ -99,6 +109,17 @@ macro_rules! vm_log {
     };
 }
 pub(crate) use vm_log;
+
+/// The monitor's heap as `vmfork stats` shows it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeapUsage {
+    /// Bytes allocated.
+    pub used: usize,
+    /// Bytes free, the reserve included.
+    pub free: usize,
+    /// Bytes kept free for the monitor itself.
+    pub reserve: usize,
+}
 
 /// Not enough heap for an operation (the reserve counted).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

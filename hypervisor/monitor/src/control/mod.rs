@@ -10,12 +10,14 @@
 //! - `control=echo`: a debug service that sends every received byte straight back, and makes the
 //!   boot CPU serve the channel forever after `monitor: ready` ([`echo_forever`]).
 
-pub mod server;
 pub mod virtio;
 
 use spin::Mutex;
 use vmfork_core::platform::Platform;
 
+use vmfork_core::machine::server::Server;
+
+use crate::vm::{MonitorHost, VMS};
 use virtio::ControlPort;
 
 /// Bytes moved per [`poll`] step: one virtio buffer.
@@ -37,7 +39,7 @@ pub enum Service {
 struct Channel {
     port: ControlPort,
     service: Service,
-    server: server::Server,
+    server: Server<'static, MonitorHost>,
     out: alloc::vec::Vec<u8>,
     /// Pacing of what is sent (see [`SEND_RATE`]): bytes that may go now, and when that was
     /// last brought up to date (counter ticks).
@@ -69,7 +71,10 @@ pub fn init(platform: &Platform, bootargs: &str) -> bool {
             *CHANNEL.lock() = Some(Channel {
                 port,
                 service,
-                server: server::Server::new(),
+                server: Server::new(
+                    &VMS,
+                    alloc::format!("vmfork-monitor {}", env!("CARGO_PKG_VERSION")),
+                ),
                 out: alloc::vec::Vec::new(),
                 send_tokens: SEND_BURST,
                 send_at: 0,
@@ -112,6 +117,7 @@ pub fn poll() -> bool {
             };
             ch.server.input(&buf[..n], &mut ch.out);
             ch.server.pump(&mut ch.out);
+            crate::kick::send(&ch.server.take_kicks());
             if ch.out.is_empty() {
                 return n > 0 || ch.server.backlog();
             }

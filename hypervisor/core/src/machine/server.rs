@@ -9,16 +9,18 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use vmfork_core::addr::{Ipa, PAGE_SIZE};
-use vmfork_core::guest_dtb::layout;
-use vmfork_core::machine::{self, saved as dumpfile};
+use crate::addr::{Ipa, PAGE_SIZE};
+use crate::guest_dtb::layout;
+use crate::machine::{self, saved as dumpfile};
 use vmfork_proto::msg::{
     DiffReport, ErrorReply, GlobalStats, PageRange, PauseReason, Request, Response, StopReason,
     UploadPurpose, VmId, VmInfo, VmState as ProtoState,
 };
 use vmfork_proto::{Decoder, PROTOCOL_VERSION};
 
-use crate::vm::{self, ForkError, GuestSpec, PendingOp, Vm, VmState, VmTable, VMS};
+use spin::Mutex;
+
+use super::{ForkError, GuestSpec, Host, Kicks, PendingOp, VcpuCtx, Vm, VmState, VmTable};
 
 /// Console bytes sent in one event.
 const CONSOLE_CHUNK: usize = 4096;
@@ -26,7 +28,7 @@ const CONSOLE_CHUNK: usize = 4096;
 /// requests queued for the next call (one reply may pass it: a reply is never split).
 pub const REPLY_BUDGET: usize = 64 * 1024;
 /// Consoles attached at once (each holds a backlog of up to
-/// [`vmfork_core::machine::CONSOLE_TAP_LIMIT`]).
+/// [`crate::machine::CONSOLE_TAP_LIMIT`]).
 pub const MAX_ATTACHED_CONSOLES: usize = 16;
 /// Guest RAM pages `diff` compares (and a dump scans for non-zero pages) per hold of the VM
 /// lock.
@@ -60,8 +62,13 @@ enum Waiting {
     Dump { vm: u32 },
 }
 
-/// Protocol state of the (single) connection.
-pub struct Server {
+/// Protocol state of the (single) connection, over the table of VMs it serves.
+pub struct Server<'a, H: Host> {
+    vms: &'a Mutex<VmTable<H>>,
+    /// What the monitor says it is in `HelloReply`.
+    monitor: String,
+    /// CPUs to kick for what the requests did ([`Server::take_kicks`]).
+    kicks: Kicks,
     decoder: Decoder,
     /// Requests waiting for a fork or reset to run: request id, ticket, what to answer.
     waiting: Vec<(u32, u64, Waiting)>,
@@ -80,10 +87,13 @@ pub struct Server {
     pub bad_frames: u64,
 }
 
-impl Server {
-    /// A server with no connection state.
-    pub fn new() -> Self {
+impl<'a, H: Host> Server<'a, H> {
+    /// A server with no connection state over `vms`; `monitor` is what `HelloReply` names.
+    pub fn new(vms: &'a Mutex<VmTable<H>>, monitor: String) -> Self {
         Self {
+            vms,
+            monitor,
+            kicks: Kicks::new(),
             decoder: Decoder::with_max_payload(vmfork_proto::MAX_REQUEST_PAYLOAD),
             waiting: Vec::new(),
             dumps: BTreeMap::new(),
@@ -139,6 +149,11 @@ impl Server {
         self.step_diff(out);
     }
 
+    /// What the requests handled so far ask the CPUs to do (taken: cleared).
+    pub fn take_kicks(&mut self) -> Kicks {
+        core::mem::take(&mut self.kicks)
+    }
+
     /// True while decoded requests wait to be handled or diffs are under way: call
     /// [`Server::input`] again (with no new bytes) before receiving more.
     pub fn backlog(&self) -> bool {
@@ -151,7 +166,7 @@ impl Server {
         let Some(job) = self.diffs.front_mut() else {
             return;
         };
-        if let Some(resp) = diff_step(job) {
+        if let Some(resp) = diff_step(self.vms, job) {
             let id = job.id;
             self.diffs.pop_front();
             reply(out, id, resp);
@@ -163,7 +178,7 @@ impl Server {
     pub fn pump(&mut self, out: &mut Vec<u8>) {
         let mut still = Vec::new();
         for (id, ticket, what) in core::mem::take(&mut self.waiting) {
-            let result = VMS.lock().take_result(ticket);
+            let result = self.vms.lock().take_result(ticket);
             match (result, what) {
                 (None, _) => still.push((id, ticket, what)),
                 (Some(Err(e)), _) => reply(out, id, Response::Error(fork_error(e))),
@@ -185,7 +200,7 @@ impl Server {
         if self.consoles.is_empty() {
             return;
         }
-        let mut guard = VMS.lock();
+        let mut guard = self.vms.lock();
         let t = &mut *guard;
         let mut gone = Vec::new();
         for (&vm_id, &req) in &self.consoles {
@@ -220,37 +235,45 @@ impl Server {
                 log::debug!("control: hello from {client} (v{version})");
                 Response::HelloReply {
                     version: PROTOCOL_VERSION,
-                    monitor: format!("vmfork-monitor {}", env!("CARGO_PKG_VERSION")),
+                    monitor: self.monitor.clone(),
                 }
             }
             Request::List => {
                 // One VM per hold of the VM lock, not the whole table at once.
-                let ids: Vec<u32> = VMS.lock().vms.keys().copied().collect();
+                let ids: Vec<u32> = self.vms.lock().vms.keys().copied().collect();
                 // Building the reply takes about four times its encoded size (~120 bytes a
                 // VM) at once: that may use the heap's reserve, which is kept for it, but
                 // never more than is free.
                 let need = ids.len().saturating_mul(4 * 128);
                 let mut list = Vec::new();
-                if crate::heap::usage().1 < need || list.try_reserve_exact(ids.len()).is_err() {
+                let free = self.vms.lock().host.heap_usage().free;
+                if free < need || list.try_reserve_exact(ids.len()).is_err() {
                     return reply(out, id, Response::Error(ErrorReply::OutOfMemory));
                 }
                 for vm in ids {
-                    if let Some(v) = VMS.lock().vms.get(&vm) {
-                        list.push(info(v));
+                    let t = self.vms.lock();
+                    if let Some(v) = t.vms.get(&vm) {
+                        list.push(info(&t.host, v));
                     }
                 }
                 Response::VmList(list)
             }
-            Request::Info { vm } => with_vm(vm, |vm| Ok(Response::VmInfo(info(vm)))),
+            Request::Info { vm } => {
+                let t = self.vms.lock();
+                match t.vms.get(&vm.0) {
+                    None => Response::Error(ErrorReply::NoSuchVm(vm)),
+                    Some(v) => Response::VmInfo(info(&t.host, v)),
+                }
+            }
             Request::Stats { vm } => {
-                let t = VMS.lock();
+                let t = self.vms.lock();
                 let global = global_stats(&t);
                 match vm {
                     None => Response::Stats { global, vm: None },
                     Some(v) => match t.vms.get(&v.0) {
                         Some(x) => Response::Stats {
                             global,
-                            vm: Some(info(x)),
+                            vm: Some(info(&t.host, x)),
                         },
                         None => Response::Error(ErrorReply::NoSuchVm(v)),
                     },
@@ -269,7 +292,7 @@ impl Server {
                 return self.start_op(id, vm, PendingOp::Reset, out);
             }
             Request::Pause { vm } => {
-                let mut t = VMS.lock();
+                let mut t = self.vms.lock();
                 let kicks = match t.vms.get_mut(&vm.0) {
                     None => return reply(out, id, Response::Error(ErrorReply::NoSuchVm(vm))),
                     Some(v) => match v.state {
@@ -285,25 +308,25 @@ impl Server {
                         }
                         _ => {
                             v.state = VmState::Paused(machine::PauseReason::Requested);
-                            let mut k = vmfork_core::machine::Kicks::new();
+                            let mut k = Kicks::new();
                             k.extend(v.running_cpus());
                             k
                         }
                     },
                 };
                 drop(t);
-                crate::kick::send(&kicks);
+                self.kicks.merge(kicks);
                 Response::Ok
             }
             Request::Resume { vm } => {
-                let mut t = VMS.lock();
+                let mut t = self.vms.lock();
                 match t.vms.get_mut(&vm.0) {
                     None => Response::Error(ErrorReply::NoSuchVm(vm)),
                     Some(v) => match v.state {
                         VmState::Paused(_) => {
                             v.state = VmState::Running;
                             drop(t);
-                            crate::kick::idle_cpus();
+                            self.kicks.idle = true;
                             Response::Ok
                         }
                         VmState::Running => Response::Ok,
@@ -315,19 +338,19 @@ impl Server {
                 }
             }
             Request::Kill { vm } => {
-                let mut t = VMS.lock();
+                let mut t = self.vms.lock();
                 if !t.vms.contains_key(&vm.0) {
                     Response::Error(ErrorReply::NoSuchVm(vm))
                 } else {
                     let kicks = t.stop(vm.0, machine::StopReason::Killed);
                     drop(t);
-                    crate::kick::send(&kicks);
+                    self.kicks.merge(kicks);
                     self.consoles.remove(&vm.0);
                     Response::Ok
                 }
             }
             Request::ConsoleAttach { vm } => {
-                let mut t = VMS.lock();
+                let mut t = self.vms.lock();
                 match t.vms.get_mut(&vm.0) {
                     None => Response::Error(ErrorReply::NoSuchVm(vm)),
                     Some(_)
@@ -347,16 +370,16 @@ impl Server {
             }
             Request::ConsoleDetach { vm } => {
                 self.consoles.remove(&vm.0);
-                if let Some(v) = VMS.lock().vms.get_mut(&vm.0) {
+                if let Some(v) = self.vms.lock().vms.get_mut(&vm.0) {
                     v.console_attached = false;
                     v.console_tap.clear();
                 }
                 Response::Ok
             }
             Request::ConsoleInput { vm, data } => {
-                let mut guard = VMS.lock();
+                let mut guard = self.vms.lock();
                 let t = &mut *guard;
-                let mut kicks = vmfork_core::machine::Kicks::new();
+                let mut kicks = Kicks::new();
                 let r = match t.vms.get_mut(&vm.0) {
                     None => Response::Error(ErrorReply::NoSuchVm(vm)),
                     Some(v) => {
@@ -367,7 +390,7 @@ impl Server {
                     }
                 };
                 drop(guard);
-                crate::kick::send(&kicks);
+                self.kicks.merge(kicks);
                 r
             }
             Request::UploadBegin { purpose, total_len } => self.upload_begin(purpose, total_len),
@@ -383,7 +406,7 @@ impl Server {
                 vcpus,
                 cmdline,
             } => self.create(kernel, initrd, mem_bytes, vcpus, cmdline),
-            Request::Diff { a, b } => match diff_start(id, a, b) {
+            Request::Diff { a, b } => match diff_start(self.vms, id, a, b) {
                 Ok(job) => return self.diffs.push_back(job),
                 Err(e) => Response::Error(e),
             },
@@ -404,7 +427,7 @@ impl Server {
                 None => Response::Error(ErrorReply::BadRequest(format!("no dump {dump}"))),
                 Some(d) => {
                     let max = (max_len as usize).min(vmfork_proto::CHUNK_SIZE);
-                    let t = VMS.lock();
+                    let t = self.vms.lock();
                     match d.read(&t, offset, max) {
                         Ok(data) => Response::DumpData { dump, offset, data },
                         Err(e) => Response::Error(ErrorReply::BadRequest(e)),
@@ -413,17 +436,17 @@ impl Server {
             },
             Request::DumpClose { dump } => self.close_dump(dump),
             Request::Restore { upload } => {
-                if let Err(e) = VMS.lock().check_vm_limit(1) {
+                if let Err(e) = self.vms.lock().check_vm_limit(1) {
                     self.uploads.remove(&upload);
                     return reply(out, id, Response::Error(fork_error(e)));
                 }
                 match self.take_upload(upload, UploadPurpose::Snapshot) {
                     Err(e) => Response::Error(e),
                     Ok(bytes) => {
-                        let result = dumpfile::restore(&mut VMS.lock(), &bytes);
+                        let result = dumpfile::restore(&mut self.vms.lock(), &bytes);
                         match result {
                             Ok(vm) => {
-                                crate::kick::idle_cpus();
+                                self.kicks.idle = true;
                                 Response::Created { vm: VmId(vm) }
                             }
                             Err(e) => Response::Error(ErrorReply::BadRequest(e)),
@@ -439,16 +462,17 @@ impl Server {
         let Some(child) = child else {
             return Response::Error(ErrorReply::Internal(String::from("no snapshot fork")));
         };
-        let name = VMS
+        let name = self
+            .vms
             .lock()
             .vms
             .get(&source)
             .map_or_else(String::new, |v| v.name.clone());
-        let begun = dumpfile::begin(&VMS.lock(), child, &name);
+        let begun = dumpfile::begin(&self.vms.lock(), child, &name);
         // The non-zero pages are found DIFF_PAGES_PER_LOCK at a time, the VM lock taken again
         // for each step (the fork being dumped is paused: its memory stays as it is).
         let scanned = begun.and_then(|mut d| loop {
-            match d.scan(&VMS.lock(), DIFF_PAGES_PER_LOCK) {
+            match d.scan(&self.vms.lock(), DIFF_PAGES_PER_LOCK) {
                 Ok(true) => break Ok(d),
                 Ok(false) => {}
                 Err(e) => break Err(e),
@@ -466,8 +490,11 @@ impl Server {
                 }
             }
             Err(e) => {
-                let kicks = VMS.lock().stop(child, machine::StopReason::DumpDiscarded);
-                crate::kick::send(&kicks);
+                let kicks = self
+                    .vms
+                    .lock()
+                    .stop(child, machine::StopReason::DumpDiscarded);
+                self.kicks.merge(kicks);
                 Response::Error(ErrorReply::Internal(e))
             }
         }
@@ -477,15 +504,15 @@ impl Server {
         match self.dumps.remove(&handle) {
             None => Response::Error(ErrorReply::BadRequest(format!("no dump {handle}"))),
             Some(d) => {
-                let kicks = VMS.lock().stop(d.vm, machine::StopReason::DumpDone);
-                crate::kick::send(&kicks);
+                let kicks = self.vms.lock().stop(d.vm, machine::StopReason::DumpDone);
+                self.kicks.merge(kicks);
                 Response::Ok
             }
         }
     }
 
     fn detach_all(&mut self) {
-        let mut t = VMS.lock();
+        let mut t = self.vms.lock();
         for vm in self.consoles.keys() {
             if let Some(v) = t.vms.get_mut(vm) {
                 v.console_attached = false;
@@ -516,10 +543,10 @@ impl Server {
         what: Waiting,
         out: &mut Vec<u8>,
     ) {
-        let result = { VMS.lock().request(vm.0, op) };
+        let result = { self.vms.lock().request(vm.0, op) };
         match result {
             Ok((ticket, kicks)) => {
-                crate::kick::send(&kicks);
+                self.kicks.merge(kicks);
                 self.waiting.push((id, ticket, what));
                 self.pump(out);
             }
@@ -541,7 +568,7 @@ impl Server {
                 "upload of {total} bytes: must be 1 to {limit}"
             )));
         }
-        let limits = VMS.lock().limits;
+        let limits = self.vms.lock().limits;
         if self.uploads.len() >= limits.max_uploads as usize {
             return Response::Error(ErrorReply::BadRequest(format!(
                 "limit reached: max_uploads={}, {} uploads open already",
@@ -594,7 +621,7 @@ impl Server {
                 .max(needed as usize)
                 .min(up.total as usize);
             let grow = target - up.data.capacity();
-            if let Err(e) = crate::heap::check(target) {
+            if let Err(e) = self.vms.lock().host.heap_check(target) {
                 log::warn!("control: upload {handle} of {} bytes: {e}", up.total);
                 return Response::Error(ErrorReply::OutOfMemory);
             }
@@ -650,15 +677,14 @@ impl Server {
             Some(Ok(i)) => Some(i),
             Some(Err(e)) => return Response::Error(e),
         };
-        if let Err(e) = VMS.lock().check_vm_limit(1) {
+        if let Err(e) = self.vms.lock().check_vm_limit(1) {
             return Response::Error(fork_error(e));
         }
         // The VM's bookkeeping (vCPU contexts, vGIC, device tree) is built with infallible
         // allocations: ask for a generous estimate of it first.
-        let estimate = 64 * 1024
-            + vcpus as usize * 4 * core::mem::size_of::<vm::VcpuCtx>()
-            + cmdline.len() * 4;
-        if let Err(e) = crate::heap::check(estimate) {
+        let estimate =
+            64 * 1024 + vcpus as usize * 4 * core::mem::size_of::<VcpuCtx>() + cmdline.len() * 4;
+        if let Err(e) = self.vms.lock().host.heap_check(estimate) {
             log::warn!("control: create refused: {e}");
             return Response::Error(ErrorReply::OutOfMemory);
         }
@@ -670,13 +696,13 @@ impl Server {
             cpus: vcpus,
             cmdline,
         };
-        let result = VMS.lock().create(&spec);
+        let result = self.vms.lock().create(&spec);
         match result {
             Ok(id) => {
-                crate::kick::idle_cpus();
+                self.kicks.idle = true;
                 Response::Created { vm: VmId(id) }
             }
-            Err(vm::CreateError::Stage2(vmfork_core::stage2::Stage2Error::OutOfMemory)) => {
+            Err(machine::CreateError::Stage2(crate::stage2::Stage2Error::OutOfMemory)) => {
                 Response::Error(ErrorReply::OutOfMemory)
             }
             Err(e) => Response::Error(ErrorReply::BadRequest(format!("{e}"))),
@@ -702,24 +728,14 @@ fn fork_error(e: ForkError) -> ErrorReply {
     }
 }
 
-fn with_vm(id: VmId, f: impl FnOnce(&Vm) -> Result<Response, ErrorReply>) -> Response {
-    let t = VMS.lock();
-    match t.vms.get(&id.0) {
-        None => Response::Error(ErrorReply::NoSuchVm(id)),
-        Some(vm) => f(vm).unwrap_or_else(Response::Error),
-    }
-}
-
 /// What the tool shows for a VM. Its page counts come from `Stage2::usage_private`: a counter
 /// and a walk of its private tables only, never of what it shares (a fork costs O(1)).
-pub fn info(vm: &Vm) -> VmInfo {
-    let usage = vm.s2.as_ref().map(|s2| {
-        let frames = crate::mem::FRAMES.lock();
-        frames
-            .as_ref()
-            .map(|fa| s2.usage_private(fa, &crate::physmem::IdentityMem))
-    });
-    let (private, shared) = match usage.flatten() {
+pub fn info<H: Host>(host: &H, vm: &Vm) -> VmInfo {
+    let usage = vm
+        .s2
+        .as_ref()
+        .map(|s2| host.with_mem(|cx| s2.usage_private(cx.frames, &*cx.mem)));
+    let (private, shared) = match usage {
         Some(u) => (u.private_frames as u64, u.shared_frames as u64),
         None => (0, 0),
     };
@@ -760,19 +776,21 @@ pub fn info(vm: &Vm) -> VmInfo {
     }
 }
 
-fn global_stats(t: &VmTable) -> GlobalStats {
-    let (free, total) = crate::mem::frame_counts();
-    let (heap_used, heap_free) = crate::heap::usage();
+fn global_stats<H: Host>(t: &VmTable<H>) -> GlobalStats {
+    let (free, total) = t
+        .host
+        .with_mem(|cx| (cx.frames.free_frames(), cx.frames.total_frames()));
+    let heap = t.host.heap_usage();
     let limits = t.limits;
     GlobalStats {
         free_frames: free as u64,
         used_frames: (total - free) as u64,
         total_frames: total as u64,
         vms: t.vms.len() as u32,
-        counter_hz: crate::arch::counter().1,
-        heap_used: heap_used as u64,
-        heap_free: heap_free as u64,
-        heap_reserve: crate::heap::margin() as u64,
+        counter_hz: t.host.counter_hz(),
+        heap_used: heap.used as u64,
+        heap_free: heap.free as u64,
+        heap_reserve: heap.reserve as u64,
         max_vms: limits.max_vms,
         max_forks_per_tree: limits.max_forks_per_tree,
     }
@@ -781,8 +799,13 @@ fn global_stats(t: &VmTable) -> GlobalStats {
 /// Starts a diff of VMs `a` and `b` (request `id`): which guest RAM pages differ. The pages are
 /// compared by [`diff_step`], [`DIFF_PAGES_PER_LOCK`] at a time, one step per server step, so
 /// the VM lock is never held across the scan and the boot CPU runs guests in between.
-fn diff_start(id: u32, a: VmId, b: VmId) -> Result<DiffJob, ErrorReply> {
-    let t = VMS.lock();
+fn diff_start<H: Host>(
+    vms: &Mutex<VmTable<H>>,
+    id: u32,
+    a: VmId,
+    b: VmId,
+) -> Result<DiffJob, ErrorReply> {
+    let t = vms.lock();
     let (Some(va), Some(vb)) = (t.vms.get(&a.0), t.vms.get(&b.0)) else {
         return Err(gone(&t, a, b));
     };
@@ -801,7 +824,7 @@ fn diff_start(id: u32, a: VmId, b: VmId) -> Result<DiffJob, ErrorReply> {
     })
 }
 
-fn gone(t: &VmTable, a: VmId, b: VmId) -> ErrorReply {
+fn gone<H: Host>(t: &VmTable<H>, a: VmId, b: VmId) -> ErrorReply {
     let missing = if t.vms.contains_key(&a.0) { b } else { a };
     ErrorReply::NoSuchVm(missing)
 }
@@ -812,8 +835,8 @@ fn gone(t: &VmTable, a: VmId, b: VmId) -> ErrorReply {
 /// `NoSuchVm`), so only frames they map at that moment are read. A VM that runs meanwhile may
 /// change pages already compared: the report is best-effort, each page's verdict right for the
 /// moment it was compared.
-fn diff_step(job: &mut DiffJob) -> Option<Response> {
-    let t = VMS.lock();
+fn diff_step<H: Host>(vms: &Mutex<VmTable<H>>, job: &mut DiffJob) -> Option<Response> {
+    let t = vms.lock();
     let (Some(va), Some(vb)) = (t.vms.get(&job.a.0), t.vms.get(&job.b.0)) else {
         return Some(Response::Error(gone(&t, job.a, job.b)));
     };
@@ -822,22 +845,25 @@ fn diff_step(job: &mut DiffJob) -> Option<Response> {
             "a VM is being torn down",
         ))));
     };
-    let mem = crate::physmem::IdentityMem;
+    let host = &t.host;
     let report = &mut job.report;
     let mut ba = [0u8; PAGE_SIZE as usize];
     let mut bb = [0u8; PAGE_SIZE as usize];
     let end = report.pages_compared.min(job.next + DIFF_PAGES_PER_LOCK);
     for q in job.next..end {
         let ipa = Ipa(layout::RAM_BASE + q * PAGE_SIZE);
-        let same_frame = match (sa.translate(&mem, ipa), sb.translate(&mem, ipa)) {
-            (Some(x), Some(y)) => x.pa == y.pa,
-            _ => false,
-        };
-        let differs = !same_frame && {
-            let ra = sa.read_guest(&mem, ipa, &mut ba);
-            let rb = sb.read_guest(&mem, ipa, &mut bb);
-            ra.is_err() || rb.is_err() || ba != bb
-        };
+        let differs = host.with_mem(|cx| {
+            let mem = &*cx.mem;
+            let same_frame = match (sa.translate(mem, ipa), sb.translate(mem, ipa)) {
+                (Some(x), Some(y)) => x.pa == y.pa,
+                _ => false,
+            };
+            !same_frame && {
+                let ra = sa.read_guest(mem, ipa, &mut ba);
+                let rb = sb.read_guest(mem, ipa, &mut bb);
+                ra.is_err() || rb.is_err() || ba != bb
+            }
+        });
         if differs {
             report.differing_pages += 1;
             let full = report.ranges.len() >= vmfork_proto::MAX_DIFF_RANGES;

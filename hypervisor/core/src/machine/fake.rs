@@ -1,0 +1,157 @@
+//! A [`Host`] for running the machine model off the hardware: physical memory is a
+//! [`FakePhysMem`] over a frame allocator of a chosen size, TLB maintenance is counted, the
+//! clock moves on each time it is read, and the heap can be made to look low on purpose. The
+//! host tests run whole VMs on it (`tests/machine_model.rs`) and the protocol server
+//! (`tests/server.rs`); nothing here runs a guest instruction.
+
+use alloc::boxed::Box;
+use alloc::collections::VecDeque;
+use alloc::string::{String, ToString};
+use core::cell::{Cell, RefCell};
+use core::fmt;
+
+use super::{El1Sysregs, GuestRegs, HeapLow, HeapUsage, Host};
+use crate::addr::{Ipa, PhysAddr, PAGE_SIZE};
+use crate::esr::SysRegIss;
+use crate::frame::FrameAllocator;
+use crate::physmem::FakePhysMem;
+use crate::stage2::{MemCtx, TlbOps, Vmid};
+
+/// Where the fake's frames start.
+pub const FRAME_BASE: u64 = 0x1_0000_0000;
+/// The heap the fake reports when it is not made low.
+pub const FAKE_HEAP: usize = 64 << 20;
+/// Console lines kept ([`FakeHost::console`]); older ones are dropped.
+pub const CONSOLE_LINES: usize = 1024;
+
+/// TLB maintenance that is only counted (the stage-2 suite checks the rules with its own model).
+#[derive(Debug, Default)]
+pub struct CountTlb {
+    /// Invalidations asked for.
+    pub flushes: u64,
+}
+
+impl TlbOps for CountTlb {
+    fn flush_ipa(&mut self, _: Vmid, _: Ipa) {
+        self.flushes += 1;
+    }
+    fn flush_vmid(&mut self, _: Vmid) {
+        self.flushes += 1;
+    }
+}
+
+/// The fake's memory: frames, their contents, the TLB counter.
+#[derive(Debug)]
+pub struct FakeMem {
+    /// The frame allocator.
+    pub frames: FrameAllocator,
+    /// The frames' contents.
+    pub mem: FakePhysMem,
+    /// TLB maintenance.
+    pub tlb: CountTlb,
+}
+
+/// A host of fake memory, time and heap.
+#[derive(Debug)]
+pub struct FakeHost {
+    /// Frames, their contents and the TLB counter.
+    pub mem: RefCell<FakeMem>,
+    /// The counter, moved on by every read.
+    pub clock: Cell<u64>,
+    /// While set, every heap check and `try_box` fails as if the heap's reserve were reached.
+    pub heap_low: Cell<bool>,
+    /// The last [`CONSOLE_LINES`] console lines, with their VM.
+    pub console: RefCell<VecDeque<(u32, String)>>,
+}
+
+impl FakeHost {
+    /// A host with `frames` free frames of 4 KiB.
+    pub fn new(frames: usize) -> Self {
+        let mut fa = FrameAllocator::new(PhysAddr(FRAME_BASE), frames);
+        let end = PhysAddr(FRAME_BASE + frames as u64 * PAGE_SIZE);
+        fa.add_free(PhysAddr(FRAME_BASE), end)
+            .expect("a fresh span is all free");
+        Self {
+            mem: RefCell::new(FakeMem {
+                frames: fa,
+                mem: FakePhysMem::new(),
+                tlb: CountTlb::default(),
+            }),
+            clock: Cell::new(1_000_000),
+            heap_low: Cell::new(false),
+            console: RefCell::new(VecDeque::new()),
+        }
+    }
+
+    /// Frames free now.
+    pub fn free_frames(&self) -> usize {
+        self.mem.borrow().frames.free_frames()
+    }
+}
+
+impl Host for FakeHost {
+    type Mem = FakePhysMem;
+    type Tlb = CountTlb;
+
+    fn with_mem<R>(&self, f: impl FnOnce(&mut MemCtx<'_, FakePhysMem, CountTlb>) -> R) -> R {
+        let mut m = self.mem.borrow_mut();
+        let FakeMem { frames, mem, tlb } = &mut *m;
+        f(&mut MemCtx { frames, mem, tlb })
+    }
+
+    fn now(&self) -> u64 {
+        // Time moves on with every look at the clock, as it would.
+        let t = self.clock.get() + 17;
+        self.clock.set(t);
+        t
+    }
+
+    fn micros(&self, ticks: u64) -> u64 {
+        ticks / 62
+    }
+
+    fn counter_hz(&self) -> u64 {
+        62_500_000
+    }
+
+    fn heap_usage(&self) -> HeapUsage {
+        HeapUsage {
+            used: 0,
+            free: if self.heap_low.get() { 0 } else { FAKE_HEAP },
+            reserve: 0,
+        }
+    }
+
+    fn heap_check(&self, bytes: usize) -> Result<(), HeapLow> {
+        if self.heap_low.get() && bytes > 0 {
+            Err(HeapLow {
+                wanted: bytes,
+                free: 0,
+                reserve: 0,
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    fn try_box<T>(&self, value: T) -> Result<Box<T>, HeapLow> {
+        self.heap_check(core::mem::size_of::<T>())?;
+        Ok(Box::new(value))
+    }
+
+    fn emulate_sysreg(&self, _: &SysRegIss, _: &mut GuestRegs, _: &mut El1Sysregs) -> bool {
+        false
+    }
+
+    fn vm_log(&self, _: log::Level, _: u32, _: fmt::Arguments<'_>) {}
+
+    fn console_line(&self, vm: u32, line: &str) {
+        let mut c = self.console.borrow_mut();
+        if c.len() >= CONSOLE_LINES {
+            c.pop_front();
+        }
+        c.push_back((vm, line.to_string()));
+    }
+
+    fn vm_gone(&self, _: u32) {}
+}

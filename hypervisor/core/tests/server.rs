@@ -1,0 +1,340 @@
+//! The monitor's control-protocol server (`vmfork_core::machine::server`), run on the host over
+//! a table of VMs on fake memory (`machine::fake`): a whole session as the `vmfork` tool drives
+//! it, and random request streams (hostile ones included) in which every request is answered
+//! exactly once and, once the VMs are killed, every frame is back.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+use spin::Mutex;
+use vmfork_core::machine::fake::FakeHost;
+use vmfork_core::machine::server::Server;
+use vmfork_core::machine::VmTable;
+use vmfork_proto::{
+    Decoder, ErrorReply, Request, Response, UploadPurpose, VmId, VmState, CHUNK_SIZE,
+    PROTOCOL_VERSION,
+};
+
+const FRAMES: usize = 16 * 1024;
+
+/// A tiny Linux arm64 `Image`: the header and a page of nothing.
+fn kernel() -> Vec<u8> {
+    let mut b = vec![0u8; 4096];
+    b[0..4].copy_from_slice(&0x9100_0000u32.to_le_bytes());
+    b[16..24].copy_from_slice(&(4096u64).to_le_bytes());
+    b[56..60].copy_from_slice(b"ARM\x64");
+    b
+}
+
+/// One client talking to one server, in process.
+struct Session<'a> {
+    server: Server<'a, FakeHost>,
+    decoder: Decoder,
+    next_id: u32,
+    /// Replies not looked at yet, by request id, in order.
+    replies: BTreeMap<u32, Vec<Response>>,
+}
+
+impl<'a> Session<'a> {
+    fn new(vms: &'a Mutex<VmTable<FakeHost>>) -> Self {
+        Self {
+            server: Server::new(vms, "fake".to_string()),
+            decoder: Decoder::new(),
+            next_id: 1,
+            replies: BTreeMap::new(),
+        }
+    }
+
+    /// Feeds raw bytes and runs the server until it has nothing left to do.
+    fn feed(&mut self, bytes: &[u8]) {
+        let mut out = Vec::new();
+        self.server.input(bytes, &mut out);
+        loop {
+            self.server.pump(&mut out);
+            let _ = self.server.take_kicks();
+            if !self.server.backlog() {
+                break;
+            }
+            self.server.input(&[], &mut out);
+        }
+        for f in self.decoder.push(&out) {
+            let f = f.expect("the server's frames decode");
+            assert_eq!(f.version, PROTOCOL_VERSION);
+            let r = Response::decode(f.kind, &f.payload).expect("the server's replies decode");
+            self.replies.entry(f.id).or_default().push(r);
+        }
+    }
+
+    /// Sends `req` and returns its id.
+    fn send(&mut self, req: &Request) -> u32 {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut bytes = Vec::new();
+        req.encode_frame(id, &mut bytes).expect("a request encodes");
+        self.feed(&bytes);
+        id
+    }
+
+    /// Sends `req` and returns its one answer.
+    fn call(&mut self, req: Request) -> Response {
+        let id = self.send(&req);
+        let mut r = self.replies.remove(&id).unwrap_or_default();
+        r.retain(|x| !matches!(x, Response::ConsoleOutput { .. }));
+        assert_eq!(r.len(), 1, "{req:?} answered {} times: {r:?}", r.len());
+        r.pop().unwrap()
+    }
+
+    fn upload(&mut self, purpose: UploadPurpose, data: &[u8]) -> u32 {
+        let Response::UploadReady { upload } = self.call(Request::UploadBegin {
+            purpose,
+            total_len: data.len() as u64,
+        }) else {
+            panic!("no upload");
+        };
+        for (i, c) in data.chunks(CHUNK_SIZE).enumerate() {
+            let r = self.call(Request::UploadChunk {
+                upload,
+                offset: (i * CHUNK_SIZE) as u64,
+                data: c.to_vec(),
+            });
+            assert_eq!(r, Response::Ok);
+        }
+        upload
+    }
+
+    fn create(&mut self, mem: u64) -> Response {
+        let k = self.upload(UploadPurpose::Kernel, &kernel());
+        self.call(Request::Create {
+            kernel: k,
+            initrd: None,
+            mem_bytes: mem,
+            vcpus: 1,
+            cmdline: String::new(),
+        })
+    }
+}
+
+#[test]
+fn a_whole_session_as_the_tool_drives_it() {
+    let vms = Mutex::new(VmTable::new(FakeHost::new(FRAMES)));
+    let mut s = Session::new(&vms);
+    let Response::HelloReply { version, monitor } = s.call(Request::Hello {
+        version: PROTOCOL_VERSION,
+        client: "test".into(),
+    }) else {
+        panic!("no hello")
+    };
+    assert_eq!((version, monitor.as_str()), (PROTOCOL_VERSION, "fake"));
+
+    assert_eq!(s.create(4 << 20), Response::Created { vm: VmId(1) });
+    // Checked before anything is built.
+    assert!(matches!(
+        s.create(3 << 20),
+        Response::Error(ErrorReply::BadRequest(m)) if m.contains("multiple of 2 MiB")
+    ));
+    let Response::Forked { children } = s.call(Request::Fork {
+        vm: VmId(1),
+        count: 3,
+        paused: true,
+    }) else {
+        panic!("no fork")
+    };
+    assert_eq!(children, vec![VmId(2), VmId(3), VmId(4)]);
+    let Response::VmList(list) = s.call(Request::List) else {
+        panic!("no list")
+    };
+    assert_eq!(list.len(), 4);
+    assert!(matches!(list[1].state, VmState::Paused { .. }));
+    assert_eq!(list[1].parent, Some(VmId(1)));
+    assert_eq!(s.call(Request::Reset { vm: VmId(3) }), Response::Ok);
+    assert!(matches!(
+        s.call(Request::Reset { vm: VmId(1) }),
+        Response::Error(ErrorReply::BadRequest(m)) if m.contains("not a fork")
+    ));
+    assert!(matches!(
+        s.call(Request::Fork {
+            vm: VmId(1),
+            count: 0,
+            paused: false
+        }),
+        Response::Error(ErrorReply::BadRequest(_))
+    ));
+    let Response::Diff(d) = s.call(Request::Diff {
+        a: VmId(1),
+        b: VmId(2),
+    }) else {
+        panic!("no diff")
+    };
+    assert_eq!((d.pages_compared, d.differing_pages), (1024, 0));
+
+    // Dump vm1, read it out, restore it.
+    let Response::DumpReady { dump, total_len } = s.call(Request::Dump { vm: VmId(1) }) else {
+        panic!("no dump")
+    };
+    let mut snap = Vec::new();
+    loop {
+        let Response::DumpData { data, offset, .. } = s.call(Request::DumpRead {
+            dump,
+            offset: snap.len() as u64,
+            max_len: 3000,
+        }) else {
+            panic!("no dump data")
+        };
+        assert_eq!(offset, snap.len() as u64);
+        if data.is_empty() {
+            break;
+        }
+        snap.extend(data);
+    }
+    assert_eq!(snap.len() as u64, total_len);
+    assert_eq!(s.call(Request::DumpClose { dump }), Response::Ok);
+    let up = s.upload(UploadPurpose::Snapshot, &snap);
+    let Response::Created { vm: restored } = s.call(Request::Restore { upload: up }) else {
+        panic!("no restore")
+    };
+    let Response::Diff(d) = s.call(Request::Diff {
+        a: VmId(1),
+        b: restored,
+    }) else {
+        panic!("no diff")
+    };
+    assert_eq!(
+        d.differing_pages, 0,
+        "the restored VM's RAM is the dumped one's"
+    );
+
+    assert_eq!(s.call(Request::Kill { vm: VmId(2) }), Response::Ok);
+    assert_eq!(
+        s.call(Request::Info { vm: VmId(2) }),
+        Response::Error(ErrorReply::NoSuchVm(VmId(2)))
+    );
+    let Response::Stats { global, .. } = s.call(Request::Stats { vm: None }) else {
+        panic!("no stats")
+    };
+    assert_eq!(global.vms, 4, "vm1, vm3, vm4 and the restored VM");
+    assert_eq!(global.total_frames, FRAMES as u64);
+    for id in [1, 3, 4, restored.0] {
+        assert_eq!(s.call(Request::Kill { vm: VmId(id) }), Response::Ok);
+    }
+    drop(s);
+    let t = vms.lock();
+    assert!(t.vms.is_empty());
+    assert_eq!(t.host.free_frames(), FRAMES, "every frame is back");
+}
+
+/// A request from a small set of VM ids, handles and sizes, so that the stream hits live VMs,
+/// open uploads and dumps as well as absent ones.
+fn request() -> impl Strategy<Value = Request> {
+    let vm = (0u32..8).prop_map(VmId);
+    let handle = 0u32..4;
+    prop_oneof![
+        Just(Request::List),
+        vm.clone().prop_map(|vm| Request::Info { vm }),
+        prop::option::of(vm.clone()).prop_map(|vm| Request::Stats { vm }),
+        (vm.clone(), 0u32..5, any::<bool>()).prop_map(|(vm, count, paused)| Request::Fork {
+            vm,
+            count,
+            paused
+        }),
+        vm.clone().prop_map(|vm| Request::Pause { vm }),
+        vm.clone().prop_map(|vm| Request::Resume { vm }),
+        vm.clone().prop_map(|vm| Request::Reset { vm }),
+        vm.clone().prop_map(|vm| Request::Kill { vm }),
+        (0u64..10_000).prop_map(|n| Request::UploadBegin {
+            purpose: UploadPurpose::Snapshot,
+            total_len: n
+        }),
+        (
+            handle.clone(),
+            0u64..64,
+            prop::collection::vec(any::<u8>(), 0..64)
+        )
+            .prop_map(|(upload, offset, data)| Request::UploadChunk {
+                upload,
+                offset,
+                data
+            }),
+        vm.clone().prop_map(|vm| Request::ConsoleAttach { vm }),
+        vm.clone().prop_map(|vm| Request::ConsoleDetach { vm }),
+        (vm.clone(), prop::collection::vec(any::<u8>(), 0..16))
+            .prop_map(|(vm, data)| Request::ConsoleInput { vm, data }),
+        vm.clone().prop_map(|vm| Request::Dump { vm }),
+        (handle.clone(), 0u64..5000, 0u32..5000).prop_map(|(dump, offset, max_len)| {
+            Request::DumpRead {
+                dump,
+                offset,
+                max_len,
+            }
+        }),
+        handle.clone().prop_map(|dump| Request::DumpClose { dump }),
+        handle.prop_map(|upload| Request::Restore { upload }),
+        (vm.clone(), vm).prop_map(|(a, b)| Request::Diff { a, b }),
+    ]
+}
+
+/// What goes on the wire: a request, or bytes that are not one.
+#[derive(Clone, Debug)]
+enum Input {
+    Request(Request),
+    Garbage(Vec<u8>),
+}
+
+fn input() -> impl Strategy<Value = Input> {
+    prop_oneof![
+        40 => request().prop_map(Input::Request),
+        1 => prop::collection::vec(any::<u8>(), 1..40).prop_map(Input::Garbage),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Every request is answered exactly once, whatever came before it; the server never
+    /// panics; after killing every VM every frame is back.
+    #[test]
+    fn every_request_is_answered_once(
+        inputs in prop::collection::vec(input(), 1..60),
+        heap_low_at in prop::option::of(0usize..60),
+    ) {
+        let vms = Mutex::new(VmTable::new(FakeHost::new(FRAMES)));
+        let mut s = Session::new(&vms);
+        s.call(Request::Hello { version: PROTOCOL_VERSION, client: "fuzz".into() });
+        let created = matches!(s.create(2 << 20), Response::Created { .. });
+        prop_assert!(created, "the first VM is created");
+        let mut sent = Vec::new();
+        for (i, inp) in inputs.iter().enumerate() {
+            if Some(i) == heap_low_at {
+                vms.lock().host.heap_low.set(true);
+            }
+            match inp {
+                Input::Request(r) => sent.push(s.send(r)),
+                // Garbage may swallow the frames after it until the decoder resynchronises:
+                // end the stream with it, as a client that sends garbage gets no promise.
+                Input::Garbage(g) => {
+                    s.feed(g);
+                    break;
+                }
+            }
+        }
+        for id in &sent {
+            let n = s
+                .replies
+                .get(id)
+                .map_or(0, |r| r.iter().filter(|x| !matches!(x, Response::ConsoleOutput { .. })).count());
+            prop_assert_eq!(n, 1, "request {} answered {} times", id, n);
+        }
+        // Nothing answered that was not asked.
+        for id in s.replies.keys() {
+            prop_assert!(*id == 1 || *id < s.next_id, "a reply to {} nobody sent", id);
+        }
+        vms.lock().host.heap_low.set(false);
+        drop(s);
+        let mut t = vms.lock();
+        let ids: Vec<u32> = t.vms.keys().copied().collect();
+        for id in ids {
+            let _ = t.stop(id, vmfork_core::machine::StopReason::Killed);
+        }
+        prop_assert!(t.vms.is_empty());
+        prop_assert_eq!(t.host.free_frames(), FRAMES, "every frame is back");
+    }
+}
