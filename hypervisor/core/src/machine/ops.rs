@@ -9,6 +9,7 @@
 //! [`Stage2::fork`] (constant time: the parent's root entries become markers) plus a clone of
 //! every vCPU context and device model.
 
+use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -391,7 +392,7 @@ impl<H: Host> VmTable<H> {
         } else {
             None
         };
-        let mut built: Vec<Vm> = Vec::new();
+        let mut built: Vec<Box<Vm>> = Vec::new();
         let mut ids: Vec<u32> = Vec::new();
         if built.try_reserve_exact(count as usize).is_err()
             || ids.try_reserve_exact(count as usize).is_err()
@@ -400,7 +401,8 @@ impl<H: Host> VmTable<H> {
         }
         for _ in 0..count {
             match self.fork_one(id, root, paused, caller) {
-                Ok(child) => built.push(child),
+                // Within the fork's heap cost, checked above.
+                Ok(child) => built.push(Box::new(child)),
                 Err(e) => {
                     for mut child in built {
                         if let (Some(s2), Some(rp)) = (child.s2.take(), child.reset_point.take()) {

@@ -324,7 +324,8 @@ pub fn restore<H: Host>(t: &mut VmTable<H>, bytes: &[u8]) -> Result<u32, String>
     // A restored VM is a new clone of the one dumped: its new ID is already in place
     // (guest_memory wrote it); tell it through the vmgenid interrupt.
     vm.new_identity = NewIdentity::Pending;
-    t.vms.insert(id, vm);
+    // The VM's own box: within the estimate the control server checked the heap for.
+    t.vms.insert(id, alloc::boxed::Box::new(vm));
     log::info!(
         "vm{id}: restored from a snapshot: {} MiB, {} vCPU(s), {} page runs",
         ram_size >> 20,
