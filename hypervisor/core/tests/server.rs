@@ -338,3 +338,50 @@ proptest! {
         prop_assert_eq!(t.host.free_frames(), FRAMES, "every frame is back");
     }
 }
+
+/// A client that asked for a dump and went away before it was ready (a new `Hello` came): the
+/// new client never gets the old request's answer under its own ids, and the dump's internal
+/// fork, which nobody will read out, is torn down. (Before: the `DumpReady` went to the new
+/// client and the paused fork stayed forever.)
+#[test]
+fn what_a_previous_client_waited_for_is_not_answered_to_the_next() {
+    use vmfork_core::machine::VcpuState;
+    let vms = Mutex::new(VmTable::new(FakeHost::new(FRAMES)));
+    let mut s = Session::new(&vms);
+    s.call(Request::Hello {
+        version: PROTOCOL_VERSION,
+        client: "first".into(),
+    });
+    assert_eq!(s.create(2 << 20), Response::Created { vm: VmId(1) });
+    // vm1's vCPU is on a CPU: a dump (a fork) waits for it to come back.
+    let ctx = {
+        let mut t = vms.lock();
+        let v = &mut t.vms.get_mut(&1).unwrap().vcpus[0];
+        v.state = VcpuState::Running(0);
+        v.ctx.take().unwrap()
+    };
+    let dump = s.send(&Request::Dump { vm: VmId(1) });
+    let fork = s.send(&Request::Fork {
+        vm: VmId(1),
+        count: 1,
+        paused: true,
+    });
+    assert!(s.replies.get(&dump).is_none() && s.replies.get(&fork).is_none());
+    // A new client; then the vCPU comes back and both operations run.
+    s.call(Request::Hello {
+        version: PROTOCOL_VERSION,
+        client: "second".into(),
+    });
+    let _ = vms.lock().put_back(1, 0, ctx, VcpuState::Runnable);
+    let Response::VmList(list) = s.call(Request::List) else {
+        panic!("no list")
+    };
+    assert!(
+        s.replies.get(&dump).is_none() && s.replies.get(&fork).is_none(),
+        "answers to the previous client: {:?}",
+        s.replies
+    );
+    // vm1 and the fork it asked for (vm3) are there; the dump's internal fork (vm2) is gone.
+    let ids: Vec<u32> = list.iter().map(|v| v.id.0).collect();
+    assert_eq!(ids, vec![1, 3], "{list:#?}");
+}

@@ -72,6 +72,10 @@ pub struct Server<'a, H: Host> {
     decoder: Decoder,
     /// Requests waiting for a fork or reset to run: request id, ticket, what to answer.
     waiting: Vec<(u32, u64, Waiting)>,
+    /// Operations a previous client asked for and did not wait to hear about (a new `Hello`
+    /// came): their results are still collected (an internal dump fork is then torn down), but
+    /// never sent, since the new client's request ids mean other requests.
+    orphans: Vec<(u64, Waiting)>,
     dumps: BTreeMap<u32, dumpfile::Dump>,
     next_dump: u32,
     /// Attached consoles: VM -> the attach request's id.
@@ -96,6 +100,7 @@ impl<'a, H: Host> Server<'a, H> {
             kicks: Kicks::new(),
             decoder: Decoder::with_max_payload(vmfork_proto::MAX_REQUEST_PAYLOAD),
             waiting: Vec::new(),
+            orphans: Vec::new(),
             dumps: BTreeMap::new(),
             next_dump: 1,
             consoles: BTreeMap::new(),
@@ -112,6 +117,7 @@ impl<'a, H: Host> Server<'a, H> {
     /// the rest stay queued ([`Server::backlog`]) for the next call. Every request is answered
     /// exactly once, in the order received.
     pub fn input(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
+        self.collect_orphans();
         for f in self.decoder.push(bytes) {
             match f {
                 Ok(frame) => self.queued.push_back(frame),
@@ -176,6 +182,7 @@ impl<'a, H: Host> Server<'a, H> {
     /// Sends what became ready since the last call: results of forks and resets, console
     /// output of attached VMs.
     pub fn pump(&mut self, out: &mut Vec<u8>) {
+        self.collect_orphans();
         let mut still = Vec::new();
         for (id, ticket, what) in core::mem::take(&mut self.waiting) {
             let result = self.vms.lock().take_result(ticket);
@@ -511,7 +518,33 @@ impl<'a, H: Host> Server<'a, H> {
         }
     }
 
+    /// Takes the results of what a previous client left waiting; a dump's internal fork that
+    /// nobody will read is torn down.
+    fn collect_orphans(&mut self) {
+        let mut still = Vec::new();
+        for (ticket, what) in core::mem::take(&mut self.orphans) {
+            let result = self.vms.lock().take_result(ticket);
+            match (result, what) {
+                (None, _) => still.push((ticket, what)),
+                (Some(Ok(children)), Waiting::Dump { .. }) => {
+                    for c in children {
+                        let kicks = self.vms.lock().stop(c, machine::StopReason::DumpDiscarded);
+                        self.kicks.merge(kicks);
+                    }
+                }
+                (Some(_), _) => {}
+            }
+        }
+        self.orphans = still;
+    }
+
     fn detach_all(&mut self) {
+        // What the previous client waits for is answered to nobody (see `orphans`), and its
+        // diffs under way are dropped: they only read.
+        let waiting = core::mem::take(&mut self.waiting);
+        self.orphans
+            .extend(waiting.into_iter().map(|(_, ticket, what)| (ticket, what)));
+        self.diffs.clear();
         let mut t = self.vms.lock();
         for vm in self.consoles.keys() {
             if let Some(v) = t.vms.get_mut(vm) {
