@@ -89,17 +89,24 @@ impl ProtoClient {
 
     /// Takes the reply to request `id` if it has already been read, without reading more.
     pub fn take_read(&mut self, id: u32) -> Option<Response> {
-        let i = self
-            .backlog
-            .iter()
-            .position(|(rid, r)| *rid == id && !matches!(r, Response::ConsoleOutput { .. }))?;
+        let i = self.backlog.iter().position(|(rid, r)| {
+            *rid == id
+                && !matches!(
+                    r,
+                    Response::ConsoleOutput { .. } | Response::ConsoleClosed { .. }
+                )
+        })?;
         Some(self.backlog.remove(i).1)
     }
 
     /// The reply to request `id` (console output sent under an attach's id is not a reply).
     pub fn reply(&mut self, id: u32) -> Response {
         self.wait(&format!("request {id}"), |rid, r| {
-            rid == id && !matches!(r, Response::ConsoleOutput { .. })
+            rid == id
+                && !matches!(
+                    r,
+                    Response::ConsoleOutput { .. } | Response::ConsoleClosed { .. }
+                )
         })
     }
 
@@ -108,7 +115,11 @@ impl ProtoClient {
         let what = format!("{req:?}");
         let id = self.send(&req);
         self.wait(&what, |rid, r| {
-            rid == id && !matches!(r, Response::ConsoleOutput { .. })
+            rid == id
+                && !matches!(
+                    r,
+                    Response::ConsoleOutput { .. } | Response::ConsoleClosed { .. }
+                )
         })
     }
 

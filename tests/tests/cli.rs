@@ -255,3 +255,48 @@ fn create_boots_a_guest_sent_over_the_channel() {
     );
     q.kill();
 }
+
+/// `vmfork console` of a guest that powers off: everything it printed last arrives, then why it
+/// went, and the tool exits with status 3 (before: `echo: line on`, no `bye`, and the tool
+/// stayed attached to a VM that no longer existed).
+#[test]
+fn a_console_gets_the_last_words_of_a_vm_that_powers_off_and_says_why() {
+    use std::io::Write as _;
+    let socket = ControlSocket::new();
+    let mut q = Qemu::start(boot("cli_last_words", &socket, 512).guest(0, "echo", "mem=16M"));
+    q.wait_for("monitor: ready", DEFAULT_TIMEOUT);
+    let mut child = Command::new(vmfork_tool())
+        .arg("--socket")
+        .arg(socket.path())
+        .args(["console", "1", "--linger", "60000"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("vmfork console");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"line one\nquit\n").unwrap();
+    drop(stdin);
+    // The tool ends by itself when the VM goes (long before the linger), or the harness's
+    // timeout kills QEMU and the tool sees the channel close.
+    q.wait_for("vm1: 'guest0' powered off", DEFAULT_TIMEOUT);
+    let deadline = Instant::now() + DEFAULT_TIMEOUT;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "vmfork console did not end");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("echo: line one"), "stdout: {stdout:?}");
+    assert!(stdout.contains("echo: bye"), "stdout: {stdout:?}");
+    assert!(
+        stderr.contains("vm1 powered off (PSCI SYSTEM_OFF)"),
+        "stderr: {stderr:?}"
+    );
+    assert_eq!(status.code(), Some(3), "stderr: {stderr:?}");
+    q.kill();
+}

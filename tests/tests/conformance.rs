@@ -58,7 +58,12 @@ impl Endpoint for InProcess<'_> {
             .map(|f| f.unwrap())
             .filter(|f| f.id == id)
             .map(|f| Response::decode(f.kind, &f.payload).unwrap())
-            .filter(|r| !matches!(r, Response::ConsoleOutput { .. }))
+            .filter(|r| {
+                !matches!(
+                    r,
+                    Response::ConsoleOutput { .. } | Response::ConsoleClosed { .. }
+                )
+            })
             .collect();
         assert_eq!(answers.len(), 1, "{req:?}: {answers:?}");
         answers.pop().unwrap()

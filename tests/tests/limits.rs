@@ -67,8 +67,10 @@ impl Client {
                         },
                         Err(e) => (BAD_FRAME, bad(format!("bad frame: {e:?}"))),
                     };
-                    if !matches!(resp, Response::ConsoleOutput { .. })
-                        && tx.send((id, resp)).is_err()
+                    if !matches!(
+                        resp,
+                        Response::ConsoleOutput { .. } | Response::ConsoleClosed { .. }
+                    ) && tx.send((id, resp)).is_err()
                     {
                         return;
                     }

@@ -79,7 +79,12 @@ impl<'a> Session<'a> {
     fn call(&mut self, req: Request) -> Response {
         let id = self.send(&req);
         let mut r = self.replies.remove(&id).unwrap_or_default();
-        r.retain(|x| !matches!(x, Response::ConsoleOutput { .. }));
+        r.retain(|x| {
+            !matches!(
+                x,
+                Response::ConsoleOutput { .. } | Response::ConsoleClosed { .. }
+            )
+        });
         assert_eq!(r.len(), 1, "{req:?} answered {} times: {r:?}", r.len());
         r.pop().unwrap()
     }
@@ -320,7 +325,7 @@ proptest! {
             let n = s
                 .replies
                 .get(id)
-                .map_or(0, |r| r.iter().filter(|x| !matches!(x, Response::ConsoleOutput { .. })).count());
+                .map_or(0, |r| r.iter().filter(|x| !matches!(x, Response::ConsoleOutput { .. } | Response::ConsoleClosed { .. })).count());
             prop_assert_eq!(n, 1, "request {} answered {} times", id, n);
         }
         // Nothing answered that was not asked.
@@ -384,4 +389,75 @@ fn what_a_previous_client_waited_for_is_not_answered_to_the_next() {
     // vm1 and the fork it asked for (vm3) are there; the dump's internal fork (vm2) is gone.
     let ids: Vec<u32> = list.iter().map(|v| v.id.0).collect();
     assert_eq!(ids, vec![1, 3], "{list:#?}");
+}
+
+/// A VM that powers off while its console is streamed: the client gets the rest of its output,
+/// then `ConsoleClosed` with the reason, and nothing more for it.
+#[test]
+fn a_streamed_console_ends_with_the_last_output_and_why() {
+    use vmfork_core::esr::Esr;
+    use vmfork_core::machine::{handle_sync, Syndrome, VcpuState};
+    use vmfork_core::mmio::{MmioAccess, MmioDevice};
+    let vms = Mutex::new(VmTable::new(FakeHost::new(FRAMES)));
+    let mut s = Session::new(&vms);
+    s.call(Request::Hello {
+        version: PROTOCOL_VERSION,
+        client: "console".into(),
+    });
+    assert_eq!(s.create(2 << 20), Response::Created { vm: VmId(1) });
+    let attach = s.send(&Request::ConsoleAttach { vm: VmId(1) });
+    {
+        let mut guard = vms.lock();
+        let t = &mut *guard;
+        let vm = t.vms.get_mut(&1).unwrap();
+        // The guest's last words, not yet read out by anyone...
+        for b in b"bye\n" {
+            let _ = vm.uart.access(
+                0,
+                MmioAccess {
+                    offset: 0,
+                    size: 1,
+                    write: Some(u64::from(*b)),
+                },
+            );
+        }
+        // ...then PSCI SYSTEM_OFF through the exit path, and its vCPU comes back.
+        let mut ctx = vm.vcpus[0].ctx.take().unwrap();
+        vm.vcpus[0].state = VcpuState::Running(0);
+        ctx.regs.x[0] = 0x8400_0008;
+        let syn = Syndrome {
+            esr: Esr((0x16 << 26) | (1 << 25)),
+            far: 0,
+            hpfar: 0,
+        };
+        let _ = handle_sync(t, 1, 0, &mut ctx, syn);
+        let _ = t.put_back(1, 0, ctx, VcpuState::Runnable);
+        assert!(t.vms.is_empty(), "torn down");
+    }
+    s.call(Request::List);
+    let events = s.replies.remove(&attach).unwrap();
+    let text: Vec<u8> = events
+        .iter()
+        .filter_map(|r| match r {
+            Response::ConsoleOutput { data, .. } => Some(data.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert!(String::from_utf8_lossy(&text).contains("bye"), "{events:?}");
+    assert_eq!(
+        events.last(),
+        Some(&Response::ConsoleClosed {
+            vm: VmId(1),
+            reason: "powered off (PSCI SYSTEM_OFF)".into()
+        }),
+        "{events:?}"
+    );
+    assert_eq!(
+        events.iter().filter(|r| matches!(r, Response::Ok)).count(),
+        1
+    );
+    // Nothing more for it.
+    s.call(Request::List);
+    assert!(s.replies.get(&attach).is_none());
 }

@@ -421,6 +421,15 @@ pub enum Response {
         /// What the guest wrote.
         data: Vec<u8>,
     },
+    /// Console event: the attached VM is gone (id = the `ConsoleAttach` request's id). Comes
+    /// after the last of its output; the attachment is over.
+    ConsoleClosed {
+        /// The VM.
+        vm: VmId,
+        /// Why it went, as the monitor's log says it ("powered off (PSCI SYSTEM_OFF)",
+        /// "killed by the control channel", ...).
+        reason: String,
+    },
     /// The request failed.
     Error(ErrorReply),
 }
@@ -492,6 +501,8 @@ pub mod kind {
     pub const DIFF_REPLY: u16 = 0x800B;
     /// `Response::ConsoleOutput` (an event).
     pub const CONSOLE_OUTPUT: u16 = 0x800C;
+    /// `Response::ConsoleClosed` (an event).
+    pub const CONSOLE_CLOSED: u16 = 0x800D;
     /// `Response::Error` (frozen).
     pub const ERROR: u16 = 0x80FF;
 }
@@ -803,6 +814,7 @@ impl Response {
             Response::DumpData { .. } => DUMP_DATA,
             Response::Diff(_) => DIFF_REPLY,
             Response::ConsoleOutput { .. } => CONSOLE_OUTPUT,
+            Response::ConsoleClosed { .. } => CONSOLE_CLOSED,
             Response::Error(_) => ERROR,
         }
     }
@@ -873,6 +885,10 @@ impl Response {
             Response::ConsoleOutput { vm, data } => {
                 w.u32(vm.0);
                 w.bytes(data);
+            }
+            Response::ConsoleClosed { vm, reason } => {
+                w.u32(vm.0);
+                w.str(reason);
             }
             Response::Error(e) => match e {
                 ErrorReply::NoSuchVm(vm) => {
@@ -996,6 +1012,10 @@ impl Response {
             CONSOLE_OUTPUT => Response::ConsoleOutput {
                 vm: vm(&mut r)?,
                 data: r.bytes()?,
+            },
+            CONSOLE_CLOSED => Response::ConsoleClosed {
+                vm: vm(&mut r)?,
+                reason: r.str()?,
             },
             ERROR => Response::Error(match r.u8()? {
                 1 => ErrorReply::NoSuchVm(vm(&mut r)?),

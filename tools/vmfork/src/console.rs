@@ -25,12 +25,15 @@ pub struct ConsoleOptions {
 }
 
 /// Why a console session ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConsoleEnd {
     /// The detach key was pressed.
     DetachKey,
     /// The input ended.
     InputEnded,
+    /// The VM went (powered off, killed, crashed): the monitor's reason. Everything it printed
+    /// before has been written to the output.
+    VmGone(String),
 }
 
 enum Event {
@@ -155,12 +158,15 @@ pub fn run(
                         output.flush()?;
                     }
                     Response::Ok => {
-                        if let Some((d, end)) = detach {
-                            if d == id {
-                                return Ok(end);
+                        if let Some((d, end)) = &detach {
+                            if *d == id {
+                                return Ok(end.clone());
                             }
                         }
                         acks.remove(&id);
+                    }
+                    Response::ConsoleClosed { vm: v, reason } if v == vm && id == attach_id => {
+                        return Ok(ConsoleEnd::VmGone(reason));
                     }
                     Response::Error(ErrorReply::NoSuchVm(v)) if id == attach_id => {
                         // The VM was killed while we were attached.

@@ -789,8 +789,13 @@ impl Model {
 
     fn kill(&mut self, id: u32) -> Result<Response, ErrorReply> {
         let vm = self.vms.remove(&id).ok_or(no_such(id))?;
+        // As the monitor: the console stream ends with why the VM went.
+        let closed = Response::ConsoleClosed {
+            vm: VmId(id),
+            reason: "killed by the control channel".into(),
+        };
         for s in vm.subs {
-            let _ = send_raw(&s.out, s.attach_id, &Response::Error(no_such(id)));
+            let _ = send_raw(&s.out, s.attach_id, &closed);
         }
         Ok(Response::Ok)
     }

@@ -100,6 +100,9 @@ enum Command {
     /// On a terminal the console is raw: every key goes to the guest, and Ctrl-] detaches.
     /// With piped stdin every byte is sent as is; at the end of input vmfork keeps printing
     /// output for --linger milliseconds, then detaches.
+    ///
+    /// When the VM goes while attached (it powered off, was killed, crashed), everything it
+    /// printed is shown first, then "vmN <why>" on stderr, and vmfork exits with status 3.
     Console {
         /// The VM's id.
         vm: u32,
@@ -158,6 +161,9 @@ enum Command {
         shell: clap_complete::Shell,
     },
 }
+
+/// Exit status of `vmfork console` when the VM went while attached.
+const EXIT_VM_GONE: i32 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -315,6 +321,12 @@ fn run(cli: Cli) -> Result<(), CliError> {
             let end = console::run(c, VmId(vm), Box::new(io::stdin()), &mut out, &opts);
             let _ = out.flush();
             drop(_raw);
+            if let Ok(console::ConsoleEnd::VmGone(reason)) = &end {
+                // Everything the guest printed has been written; say why it ended, and exit
+                // with the status that means it (see `vmfork console --help`).
+                eprintln!("{}vm{vm} {reason}", if tty { "\r\n" } else { "" });
+                std::process::exit(EXIT_VM_GONE);
+            }
             if tty {
                 eprintln!("\r\ndetached from vm {vm}");
             }

@@ -136,7 +136,10 @@ impl Raw {
                 return r;
             }
             assert!(
-                matches!(r, Response::ConsoleOutput { .. }),
+                matches!(
+                    r,
+                    Response::ConsoleOutput { .. } | Response::ConsoleClosed { .. }
+                ),
                 "unexpected {rid} {r:?}"
             );
         }
@@ -408,7 +411,10 @@ fn killing_a_vm_tells_its_console_clients_once() {
         Response::Ok
     );
     b.simple(&Request::Kill { vm: VmId(2) }).unwrap();
-    let gone = Response::Error(ErrorReply::NoSuchVm(VmId(2)));
+    let gone = Response::ConsoleClosed {
+        vm: VmId(2),
+        reason: "killed by the control channel".into(),
+    };
     assert_eq!(a.recv_not_output(), (5, gone.clone()));
     assert_eq!(c.recv_not_output(), (6, gone));
     a.quiet(Duration::from_millis(300));

@@ -229,8 +229,33 @@ impl<'a, H: Host> Server<'a, H> {
                 }
             }
         }
+        // A VM that went while streamed: the rest of its output, then why it went, and the
+        // stream is over.
         for g in gone {
-            self.consoles.remove(&g);
+            let Some(req) = self.consoles.remove(&g) else {
+                continue;
+            };
+            let (rest, reason) = t
+                .take_closed_console(g)
+                .unwrap_or_else(|| (Vec::new(), String::from("gone")));
+            for chunk in rest.chunks(CONSOLE_CHUNK) {
+                reply(
+                    out,
+                    req,
+                    Response::ConsoleOutput {
+                        vm: VmId(g),
+                        data: chunk.to_vec(),
+                    },
+                );
+            }
+            reply(
+                out,
+                req,
+                Response::ConsoleClosed {
+                    vm: VmId(g),
+                    reason,
+                },
+            );
         }
     }
 
@@ -352,7 +377,8 @@ impl<'a, H: Host> Server<'a, H> {
                     let kicks = t.stop(vm.0, machine::StopReason::Killed);
                     drop(t);
                     self.kicks.merge(kicks);
-                    self.consoles.remove(&vm.0);
+                    // An attached console gets the rest of the output and `ConsoleClosed`
+                    // (from `pump`), as when the VM goes by itself.
                     Response::Ok
                 }
             }

@@ -2,7 +2,7 @@
 //! teardown. (Fork and reset are in [`super::ops`], dump and restore in [`super::saved`].)
 
 use alloc::boxed::Box;
-use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -151,7 +151,14 @@ pub struct VmTable<H: Host> {
     pub(super) results: BTreeMap<u64, Result<Vec<u32>, ForkError>>,
     /// The next ticket.
     pub(super) next_ticket: u64,
+    /// Consoles whose VM went while a client streamed them: the VM's id, its output the client
+    /// has not had yet, and why it went. The control server sends these and ends the stream
+    /// ([`VmTable::take_closed_console`]); at most [`CLOSED_CONSOLES_KEPT`], oldest dropped.
+    closed_consoles: VecDeque<(u32, Vec<u8>, String)>,
 }
+
+/// Most closed consoles kept for the control server (as many as may be attached at once).
+pub const CLOSED_CONSOLES_KEPT: usize = 16;
 
 impl<H: Host> VmTable<H> {
     /// An empty table.
@@ -167,6 +174,7 @@ impl<H: Host> VmTable<H> {
             tree_forks: BTreeMap::new(),
             results: BTreeMap::new(),
             next_ticket: 1,
+            closed_consoles: VecDeque::new(),
         }
     }
 
@@ -459,6 +467,18 @@ impl<H: Host> VmTable<H> {
         }
         vm.drain_console(&self.host);
         vm.flush_console_line(&self.host);
+        if vm.console_attached {
+            // The streaming client gets the rest of the output and why the VM went.
+            if self.closed_consoles.len() >= CLOSED_CONSOLES_KEPT {
+                self.closed_consoles.pop_front();
+            }
+            let why = match &vm.state {
+                VmState::Stopping(r) => alloc::format!("{r}"),
+                _ => String::from("destroyed"),
+            };
+            let rest = core::mem::take(&mut vm.console_tap);
+            self.closed_consoles.push_back((id, rest, why));
+        }
         if let Some(rp) = vm.reset_point.take() {
             if let Err(e) = self.host.with_mem(|cx| rp.release(cx)) {
                 log::error!("vm{id}: releasing its reset point failed: {e}");
@@ -487,6 +507,15 @@ impl<H: Host> VmTable<H> {
             vm.ram_size >> 20
         );
         self.host.vm_gone(id);
+    }
+
+    /// The rest of the output of VM `id`, gone while its console was streamed, and why it
+    /// went; `None` if it was not streamed (or was dropped as one of too many).
+    pub fn take_closed_console(&mut self, id: u32) -> Option<(Vec<u8>, String)> {
+        let i = self.closed_consoles.iter().position(|c| c.0 == id)?;
+        self.closed_consoles
+            .remove(i)
+            .map(|(_, data, why)| (data, why))
     }
 
     /// True when some vCPU of a running VM is ready to run.

@@ -194,6 +194,7 @@ pub fn response() -> impl Strategy<Value = Response> {
                 truncated
             })),
         (vm_id(), chunk()).prop_map(|(vm, data)| Response::ConsoleOutput { vm, data }),
+        (vm_id(), "[ -~]{0,40}").prop_map(|(vm, reason)| Response::ConsoleClosed { vm, reason }),
         error_reply().prop_map(Response::Error),
     ]
 }

@@ -389,12 +389,9 @@ impl Router {
                 Expect::Internal => {}
                 Expect::Attach(vm) => self.attach_reply(vm, f, out),
                 Expect::Reply => self.pass_back(p.from, f, out),
-                Expect::Kill(vm) => {
-                    if f.kind == kind::OK {
-                        self.vm_gone(vm, out);
-                    }
-                    self.pass_back(p.from, f, out);
-                }
+                // The monitor ends the VM's console stream itself (the rest of its output,
+                // then `ConsoleClosed`, under the attach id): nothing to do here.
+                Expect::Kill(_) => self.pass_back(p.from, f, out),
                 Expect::Dump => {
                     let handle = match Response::decode(f.kind, &f.payload) {
                         Ok(Response::DumpReady { dump, .. }) => Some(dump),
@@ -431,8 +428,9 @@ impl Router {
                     }
                 }
             }
-            kind::ERROR => {
-                // The attachment ended upstream (the VM was killed): tell every subscriber.
+            kind::ERROR | kind::CONSOLE_CLOSED => {
+                // The attachment ended upstream (the VM went: `ConsoleClosed`, or an error
+                // from an older server): tell every subscriber.
                 self.attach_ids.remove(&f.id);
                 if let Some(con) = self.consoles.remove(&vm) {
                     for (c, aid) in con.subs {
@@ -511,22 +509,6 @@ impl Router {
         self.attach_ids.insert(con.upstream_id, vm);
         self.consoles.insert(vm, con);
         self.release_if_unused(vm, out);
-    }
-
-    /// `vm` was killed through the mux: its subscribers get `NoSuchVm` with their attach ids,
-    /// as the reference server sends them.
-    fn vm_gone(&mut self, vm: VmId, out: &mut Vec<Outgoing>) {
-        let attached = self.consoles.get(&vm).is_some_and(|c| c.attached);
-        if !attached {
-            return;
-        }
-        if let Some(con) = self.consoles.remove(&vm) {
-            self.attach_ids.remove(&con.upstream_id);
-            for (c, aid) in con.subs {
-                let r = Response::Error(ErrorReply::NoSuchVm(vm));
-                Self::reply(out, c, aid, &r);
-            }
-        }
     }
 
     /// The monitor connection dropped: every client waiting for a reply, and every attached
