@@ -371,7 +371,7 @@ fn what_a_previous_client_waited_for_is_not_answered_to_the_next() {
         count: 1,
         paused: true,
     });
-    assert!(s.replies.get(&dump).is_none() && s.replies.get(&fork).is_none());
+    assert!(!s.replies.contains_key(&dump) && !s.replies.contains_key(&fork));
     // A new client; then the vCPU comes back and both operations run.
     s.call(Request::Hello {
         version: PROTOCOL_VERSION,
@@ -382,7 +382,7 @@ fn what_a_previous_client_waited_for_is_not_answered_to_the_next() {
         panic!("no list")
     };
     assert!(
-        s.replies.get(&dump).is_none() && s.replies.get(&fork).is_none(),
+        !s.replies.contains_key(&dump) && !s.replies.contains_key(&fork),
         "answers to the previous client: {:?}",
         s.replies
     );
@@ -459,5 +459,5 @@ fn a_streamed_console_ends_with_the_last_output_and_why() {
     );
     // Nothing more for it.
     s.call(Request::List);
-    assert!(s.replies.get(&attach).is_none());
+    assert!(!s.replies.contains_key(&attach));
 }
