@@ -174,7 +174,7 @@ fn dump_then_restore_continues_from_the_dumped_state_even_on_a_fresh_monitor() {
     let out = vmfork_ok(&socket, &["dump", "1", file_s]);
     assert!(out.contains("written to"), "{out}");
     // The dumped VM kept running, and the snapshot fork is gone once read out.
-    q.wait_for("vm2: 'guest0.2' snapshot read out", DEFAULT_TIMEOUT);
+    q.wait_for("'guest0.dump' snapshot read out", DEFAULT_TIMEOUT);
     let at_dump = q.count("[vm1] counter: tick");
     q.wait_for(
         &format!("[vm1] counter: tick {}", at_dump + 2),

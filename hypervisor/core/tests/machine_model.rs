@@ -307,7 +307,7 @@ const GICD_ISENABLER1: u64 = 0x104;
 
 fn read_enabled(t: &VmTable<TestHost>, id: u32) -> u32 {
     // A copy, so that looking never copies the VM's shared vGIC.
-    let mut g = (*t.vms[&id].vgic).clone();
+    let mut g = (*t.vms[&id].devices.vgic).clone();
     match g.dist_access(
         0,
         MmioAccess {

@@ -677,7 +677,7 @@ fn phase_density() -> Result<(), String> {
     let (vgic_heap, vcpus_heap) = match t.vms.get(&parent) {
         Some(vm) => {
             let h0 = crate::heap::usage().0;
-            let g = vm.vgic.clone();
+            let g = vm.devices.vgic.clone();
             let h1 = crate::heap::usage().0;
             let v = vm.vcpus.clone();
             let h2 = crate::heap::usage().0;

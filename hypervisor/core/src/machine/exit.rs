@@ -5,6 +5,7 @@
 
 use alloc::format;
 
+use super::devices::{Devices, Window};
 use super::ops::PendingOp;
 use super::vm::{MemoryWant, PauseReason, StopReason, VcpuState, Vm, VmState};
 use super::{
@@ -73,7 +74,7 @@ pub fn handle_sync<H: Host>(
             let is_wfe = esr.iss() & 1 == 1;
             if is_wfe {
                 Next::Yield
-            } else if vm.vgic.has_pending(vcpu) {
+            } else if vm.devices.vgic.has_pending(vcpu) {
                 Next::Resume
             } else {
                 Next::Wait
@@ -329,53 +330,31 @@ fn data_abort<H: Host>(
             v
         }
     });
-    let a = ipa.0;
-    let result = if (layout::GICD_BASE..layout::GICD_BASE + layout::GICD_SIZE).contains(&a) {
-        match vm.vgic_mut(h) {
+    let at = |offset| MmioAccess {
+        offset,
+        size,
+        write: write_value,
+    };
+    let result = match Devices::route(ipa.0, vm.vcpus.len()) {
+        Some(Window::Gicd(offset)) => match vm.vgic_mut(h) {
             // Paused: the access is made again when the VM is resumed.
             None => return Next::Leave,
-            Some(vgic) => vgic.dist_access(
-                vcpu,
-                MmioAccess {
-                    offset: a - layout::GICD_BASE,
-                    size,
-                    write: write_value,
-                },
-            ),
-        }
-    } else if (layout::GICR_BASE..layout::GICR_BASE + layout::gicr_size(vm.vcpus.len() as u32))
-        .contains(&a)
-    {
-        match vm.vgic_mut(h) {
-            // Paused: the access is made again when the VM is resumed.
+            Some(vgic) => vgic.dist_access(vcpu, at(offset)),
+        },
+        Some(Window::Gicr(offset)) => match vm.vgic_mut(h) {
             None => return Next::Leave,
-            Some(vgic) => vgic.redist_access(
-                vcpu,
-                MmioAccess {
-                    offset: a - layout::GICR_BASE,
-                    size,
-                    write: write_value,
-                },
-            ),
+            Some(vgic) => vgic.redist_access(vcpu, at(offset)),
+        },
+        Some(Window::Uart(offset)) => {
+            let r = crate::mmio::MmioDevice::access(&mut vm.devices.uart, vcpu, at(offset));
+            vm.drain_console(h);
+            // A read may have made room in the receive FIFO for queued input.
+            if let Some(k) = vm.feed_uart(h) {
+                vm.kick_vcpu(k, kicks);
+            }
+            r
         }
-    } else if (layout::UART_BASE..layout::UART_BASE + layout::UART_SIZE).contains(&a) {
-        let r = crate::mmio::MmioDevice::access(
-            &mut vm.uart,
-            vcpu,
-            MmioAccess {
-                offset: a - layout::UART_BASE,
-                size,
-                write: write_value,
-            },
-        );
-        vm.drain_console(h);
-        // A read may have made room in the receive FIFO for queued input.
-        if let Some(k) = vm.feed_uart(h) {
-            vm.kick_vcpu(k, kicks);
-        }
-        r
-    } else {
-        MmioResult::Fault
+        None => MmioResult::Fault,
     };
     match result {
         MmioResult::Read(v) => {
@@ -450,7 +429,7 @@ fn hypercall(vm: &mut Vm, vcpu: usize, ctx: &mut VcpuCtx, kicks: &mut Kicks) -> 
             // the instruction after the call, with the entry point unused. The vCPU waits as
             // in WFI: until an interrupt is pending for it (whatever PSTATE.{I,F} mask) or its
             // timer fires.
-            next = if vm.vgic.has_pending(vcpu) {
+            next = if vm.devices.vgic.has_pending(vcpu) {
                 Next::Resume
             } else {
                 Next::Wait

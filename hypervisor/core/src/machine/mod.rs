@@ -20,6 +20,7 @@
 //! control protocol served over a table of VMs: the monitor's control channel and the host
 //! tool's fake monitor run this same code).
 
+pub mod devices;
 pub mod exit;
 pub mod fake;
 pub mod ops;
@@ -37,6 +38,7 @@ use crate::esr::SysRegIss;
 use crate::physmem::PhysMem;
 use crate::stage2::{MemCtx, TlbOps};
 
+pub use devices::{DeviceState, Devices, Window};
 pub use exit::{handle_sync, Next, Syndrome};
 pub use ops::{ForkError, PendingOp, ResetPoint, VmStats};
 pub use regs::{El1Sysregs, GuestRegs, PauthKeys, VcpuCtx, PSTATE_EL1H_MASKED};

@@ -14,13 +14,13 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use super::devices::Devices;
 use super::vm::{NewIdentity, PauseReason, Vcpu, Vm, VmState};
 use super::{vm_log, HeapLow, Host, Kicks, VcpuCtx, VmTable};
 use crate::opqueue::{guest_x0, Busy, GuestError, Waiter};
 use crate::physmem::PhysMem;
 use crate::shared::Shared;
 use crate::stage2::{ForkPoint, MemCtx, Stage2, Stage2Error, TlbOps};
-use crate::vgic::Vgic;
 use crate::vuart::Vuart;
 
 /// Where `reset` puts a fork back to: its stage-2 fork point and its vCPUs and devices as they
@@ -30,10 +30,8 @@ pub struct ResetPoint {
     pub point: ForkPoint,
     /// vCPU states and contexts at the fork (the forking vCPU's X0 already holds 0).
     pub vcpus: Vec<Vcpu>,
-    /// The interrupt controller at the fork (shared with the child until it changes).
-    pub vgic: Shared<Vgic>,
-    /// The UART at the fork.
-    pub uart: Vuart,
+    /// The devices at the fork (the vGIC shared with the child until either changes it).
+    pub devices: Devices,
 }
 
 impl ResetPoint {
@@ -59,7 +57,14 @@ pub enum PendingOp {
     },
     /// Put the VM back to its reset point.
     Reset,
+    /// One paused internal fork for a dump to be read from: not listed, and its id comes from
+    /// [`INTERNAL_ID_BASE`] up, so VM ids users see do not skip.
+    DumpFork,
 }
+
+/// Ids of internal forks (a dump's) start here; the VMs users create, fork and restore are
+/// numbered from 1 and never get so far.
+pub const INTERNAL_ID_BASE: u32 = 0x8000_0000;
 
 /// The operations waiting on one VM ([`crate::opqueue`]: bounded, each answered once).
 pub type OpQueue = crate::opqueue::OpQueue<PendingOp>;
@@ -317,6 +322,7 @@ impl<H: Host> VmTable<H> {
             let result = match w.op {
                 PendingOp::Fork { count, paused } => self.fork_now(id, count, paused, caller),
                 PendingOp::Reset => self.reset_now(id).map(|()| Vec::new()),
+                PendingOp::DumpFork => self.fork_many(id, 1, true, None, true),
             };
             if let Err(e) = &result {
                 vm_log!(&self.host, Warn, id, "vm{id}: {:?} failed: {e}", w.op);
@@ -351,6 +357,19 @@ impl<H: Host> VmTable<H> {
         paused: bool,
         caller: Option<usize>,
     ) -> Result<Vec<u32>, ForkError> {
+        self.fork_many(id, count, paused, caller, false)
+    }
+
+    /// [`VmTable::fork_now`], or (`internal`) the forks a dump reads from: numbered from
+    /// [`INTERNAL_ID_BASE`], named `<name>.dump`, not counted in the parent's forks.
+    fn fork_many(
+        &mut self,
+        id: u32,
+        count: u32,
+        paused: bool,
+        caller: Option<usize>,
+        internal: bool,
+    ) -> Result<Vec<u32>, ForkError> {
         let t0 = self.host.now();
         let count = count.max(1);
         let parent = self.vms.get(&id).ok_or(ForkError::NoSuchVm(id))?;
@@ -373,7 +392,7 @@ impl<H: Host> VmTable<H> {
         // parent needs its own copy again (the children's reset points keep the one it had),
         // made below: counted too, so that a fork bomb is refused its fork rather than paused
         // for want of a vGIC copy.
-        let vgic = parent.vgic.copy_bytes() + 64;
+        let vgic = parent.devices.vgic.copy_bytes() + 64;
         let per_child = fork_heap_cost(parent) + if paused { 0 } else { vgic };
         let cost = per_child
             .saturating_mul(count as usize)
@@ -385,7 +404,7 @@ impl<H: Host> VmTable<H> {
         // A running parent gets its own vGIC copy now (fallibly), rather than lazily on its
         // next entry, where want of heap could only pause it.
         let parent_vgic = if matches!(parent.state, VmState::Running) {
-            match parent.vgic.try_clone_value() {
+            match parent.devices.vgic.try_clone_value() {
                 Ok(g) => Some(Shared::new(g)),
                 Err(_) => return Err(ForkError::OutOfMemory),
             }
@@ -400,7 +419,7 @@ impl<H: Host> VmTable<H> {
             return Err(ForkError::OutOfMemory);
         }
         for _ in 0..count {
-            match self.fork_one(id, root, paused, caller) {
+            match self.fork_one(id, root, paused, caller, internal) {
                 // Within the fork's heap cost, checked above.
                 Ok(child) => built.push(Box::new(child)),
                 Err(e) => {
@@ -422,10 +441,12 @@ impl<H: Host> VmTable<H> {
         }
         let parent = self.vms.get_mut(&id).ok_or(ForkError::NoSuchVm(id))?;
         if let Some(g) = parent_vgic {
-            parent.vgic = g;
+            parent.devices.vgic = g;
         }
-        parent.stats.forks += ids.len() as u64;
-        parent.stats.last_fork_ticks = ticks;
+        if !internal {
+            parent.stats.forks += ids.len() as u64;
+            parent.stats.last_fork_ticks = ticks;
+        }
         if let Some(ctx) = caller.and_then(|c| parent.vcpus.get_mut(c)?.ctx.as_mut()) {
             ctx.regs.x[0] = u64::from(ids[0]);
         }
@@ -457,8 +478,13 @@ impl<H: Host> VmTable<H> {
         root: u32,
         paused: bool,
         caller: Option<usize>,
+        internal: bool,
     ) -> Result<Vm, ForkError> {
-        let child_id = self.next_id;
+        let child_id = if internal {
+            self.next_internal_id
+        } else {
+            self.next_id
+        };
         let host = &self.host;
         let parent = self.vms.get_mut(&id).ok_or(ForkError::NoSuchVm(id))?;
         if matches!(parent.state, VmState::Stopping(_)) {
@@ -473,7 +499,11 @@ impl<H: Host> VmTable<H> {
             ctx.regs.x[0] = 0; // the fork hypercall returns 0 in the child
         }
         let reset_vcpus = try_clone_vcpus(host, &vcpus)?;
-        let name = try_string(&parent.name, format_args!(".{child_id}"))?;
+        let name = if internal {
+            try_string(&parent.name, format_args!(".dump"))?
+        } else {
+            try_string(&parent.name, format_args!(".{child_id}"))?
+        };
         let cmdline = try_string(&parent.cmdline, format_args!(""))?;
         let vmid = self.vmids.alloc().ok_or(ForkError::NoVmid)?;
         let Some(s2) = parent.s2.as_mut() else {
@@ -491,12 +521,26 @@ impl<H: Host> VmTable<H> {
         // needs them (`Vm::apply_new_identity`), not here: that keeps the fork constant and
         // small.
         let genid = host.generation_id(child_id);
-        let vgic = parent.vgic.clone();
+        // The devices for the child and for its reset point: the vGIC shared, the UART copied.
+        let (devices, kept) = match (parent.devices.try_fork(), parent.devices.try_fork()) {
+            (Ok(d), Ok(k)) => (d, k),
+            (Err(e), _) | (_, Err(e)) => {
+                // Nothing of the child exists yet but its tables: give them back.
+                let result = host.with_mem(|cx| {
+                    point.release(cx)?;
+                    child_s2.destroy(cx)
+                });
+                match result {
+                    Ok(()) => self.vmids.free(vmid),
+                    Err(e) => log::error!("discarding a half-built fork failed: {e}"),
+                }
+                return Err(e.into());
+            }
+        };
         let reset_point = ResetPoint {
             point,
             vcpus: reset_vcpus,
-            vgic: vgic.clone(),
-            uart: parent.uart.clone(),
+            devices: kept,
         };
         let state = if paused {
             VmState::Paused(PauseReason::Forked)
@@ -509,8 +553,7 @@ impl<H: Host> VmTable<H> {
             state,
             child_s2,
             vcpus,
-            vgic,
-            parent.uart.clone(),
+            devices,
             parent.cntvoff,
             parent.ram_size,
             cmdline,
@@ -521,7 +564,12 @@ impl<H: Host> VmTable<H> {
         child.new_identity = NewIdentity::Pending;
         child.reset_point = Some(reset_point);
         child.stats.tree_root = Some(root);
-        self.next_id += 1;
+        child.internal = internal;
+        if internal {
+            self.next_internal_id = self.next_internal_id.wrapping_add(1).max(INTERNAL_ID_BASE);
+        } else {
+            self.next_id += 1;
+        }
         Ok(child)
     }
 
@@ -538,6 +586,7 @@ impl<H: Host> VmTable<H> {
         let rp = vm.reset_point.as_ref().ok_or(ForkError::NotAFork(id))?;
         // The vCPU copies first, fallibly: a reset that fails changes nothing.
         let vcpus = try_clone_vcpus(host, &rp.vcpus)?;
+        let devices = rp.devices.try_fork()?;
         let s2 = vm.s2.as_mut().ok_or(ForkError::Stopping(id))?;
         host.with_mem(|cx| s2.reset(cx, &rp.point))
             .map_err(stage2_error)?;
@@ -548,8 +597,7 @@ impl<H: Host> VmTable<H> {
         vm.genid = host.generation_id(id);
         vm.new_identity = NewIdentity::Pending;
         vm.vcpus = vcpus;
-        vm.vgic = rp.vgic.clone();
-        vm.uart = rp.uart.clone();
+        vm.devices = devices;
         vm.line.clear();
         if matches!(vm.state, VmState::Paused(_)) {
             vm.state = VmState::Running;

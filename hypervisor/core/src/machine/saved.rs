@@ -13,11 +13,11 @@ use alloc::vec::Vec;
 use vmfork_proto::crc::Crc32;
 use vmfork_proto::snapshot::{encode_run, Snapshot, SnapshotHeader};
 
+use super::devices::Devices;
 use super::vm::{NewIdentity, Vcpu, VcpuState, Vm, VmState};
 use super::{El1Sysregs, GuestRegs, Host, PauthKeys, VcpuCtx, VmTable};
 use crate::addr::{Ipa, PAGE_SIZE};
 use crate::guest_dtb::layout;
-use crate::shared::Shared;
 use crate::snapshot::{check_header, SavedCtx, SavedRegs, SavedVcpu, SavedVcpuState, SavedVm};
 use crate::vgic::CpuIfState;
 
@@ -110,8 +110,8 @@ pub fn begin<H: Host>(t: &VmTable<H>, id: u32, name: &str) -> Result<Dump, Strin
     }
     let saved = SavedVm {
         vcpus,
-        vgic: (*vm.vgic).clone(),
-        uart: vm.uart.clone(),
+        vgic: (*vm.devices.vgic).clone(),
+        uart: vm.devices.uart.clone(),
         virtual_count: t.host.now().wrapping_sub(vm.cntvoff),
         generation: vm.generation,
     };
@@ -313,8 +313,7 @@ pub fn restore<H: Host>(t: &mut VmTable<H>, bytes: &[u8]) -> Result<u32, String>
         VmState::Running,
         s2,
         vcpus,
-        Shared::new(vgic),
-        uart,
+        Devices::new(vgic, uart),
         now.wrapping_sub(virtual_count),
         ram_size,
         cmdline,

@@ -272,7 +272,15 @@ impl<'a, H: Host> Server<'a, H> {
             }
             Request::List => {
                 // One VM per hold of the VM lock, not the whole table at once.
-                let ids: Vec<u32> = self.vms.lock().vms.keys().copied().collect();
+                // The monitor's own forks (a dump's) are not listed.
+                let ids: Vec<u32> = self
+                    .vms
+                    .lock()
+                    .vms
+                    .iter()
+                    .filter(|(_, v)| !v.internal)
+                    .map(|(&id, _)| id)
+                    .collect();
                 // Building the reply takes about four times its encoded size (~120 bytes a
                 // VM) at once: that may use the heap's reserve, which is kept for it, but
                 // never more than is free.
@@ -446,10 +454,7 @@ impl<'a, H: Host> Server<'a, H> {
             Request::Dump { vm } => {
                 // A paused fork, made now in constant time, is what the snapshot is read from:
                 // the VM itself keeps running.
-                let op = PendingOp::Fork {
-                    count: 1,
-                    paused: true,
-                };
+                let op = PendingOp::DumpFork;
                 return self.start_waiting(id, vm, op, Waiting::Dump { vm: vm.0 }, out);
             }
             Request::DumpRead {
@@ -590,6 +595,7 @@ impl<'a, H: Host> Server<'a, H> {
         let what = match op {
             PendingOp::Fork { .. } => Waiting::Fork,
             PendingOp::Reset => Waiting::Reset,
+            PendingOp::DumpFork => Waiting::Dump { vm: vm.0 },
         };
         self.start_waiting(id, vm, op, what, out);
     }

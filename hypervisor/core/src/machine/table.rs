@@ -6,6 +6,7 @@ use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use super::devices::Devices;
 use super::ops::ForkError;
 use super::vm::{StopReason, Vcpu, VcpuState, Vm, VmState};
 use super::{Host, Kicks, VcpuCtx};
@@ -13,7 +14,6 @@ use crate::addr::{Ipa, PAGE_SIZE};
 use crate::cmdline::Limits;
 use crate::guest_dtb::{self, layout, GuestDtbConfig};
 use crate::loader;
-use crate::shared::Shared;
 use crate::stage2::{MemCtx, Perms, Stage2, Stage2Error, Vmid};
 use crate::vgic::{Vgic, VgicConfig};
 use crate::vuart::Vuart;
@@ -136,6 +136,8 @@ pub struct VmTable<H: Host> {
     pub vms: BTreeMap<u32, Box<Vm>>,
     /// Id the next VM gets.
     pub next_id: u32,
+    /// Id the next internal fork (a dump's) gets: from [`super::ops::INTERNAL_ID_BASE`] up.
+    pub next_internal_id: u32,
     /// VMIDs in use.
     pub vmids: VmidAllocator,
     /// VM whose console receives what is typed on the monitor's console.
@@ -167,6 +169,7 @@ impl<H: Host> VmTable<H> {
             host,
             vms: BTreeMap::new(),
             next_id: 1,
+            next_internal_id: super::ops::INTERNAL_ID_BASE,
             vmids: VmidAllocator::new(),
             focus: None,
             limits: Limits::DEFAULT,
@@ -338,8 +341,7 @@ impl<H: Host> VmTable<H> {
             VmState::Running,
             s2,
             vcpus,
-            Shared::new(vgic),
-            Vuart::new(),
+            Devices::new(vgic, Vuart::new()),
             // The guest's virtual count starts near zero, like on a fresh machine.
             self.host.now(),
             spec.mem,

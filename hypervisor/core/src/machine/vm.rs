@@ -5,14 +5,13 @@ use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use super::devices::Devices;
 use super::ops::{OpQueue, ResetPoint, VmStats};
 use super::{vm_log, Host, Kicks, VcpuCtx, CONSOLE_TAP_LIMIT, RX_PENDING_LIMIT};
 use crate::addr::Ipa;
 use crate::guest_dtb::layout;
-use crate::shared::Shared;
 use crate::stage2::{Stage2, Stage2Error};
 use crate::vgic::Vgic;
-use crate::vuart::Vuart;
 
 /// The virtual timer's PPI.
 pub const VTIMER_INTID: u32 = 27;
@@ -164,10 +163,8 @@ pub struct Vm {
     pub s2: Option<Stage2>,
     /// Its vCPUs.
     pub vcpus: Vec<Vcpu>,
-    /// Emulated GICv3 distributor and redistributors (shared with the fork point until changed).
-    pub vgic: Shared<Vgic>,
-    /// Emulated PL011.
-    pub uart: Vuart,
+    /// Its device models: the vGIC (shared with the reset point until changed), the PL011.
+    pub devices: Devices,
     /// CNTVOFF_EL2: virtual time = physical count - cntvoff.
     pub cntvoff: u64,
     /// Guest RAM size in bytes (at [`layout::RAM_BASE`]).
@@ -199,6 +196,8 @@ pub struct Vm {
     pub console_tap: Vec<u8>,
     /// Typed input the guest's UART receive FIFO has no room for yet (fed as it drains).
     pub rx_pending: VecDeque<u8>,
+    /// The monitor's own fork (a dump's): not listed.
+    pub internal: bool,
 }
 
 impl Vm {
@@ -211,8 +210,7 @@ impl Vm {
         state: VmState,
         s2: Stage2,
         vcpus: Vec<Vcpu>,
-        vgic: Shared<Vgic>,
-        uart: Vuart,
+        devices: Devices,
         cntvoff: u64,
         ram_size: u64,
         cmdline: String,
@@ -224,8 +222,7 @@ impl Vm {
             state,
             s2: Some(s2),
             vcpus,
-            vgic,
-            uart,
+            devices,
             cntvoff,
             ram_size,
             cmdline,
@@ -240,6 +237,7 @@ impl Vm {
             console_attached: false,
             console_tap: Vec::new(),
             rx_pending: VecDeque::new(),
+            internal: false,
         }
     }
 
@@ -316,7 +314,7 @@ impl Vm {
             self.check_vtimer(h, vcpu, &mut ctx, now);
             self.vcpus[vcpu].ctx = Some(ctx);
         }
-        if self.vgic.has_pending(vcpu) {
+        if self.devices.vgic.has_pending(vcpu) {
             self.vcpus[vcpu].state = VcpuState::Runnable;
         }
     }
@@ -324,7 +322,7 @@ impl Vm {
     /// Hands the guest's console output to the host, one line at a time, and keeps a copy for
     /// an attached control-channel client.
     pub fn drain_console<H: Host>(&mut self, h: &H) {
-        let out: Vec<u8> = self.uart.take_output().collect();
+        let out: Vec<u8> = self.devices.uart.take_output().collect();
         // The backlog for an attached client is kept only while the heap has room above its
         // reserve; past that (or past the limit, oldest first) bytes are dropped, as a slow
         // terminal would lose them.
@@ -453,7 +451,7 @@ impl Vm {
     /// Moves queued input into the UART's receive FIFO while it has room.
     pub fn feed_uart<H: Host>(&mut self, h: &H) -> Option<usize> {
         while let Some(&b) = self.rx_pending.front() {
-            if !self.uart.push_rx(b) {
+            if !self.devices.uart.push_rx(b) {
                 break;
             }
             self.rx_pending.pop_front();
@@ -463,7 +461,7 @@ impl Vm {
 
     /// Re-evaluates the UART's interrupt line after any UART activity. Returns the vCPU to kick.
     pub fn uart_irq_changed<H: Host>(&mut self, h: &H) -> Option<usize> {
-        let level = self.uart.irq_level();
+        let level = self.devices.uart.irq_level();
         self.vgic_mut(h)?
             .set_irq_level(crate::vuart::PL011_INTID, 0, level)
             .ok()
@@ -476,10 +474,11 @@ impl Vm {
     /// cannot be made the VM is paused with an "out of memory" reason and `None` is returned:
     /// nothing changed, and resuming the VM tries again.
     pub fn vgic_mut<H: Host>(&mut self, h: &H) -> Option<&mut Vgic> {
-        if self.vgic.is_shared() {
-            let copied = match h.heap_check(self.vgic.copy_bytes()) {
+        if self.devices.vgic.is_shared() {
+            let copied = match h.heap_check(self.devices.vgic.copy_bytes()) {
                 Err(e) => Err(alloc::format!("{e}")),
                 Ok(()) => self
+                    .devices
                     .vgic
                     .try_make_mut()
                     .map(|_| ())
@@ -500,7 +499,7 @@ impl Vm {
             }
         }
         // Not shared now: this never copies.
-        self.vgic.try_make_mut().ok()
+        self.devices.vgic.try_make_mut().ok()
     }
 
     /// Marks a vCPU that has a new interrupt: a waiting one becomes runnable (and an idle CPU is
