@@ -149,6 +149,11 @@ fn a_whole_session_as_the_tool_drives_it() {
         panic!("no list")
     };
     assert_eq!(list.len(), 4);
+    // Pages count guest RAM (the vmgenid page is not RAM): 4 MiB is 1,024 of them, as diff
+    // compares. (Before: 1,025.)
+    for v in &list {
+        assert_eq!(v.private_pages + v.shared_pages, 1024, "{v:?}");
+    }
     assert!(matches!(list[1].state, VmState::Paused { .. }));
     assert_eq!(list[1].parent, Some(VmId(1)));
     assert_eq!(s.call(Request::Reset { vm: VmId(3) }), Response::Ok);
@@ -335,6 +340,12 @@ proptest! {
             prop_assert!(*id == 1 || *id < s.next_id, "a reply to {} nobody sent", id);
         }
         vms.lock().host.heap_low.set(false);
+        // Whatever happened, every VM's pages add up to its RAM.
+        if let Response::VmList(list) = s.call(Request::List) {
+            for v in &list {
+                prop_assert_eq!(v.private_pages + v.shared_pages, v.mem_bytes / 4096, "{:?}", v);
+            }
+        }
         drop(s);
         let mut t = vms.lock();
         let ids: Vec<u32> = t.vms.keys().copied().collect();

@@ -826,6 +826,39 @@ fn census<M: PhysMem>(
 }
 
 /// [`census`] of private tables only: a shared table is counted and not entered.
+impl Stage2 {
+    /// Whether the RAM page at `ipa` counts as private in [`Stage2::usage_private`]: its frame
+    /// and every table on the way to it have a count of 1. `None` when no RAM page is mapped
+    /// there. One walk, O(levels).
+    pub fn page_is_private<M: PhysMem>(
+        &self,
+        frames: &FrameAllocator,
+        mem: &M,
+        ipa: Ipa,
+    ) -> Option<bool> {
+        if ipa.0 >= IPA_LIMIT {
+            return None;
+        }
+        let mut table = self.root;
+        let mut private = true;
+        for level in 1..=3u8 {
+            let index = ((ipa.0 >> walk::level_shift(level)) & 511) as usize;
+            let d = mem.read_desc(table, index);
+            match desc::decode(d, level) {
+                desc::Desc::Table(t) | desc::Desc::Marker(t) if level < 3 => {
+                    private &= frames.refcount(t) == 1;
+                    table = t;
+                }
+                desc::Desc::Page(f) if !desc::is_unmanaged(d) => {
+                    return Some(private && frames.refcount(f) == 1);
+                }
+                _ => return None,
+            }
+        }
+        None
+    }
+}
+
 fn census_private<M: PhysMem>(
     frames: &FrameAllocator,
     mem: &M,
