@@ -477,3 +477,59 @@ fn a_streamed_console_ends_with_the_last_output_and_why() {
     s.call(Request::List);
     assert!(!s.replies.contains_key(&attach));
 }
+
+/// What a VM printed before anyone attached is replayed on attach (its last 4 KiB), then the
+/// stream goes on with new output only.
+#[test]
+fn an_attach_replays_the_scrollback_then_streams() {
+    use vmfork_core::machine::vm::SCROLLBACK_BYTES;
+    use vmfork_core::mmio::{MmioAccess, MmioDevice};
+    let vms = Mutex::new(VmTable::new(FakeHost::new(FRAMES)));
+    let mut s = Session::new(&vms);
+    s.call(Request::Hello {
+        version: PROTOCOL_VERSION,
+        client: "replay".into(),
+    });
+    assert_eq!(s.create(2 << 20), Response::Created { vm: VmId(1) });
+    let print = |text: &[u8]| {
+        let mut guard = vms.lock();
+        let t = &mut *guard;
+        let vm = t.vms.get_mut(&1).unwrap();
+        for b in text {
+            let _ = vm.devices.uart.access(
+                0,
+                MmioAccess {
+                    offset: 0,
+                    size: 1,
+                    write: Some(u64::from(*b)),
+                },
+            );
+        }
+        vm.drain_console(&t.host);
+    };
+    // 10 KiB of numbered lines: only the last 4 KiB are kept.
+    let mut all = Vec::new();
+    for i in 0..1000 {
+        all.extend_from_slice(format!("line {i:04}\n").as_bytes());
+    }
+    print(&all);
+    assert_eq!(vms.lock().vms[&1].scrollback.len(), SCROLLBACK_BYTES);
+    let attach = s.send(&Request::ConsoleAttach { vm: VmId(1) });
+    print(b"after\n");
+    s.call(Request::List);
+    let events = s.replies.remove(&attach).unwrap();
+    assert_eq!(events[0], Response::Ok, "the attach is answered first");
+    let text: Vec<u8> = events[1..]
+        .iter()
+        .flat_map(|r| match r {
+            Response::ConsoleOutput { data, .. } => data.clone(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let mut want = all[all.len() - SCROLLBACK_BYTES..].to_vec();
+    want.extend_from_slice(b"after\n");
+    assert_eq!(
+        String::from_utf8_lossy(&text),
+        String::from_utf8_lossy(&want)
+    );
+}

@@ -391,7 +391,8 @@ impl<'a, H: Host> Server<'a, H> {
                 }
             }
             Request::ConsoleAttach { vm } => {
-                let mut t = self.vms.lock();
+                let mut guard = self.vms.lock();
+                let t = &mut *guard;
                 match t.vms.get_mut(&vm.0) {
                     None => Response::Error(ErrorReply::NoSuchVm(vm)),
                     Some(_)
@@ -403,9 +404,26 @@ impl<'a, H: Host> Server<'a, H> {
                         )))
                     }
                     Some(v) => {
+                        // What it printed so far is history (replayed below); what it prints
+                        // from now on streams.
+                        v.drain_console(&t.host);
                         v.console_attached = true;
+                        v.console_tap.clear();
+                        let history: Vec<u8> = v.scrollback.iter().copied().collect();
                         self.consoles.insert(vm.0, id);
-                        Response::Ok
+                        drop(guard);
+                        reply(out, id, Response::Ok);
+                        for chunk in history.chunks(CONSOLE_CHUNK) {
+                            reply(
+                                out,
+                                id,
+                                Response::ConsoleOutput {
+                                    vm,
+                                    data: chunk.to_vec(),
+                                },
+                            );
+                        }
+                        return;
                     }
                 }
             }

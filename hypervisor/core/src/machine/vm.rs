@@ -20,6 +20,8 @@ pub const VMGENID_INTID: u32 = layout::spi_intid(layout::VMGENID_SPI);
 /// CNTV_CTL_EL0 bits.
 const CNTV_ENABLE: u64 = 1 << 0;
 const CNTV_IMASK: u64 = 1 << 1;
+/// Console history kept per VM for a client that attaches later.
+pub const SCROLLBACK_BYTES: usize = 4096;
 /// Console output is printed a line at a time; a line this long is printed unended.
 const CONSOLE_LINE_MAX: usize = 1024;
 
@@ -196,6 +198,9 @@ pub struct Vm {
     pub console_tap: Vec<u8>,
     /// Typed input the guest's UART receive FIFO has no room for yet (fed as it drains).
     pub rx_pending: VecDeque<u8>,
+    /// The last [`SCROLLBACK_BYTES`] of its console output, replayed to a client that attaches
+    /// (grown as it prints, fallibly: a VM that never prints holds none).
+    pub scrollback: VecDeque<u8>,
     /// The monitor's own fork (a dump's): not listed.
     pub internal: bool,
 }
@@ -237,6 +242,7 @@ impl Vm {
             console_attached: false,
             console_tap: Vec::new(),
             rx_pending: VecDeque::new(),
+            scrollback: VecDeque::new(),
             internal: false,
         }
     }
@@ -336,6 +342,7 @@ impl Vm {
                 self.console_tap.drain(..excess);
             }
         }
+        self.keep_history(h, &out);
         for b in out {
             match b {
                 b'\n' => self.flush_console_line(h),
@@ -351,6 +358,23 @@ impl Vm {
                 }
             }
         }
+    }
+
+    /// Adds `out` to the scrollback, dropping its oldest bytes past [`SCROLLBACK_BYTES`]. The
+    /// room is reserved fallibly, with the heap's reserve kept; without it the history is kept
+    /// as far as it fits.
+    fn keep_history<H: Host>(&mut self, h: &H, out: &[u8]) {
+        let out = &out[out.len().saturating_sub(SCROLLBACK_BYTES)..];
+        let want = (self.scrollback.len() + out.len()).min(SCROLLBACK_BYTES);
+        if want > self.scrollback.capacity() {
+            let more = want - self.scrollback.len();
+            if h.heap_check(more).is_err() || self.scrollback.try_reserve(more).is_err() {
+                return;
+            }
+        }
+        let excess = (self.scrollback.len() + out.len()).saturating_sub(SCROLLBACK_BYTES);
+        self.scrollback.drain(..excess.min(self.scrollback.len()));
+        self.scrollback.extend(out);
     }
 
     /// Prints what is left of the current console line.
