@@ -533,3 +533,40 @@ fn an_attach_replays_the_scrollback_then_streams() {
         String::from_utf8_lossy(&want)
     );
 }
+
+/// A console line the guest leaves unended (a shell prompt) is printed once it is old enough,
+/// not when the guest ends it (before: `vmfork-linux# ` showed only after Enter).
+#[test]
+fn an_unended_console_line_is_printed_after_a_while() {
+    use vmfork_core::mmio::{MmioAccess, MmioDevice};
+    let vms = Mutex::new(VmTable::new(FakeHost::new(FRAMES)));
+    let mut s = Session::new(&vms);
+    assert_eq!(s.create(2 << 20), Response::Created { vm: VmId(1) });
+    let mut guard = vms.lock();
+    let t = &mut *guard;
+    let vm = t.vms.get_mut(&1).unwrap();
+    for b in b"prompt# " {
+        let _ = vm.devices.uart.access(
+            0,
+            MmioAccess {
+                offset: 0,
+                size: 1,
+                write: Some(u64::from(*b)),
+            },
+        );
+    }
+    vm.drain_console(&t.host);
+    let since = vm.line_since;
+    let printed = |t: &VmTable<FakeHost>| {
+        t.host
+            .console
+            .borrow()
+            .iter()
+            .any(|(vm, l)| *vm == 1 && l == "prompt# ")
+    };
+    t.flush_stale_lines(since + 999, 1000);
+    assert!(!printed(t), "too young to print");
+    t.flush_stale_lines(since + 1000, 1000);
+    assert!(printed(t), "printed once old enough");
+    assert!(t.vms[&1].line.is_empty());
+}

@@ -186,6 +186,23 @@ fn deliver_console_input() {
     crate::kick::send(&kicks);
 }
 
+/// How long a guest's unended console line waits before it is printed anyway (a prompt).
+const LINE_FLUSH_MICROS: u64 = 100_000;
+/// When [`flush_stale_console_lines`] last looked (counter ticks).
+static LAST_LINE_FLUSH: AtomicU64 = AtomicU64::new(0);
+
+/// Prints guests' console lines left unended for [`LINE_FLUSH_MICROS`] (looks at most that
+/// often: it visits every VM).
+fn flush_stale_console_lines() {
+    let now = timer::now();
+    let period = timer::ticks_from_micros(LINE_FLUSH_MICROS);
+    if now.wrapping_sub(LAST_LINE_FLUSH.load(Ordering::Relaxed)) < period {
+        return;
+    }
+    LAST_LINE_FLUSH.store(now, Ordering::Relaxed);
+    VMS.lock().flush_stale_lines(now, period);
+}
+
 /// The scheduler loop of physical CPU `cpu`. Never returns.
 pub fn run(cpu: usize) -> ! {
     loop {
@@ -193,6 +210,7 @@ pub fn run(cpu: usize) -> ! {
         let mut channel_busy = false;
         if cpu == 0 {
             deliver_console_input();
+            flush_stale_console_lines();
             channel_busy = crate::control::poll();
         }
         let picked = VMS.lock().pick(cpu, timer::now());

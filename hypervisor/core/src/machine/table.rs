@@ -511,6 +511,18 @@ impl<H: Host> VmTable<H> {
         self.host.vm_gone(id);
     }
 
+    /// Prints the unended console line of every VM that has had one for `max_age` counter
+    /// ticks or more (a shell's prompt, a progress line): it would otherwise show only when the
+    /// guest ends the line. What the guest prints next starts a line of its own.
+    pub fn flush_stale_lines(&mut self, now: u64, max_age: u64) {
+        let host = &self.host;
+        for vm in self.vms.values_mut() {
+            if !vm.line.is_empty() && now.wrapping_sub(vm.line_since) >= max_age {
+                vm.flush_console_line(host);
+            }
+        }
+    }
+
     /// The rest of the output of VM `id`, gone while its console was streamed, and why it
     /// went; `None` if it was not streamed (or was dropped as one of too many).
     pub fn take_closed_console(&mut self, id: u32) -> Option<(Vec<u8>, String)> {

@@ -175,6 +175,9 @@ pub struct Vm {
     pub cmdline: String,
     /// Console output not yet ended by a newline.
     pub line: Vec<u8>,
+    /// When `line` got its first byte (counter ticks): a line left unended this long is
+    /// printed anyway ([`super::VmTable::flush_stale_lines`]), so a prompt shows.
+    pub line_since: u64,
     /// The VM this one was forked from.
     pub parent: Option<u32>,
     /// Fork generation: 0 for a VM created from an image, the parent's + 1 for a fork.
@@ -232,6 +235,7 @@ impl Vm {
             ram_size,
             cmdline,
             line: Vec::new(),
+            line_since: 0,
             parent: None,
             generation: 0,
             genid,
@@ -348,6 +352,9 @@ impl Vm {
                 b'\n' => self.flush_console_line(h),
                 b'\r' => {}
                 _ => {
+                    if self.line.is_empty() {
+                        self.line_since = h.now();
+                    }
                     // The line is bounded: reserved fallibly, printed when full.
                     if self.line.try_reserve(1).is_ok() {
                         self.line.push(b);
