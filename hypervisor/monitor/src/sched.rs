@@ -187,7 +187,7 @@ fn deliver_console_input() {
 }
 
 /// How long a guest's unended console line waits before it is printed anyway (a prompt).
-const LINE_FLUSH_MICROS: u64 = 100_000;
+const LINE_FLUSH_MICROS: u64 = 500_000;
 /// When [`flush_stale_console_lines`] last looked (counter ticks).
 static LAST_LINE_FLUSH: AtomicU64 = AtomicU64::new(0);
 
