@@ -576,7 +576,7 @@ fn run_mux(
             ),
         )),
     };
-    if let Err(e) = &r {
+    if let (Err(e), Some(_)) = (&r, log.path()) {
         log.line(&e.message);
     }
     r

@@ -913,3 +913,91 @@ fn a_missing_mux_is_named_with_its_log() {
     let err = one_line_failure(o, 3);
     assert!(err.contains("vmfork.sock.log"), "{err}");
 }
+
+/// Checks `value` against `#/$defs/<def>` of docs/vmfork-json.schema.json.
+fn check_schema(def: &str, value: &serde_json::Value) -> Result<(), String> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/vmfork-json.schema.json"
+    );
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut schemas = boon::Schemas::new();
+    let mut compiler = boon::Compiler::new();
+    compiler
+        .add_resource("urn:vmfork:json-output", schema)
+        .unwrap();
+    let index = compiler
+        .compile(
+            &format!("urn:vmfork:json-output#/$defs/{def}"),
+            &mut schemas,
+        )
+        .unwrap_or_else(|e| panic!("{def}: {e:#}"));
+    schemas
+        .validate(value, index)
+        .map_err(|e| format!("{def}: {e}\n{value:#}"))
+}
+
+/// Every command's --json output, the errors included, has the shape docs/vmfork-json.schema.json
+/// gives it; and the schema does refuse what does not.
+#[test]
+fn json_output_matches_the_schema() {
+    let e = env();
+    let dir = tempfile::tempdir().unwrap();
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        serde_json::from_slice(&e.run(&a).stdout).unwrap()
+    };
+    let check = |def: &str, v: &serde_json::Value| check_schema(def, v).unwrap();
+    check("fork", &json(&["fork", "1", "--paused"]));
+    e.console("1", b"poke 3\n");
+    check("list", &json(&["list"]));
+    check("info", &json(&["info", "2"]));
+    check("stats", &json(&["stats"]));
+    check("stats", &json(&["stats", "1"]));
+    check("ok", &json(&["resume", "2"]));
+    check("ok", &json(&["reset", "2"]));
+    let diff = json(&["diff", "1", "2"]);
+    assert_eq!(diff["ranges"].as_array().unwrap().len(), 1);
+    check("diff", &diff);
+    let k = dir.path().join("Image");
+    std::fs::write(&k, vec![7u8; 10_000]).unwrap();
+    check(
+        "created",
+        &json(&["create", "--kernel", k.to_str().unwrap(), "--mem", "2M"]),
+    );
+    let f = dir.path().join("vm1.snap");
+    check("dump", &json(&["dump", "1", f.to_str().unwrap()]));
+    check("ok", &json(&["kill", "3"]));
+    check("created", &json(&["restore", f.to_str().unwrap()]));
+    for args in [
+        &["info", "99"][..],
+        &["reset", "1"],
+        &["fork"],
+        &["create", "--kernel", k.to_str().unwrap(), "--mem", "1G"],
+        &["dump", "1", f.to_str().unwrap()],
+    ] {
+        let v = json(args);
+        check("error", &v);
+        assert_eq!(
+            v["error"]["exit_code"],
+            e.run(args).status.code().unwrap(),
+            "{args:?}"
+        );
+    }
+    // A stopped VM's state (the fake makes none here), written by hand.
+    let mut vm = json(&["info", "1"]);
+    check("vm", &vm);
+    vm["state"] = serde_json::json!({"state": "stopped", "reason": {"fault": "ESR 0x96000045"}});
+    check("vm", &vm);
+    // What is not the shape is refused.
+    vm["state"] = serde_json::json!({"state": "paused", "reason": "bored"});
+    assert!(check_schema("vm", &vm).is_err());
+    let mut d = diff.clone();
+    d["ranges"][0].as_object_mut().unwrap().remove("ipa");
+    assert!(check_schema("diff", &d).is_err());
+    let mut extra = json(&["info", "1"]);
+    extra["surprise"] = 1.into();
+    assert!(check_schema("info", &extra).is_err());
+}
