@@ -8,7 +8,11 @@
 #                       adds more guests with the default configuration. An image is a path or
 #                       the name of a guest in guest-images (hello, counter, memcheck, smp, ...).
 #                       The control channel listens on SOCKET=run/vmfork.sock for `vmfork`
-#                       (QEMU's own socket is SOCKET.qemu; `vmfork mux` shares it among clients).
+#                       (QEMU's own socket is SOCKET.qemu; `vmfork mux` shares it among clients,
+#                       waits for the monitor as long as it takes and logs to MUX_LOG=SOCKET.log).
+#                       USER_SOCKET=1 (default) also links the per-user socket
+#                       ($XDG_RUNTIME_DIR/vmfork/vmfork.sock or /tmp/vmfork-$UID/vmfork.sock) to
+#                       SOCKET while no other monitor holds it: `vmfork` finds it from anywhere.
 #   make test           every test: host unit/property tests, then the QEMU integration tests
 #   make lint           cargo fmt --check and clippy (host and bare-metal crates)
 #   make setup          install what the others need (they run it themselves): the Rust toolchain
@@ -33,6 +37,9 @@ GUEST_CMDLINE ?=
 GUESTS       ?=
 # The control channel's Unix socket (the `vmfork` tool's default is run/vmfork.sock too).
 SOCKET       ?= run/vmfork.sock
+# The mux's log (what it tells clients names it), and whether it claims the per-user socket.
+MUX_LOG      ?= $(SOCKET).log
+USER_SOCKET  ?= 1
 
 comma := ,
 # A guest image: a path to a file, or the name of one of our guest images.
@@ -84,8 +91,10 @@ qemu-virt: ensure-qemu build
 	  more="$$more -fw_cfg name=opt/vmfork/$$i/kernel,file=$$p"; i=$$((i+1)); \
 	done; \
 	mkdir -p $(dir $(SOCKET)); rm -f $(SOCKET) $(SOCKET).qemu; \
-	target/release/vmfork mux --upstream $(SOCKET).qemu --listen $(SOCKET) 2>/dev/null & mux=$$!; \
+	target/release/vmfork mux --upstream $(SOCKET).qemu --listen $(SOCKET) --log $(MUX_LOG) \
+	  $(if $(filter 1,$(USER_SOCKET)),--user-socket) 2>>$(MUX_LOG) & mux=$$!; \
 	trap 'kill $$mux 2>/dev/null' EXIT; \
+	echo "vmfork mux: serving $(SOCKET) (log: $(MUX_LOG))"; \
 	set -x; \
 	$(QEMU) $(QEMU_MACHINE) -smp $(SMP) -m $(MEM) -nographic -semihosting \
 	  -kernel $(MONITOR) $(if $(APPEND),-append "$(APPEND)") \

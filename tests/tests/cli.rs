@@ -7,10 +7,15 @@ use vmfork_tests::{
     vmfork_ok, vmfork_run, vmfork_tool, ControlSocket, Qemu, QemuConfig, DEFAULT_TIMEOUT,
 };
 
-/// Runs `vmfork` expecting failure; returns stderr.
-fn fails(socket: &ControlSocket, args: &[&str]) -> String {
+/// Runs `vmfork` expecting failure with exit status `code`; returns stderr.
+fn fails(socket: &ControlSocket, code: i32, args: &[&str]) -> String {
     let out = vmfork_run(socket, args);
-    assert_eq!(out.status.code(), Some(1), "vmfork {args:?} should fail");
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "vmfork {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
@@ -78,10 +83,10 @@ fn fork_eight_list_console_pause_resume_reset_kill() {
     assert!(vmfork_ok(&socket, &["info", "3"]).contains("running"));
     vmfork_ok(&socket, &["reset", "4"]);
     q.wait_for("vm4: reset to its fork point", DEFAULT_TIMEOUT);
-    let err = fails(&socket, &["reset", "1"]);
+    let err = fails(&socket, 7, &["reset", "1"]);
     assert!(err.contains("not a fork"), "{err}");
     vmfork_ok(&socket, &["kill", "1"]);
-    let err = fails(&socket, &["info", "1"]);
+    let err = fails(&socket, 4, &["info", "1"]);
     assert!(err.contains("no such VM"), "{err}");
     let before = q.count("[vm9] counter: tick");
     wait_until("vm9 to go on after its parent died", || {
@@ -146,18 +151,18 @@ fn out_of_memory_pauses_a_fork_that_resumes_when_memory_comes_back() {
 }
 
 #[test]
-fn errors_are_one_line_and_exit_one() {
+fn errors_are_one_line_with_the_kinds_exit_status() {
     let socket = ControlSocket::new();
-    let err = fails(&socket, &["list"]);
+    let err = fails(&socket, 3, &["list"]);
     assert!(err.contains("cannot connect to the monitor"), "{err}");
     assert!(err.contains("make qemu-virt"), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 
     let mut q = Qemu::start(boot("cli_errors", &socket, 512).guest(0, "counter", "mem=16M"));
     q.wait_for("monitor: ready", DEFAULT_TIMEOUT);
-    let err = fails(&socket, &["kill", "77"]);
+    let err = fails(&socket, 4, &["kill", "77"]);
     assert_eq!(err.trim_end(), "vmfork: no such VM: 77");
-    let err = fails(&socket, &["fork", "77"]);
+    let err = fails(&socket, 4, &["fork", "77"]);
     assert!(err.contains("no such VM"), "{err}");
     q.kill();
 }
@@ -202,7 +207,7 @@ fn dump_then_restore_continues_from_the_dumped_state_even_on_a_fresh_monitor() {
     bytes[mid] ^= 0x40;
     let bad = dir.path().join("bad.snap");
     std::fs::write(&bad, &bytes).unwrap();
-    let err = fails(&socket2, &["restore", bad.to_str().unwrap()]);
+    let err = fails(&socket2, 7, &["restore", bad.to_str().unwrap()]);
     assert!(err.contains("snapshot") || err.contains("CRC"), "{err}");
     assert_eq!(vmfork_ok(&socket2, &["list"]).lines().count(), 2);
     q2.kill();
@@ -236,11 +241,13 @@ fn create_boots_a_guest_sent_over_the_channel() {
     std::fs::write(&junk, vec![7u8; 5000]).unwrap();
     let err = fails(
         &socket,
+        7,
         &["create", "--kernel", junk.to_str().unwrap(), "--mem", "16M"],
     );
     assert!(err.contains("cannot load the kernel"), "{err}");
     let err = fails(
         &socket,
+        2,
         &[
             "create",
             "--kernel",
@@ -257,7 +264,7 @@ fn create_boots_a_guest_sent_over_the_channel() {
 }
 
 /// `vmfork console` of a guest that powers off: everything it printed last arrives, then why it
-/// went, and the tool exits with status 3 (before: `echo: line on`, no `bye`, and the tool
+/// went, and the tool exits with status 10, vm_gone (before: `echo: line on`, no `bye`, and the tool
 /// stayed attached to a VM that no longer existed).
 #[test]
 fn a_console_gets_the_last_words_of_a_vm_that_powers_off_and_says_why() {
@@ -297,6 +304,204 @@ fn a_console_gets_the_last_words_of_a_vm_that_powers_off_and_says_why() {
         stderr.contains("vm1 powered off (PSCI SYSTEM_OFF)"),
         "stderr: {stderr:?}"
     );
-    assert_eq!(status.code(), Some(3), "stderr: {stderr:?}");
+    assert_eq!(status.code(), Some(10), "stderr: {stderr:?}");
+    q.kill();
+}
+
+/// Checks `value` against `#/$defs/<def>` of docs/vmfork-json.schema.json.
+fn check_schema(def: &str, value: &serde_json::Value) {
+    let path = vmfork_tests::workspace_root().join("docs/vmfork-json.schema.json");
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut schemas = boon::Schemas::new();
+    let mut compiler = boon::Compiler::new();
+    compiler
+        .add_resource("urn:vmfork:json-output", schema)
+        .unwrap();
+    let index = compiler
+        .compile(
+            &format!("urn:vmfork:json-output#/$defs/{def}"),
+            &mut schemas,
+        )
+        .unwrap_or_else(|e| panic!("{def}: {e:#}"));
+    if let Err(e) = schemas.validate(value, index) {
+        panic!("{def}: {e}\n{value:#}");
+    }
+}
+
+fn json_of(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {:?} / {:?}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Issue 16 against the real monitor: --json output (errors too) has the documented shapes and
+/// each error kind its exit status; create's limits are the monitor's and are checked before
+/// the upload; an out-of-memory refusal has figures; diff --json has addresses.
+#[test]
+fn json_shapes_exit_statuses_and_create_limits_on_the_real_monitor() {
+    let socket = ControlSocket::new();
+    let mut q = Qemu::start(boot("cli_json", &socket, 512).guest(0, "counter", "mem=16M"));
+    q.wait_for("[vm1] counter: tick 1", DEFAULT_TIMEOUT);
+    let run = |args: &[&str]| vmfork_run(&socket, args);
+
+    // Regression: `info 99 --json` printed its error as text.
+    let o = run(&["info", "99", "--json"]);
+    assert_eq!(o.status.code(), Some(4));
+    let e = json_of(&o);
+    check_schema("error", &e);
+    assert_eq!(e["error"]["kind"], "not_found");
+
+    check_schema("list", &json_of(&run(&["--json", "list"])));
+    check_schema("info", &json_of(&run(&["--json", "info", "1"])));
+    check_schema("stats", &json_of(&run(&["--json", "stats", "1"])));
+    let o = run(&["--json", "fork", "1", "--paused"]);
+    let f = json_of(&o);
+    check_schema("fork", &f);
+    assert_eq!(f["children"], serde_json::json!([2]));
+    // The paused child has the fork point's memory; the parent runs on and writes.
+    wait_until("the parent to write pages after the fork", || {
+        let d = json_of(&run(&["--json", "diff", "1", "2"]));
+        d["differing_pages"].as_u64().unwrap() > 0
+    });
+    let d = json_of(&run(&["--json", "diff", "1", "2"]));
+    check_schema("diff", &d);
+    let base = d["ram_base"].as_u64().unwrap();
+    for r in d["ranges"].as_array().unwrap() {
+        let first = r["first_page"].as_u64().unwrap();
+        let pages = r["pages"].as_u64().unwrap();
+        assert_eq!(r["ipa"].as_u64().unwrap(), base + first * 4096, "{d}");
+        assert_eq!(
+            r["ipa_end"].as_u64().unwrap(),
+            base + (first + pages) * 4096,
+            "{d}"
+        );
+    }
+    // Reset is for forks only, and says so.
+    let o = run(&["--json", "reset", "1"]);
+    assert_eq!(o.status.code(), Some(7));
+    let e = json_of(&o);
+    check_schema("error", &e);
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a fork"),
+        "{e}"
+    );
+    check_schema("ok", &json_of(&run(&["--json", "reset", "2"])));
+
+    // Limits: refused by the tool with the monitor's rules, before the (missing) kernel is read.
+    for (args, want) in [
+        (["--cpus", "9"], "must be 1..=8"),
+        (["--mem", "3M"], "multiple of 2M"),
+        (["--mem", "100G"], "32G maximum"),
+    ] {
+        let mut a = vec!["create", "--kernel", "/nonexistent/Image"];
+        a.extend_from_slice(&args);
+        let err = fails(&socket, 2, &a);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    // More than the machine has: refused before the upload, with the figures.
+    let counter = vmfork_tests::guest_image("counter");
+    let counter = counter.to_str().unwrap();
+    let o = run(&["--json", "create", "--kernel", counter, "--mem", "1G"]);
+    assert_eq!(o.status.code(), Some(6));
+    let e = json_of(&o);
+    check_schema("error", &e);
+    let m = &e["error"]["memory"];
+    assert_eq!(m["requested_frames"], 262144, "{e}");
+    let free = m["free_frames"].as_u64().unwrap();
+    assert!(free > 0 && free < 262144, "{e}");
+    let err = fails(&socket, 6, &["create", "--kernel", counter, "--mem", "1G"]);
+    assert!(
+        err.contains("needs at least 262144 frames (1 GiB)") && err.contains("frames free"),
+        "{err}"
+    );
+    // What fits is created.
+    let o = run(&[
+        "--json",
+        "create",
+        "--kernel",
+        counter,
+        "--mem",
+        "16M",
+        "--cmdline",
+        "ticks=2",
+    ]);
+    let c = json_of(&o);
+    check_schema("created", &c);
+    q.wait_for(&format!("[vm{}] counter: done 2", c["vm"]), DEFAULT_TIMEOUT);
+    q.expect_no("panic");
+    q.kill();
+}
+
+/// Regression: connecting to QEMU's socket while the mux held it waited 10 s and said only
+/// "did not answer in time". With `make qemu-virt`'s names (SOCKET for the mux, SOCKET.qemu
+/// for QEMU) the tool says the mux holds it and where to go instead.
+#[test]
+fn qemus_socket_held_by_the_mux_says_where_to_go() {
+    let socket = ControlSocket::new();
+    let mut q = Qemu::start(boot("cli_mux_holds", &socket, 512).guest(0, "counter", "mem=16M"));
+    q.wait_for("monitor: ready", DEFAULT_TIMEOUT);
+    let dir = tempfile::tempdir().unwrap();
+    let listen = dir.path().join("vmfork.sock");
+    let qemu = dir.path().join("vmfork.sock.qemu");
+    std::os::unix::fs::symlink(socket.path(), &qemu).unwrap();
+    let log = dir.path().join("vmfork.sock.log");
+    /// Kills the mux when the test ends, however it ends.
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _mux = Reap(
+        Command::new(vmfork_tool())
+            .args(["mux", "--upstream"])
+            .arg(&qemu)
+            .arg("--listen")
+            .arg(&listen)
+            .arg("--log")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start vmfork mux"),
+    );
+    let through_mux = |args: &[&str]| {
+        Command::new(vmfork_tool())
+            .arg("--socket")
+            .arg(&listen)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    wait_until("the mux to serve", || {
+        through_mux(&["list"]).status.success()
+    });
+    let o = Command::new(vmfork_tool())
+        .arg("--socket")
+        .arg(&qemu)
+        .arg("list")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(err.contains("vmfork mux"), "{err}");
+    assert!(
+        err.contains(&format!("--socket {}", listen.display())),
+        "{err}"
+    );
+    // The mux still serves, and its log says when it started serving.
+    assert!(through_mux(&["list"]).status.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("serving"), "{text}");
     q.kill();
 }

@@ -7,13 +7,16 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use vmfork_tests::{vmfork_ok, vmfork_tool, ControlSocket, Qemu, QemuConfig, DEFAULT_TIMEOUT};
+use vmfork_tests::{
+    vmfork_ok, vmfork_run, vmfork_tool, ControlSocket, Qemu, QemuConfig, DEFAULT_TIMEOUT,
+};
 
 /// The mux process; killed when the test ends, however it ends.
 struct MuxProcess(Child);
 
 impl MuxProcess {
-    /// Starts `vmfork mux` between QEMU's socket and `listen`, and waits until it serves.
+    /// Starts `vmfork mux` between QEMU's socket and `listen`, and waits until it serves (it
+    /// listens at once, and answers clients once the monitor has answered it).
     fn start(upstream: &ControlSocket, listen: &ControlSocket) -> MuxProcess {
         let child = Command::new(vmfork_tool())
             .arg("mux")
@@ -27,7 +30,7 @@ impl MuxProcess {
             .expect("start vmfork mux");
         let mut mux = MuxProcess(child);
         let deadline = Instant::now() + DEFAULT_TIMEOUT;
-        while std::os::unix::net::UnixStream::connect(listen.path()).is_err() {
+        while !vmfork_run(listen, &["list"]).status.success() {
             if let Ok(Some(status)) = mux.0.try_wait() {
                 panic!("vmfork mux exited before serving: {status}");
             }

@@ -352,5 +352,5 @@ fn the_monitor_and_the_host_run_of_its_server_answer_the_same() {
     // The script saw what it meant to: refusals as well as successes.
     assert!(host_log.contains("NoSuchVm(VmId(9))"), "{host_log}");
     assert!(host_log.contains("not a fork"), "{host_log}");
-    assert!(host_log.contains("multiple of 2 MiB"), "{host_log}");
+    assert!(host_log.contains("multiple of 2M"), "{host_log}");
 }

@@ -53,9 +53,10 @@ fn refused(socket: &ControlSocket, dir: &std::path::Path, what: &str, bytes: &[u
     std::fs::write(&file, bytes).unwrap();
     let out = vmfork_run(socket, &["restore", file.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
+    // 7: refused (by the monitor, or by the tool's own check of the container).
     assert_eq!(
         out.status.code(),
-        Some(1),
+        Some(7),
         "{what}: restore should be refused; stdout {:?} stderr {err:?}",
         String::from_utf8_lossy(&out.stdout)
     );

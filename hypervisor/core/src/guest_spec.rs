@@ -331,6 +331,39 @@ pub fn parse_size(s: &str) -> Option<u64> {
     digits.parse::<u64>().ok()?.checked_mul(1u64 << shift)
 }
 
+/// Checks a guest RAM size: a non-zero multiple of [`GUEST_MEM_ALIGN`], at most
+/// [`MAX_GUEST_MEM`]. The error says what is wrong. The one rule for boot configs, `vmfork
+/// create` (checked by the tool before it uploads anything) and the monitor's `Create`.
+pub fn check_mem(bytes: u64) -> Result<(), &'static str> {
+    if bytes == 0 || !bytes.is_multiple_of(GUEST_MEM_ALIGN) {
+        return Err("must be a non-zero multiple of 2M");
+    }
+    if bytes > MAX_GUEST_MEM {
+        return Err("more than the 32G maximum");
+    }
+    Ok(())
+}
+
+/// Checks a vCPU count: 1 to [`MAX_VCPUS`].
+pub fn check_cpus(n: u32) -> Result<(), &'static str> {
+    if (1..=MAX_VCPUS).contains(&n) {
+        Ok(())
+    } else {
+        Err("must be 1..=8")
+    }
+}
+
+/// Checks a kernel command line: at most [`MAX_CMDLINE_LEN`] bytes, no NUL.
+pub fn check_cmdline(s: &str) -> Result<(), &'static str> {
+    if s.len() > MAX_CMDLINE_LEN {
+        return Err("longer than 2047 bytes");
+    }
+    if s.contains('\0') {
+        return Err("contains a NUL byte");
+    }
+    Ok(())
+}
+
 fn set_once<T>(slot: &mut Option<T>, v: T, line: usize, key: &str) -> Result<(), SpecError> {
     if slot.is_some() {
         return Err(SpecError::DuplicateKey {
@@ -365,12 +398,7 @@ pub fn parse_config(text: &str) -> Result<GuestConfig, SpecError> {
             };
             if key == "cmdline" {
                 let value = rest[eq + 1..].trim();
-                if value.len() > MAX_CMDLINE_LEN {
-                    return Err(bad("cmdline", value, "longer than 2047 bytes"));
-                }
-                if value.contains('\0') {
-                    return Err(bad("cmdline", value, "contains a NUL byte"));
-                }
+                check_cmdline(value).map_err(|why| bad("cmdline", value, why))?;
                 set_once(&mut cmdline, value.to_string(), line, key)?;
                 break;
             }
@@ -379,20 +407,14 @@ pub fn parse_config(text: &str) -> Result<GuestConfig, SpecError> {
                 "mem" => {
                     let bytes = parse_size(value)
                         .ok_or_else(|| bad("mem", value, "not a size like 64M, 1G or 512K"))?;
-                    if bytes == 0 || !bytes.is_multiple_of(GUEST_MEM_ALIGN) {
-                        return Err(bad("mem", value, "must be a non-zero multiple of 2M"));
-                    }
-                    if bytes > MAX_GUEST_MEM {
-                        return Err(bad("mem", value, "more than the 32G maximum"));
-                    }
+                    check_mem(bytes).map_err(|why| bad("mem", value, why))?;
                     set_once(&mut mem, bytes, line, key)?;
                 }
                 "cpus" => {
                     let n = value
                         .parse::<u32>()
-                        .ok()
-                        .filter(|n| (1..=MAX_VCPUS).contains(n))
-                        .ok_or_else(|| bad("cpus", value, "must be 1..=8"))?;
+                        .map_err(|_| bad("cpus", value, "must be 1..=8"))?;
+                    check_cpus(n).map_err(|why| bad("cpus", value, why))?;
                     set_once(&mut cpus, n, line, key)?;
                 }
                 "name" => {
@@ -442,6 +464,25 @@ mod tests {
             b.extend_from_slice(&n);
         }
         b
+    }
+
+    #[test]
+    fn vm_shape_limits() {
+        assert_eq!(check_mem(GUEST_MEM_ALIGN), Ok(()));
+        assert_eq!(check_mem(MAX_GUEST_MEM), Ok(()));
+        assert!(check_mem(0).is_err());
+        assert!(check_mem(3 << 20).is_err());
+        assert!(check_mem(MAX_GUEST_MEM + GUEST_MEM_ALIGN).is_err());
+        assert_eq!(check_cpus(1), Ok(()));
+        assert_eq!(check_cpus(MAX_VCPUS), Ok(()));
+        assert!(check_cpus(0).is_err());
+        assert!(check_cpus(MAX_VCPUS + 1).is_err());
+        assert_eq!(check_cmdline(&"x".repeat(MAX_CMDLINE_LEN)), Ok(()));
+        assert!(check_cmdline(&"x".repeat(MAX_CMDLINE_LEN + 1)).is_err());
+        assert!(check_cmdline("a\0b").is_err());
+        // The config parser applies the same rules.
+        assert!(parse_config("cpus=9").is_err());
+        assert!(parse_config("mem=3M").is_err());
     }
 
     #[test]

@@ -135,7 +135,13 @@ fn a_whole_session_as_the_tool_drives_it() {
     // Checked before anything is built.
     assert!(matches!(
         s.create(3 << 20),
-        Response::Error(ErrorReply::BadRequest(m)) if m.contains("multiple of 2 MiB")
+        Response::Error(ErrorReply::BadRequest(m)) if m.contains("multiple of 2M")
+    ));
+    // The limits boot configs and the tool use (vmfork_core::guest_spec), before anything is
+    // built.
+    assert!(matches!(
+        s.create(64 << 30),
+        Response::Error(ErrorReply::BadRequest(m)) if m.contains("32G")
     ));
     let Response::Forked { children } = s.call(Request::Fork {
         vm: VmId(1),

@@ -269,7 +269,8 @@ pub enum Request {
         /// The VM.
         vm: VmId,
     },
-    /// Put a fork back to its fork point (a root VM back to its boot state). Reply: `Ok`.
+    /// Put a fork back to its fork point. Reply: `Ok`; a VM that is not a fork (booted, created
+    /// or restored) has no fork point and is refused with `BadRequest`.
     Reset {
         /// The VM.
         vm: VmId,

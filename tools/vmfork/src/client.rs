@@ -22,6 +22,8 @@ pub enum ClientError {
         path: PathBuf,
         /// Why.
         source: io::Error,
+        /// What the tool can tell about why: empty, or a sentence starting with "; ".
+        hint: String,
     },
     /// Reading or writing the socket failed (a timeout shows up here too).
     Io(io::Error),
@@ -38,17 +40,33 @@ pub enum ClientError {
     Protocol(String),
     /// The monitor closed the connection.
     Closed,
+    /// The server refused the handshake and said why: a `vmfork mux` that has not reached the
+    /// monitor yet says so, with how long it has waited and where its log is.
+    NotReady(String),
+    /// `path` is QEMU's own socket, which serves one client at a time, and the `vmfork mux`
+    /// serving `mux` holds that one connection.
+    HeldByMux {
+        /// The socket we tried.
+        path: PathBuf,
+        /// The mux's socket, to use instead.
+        mux: PathBuf,
+    },
 }
 
 impl fmt::Display for ClientError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ClientError::Connect { path, source } => write!(
+            ClientError::Connect { path, source, hint } if hint.is_empty() => write!(
                 f,
                 "cannot connect to the monitor at {}: {source} (is it running? start it with `make qemu-virt`)",
                 path.display()
             ),
-            ClientError::Io(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            ClientError::Connect { path, source, hint } => write!(
+                f,
+                "cannot connect to the monitor at {}: {source}{hint}",
+                path.display()
+            ),
+            ClientError::Io(e) if is_timeout(e) => {
                 write!(f, "the monitor did not answer in time")
             }
             ClientError::Io(e) => write!(f, "control channel: {e}"),
@@ -59,6 +77,14 @@ impl fmt::Display for ClientError {
             ClientError::Monitor(e) => write!(f, "{e}"),
             ClientError::Protocol(m) => write!(f, "protocol error: {m}"),
             ClientError::Closed => write!(f, "the monitor closed the connection"),
+            ClientError::NotReady(m) => write!(f, "{m}"),
+            ClientError::HeldByMux { path, mux } => write!(
+                f,
+                "{} did not answer: it is QEMU's socket, which serves one client at a time, and the vmfork mux at {} holds it; use --socket {} (or VMFORK_SOCKET)",
+                path.display(),
+                mux.display(),
+                mux.display()
+            ),
         }
     }
 }
@@ -112,12 +138,27 @@ impl Client {
     }
 
     /// Connects with explicit options.
-    pub fn connect_with(path: &Path, opts: ClientOptions) -> Result<Client, ClientError> {
+    pub fn connect_with(path: &Path, mut opts: ClientOptions) -> Result<Client, ClientError> {
         let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
             path: path.to_path_buf(),
             source,
+            hint: qemu_beside(path),
         })?;
-        Self::handshake(stream, opts)
+        // QEMU accepts a second connection to its socket but serves it only once the first
+        // (the mux's) goes: do not wait long to say so.
+        let mux = mux_beside(path);
+        if mux.is_some() {
+            opts.handshake_timeout = opts.handshake_timeout.min(MUX_HOLDS_TIMEOUT);
+        }
+        match Self::handshake(stream, opts) {
+            Err(ClientError::Io(e)) if is_timeout(&e) && mux.is_some() => {
+                Err(ClientError::HeldByMux {
+                    path: path.to_path_buf(),
+                    mux: mux.unwrap_or_default(),
+                })
+            }
+            r => r,
+        }
     }
 
     /// Says hello over an already connected stream.
@@ -135,7 +176,18 @@ impl Client {
             version: PROTOCOL_VERSION,
             client: c.opts.client_name.clone(),
         };
-        match c.call(&hello)? {
+        let reply = match c.call(&hello) {
+            // The only error a monitor answers `Hello` with is a version mismatch (its own
+            // variant by now); anything else is a server that is not ready to serve.
+            Err(ClientError::Monitor(e)) => {
+                return Err(ClientError::NotReady(match e {
+                    ErrorReply::BadRequest(m) | ErrorReply::Internal(m) => m,
+                    e => e.to_string(),
+                }))
+            }
+            r => r?,
+        };
+        match reply {
             Response::HelloReply { version, monitor } if version == PROTOCOL_VERSION => {
                 c.monitor = monitor;
             }
@@ -408,6 +460,48 @@ impl Client {
             other => Err(unexpected("Diff", &other)),
         }
     }
+}
+
+/// How long to wait for a `HelloReply` on QEMU's socket while a mux serves beside it.
+const MUX_HOLDS_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// `make qemu-virt` names QEMU's socket `SOCKET.qemu` and serves the mux on `SOCKET`: when
+/// `path` is such a `.qemu` socket and something serves `SOCKET`, that is the mux.
+fn mux_beside(path: &Path) -> Option<PathBuf> {
+    let name = path.file_name()?.to_str()?;
+    let mux = path.with_file_name(name.strip_suffix(".qemu").filter(|n| !n.is_empty())?);
+    UnixStream::connect(&mux).ok().map(|_| mux)
+}
+
+/// When nothing serves `path` but QEMU's `path.qemu` is there (`make qemu-virt`'s layout),
+/// QEMU runs and its mux has gone or not started: say so, and name the mux's log if it has one.
+fn qemu_beside(path: &Path) -> String {
+    let mut qemu = path.as_os_str().to_owned();
+    qemu.push(".qemu");
+    let qemu = PathBuf::from(qemu);
+    if std::fs::symlink_metadata(&qemu).is_err() {
+        return String::new();
+    }
+    let mut log = path.as_os_str().to_owned();
+    log.push(".log");
+    let log = PathBuf::from(log);
+    let see = if log.exists() {
+        format!(": see its log {}", log.display())
+    } else {
+        String::new()
+    };
+    format!(
+        "; QEMU's socket {} is there, so the `vmfork mux` that serves {} has exited or not started{see}",
+        qemu.display(),
+        path.display()
+    )
 }
 
 fn unexpected(what: &str, got: &Response) -> ClientError {

@@ -779,6 +779,12 @@ impl Model {
 
     fn reset(&mut self, id: u32) -> Result<Response, ErrorReply> {
         let vm = self.vms.get_mut(&id).ok_or(no_such(id))?;
+        // As the monitor: only a fork has a point to go back to.
+        if vm.parent.is_none() {
+            return Err(ErrorReply::BadRequest(format!(
+                "vm{id} is not a fork: it has no fork point"
+            )));
+        }
         vm.pages = vm.origin.clone();
         vm.state = VmState::Running;
         vm.line.clear();

@@ -3,7 +3,11 @@
 use std::fmt::Write as _;
 use std::io::Write;
 
+use serde::Serialize;
 use vmfork_proto::{DiffReport, GlobalStats, VmInfo};
+
+/// Bytes per guest page.
+const PAGE: u64 = 4096;
 
 /// Formats a byte count with a binary unit: `512 B`, `64 KiB`, `1.5 GiB`.
 pub fn bytes(n: u64) -> String {
@@ -194,6 +198,58 @@ pub fn diff(d: &DiffReport) -> String {
         let _ = writeln!(s, "  ... (more ranges not shown)");
     }
     s
+}
+
+/// One range of `vmfork diff --json`: a run of differing pages, by index and by address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DiffRangeJson {
+    /// Index of the first page from the start of guest RAM.
+    pub first_page: u64,
+    /// Number of pages.
+    pub pages: u64,
+    /// Guest-physical address of the first page.
+    pub ipa: u64,
+    /// Guest-physical address just past the last page.
+    pub ipa_end: u64,
+}
+
+/// `vmfork diff --json`: the monitor's report with the ranges' guest-physical addresses.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DiffJson {
+    /// IPA of guest RAM's first page.
+    pub ram_base: u64,
+    /// Bytes per page.
+    pub page_size: u64,
+    /// Pages compared.
+    pub pages_compared: u64,
+    /// Pages whose contents differ.
+    pub differing_pages: u64,
+    /// The differing pages, ascending.
+    pub ranges: Vec<DiffRangeJson>,
+    /// True when the monitor had more ranges than it sent.
+    pub truncated: bool,
+}
+
+/// The JSON form of a diff report.
+pub fn diff_json(d: &DiffReport) -> DiffJson {
+    let ipa = |page: u64| d.ram_base.saturating_add(page.saturating_mul(PAGE));
+    DiffJson {
+        ram_base: d.ram_base,
+        page_size: PAGE,
+        pages_compared: d.pages_compared,
+        differing_pages: d.differing_pages,
+        ranges: d
+            .ranges
+            .iter()
+            .map(|r| DiffRangeJson {
+                first_page: r.first_page,
+                pages: r.pages,
+                ipa: ipa(r.first_page),
+                ipa_end: ipa(r.first_page.saturating_add(r.pages)),
+            })
+            .collect(),
+        truncated: d.truncated,
+    }
 }
 
 /// A one-line progress bar on stderr, redrawn in place.

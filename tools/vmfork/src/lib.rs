@@ -6,9 +6,11 @@
 
 pub mod client;
 pub mod console;
+pub mod errors;
 pub mod fake;
 pub mod format;
 pub mod mux;
 pub mod savefile;
+pub mod socket;
 
 pub use client::{Client, ClientError, ClientOptions};

@@ -9,23 +9,30 @@ use clap::{CommandFactory, Parser, Subcommand};
 use serde_json::json;
 use vmfork::client::{Client, ClientError};
 use vmfork::console::{self, ConsoleOptions, RawMode, DETACH_KEY};
+use vmfork::errors::{CliError, ErrorKind, MemoryFigures};
 use vmfork::format::{self, Progress};
-use vmfork::mux::{Mux, MuxEnd, MuxOptions};
+use vmfork::mux::{Mux, MuxEnd, MuxLog, MuxOptions};
 use vmfork::savefile::{SaveError, SaveFile};
+use vmfork::socket::{self, Found};
+use vmfork_core::guest_spec;
 use vmfork_proto::snapshot::Snapshot;
-use vmfork_proto::{Request, VmId};
+use vmfork_proto::{ErrorReply, GlobalStats, Request, VmId};
 
 /// Drive a running vmfork monitor: list, fork, pause, reset, kill, snapshot and inspect its VMs.
 ///
-/// The monitor listens on a Unix socket that `make qemu-virt` creates (run/vmfork.sock in the
-/// checkout by default).
+/// The monitor listens on a Unix socket that `make qemu-virt` creates. Without --socket, vmfork
+/// uses $VMFORK_SOCKET; else run/vmfork.sock in the current directory or the nearest parent
+/// that has one (a checkout running `make qemu-virt`); else the per-user socket
+/// $XDG_RUNTIME_DIR/vmfork/vmfork.sock (/tmp/vmfork-$UID/vmfork.sock without XDG_RUNTIME_DIR),
+/// which `make qemu-virt` links to its socket while no other monitor holds it.
 #[derive(Parser, Debug)]
-#[command(name = "vmfork", version, about, long_about)]
+#[command(name = "vmfork", version, about, long_about, after_help = ErrorKind::help_table())]
 struct Cli {
-    /// Path of the monitor's control socket [default: run/vmfork.sock].
-    #[arg(long, global = true, env = "VMFORK_SOCKET", value_name = "PATH")]
+    /// Path of the monitor's control socket [default: $VMFORK_SOCKET, else the checkout's
+    /// run/vmfork.sock, else the per-user socket].
+    #[arg(long, global = true, value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// Print machine-readable JSON instead of text.
+    /// Print machine-readable JSON instead of text, errors included (on stdout).
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
@@ -67,7 +74,8 @@ enum Command {
         /// The VM's id.
         vm: u32,
     },
-    /// Put a fork back to its fork point (a booted VM back to its boot state).
+    /// Put a fork back to its fork point: memory, vCPUs and devices as they were when it was
+    /// forked (forks only: a booted, created or restored VM has no fork point and is refused).
     Reset {
         /// The VM's id.
         vm: u32,
@@ -85,10 +93,10 @@ enum Command {
         /// Initial ramdisk.
         #[arg(long, value_name = "FILE")]
         initrd: Option<PathBuf>,
-        /// Guest RAM, e.g. 128M or 1G.
+        /// Guest RAM, e.g. 128M or 1G: a multiple of 2M, at most 32G.
         #[arg(long, value_name = "SIZE", default_value = "128M", value_parser = format::parse_size)]
         mem: u64,
-        /// Number of vCPUs.
+        /// Number of vCPUs (1 to 8).
         #[arg(long, value_name = "N", default_value_t = 1)]
         cpus: u32,
         /// Kernel command line.
@@ -102,7 +110,8 @@ enum Command {
     /// output for --linger milliseconds, then detaches.
     ///
     /// When the VM goes while attached (it powered off, was killed, crashed), everything it
-    /// printed is shown first, then "vmN <why>" on stderr, and vmfork exits with status 3.
+    /// printed is shown first, then "vmN <why>" on stderr, and vmfork exits with status 10
+    /// (`vm_gone`).
     Console {
         /// The VM's id.
         vm: u32,
@@ -133,6 +142,10 @@ enum Command {
         file: PathBuf,
     },
     /// Which guest pages differ between two VMs, with counts and IPA ranges.
+    ///
+    /// With --json, each range has the index of its first page in guest RAM (first_page), its
+    /// length in pages, and its guest-physical addresses: ipa (first byte) and ipa_end (the
+    /// byte after its last page).
     Diff {
         /// First VM.
         vm1: u32,
@@ -142,18 +155,37 @@ enum Command {
     /// Share the monitor's one control socket among many vmfork processes.
     ///
     /// QEMU's socket serves one client at a time. The mux holds that connection and serves any
-    /// number of clients on --listen; point them at it with --socket or VMFORK_SOCKET. It exits
-    /// when QEMU does.
+    /// number of clients on --listen; point them at it with --socket or VMFORK_SOCKET. It
+    /// listens at once, keeps trying until the monitor answers (clients that come earlier are
+    /// told what it waits for), and exits when QEMU does.
     Mux {
-        /// QEMU's control socket (the monitor's), e.g. run/vmfork.sock.
+        /// QEMU's control socket (the monitor's), e.g. run/vmfork.sock.qemu.
         #[arg(long, value_name = "PATH")]
         upstream: PathBuf,
         /// The socket to serve clients on.
         #[arg(long, value_name = "PATH")]
         listen: PathBuf,
-        /// Seconds to keep trying while the upstream socket does not exist yet.
-        #[arg(long, value_name = "SECS", default_value_t = 30)]
-        wait: u64,
+        /// Give up when QEMU's socket is missing, or the monitor has not answered, for this
+        /// many seconds [default: never give up].
+        #[arg(long, value_name = "SECS")]
+        wait: Option<u64>,
+        /// Append the mux's messages to FILE instead of stderr; what the mux tells clients names
+        /// it.
+        #[arg(long, value_name = "FILE")]
+        log: Option<PathBuf>,
+        /// Also make the per-user default socket a link to --listen while no other live monitor
+        /// serves it, so that `vmfork` finds this monitor from any directory.
+        #[arg(long)]
+        user_socket: bool,
+    },
+    /// Print the man page (roff), made from these definitions; --dir writes vmfork.1 and one
+    /// vmfork-COMMAND.1 per command there instead.
+    ///
+    /// `vmfork man | man -l -` reads it.
+    Man {
+        /// Directory to write the pages to.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
@@ -162,48 +194,120 @@ enum Command {
     },
 }
 
-/// Exit status of `vmfork console` when the VM went while attached.
-const EXIT_VM_GONE: i32 = 3;
-
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Whether --json was asked for, for a command line clap refuses (it comes before `--`).
+    let json_asked = std::env::args_os()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json");
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() || !json_asked => e.exit(),
+        Err(e) => {
+            // clap's message up to its usage part, on one line.
+            let text = e.render().to_string();
+            let msg: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let msg = msg.join(" ");
+            let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
+            return fail(&CliError::new(ErrorKind::Usage, msg), true);
+        }
+    };
+    let json = cli.json;
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("vmfork: {e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(&e, json),
     }
 }
 
-/// One-line errors: the client's own messages, or I/O on local files with the file named.
-#[derive(Debug)]
-enum CliError {
-    Client(ClientError),
-    Msg(String),
-}
-
-impl std::fmt::Display for CliError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CliError::Client(e) => write!(f, "{e}"),
-            CliError::Msg(m) => write!(f, "{m}"),
-        }
+/// Reports `e` (JSON on stdout with --json, else one line on stderr) and returns its exit code.
+fn fail(e: &CliError, json: bool) -> ExitCode {
+    if json {
+        let text = serde_json::to_string_pretty(&e.to_json()).unwrap_or_default();
+        println!("{text}");
+    } else {
+        eprintln!("vmfork: {e}");
     }
-}
-
-impl From<ClientError> for CliError {
-    fn from(e: ClientError) -> Self {
-        CliError::Client(e)
-    }
+    ExitCode::from(e.kind.exit_code())
 }
 
 fn read_file(p: &PathBuf) -> Result<Vec<u8>, CliError> {
-    fs::read(p).map_err(|e| CliError::Msg(format!("cannot read {}: {e}", p.display())))
+    fs::read(p)
+        .map_err(|e| CliError::new(ErrorKind::Io, format!("cannot read {}: {e}", p.display())))
+}
+
+fn usage(msg: String) -> CliError {
+    CliError::new(ErrorKind::Usage, msg)
+}
+
+/// The figures of an out-of-memory error for a VM of `mem` bytes, from the monitor's `stats`.
+fn memory_figures(mem: u64, g: &GlobalStats) -> MemoryFigures {
+    MemoryFigures {
+        requested_bytes: mem,
+        requested_frames: mem / 4096,
+        free_frames: g.free_frames,
+        total_frames: g.total_frames,
+        heap_free_bytes: g.heap_free,
+        heap_reserve_bytes: g.heap_reserve,
+    }
+}
+
+fn out_of_memory(what: &str, f: MemoryFigures) -> CliError {
+    let page = |n: u64| format::bytes(n.saturating_mul(4096));
+    let msg = format!(
+        "the monitor is out of memory: {what} of {} needs at least {} frames ({}) for its RAM; the monitor has {} of {} frames free ({} of {}) and {} of heap free beyond its {} reserve",
+        format::bytes(f.requested_bytes),
+        f.requested_frames,
+        page(f.requested_frames),
+        f.free_frames,
+        f.total_frames,
+        page(f.free_frames),
+        page(f.total_frames),
+        format::bytes(f.heap_free_bytes.saturating_sub(f.heap_reserve_bytes)),
+        format::bytes(f.heap_reserve_bytes),
+    );
+    CliError {
+        kind: ErrorKind::OutOfMemory,
+        message: msg,
+        memory: Some(f),
+    }
+}
+
+/// An out-of-memory reply, with the figures added from `stats` (for a VM of `mem` bytes).
+fn with_figures(c: &mut Client, e: ClientError, what: &str, mem: u64) -> CliError {
+    match e {
+        ClientError::Monitor(ErrorReply::OutOfMemory) => match c.stats(None) {
+            Ok((g, _)) => out_of_memory(what, memory_figures(mem, &g)),
+            Err(_) => CliError::from(ClientError::Monitor(ErrorReply::OutOfMemory)),
+        },
+        e => e.into(),
+    }
+}
+
+/// The socket to use, or an error that says where vmfork looked.
+fn socket_path(flag: Option<&Path>) -> Result<PathBuf, CliError> {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    let user = socket::user_socket();
+    match socket::find(flag, std::env::var_os("VMFORK_SOCKET"), &cwd, &user) {
+        Found::At(p) => Ok(p),
+        Found::Nowhere(looked) => Err(CliError::new(
+            ErrorKind::Connection,
+            format!(
+                "no monitor socket found: no {} in {} or its parents, no {} (is it running? start it with `make qemu-virt`, or name it with --socket or VMFORK_SOCKET)",
+                socket::CHECKOUT_SOCKET,
+                cwd.display(),
+                looked.last().map_or_else(String::new, |p| p.display().to_string()),
+            ),
+        )),
+    }
 }
 
 fn print_json(v: &impl serde::Serialize) -> Result<(), CliError> {
-    let s = serde_json::to_string_pretty(v).map_err(|e| CliError::Msg(e.to_string()))?;
+    let s = serde_json::to_string_pretty(v)
+        .map_err(|e| CliError::new(ErrorKind::Internal, e.to_string()))?;
     println!("{s}");
     Ok(())
 }
@@ -217,22 +321,34 @@ fn run(cli: Cli) -> Result<(), CliError> {
         clap_complete::generate(shell, &mut Cli::command(), "vmfork", &mut io::stdout());
         return Ok(());
     }
+    if let Command::Man { dir } = &cli.command {
+        return man(dir.as_deref());
+    }
     if let Command::Mux {
         upstream,
         listen,
         wait,
+        log,
+        user_socket,
     } = &cli.command
     {
-        return run_mux(upstream, listen, *wait);
+        return run_mux(upstream, listen, *wait, log.as_deref(), *user_socket);
     }
-    let socket = cli
-        .socket
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("run/vmfork.sock"));
+    // What can be checked here is, before anything is sent.
+    if let Command::Create {
+        mem, cpus, cmdline, ..
+    } = &cli.command
+    {
+        guest_spec::check_mem(*mem)
+            .map_err(|why| usage(format!("--mem {}: {why}", format::bytes(*mem))))?;
+        guest_spec::check_cpus(*cpus).map_err(|why| usage(format!("--cpus {cpus}: {why}")))?;
+        guest_spec::check_cmdline(cmdline).map_err(|why| usage(format!("--cmdline: {why}")))?;
+    }
+    let socket = socket_path(cli.socket.as_deref())?;
     let mut c = Client::connect(&socket)?;
     let json = cli.json;
     match cli.command {
-        Command::Completions { .. } | Command::Mux { .. } => {}
+        Command::Completions { .. } | Command::Mux { .. } | Command::Man { .. } => {}
         Command::List => {
             let vms = c.list()?;
             if json {
@@ -282,6 +398,13 @@ fn run(cli: Cli) -> Result<(), CliError> {
             cpus,
             cmdline,
         } => {
+            // Every guest page gets a frame when the VM is made: refuse what cannot fit before
+            // uploading the images.
+            let (global, _) = c.stats(None)?;
+            let figures = memory_figures(mem, &global);
+            if figures.requested_frames > figures.free_frames {
+                return Err(out_of_memory("a VM", figures));
+            }
             let k = read_file(&kernel)?;
             let i = initrd.as_ref().map(read_file).transpose()?;
             let mut bar = progress_bar("upload");
@@ -293,7 +416,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             if let Some(b) = bar.as_mut() {
                 b.finish()
             }
-            let vm = vm?;
+            let vm = vm.map_err(|e| with_figures(&mut c, e, "a VM", mem))?;
             if json {
                 print_json(&json!({ "vm": vm }))?;
             } else {
@@ -305,7 +428,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
             let tty = stdin.is_terminal();
             let _raw = if tty {
                 Some(RawMode::enter(&stdin).map_err(|e| {
-                    CliError::Msg(format!("cannot put the terminal in raw mode: {e}"))
+                    CliError::new(
+                        ErrorKind::Io,
+                        format!("cannot put the terminal in raw mode: {e}"),
+                    )
                 })?)
             } else {
                 None
@@ -321,11 +447,13 @@ fn run(cli: Cli) -> Result<(), CliError> {
             let end = console::run(c, VmId(vm), Box::new(io::stdin()), &mut out, &opts);
             let _ = out.flush();
             drop(_raw);
-            if let Ok(console::ConsoleEnd::VmGone(reason)) = &end {
-                // Everything the guest printed has been written; say why it ended, and exit
-                // with the status that means it (see `vmfork console --help`).
-                eprintln!("{}vm{vm} {reason}", if tty { "\r\n" } else { "" });
-                std::process::exit(EXIT_VM_GONE);
+            if let Ok(console::ConsoleEnd::VmGone(reason)) = end {
+                // Everything the guest printed has been written; say why it ended (exit status
+                // of `vm_gone`, see `vmfork --help`).
+                if tty {
+                    eprint!("\r\n");
+                }
+                return Err(CliError::new(ErrorKind::VmGone, format!("vm{vm} {reason}")));
             }
             if tty {
                 eprintln!("\r\ndetached from vm {vm}");
@@ -333,7 +461,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             end?;
         }
         Command::Dump { vm, file, force } => {
-            let save_err = |e: SaveError| CliError::Msg(format!("{e}"));
+            let save_err = |e: SaveError| CliError::new(ErrorKind::Io, format!("{e}"));
             // Only the temporary file is written; it goes away by itself on any error.
             let mut out = SaveFile::create(&file, force).map_err(save_err)?;
             let mut bar = progress_bar(&format!("dump vm {vm}"));
@@ -345,9 +473,12 @@ fn run(cli: Cli) -> Result<(), CliError> {
                     }
                 });
                 r.map_err(CliError::from).and_then(|t| {
-                    w.flush()
-                        .map(|()| t)
-                        .map_err(|e| CliError::Msg(format!("cannot write {}: {e}", file.display())))
+                    w.flush().map(|()| t).map_err(|e| {
+                        CliError::new(
+                            ErrorKind::Io,
+                            format!("cannot write {}: {e}", file.display()),
+                        )
+                    })
                 })
             };
             if let Some(b) = bar.as_mut() {
@@ -368,11 +499,11 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Restore { file } => {
             let bytes = read_file(&file)?;
             // Check it here, to say clearly what is wrong with the file.
-            Snapshot::visit(&bytes, |_, _| {}).map_err(|e| {
-                CliError::Msg(format!(
-                    "{} is not a valid vmfork snapshot: {e}",
-                    file.display()
-                ))
+            let header = Snapshot::visit(&bytes, |_, _| {}).map_err(|e| {
+                CliError::new(
+                    ErrorKind::Refused,
+                    format!("{} is not a valid vmfork snapshot: {e}", file.display()),
+                )
             })?;
             let mut bar = progress_bar("restore");
             let vm = c.restore(&bytes, &mut |d, t| {
@@ -383,7 +514,8 @@ fn run(cli: Cli) -> Result<(), CliError> {
             if let Some(b) = bar.as_mut() {
                 b.finish()
             }
-            let vm = vm?;
+            let vm =
+                vm.map_err(|e| with_figures(&mut c, e, "the snapshot's VM", header.mem_bytes))?;
             if json {
                 print_json(&json!({ "vm": vm }))?;
             } else {
@@ -393,7 +525,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Diff { vm1, vm2 } => {
             let d = c.diff(VmId(vm1), VmId(vm2))?;
             if json {
-                print_json(&d)?;
+                print_json(&format::diff_json(&d))?;
             } else {
                 print!("{}", format::diff(&d));
             }
@@ -410,21 +542,111 @@ fn simple(c: &mut Client, req: Request, json: bool) -> Result<(), CliError> {
     Ok(())
 }
 
-fn run_mux(upstream: &Path, listen: &Path, wait: u64) -> Result<(), CliError> {
+fn run_mux(
+    upstream: &Path,
+    listen: &Path,
+    wait: Option<u64>,
+    log: Option<&Path>,
+    user_socket: bool,
+) -> Result<(), CliError> {
     let mut opts = MuxOptions::new(upstream, listen);
-    opts.connect_wait = Duration::from_secs(wait);
-    let mux = Mux::start(&opts).map_err(|e| CliError::Msg(e.to_string()))?;
-    eprintln!(
-        "vmfork mux: serving {} for {} at {}",
-        listen.display(),
-        mux.monitor(),
-        upstream.display()
-    );
-    match mux.wait() {
-        MuxEnd::Stopped => Ok(()),
-        MuxEnd::UpstreamClosed => Err(CliError::Msg(format!(
-            "mux: the monitor at {} closed the connection (did QEMU exit?)",
-            upstream.display()
-        ))),
+    opts.connect_wait = wait.map(Duration::from_secs);
+    opts.hello_wait = opts.connect_wait;
+    if let Some(path) = log {
+        opts.log = MuxLog::file(path).map_err(|e| {
+            CliError::new(
+                ErrorKind::Io,
+                format!("cannot open the log {}: {e}", path.display()),
+            )
+        })?;
     }
+    opts.link = user_socket.then(socket::user_socket);
+    let log = opts.log.clone();
+    log.line(&format!(
+        "starting: serving {} for the monitor at {}",
+        listen.display(),
+        upstream.display()
+    ));
+    let mux = Mux::start(&opts).map_err(|e| {
+        let kind = match e {
+            vmfork::mux::MuxError::VersionMismatch { .. } => ErrorKind::Protocol,
+            vmfork::mux::MuxError::Listen { .. } | vmfork::mux::MuxError::AlreadyServing(_) => {
+                ErrorKind::Usage
+            }
+            _ => ErrorKind::Connection,
+        };
+        CliError::new(kind, format!("mux: {e}{}", log.hint()))
+    })?;
+    let end = mux.wait();
+    let r = match end {
+        MuxEnd::Stopped => Ok(()),
+        MuxEnd::UpstreamClosed => Err(CliError::new(
+            ErrorKind::Connection,
+            format!(
+                "mux: the monitor at {} closed the connection (did QEMU exit?)",
+                upstream.display()
+            ),
+        )),
+    };
+    if let (Err(e), Some(_)) = (&r, log.path()) {
+        log.line(&e.message);
+    }
+    r
+}
+
+/// `vmfork man`: the page of `vmfork` on stdout, or every page into `dir`.
+fn man(dir: Option<&Path>) -> Result<(), CliError> {
+    let cmd = Cli::command().disable_help_subcommand(true);
+    let io_err = |what: &Path, e: io::Error| {
+        CliError::new(
+            ErrorKind::Io,
+            format!("cannot write {}: {e}", what.display()),
+        )
+    };
+    match dir {
+        None => {
+            top_man_page(cmd, &mut io::stdout().lock()).map_err(|e| io_err(Path::new("stdout"), e))
+        }
+        Some(d) => {
+            fs::create_dir_all(d).map_err(|e| io_err(d, e))?;
+            clap_mangen::generate_to(cmd.clone(), d).map_err(|e| io_err(d, e))?;
+            let top = d.join("vmfork.1");
+            let mut f = fs::File::create(&top).map_err(|e| io_err(&top, e))?;
+            top_man_page(cmd, &mut f).map_err(|e| io_err(&top, e))
+        }
+    }
+}
+
+/// vmfork(1): clap_mangen's sections, with the exit statuses as an EXIT STATUS section of
+/// their own instead of the help's text.
+fn top_man_page(mut cmd: clap::Command, w: &mut dyn Write) -> io::Result<()> {
+    cmd.build();
+    let man = clap_mangen::Man::new(cmd.after_help(""));
+    man.render_title(w)?;
+    man.render_name_section(w)?;
+    man.render_synopsis_section(w)?;
+    man.render_description_section(w)?;
+    man.render_options_section(w)?;
+    man.render_subcommands_section(w)?;
+    let roff = |t: &str| t.replace('\\', "\\e").replace('-', "\\-");
+    writeln!(w, ".SH \"EXIT STATUS\"")?;
+    writeln!(w, ".TP\n\\fB0\\fR\nsuccess")?;
+    for k in ErrorKind::ALL {
+        writeln!(
+            w,
+            ".TP\n\\fB{}\\fR \\fI{}\\fR\n{}",
+            k.exit_code(),
+            roff(k.name()),
+            roff(k.meaning())
+        )?;
+    }
+    writeln!(w, ".SH JSON")?;
+    writeln!(
+        w,
+        "{}",
+        roff(
+            "With --json, output is one JSON document on stdout: the command's result, or on failure {\"error\": {\"kind\": KIND, \"message\": TEXT, \"exit_code\": N}}. The shapes are in docs/vmfork-json.schema.json and docs/PROTOCOL.md of the vmfork sources."
+        )
+    )?;
+    man.render_version_section(w)
 }

@@ -35,7 +35,13 @@ fn env() -> Env {
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_vmfork"));
     c.env_remove("VMFORK_SOCKET");
+    // A per-user socket directory that does not exist: a real one must not be found.
+    c.env("XDG_RUNTIME_DIR", no_runtime_dir());
     c
+}
+
+fn no_runtime_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("vmfork-cli-test-none-{}", std::process::id()))
 }
 
 impl Env {
@@ -58,9 +64,9 @@ impl Env {
         String::from_utf8(o.stdout).unwrap()
     }
 
-    /// Runs and expects exit code 1 with exactly one line on stderr; returns that line.
-    fn fails(&self, args: &[&str]) -> String {
-        one_line_failure(self.run(args))
+    /// Runs and expects exit status `code` with exactly one line on stderr; returns that line.
+    fn fails(&self, code: i32, args: &[&str]) -> String {
+        one_line_failure(self.run(args), code)
     }
 
     fn console(&self, vm: &str, input: &[u8]) -> String {
@@ -84,10 +90,10 @@ impl Env {
     }
 }
 
-fn one_line_failure(o: Output) -> String {
+fn one_line_failure(o: Output, code: i32) -> String {
     assert_eq!(
         o.status.code(),
-        Some(1),
+        Some(code),
         "stdout: {}",
         String::from_utf8_lossy(&o.stdout)
     );
@@ -159,13 +165,13 @@ fn monitor_not_running_gives_the_hint() {
         .arg("list")
         .output()
         .unwrap();
-    let err = one_line_failure(o);
+    let err = one_line_failure(o, 3);
     assert!(err.contains("cannot connect to the monitor at"), "{err}");
     assert!(err.contains("nope.sock"), "{err}");
     assert!(err.contains("make qemu-virt"), "{err}");
     // Default: run/vmfork.sock relative to the current directory.
     let o = bin().current_dir(dir.path()).arg("list").output().unwrap();
-    let err = one_line_failure(o);
+    let err = one_line_failure(o, 3);
     assert!(err.contains("run/vmfork.sock"), "{err}");
 }
 
@@ -184,10 +190,10 @@ fn socket_from_environment() {
 #[test]
 fn no_such_vm() {
     let e = env();
-    assert_eq!(e.fails(&["info", "42"]), "vmfork: no such VM: 42");
-    e.fails(&["kill", "42"]);
-    e.fails(&["fork", "42"]);
-    e.fails(&["diff", "1", "42"]);
+    assert_eq!(e.fails(4, &["info", "42"]), "vmfork: no such VM: 42");
+    e.fails(4, &["kill", "42"]);
+    e.fails(4, &["fork", "42"]);
+    e.fails(4, &["diff", "1", "42"]);
 }
 
 #[test]
@@ -196,7 +202,7 @@ fn version_mismatch() {
         version: 99,
         ..FakeConfig::default()
     });
-    let err = e.fails(&["list"]);
+    let err = e.fails(9, &["list"]);
     assert!(err.contains("version mismatch"), "{err}");
     assert!(
         err.contains("v99") && err.contains(&format!("v{PROTOCOL_VERSION}")),
@@ -213,8 +219,277 @@ fn out_of_memory() {
     let dir = tempfile::tempdir().unwrap();
     let k = dir.path().join("Image");
     std::fs::write(&k, vec![7u8; 10_000]).unwrap();
-    let err = e.fails(&["create", "--kernel", k.to_str().unwrap(), "--mem", "1G"]);
-    assert_eq!(err, "vmfork: the monitor is out of memory");
+    // Refused with the figures, before the kernel is even read (it does not exist here).
+    let err = e.fails(
+        6,
+        &["create", "--kernel", "/nonexistent/Image", "--mem", "1G"],
+    );
+    assert_eq!(
+        err,
+        "vmfork: the monitor is out of memory: a VM of 1 GiB needs at least 262144 frames (1 GiB) \
+         for its RAM; the monitor has 4096 of 8192 frames free (16 MiB of 32 MiB) and 25.0 MiB of \
+         heap free beyond its 6 MiB reserve"
+    );
+    let o = e.run(&[
+        "--json",
+        "create",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--mem",
+        "1G",
+    ]);
+    assert_eq!(o.status.code(), Some(6));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["error"]["kind"], "out_of_memory");
+    assert_eq!(j["error"]["memory"]["requested_bytes"], 1u64 << 30);
+    assert_eq!(j["error"]["memory"]["requested_frames"], 262144);
+    assert_eq!(j["error"]["memory"]["free_frames"], 4096);
+    assert_eq!(j["error"]["memory"]["total_frames"], 8192);
+    // What fits is created.
+    assert_eq!(
+        e.ok(&["create", "--kernel", k.to_str().unwrap(), "--mem", "8M"])
+            .trim(),
+        "2"
+    );
+}
+
+/// An out-of-memory reply of the monitor (here to a restore, which the tool does not check
+/// beforehand) gets the figures too, from `stats`.
+#[test]
+fn out_of_memory_reply_gets_the_figures() {
+    let e = env_with(FakeConfig {
+        total_frames: 8192,
+        ..FakeConfig::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("vm1.snap");
+    e.ok(&["dump", "1", f.to_str().unwrap()]);
+    // vm1 uses 4096 frames, its restored copy the other 4096: then nothing is left.
+    assert_eq!(e.ok(&["restore", f.to_str().unwrap()]).trim(), "2");
+    let err = e.fails(6, &["restore", f.to_str().unwrap()]);
+    assert!(
+        err.starts_with(
+            "vmfork: the monitor is out of memory: the snapshot's VM of 16 MiB needs at least \
+             4096 frames (16 MiB) for its RAM; the monitor has 0 of 8192 frames free"
+        ),
+        "{err}"
+    );
+}
+
+/// `--cpus 9`, `--mem 3M`, `--mem 100G` and an overlong command line are refused by the tool
+/// itself with the monitor's own limits: with nothing listening on the socket and no kernel
+/// file, the answer is still the usage error, so nothing was read, connected or uploaded.
+#[test]
+fn create_checks_the_guest_limits_before_anything_is_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nobody.sock");
+    let long = "x".repeat(2048);
+    for (args, want) in [
+        (vec!["--cpus", "9"], "--cpus 9: must be 1..=8"),
+        (vec!["--cpus", "0"], "--cpus 0: must be 1..=8"),
+        (
+            vec!["--mem", "3M"],
+            "--mem 3 MiB: must be a non-zero multiple of 2M",
+        ),
+        (
+            vec!["--mem", "100G"],
+            "--mem 100 GiB: more than the 32G maximum",
+        ),
+        (
+            vec!["--cmdline", &long],
+            "--cmdline: longer than 2047 bytes",
+        ),
+    ] {
+        let o = bin()
+            .arg("--socket")
+            .arg(&sock)
+            .args(["create", "--kernel", "/nonexistent/Image"])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(
+            one_line_failure(o, 2),
+            format!("vmfork: {want}"),
+            "{args:?}"
+        );
+    }
+    // The largest values are accepted locally (and then fail on the missing socket).
+    let o = bin()
+        .arg("--socket")
+        .arg(&sock)
+        .args([
+            "create",
+            "--kernel",
+            "/nonexistent/Image",
+            "--cpus",
+            "8",
+            "--mem",
+            "32G",
+        ])
+        .output()
+        .unwrap();
+    assert!(one_line_failure(o, 3).contains("cannot connect"));
+}
+
+#[test]
+fn json_errors_are_json_on_stdout_with_the_kinds_exit_status() {
+    let e = env();
+    let o = e.run(&["--json", "info", "99"]);
+    assert_eq!(o.status.code(), Some(4));
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        j,
+        serde_json::json!({"error": {"kind": "not_found", "message": "no such VM: 99", "exit_code": 4}})
+    );
+    // The same without --json: one line on stderr, nothing on stdout, the same status.
+    let o = e.run(&["info", "99"]);
+    assert!(o.stdout.is_empty());
+    assert_eq!(one_line_failure(o, 4), "vmfork: no such VM: 99");
+    // A refusal, a usage error clap finds, and no monitor at all.
+    let o = e.run(&["--json", "reset", "1"]);
+    assert_eq!(o.status.code(), Some(7));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["error"]["kind"], "refused");
+    assert!(
+        j["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a fork"),
+        "{j}"
+    );
+    let o = e.run(&["--json", "fork"]);
+    assert_eq!(o.status.code(), Some(2));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["error"]["kind"], "usage");
+    assert!(
+        j["error"]["message"].as_str().unwrap().contains("<VM>"),
+        "{j}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let o = bin()
+        .arg("--socket")
+        .arg(dir.path().join("none.sock"))
+        .args(["list", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["error"]["kind"], "connection");
+    // --help is still help, on stdout, status 0.
+    let o = bin().args(["--json", "--help"]).output().unwrap();
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Usage:"));
+}
+
+#[test]
+fn exit_statuses_are_in_the_help_and_the_man_page() {
+    let help = String::from_utf8(bin().arg("--help").output().unwrap().stdout).unwrap();
+    let man = bin().arg("man").output().unwrap();
+    assert!(man.status.success());
+    let man = String::from_utf8(man.stdout).unwrap();
+    assert!(
+        man.starts_with(".ie") || man.contains(".TH vmfork 1"),
+        "{man}"
+    );
+    assert!(man.contains(".SH \"EXIT STATUS\""), "{man}");
+    for (code, kind) in [
+        (1, "internal"),
+        (2, "usage"),
+        (3, "connection"),
+        (4, "not_found"),
+        (5, "busy"),
+        (6, "out_of_memory"),
+        (7, "refused"),
+        (8, "io"),
+        (9, "protocol"),
+    ] {
+        assert!(
+            help.contains(&format!("  {code}  {kind} ")),
+            "{kind} in\n{help}"
+        );
+        let roff_kind = kind.replace('-', "\\-");
+        assert!(
+            man.contains(&format!("\\fB{code}\\fR \\fI{roff_kind}\\fR")),
+            "{kind} in\n{man}"
+        );
+    }
+    // One page per command.
+    let dir = tempfile::tempdir().unwrap();
+    let o = bin()
+        .args(["man", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    for page in [
+        "vmfork.1",
+        "vmfork-list.1",
+        "vmfork-create.1",
+        "vmfork-mux.1",
+    ] {
+        let text = std::fs::read_to_string(dir.path().join(page)).unwrap();
+        assert!(text.contains(".TH"), "{page}");
+    }
+    let top = std::fs::read_to_string(dir.path().join("vmfork.1")).unwrap();
+    assert_eq!(top, man);
+}
+
+/// Regression: with VMFORK_SOCKET set, clap put `--socket <PATH>` into `create`'s usage line as
+/// if it were required.
+#[test]
+fn create_usage_does_not_show_socket_as_required() {
+    for env in [None, Some("/tmp/x.sock")] {
+        let mut c = bin();
+        if let Some(v) = env {
+            c.env("VMFORK_SOCKET", v);
+        }
+        let o = c.arg("create").output().unwrap();
+        assert_eq!(o.status.code(), Some(2));
+        let err = String::from_utf8(o.stderr).unwrap();
+        let usage = err.lines().find(|l| l.starts_with("Usage:")).unwrap();
+        assert_eq!(usage, "Usage: vmfork create --kernel <FILE>", "{err}");
+    }
+    let help =
+        String::from_utf8(bin().args(["create", "--help"]).output().unwrap().stdout).unwrap();
+    assert!(
+        help.contains("Usage: vmfork create [OPTIONS] --kernel <FILE>\n"),
+        "{help}"
+    );
+}
+
+/// Regression: `reset --help` promised that a booted VM goes back to its boot state; only forks
+/// can be reset.
+#[test]
+fn reset_help_says_forks_only() {
+    let help = String::from_utf8(bin().args(["reset", "--help"]).output().unwrap().stdout).unwrap();
+    assert!(!help.contains("boot state"), "{help}");
+    assert!(help.contains("forks only"), "{help}");
+    let e = env();
+    assert_eq!(
+        e.fails(7, &["reset", "1"]),
+        "vmfork: bad request: vm1 is not a fork: it has no fork point"
+    );
+}
+
+#[test]
+fn diff_json_gives_addresses_and_indexes() {
+    let e = env();
+    e.ok(&["fork", "1"]);
+    e.console("2", b"poke 5\n");
+    let j: serde_json::Value = serde_json::from_str(&e.ok(&["--json", "diff", "1", "2"])).unwrap();
+    assert_eq!(j["page_size"], 4096);
+    let base = j["ram_base"].as_u64().unwrap();
+    let r = &j["ranges"][0];
+    assert_eq!(r["first_page"], 1);
+    assert_eq!(r["pages"], 5);
+    assert_eq!(r["ipa"], base + 4096);
+    assert_eq!(r["ipa"], 0x4000_1000u64);
+    assert_eq!(r["ipa_end"], 0x4000_6000u64);
 }
 
 #[test]
@@ -243,7 +518,7 @@ fn create_uploads_the_kernel() {
     let info = e.fake.list().into_iter().find(|v| v.id.0 == 2).unwrap();
     assert_eq!(info.vcpus, 2);
     assert_eq!(info.mem_bytes, 8 << 20);
-    let missing = e.fails(&["create", "--kernel", "/nonexistent/Image"]);
+    let missing = e.fails(8, &["create", "--kernel", "/nonexistent/Image"]);
     assert!(
         missing.contains("cannot read /nonexistent/Image"),
         "{missing}"
@@ -268,7 +543,7 @@ fn pause_resume_reset_kill() {
     e.ok(&["reset", "2"]);
     assert_eq!(e.fake.list()[1].private_pages, 0);
     e.ok(&["kill", "2"]);
-    assert_eq!(e.fails(&["info", "2"]), "vmfork: no such VM: 2");
+    assert_eq!(e.fails(4, &["info", "2"]), "vmfork: no such VM: 2");
     assert_eq!(e.fake.list().len(), 1);
 }
 
@@ -320,11 +595,11 @@ fn dump_then_restore() {
     // A damaged file is refused locally with a clear message.
     let bad = dir.path().join("bad.snap");
     std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
-    let err = e.fails(&["restore", bad.to_str().unwrap()]);
+    let err = e.fails(7, &["restore", bad.to_str().unwrap()]);
     assert!(err.contains("not a valid vmfork snapshot"), "{err}");
     // A dump of a VM that does not exist leaves no file.
     let none = dir.path().join("none.snap");
-    e.fails(&["dump", "9", none.to_str().unwrap()]);
+    e.fails(4, &["dump", "9", none.to_str().unwrap()]);
     assert!(!none.exists());
 }
 
@@ -343,7 +618,7 @@ fn dump_refuses_to_replace_a_file_without_force() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("vm1.snap");
     std::fs::write(&f, b"the previous snapshot").unwrap();
-    let err = e.fails(&["dump", "1", f.to_str().unwrap()]);
+    let err = e.fails(8, &["dump", "1", f.to_str().unwrap()]);
     assert!(
         err.contains("already exists") && err.contains("--force"),
         "{err}"
@@ -368,13 +643,13 @@ fn a_dump_that_fails_half_way_leaves_the_previous_file_whole() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("vm1.snap");
     std::fs::write(&f, b"the previous snapshot").unwrap();
-    let err = e.fails(&["dump", "1", f.to_str().unwrap(), "--force"]);
+    let err = e.fails(1, &["dump", "1", f.to_str().unwrap(), "--force"]);
     assert!(err.contains("injected failure"), "{err}");
     assert_eq!(std::fs::read(&f).unwrap(), b"the previous snapshot");
     assert_eq!(others_in(dir.path(), &["vm1.snap"]), Vec::<String>::new());
     // With no previous file, none is left either.
     let g = dir.path().join("new.snap");
-    e.fails(&["dump", "1", g.to_str().unwrap()]);
+    e.fails(1, &["dump", "1", g.to_str().unwrap()]);
     assert!(!g.exists());
     assert_eq!(others_in(dir.path(), &["vm1.snap"]), Vec::<String>::new());
 }
@@ -523,9 +798,207 @@ fn second_client_while_a_console_is_attached() {
     assert_eq!(e.ok(&["fork", "1"]).trim(), "3");
     e.ok(&["kill", "2"]);
     let o = child.wait_with_output().unwrap();
-    assert_eq!(o.status.code(), Some(3));
+    assert_eq!(o.status.code(), Some(10));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("vm2 killed by the control channel"), "{err}");
     assert!(String::from_utf8_lossy(&o.stdout).contains("poked 2 pages"));
     drop(stdin);
+}
+
+/// Without --socket or VMFORK_SOCKET: the checkout's run/vmfork.sock from any directory inside
+/// it, else the per-user socket; VMFORK_SOCKET and --socket come first.
+#[test]
+fn the_socket_is_found_from_anywhere() {
+    let e = env();
+    let dir = tempfile::tempdir().unwrap();
+    let checkout = dir.path().join("checkout");
+    let deep = checkout.join("tools/vmfork/src");
+    std::fs::create_dir_all(&deep).unwrap();
+    std::fs::create_dir_all(checkout.join("run")).unwrap();
+    std::os::unix::fs::symlink(&e.sock, checkout.join("run/vmfork.sock")).unwrap();
+    let list =
+        |cwd: &std::path::Path, c: &mut Command| c.current_dir(cwd).arg("list").output().unwrap();
+    for cwd in [&checkout, &deep] {
+        let o = list(cwd, &mut bin());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("hello"));
+    }
+    // Outside the checkout: nothing found, and the message says where vmfork looked.
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let err = one_line_failure(list(&elsewhere, &mut bin()), 3);
+    assert!(err.contains("no monitor socket found"), "{err}");
+    assert!(
+        err.contains("run/vmfork.sock") && err.contains("elsewhere"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&no_runtime_dir().display().to_string()),
+        "{err}"
+    );
+    // The per-user socket, in a directory of ours alone.
+    let runtime = dir.path().join("xdg");
+    std::fs::create_dir_all(runtime.join("vmfork")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        runtime.join("vmfork"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(&e.sock, runtime.join("vmfork/vmfork.sock")).unwrap();
+    let o = list(&elsewhere, bin().env("XDG_RUNTIME_DIR", &runtime));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // VMFORK_SOCKET beats the checkout's socket, --socket beats VMFORK_SOCKET.
+    let missing = dir.path().join("missing.sock");
+    let o = list(&deep, bin().env("VMFORK_SOCKET", &missing));
+    assert!(one_line_failure(o, 3).contains("missing.sock"));
+    let o = list(
+        &elsewhere,
+        bin()
+            .env("VMFORK_SOCKET", &missing)
+            .arg("--socket")
+            .arg(&e.sock),
+    );
+    assert!(o.status.success());
+}
+
+/// Regression: connecting to QEMU's socket while `vmfork mux` held it waited 10 s and said only
+/// "did not answer in time".
+#[test]
+fn qemus_socket_held_by_the_mux_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let mux = dir.path().join("vmfork.sock");
+    let qemu = dir.path().join("vmfork.sock.qemu");
+    // QEMU busy with its one client: connections are queued, never served.
+    let _qemu = std::os::unix::net::UnixListener::bind(&qemu).unwrap();
+    let _mux = std::os::unix::net::UnixListener::bind(&mux).unwrap();
+    let o = bin()
+        .arg("--socket")
+        .arg(&qemu)
+        .arg("list")
+        .output()
+        .unwrap();
+    let err = one_line_failure(o, 3);
+    assert!(err.contains("vmfork mux"), "{err}");
+    assert!(
+        err.contains(&format!("--socket {}", mux.display())),
+        "{err}"
+    );
+}
+
+/// QEMU's socket is there but nothing serves the mux's: the mux has gone, see its log.
+#[test]
+fn a_missing_mux_is_named_with_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vmfork.sock");
+    let _qemu =
+        std::os::unix::net::UnixListener::bind(dir.path().join("vmfork.sock.qemu")).unwrap();
+    let o = bin()
+        .arg("--socket")
+        .arg(&sock)
+        .arg("list")
+        .output()
+        .unwrap();
+    let err = one_line_failure(o, 3);
+    assert!(
+        err.contains("`vmfork mux`") && !err.contains("log"),
+        "{err}"
+    );
+    std::fs::write(dir.path().join("vmfork.sock.log"), b"").unwrap();
+    let o = bin()
+        .arg("--socket")
+        .arg(&sock)
+        .arg("list")
+        .output()
+        .unwrap();
+    let err = one_line_failure(o, 3);
+    assert!(err.contains("vmfork.sock.log"), "{err}");
+}
+
+/// Checks `value` against `#/$defs/<def>` of docs/vmfork-json.schema.json.
+fn check_schema(def: &str, value: &serde_json::Value) -> Result<(), String> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/vmfork-json.schema.json"
+    );
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut schemas = boon::Schemas::new();
+    let mut compiler = boon::Compiler::new();
+    compiler
+        .add_resource("urn:vmfork:json-output", schema)
+        .unwrap();
+    let index = compiler
+        .compile(
+            &format!("urn:vmfork:json-output#/$defs/{def}"),
+            &mut schemas,
+        )
+        .unwrap_or_else(|e| panic!("{def}: {e:#}"));
+    schemas
+        .validate(value, index)
+        .map_err(|e| format!("{def}: {e}\n{value:#}"))
+}
+
+/// Every command's --json output, the errors included, has the shape docs/vmfork-json.schema.json
+/// gives it; and the schema does refuse what does not.
+#[test]
+fn json_output_matches_the_schema() {
+    let e = env();
+    let dir = tempfile::tempdir().unwrap();
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        serde_json::from_slice(&e.run(&a).stdout).unwrap()
+    };
+    let check = |def: &str, v: &serde_json::Value| check_schema(def, v).unwrap();
+    check("fork", &json(&["fork", "1", "--paused"]));
+    e.console("1", b"poke 3\n");
+    check("list", &json(&["list"]));
+    check("info", &json(&["info", "2"]));
+    check("stats", &json(&["stats"]));
+    check("stats", &json(&["stats", "1"]));
+    check("ok", &json(&["resume", "2"]));
+    check("ok", &json(&["reset", "2"]));
+    let diff = json(&["diff", "1", "2"]);
+    assert_eq!(diff["ranges"].as_array().unwrap().len(), 1);
+    check("diff", &diff);
+    let k = dir.path().join("Image");
+    std::fs::write(&k, vec![7u8; 10_000]).unwrap();
+    check(
+        "created",
+        &json(&["create", "--kernel", k.to_str().unwrap(), "--mem", "2M"]),
+    );
+    let f = dir.path().join("vm1.snap");
+    check("dump", &json(&["dump", "1", f.to_str().unwrap()]));
+    check("ok", &json(&["kill", "3"]));
+    check("created", &json(&["restore", f.to_str().unwrap()]));
+    for args in [
+        &["info", "99"][..],
+        &["reset", "1"],
+        &["fork"],
+        &["create", "--kernel", k.to_str().unwrap(), "--mem", "1G"],
+        &["dump", "1", f.to_str().unwrap()],
+    ] {
+        let v = json(args);
+        check("error", &v);
+        assert_eq!(
+            v["error"]["exit_code"],
+            e.run(args).status.code().unwrap(),
+            "{args:?}"
+        );
+    }
+    // A stopped VM's state (the fake makes none here), written by hand.
+    let mut vm = json(&["info", "1"]);
+    check("vm", &vm);
+    vm["state"] = serde_json::json!({"state": "stopped", "reason": {"fault": "ESR 0x96000045"}});
+    check("vm", &vm);
+    // What is not the shape is refused.
+    vm["state"] = serde_json::json!({"state": "paused", "reason": "bored"});
+    assert!(check_schema("vm", &vm).is_err());
+    let mut d = diff.clone();
+    d["ranges"][0].as_object_mut().unwrap().remove("ipa");
+    assert!(check_schema("diff", &d).is_err());
+    let mut extra = json(&["info", "1"]);
+    extra["surprise"] = 1.into();
+    assert!(check_schema("info", &extra).is_err());
 }

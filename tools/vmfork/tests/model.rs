@@ -87,6 +87,14 @@ proptest! {
                         expect_no_such(r, v);
                         continue;
                     };
+                    if matches!(op, Op::Reset(_)) && m.parent.is_none() {
+                        // Only forks have a fork point (as in the monitor).
+                        prop_assert!(
+                            matches!(&r, Err(ClientError::Monitor(ErrorReply::BadRequest(e))) if e.contains("not a fork")),
+                            "{:?}", r
+                        );
+                        continue;
+                    }
                     r.unwrap();
                     match op {
                         Op::Pause(_) => { m.paused.get_or_insert(PauseReason::Requested); }

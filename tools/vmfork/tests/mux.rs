@@ -12,8 +12,10 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use vmfork::fake::{FakeConfig, FakeMonitor};
-use vmfork::mux::{Dest, Mux, MuxEnd, MuxError, MuxOptions, Outgoing, Router, UPSTREAM_LOST};
-use vmfork::Client;
+use vmfork::mux::{
+    Dest, Mux, MuxEnd, MuxError, MuxLog, MuxOptions, Outgoing, Router, UPSTREAM_LOST,
+};
+use vmfork::{Client, ClientError};
 use vmfork_proto::frame::encode_frame;
 use vmfork_proto::msg::kind;
 use vmfork_proto::{Decoder, ErrorReply, Frame, Request, Response, VmId, PROTOCOL_VERSION};
@@ -28,9 +30,17 @@ struct Env {
 
 fn options(up: &Path, listen: &Path) -> MuxOptions {
     let mut o = MuxOptions::new(up, listen);
-    o.connect_wait = Duration::from_secs(5);
-    o.hello_wait = Duration::from_secs(10);
+    o.connect_wait = Some(Duration::from_secs(5));
+    o.hello_wait = Some(Duration::from_secs(10));
+    // Beside the listening socket, so the test output stays quiet.
+    o.log = MuxLog::file(&log_of(listen)).unwrap();
     o
+}
+
+fn log_of(listen: &Path) -> PathBuf {
+    let mut p = listen.as_os_str().to_owned();
+    p.push(".log");
+    PathBuf::from(p)
 }
 
 fn env() -> Env {
@@ -459,7 +469,7 @@ fn the_mux_waits_for_the_upstream_socket_to_appear() {
     mux.stop();
 
     let mut o = options(&dir.path().join("nothing.sock"), &listen);
-    o.connect_wait = Duration::from_millis(300);
+    o.connect_wait = Some(Duration::from_millis(300));
     let t = Instant::now();
     let err = Mux::start(&o).unwrap_err();
     assert!(matches!(err, MuxError::Connect { .. }), "{err}");
@@ -582,7 +592,7 @@ fn the_vmfork_binary_works_unchanged_through_the_mux_binary() {
         let out = String::from_utf8_lossy(&o.stdout);
         assert!(out.contains(want), "{out:?}");
     }
-    // QEMU exits: the mux says so and exits 1.
+    // QEMU exits: the mux says so and exits with the connection status.
     drop(fake);
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
@@ -592,7 +602,7 @@ fn the_vmfork_binary_works_unchanged_through_the_mux_binary() {
         assert!(Instant::now() < deadline, "the mux did not exit");
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert_eq!(status.code(), Some(1));
+    assert_eq!(status.code(), Some(3));
     let mut err = String::new();
     mux.0
         .stderr
@@ -1035,4 +1045,149 @@ fn upstream_loss_answers_every_waiting_request_once() {
             Response::Error(ErrorReply::Internal(UPSTREAM_LOST.into()))
         );
     }
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Regression: the mux gave up after 60 s and, until then, its socket did not exist, so
+/// `vmfork list` said to start QEMU. Now it listens at once, waits as long as it takes by
+/// default, and early clients are told what it waits for and where its log is.
+#[test]
+fn clients_before_the_monitor_are_told_what_the_mux_waits_for() {
+    assert_eq!(
+        MuxOptions::new(Path::new("a"), Path::new("b")).connect_wait,
+        None
+    );
+    assert_eq!(
+        MuxOptions::new(Path::new("a"), Path::new("b")).hello_wait,
+        None
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let up = dir.path().join("up.sock");
+    let listen = dir.path().join("mux.sock");
+    let mut o = options(&up, &listen);
+    o.connect_wait = None;
+    o.hello_wait = None;
+    o.hold_early_clients = Duration::from_millis(300);
+    let starting = std::thread::spawn(move || Mux::start(&o));
+    wait_until("the mux to listen", || UnixStream::connect(&listen).is_ok());
+    let log = log_of(&listen);
+    match Client::connect(&listen) {
+        Err(ClientError::NotReady(m)) => {
+            assert!(m.contains("the monitor has not answered yet"), "{m}");
+            assert!(m.contains("does not exist yet"), "{m}");
+            assert!(m.contains("keeps trying"), "{m}");
+            assert!(m.contains(&log.display().to_string()), "{m}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // QEMU's socket comes, with a monitor behind it: the mux serves.
+    let _fake = FakeMonitor::start(&up, FakeConfig::default()).unwrap();
+    let mux = starting.join().unwrap().unwrap();
+    assert_eq!(Client::connect(&listen).unwrap().list().unwrap().len(), 1);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("waiting: QEMU's socket"), "{text}");
+    assert!(text.contains("serving"), "{text}");
+    drop(mux);
+}
+
+/// A client that connects shortly before the monitor answers is held, then served normally
+/// (its Hello, sent while it waited, answered by the mux).
+#[test]
+fn an_early_client_is_held_until_the_monitor_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = dir.path().join("up.sock");
+    let listen = dir.path().join("mux.sock");
+    let mut o = options(&up, &listen);
+    o.connect_wait = None;
+    o.hold_early_clients = Duration::from_secs(8);
+    let starting = std::thread::spawn(move || Mux::start(&o));
+    wait_until("the mux to listen", || UnixStream::connect(&listen).is_ok());
+    let l2 = listen.clone();
+    let client = std::thread::spawn(move || Client::connect(&l2).and_then(|mut c| c.list()));
+    std::thread::sleep(Duration::from_millis(300));
+    let _fake = FakeMonitor::start(&up, FakeConfig::default()).unwrap();
+    let _mux = starting.join().unwrap().unwrap();
+    assert_eq!(client.join().unwrap().unwrap().len(), 1);
+}
+
+/// With a link path (`--user-socket`), the mux makes it lead to its socket while it serves, and
+/// removes it at the end; a link path something live serves already is left alone.
+#[test]
+fn the_per_user_link_is_made_and_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = dir.path().join("up.sock");
+    let listen = dir.path().join("mux.sock");
+    // As $XDG_RUNTIME_DIR: there; its vmfork/ directory is made by the mux.
+    std::fs::create_dir(dir.path().join("user")).unwrap();
+    let link = dir.path().join("user/vmfork/vmfork.sock");
+    let _fake = FakeMonitor::start(&up, FakeConfig::default()).unwrap();
+    let mut o = options(&up, &listen);
+    o.link = Some(link.clone());
+    let mux = Mux::start(&o).unwrap();
+    assert_eq!(std::fs::read_link(&link).unwrap(), listen);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(link.parent().unwrap())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700);
+    assert_eq!(Client::connect(&link).unwrap().list().unwrap().len(), 1);
+    mux.stop();
+    assert!(
+        std::fs::symlink_metadata(&link).is_err(),
+        "the link is removed"
+    );
+    // Someone else's live socket there stays.
+    let other = UnixListener::bind(&link).unwrap();
+    let mux = Mux::start(&o).unwrap();
+    assert!(std::fs::read_link(&link).is_err(), "not replaced");
+    mux.stop();
+    assert!(link.exists());
+    drop(other);
+}
+
+/// The mux binary with --log: its messages go to the file, and a client that comes while it
+/// waits is told, by status 3 and a message naming the log.
+#[test]
+fn the_mux_binary_logs_to_its_file_and_clients_are_sent_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = dir.path().join("up.sock");
+    let listen = dir.path().join("mux.sock");
+    let log = dir.path().join("mux.log");
+    let _mux = Reap(
+        bin()
+            .args(["mux", "--upstream"])
+            .arg(&up)
+            .arg("--listen")
+            .arg(&listen)
+            .arg("--log")
+            .arg(&log)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_socket(&listen);
+    let o = bin()
+        .arg("--socket")
+        .arg(&listen)
+        .arg("list")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("has not answered yet"), "{err}");
+    assert!(
+        err.contains(&format!("its log: {}", log.display())),
+        "{err}"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("starting: serving"), "{text}");
+    assert!(text.contains("does not exist yet"), "{text}");
 }

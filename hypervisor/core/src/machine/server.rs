@@ -740,16 +740,15 @@ impl<'a, H: Host> Server<'a, H> {
         vcpus: u32,
         cmdline: String,
     ) -> Response {
-        if mem == 0 || !mem.is_multiple_of(2 << 20) {
-            return Response::Error(ErrorReply::BadRequest(format!(
-                "memory {mem} bytes: must be a non-zero multiple of 2 MiB"
-            )));
+        // The guest limits boot configs and the tool check too (one set of rules).
+        if let Err(why) = crate::guest_spec::check_mem(mem) {
+            return Response::Error(ErrorReply::BadRequest(format!("memory {mem} bytes: {why}")));
         }
-        if vcpus == 0 || vcpus > layout::MAX_VCPUS {
-            return Response::Error(ErrorReply::BadRequest(format!(
-                "{vcpus} vCPUs: must be 1 to {}",
-                layout::MAX_VCPUS
-            )));
+        if let Err(why) = crate::guest_spec::check_cpus(vcpus) {
+            return Response::Error(ErrorReply::BadRequest(format!("{vcpus} vCPUs: {why}")));
+        }
+        if let Err(why) = crate::guest_spec::check_cmdline(&cmdline) {
+            return Response::Error(ErrorReply::BadRequest(format!("command line: {why}")));
         }
         let kernel = match self.take_upload(kernel, UploadPurpose::Kernel) {
             Ok(k) => k,
