@@ -11,10 +11,10 @@ use std::fmt::Write as _;
 
 use spin::Mutex;
 use vmfork_core::machine::fake::FakeHost;
-use vmfork_core::machine::server::Server;
+use vmfork_core::machine::fake::InProcess;
 use vmfork_core::machine::VmTable;
 use vmfork_proto::msg::{Request, Response, UploadPurpose, VmId, VmInfo};
-use vmfork_proto::{Decoder, CHUNK_SIZE, PROTOCOL_VERSION};
+use vmfork_proto::{CHUNK_SIZE, PROTOCOL_VERSION};
 use vmfork_tests::proto_client::ProtoClient;
 use vmfork_tests::{ControlSocket, Qemu, QemuConfig, DEFAULT_TIMEOUT};
 
@@ -30,43 +30,9 @@ impl Endpoint for ProtoClient {
 }
 
 /// The monitor's server, in this process, over fake memory.
-struct InProcess<'a> {
-    server: Server<'a, FakeHost>,
-    decoder: Decoder,
-    next_id: u32,
-}
-
 impl Endpoint for InProcess<'_> {
     fn call(&mut self, req: Request) -> Response {
-        let id = self.next_id;
-        self.next_id += 1;
-        let mut bytes = Vec::new();
-        req.encode_frame(id, &mut bytes).unwrap();
-        let mut out = Vec::new();
-        self.server.input(&bytes, &mut out);
-        loop {
-            self.server.pump(&mut out);
-            let _ = self.server.take_kicks();
-            if !self.server.backlog() {
-                break;
-            }
-            self.server.input(&[], &mut out);
-        }
-        let mut answers: Vec<Response> = self
-            .decoder
-            .push(&out)
-            .map(|f| f.unwrap())
-            .filter(|f| f.id == id)
-            .map(|f| Response::decode(f.kind, &f.payload).unwrap())
-            .filter(|r| {
-                !matches!(
-                    r,
-                    Response::ConsoleOutput { .. } | Response::ConsoleClosed { .. }
-                )
-            })
-            .collect();
-        assert_eq!(answers.len(), 1, "{req:?}: {answers:?}");
-        answers.pop().unwrap()
+        InProcess::call(self, req).unwrap()
     }
 }
 
@@ -319,11 +285,7 @@ fn script(ep: &mut dyn Endpoint) -> String {
 fn the_monitor_and_the_host_run_of_its_server_answer_the_same() {
     // The host run first: it needs no QEMU.
     let vms = Mutex::new(VmTable::new(FakeHost::new(64 * 1024)));
-    let mut here = InProcess {
-        server: Server::new(&vms, "host".into()),
-        decoder: Decoder::new(),
-        next_id: 1,
-    };
+    let mut here = InProcess::new(&vms);
     let host_log = script(&mut here);
 
     let socket = ControlSocket::new();

@@ -3,16 +3,13 @@
 //! it, and random request streams (hostile ones included) in which every request is answered
 //! exactly once and, once the VMs are killed, every frame is back.
 
-use std::collections::BTreeMap;
-
 use proptest::prelude::*;
 use spin::Mutex;
 use vmfork_core::machine::fake::FakeHost;
-use vmfork_core::machine::server::Server;
+use vmfork_core::machine::fake::InProcess;
 use vmfork_core::machine::VmTable;
 use vmfork_proto::{
-    Decoder, ErrorReply, Request, Response, UploadPurpose, VmId, VmState, CHUNK_SIZE,
-    PROTOCOL_VERSION,
+    ErrorReply, Request, Response, UploadPurpose, VmId, VmState, CHUNK_SIZE, PROTOCOL_VERSION,
 };
 
 const FRAMES: usize = 16 * 1024;
@@ -26,67 +23,38 @@ fn kernel() -> Vec<u8> {
     b
 }
 
-/// One client talking to one server, in process.
-struct Session<'a> {
-    server: Server<'a, FakeHost>,
-    decoder: Decoder,
-    next_id: u32,
-    /// Replies not looked at yet, by request id, in order.
-    replies: BTreeMap<u32, Vec<Response>>,
+/// One client talking to one server, in process (`machine::fake::InProcess`), with the
+/// uploads and creates the tests need.
+struct Session<'a>(InProcess<'a>);
+
+impl<'a> std::ops::Deref for Session<'a> {
+    type Target = InProcess<'a>;
+    fn deref(&self) -> &InProcess<'a> {
+        &self.0
+    }
+}
+
+impl<'a> std::ops::DerefMut for Session<'a> {
+    fn deref_mut(&mut self) -> &mut InProcess<'a> {
+        &mut self.0
+    }
 }
 
 impl<'a> Session<'a> {
     fn new(vms: &'a Mutex<VmTable<FakeHost>>) -> Self {
-        Self {
-            server: Server::new(vms, "fake".to_string()),
-            decoder: Decoder::new(),
-            next_id: 1,
-            replies: BTreeMap::new(),
-        }
+        Session(InProcess::new(vms))
     }
 
-    /// Feeds raw bytes and runs the server until it has nothing left to do.
     fn feed(&mut self, bytes: &[u8]) {
-        let mut out = Vec::new();
-        self.server.input(bytes, &mut out);
-        loop {
-            self.server.pump(&mut out);
-            let _ = self.server.take_kicks();
-            if !self.server.backlog() {
-                break;
-            }
-            self.server.input(&[], &mut out);
-        }
-        for f in self.decoder.push(&out) {
-            let f = f.expect("the server's frames decode");
-            assert_eq!(f.version, PROTOCOL_VERSION);
-            let r = Response::decode(f.kind, &f.payload).expect("the server's replies decode");
-            self.replies.entry(f.id).or_default().push(r);
-        }
+        self.0.feed(bytes).unwrap();
     }
 
-    /// Sends `req` and returns its id.
     fn send(&mut self, req: &Request) -> u32 {
-        let id = self.next_id;
-        self.next_id += 1;
-        let mut bytes = Vec::new();
-        req.encode_frame(id, &mut bytes).expect("a request encodes");
-        self.feed(&bytes);
-        id
+        self.0.send(req).unwrap()
     }
 
-    /// Sends `req` and returns its one answer.
     fn call(&mut self, req: Request) -> Response {
-        let id = self.send(&req);
-        let mut r = self.replies.remove(&id).unwrap_or_default();
-        r.retain(|x| {
-            !matches!(
-                x,
-                Response::ConsoleOutput { .. } | Response::ConsoleClosed { .. }
-            )
-        });
-        assert_eq!(r.len(), 1, "{req:?} answered {} times: {r:?}", r.len());
-        r.pop().unwrap()
+        self.0.call(req).unwrap()
     }
 
     fn upload(&mut self, purpose: UploadPurpose, data: &[u8]) -> u32 {
@@ -116,6 +84,21 @@ impl<'a> Session<'a> {
             vcpus: 1,
             cmdline: String::new(),
         })
+    }
+}
+
+/// What a guest's stores to its UART data register would print.
+fn guest_prints(vm: &mut vmfork_core::machine::Vm, text: &[u8]) {
+    use vmfork_core::mmio::{MmioAccess, MmioDevice};
+    for b in text {
+        let _ = vm.devices.uart.access(
+            0,
+            MmioAccess {
+                offset: 0,
+                size: 1,
+                write: Some(u64::from(*b)),
+            },
+        );
     }
 }
 
@@ -419,7 +402,6 @@ fn what_a_previous_client_waited_for_is_not_answered_to_the_next() {
 fn a_streamed_console_ends_with_the_last_output_and_why() {
     use vmfork_core::esr::Esr;
     use vmfork_core::machine::{handle_sync, Syndrome, VcpuState};
-    use vmfork_core::mmio::{MmioAccess, MmioDevice};
     let vms = Mutex::new(VmTable::new(FakeHost::new(FRAMES)));
     let mut s = Session::new(&vms);
     s.call(Request::Hello {
@@ -433,16 +415,7 @@ fn a_streamed_console_ends_with_the_last_output_and_why() {
         let t = &mut *guard;
         let vm = t.vms.get_mut(&1).unwrap();
         // The guest's last words, not yet read out by anyone...
-        for b in b"bye\n" {
-            let _ = vm.devices.uart.access(
-                0,
-                MmioAccess {
-                    offset: 0,
-                    size: 1,
-                    write: Some(u64::from(*b)),
-                },
-            );
-        }
+        guest_prints(vm, b"bye\n");
         // ...then PSCI SYSTEM_OFF through the exit path, and its vCPU comes back.
         let mut ctx = vm.vcpus[0].ctx.take().unwrap();
         vm.vcpus[0].state = VcpuState::Running(0);
@@ -489,7 +462,6 @@ fn a_streamed_console_ends_with_the_last_output_and_why() {
 #[test]
 fn an_attach_replays_the_scrollback_then_streams() {
     use vmfork_core::machine::vm::SCROLLBACK_BYTES;
-    use vmfork_core::mmio::{MmioAccess, MmioDevice};
     let vms = Mutex::new(VmTable::new(FakeHost::new(FRAMES)));
     let mut s = Session::new(&vms);
     s.call(Request::Hello {
@@ -501,16 +473,7 @@ fn an_attach_replays_the_scrollback_then_streams() {
         let mut guard = vms.lock();
         let t = &mut *guard;
         let vm = t.vms.get_mut(&1).unwrap();
-        for b in text {
-            let _ = vm.devices.uart.access(
-                0,
-                MmioAccess {
-                    offset: 0,
-                    size: 1,
-                    write: Some(u64::from(*b)),
-                },
-            );
-        }
+        guest_prints(vm, text);
         vm.drain_console(&t.host);
     };
     // 10 KiB of numbered lines: only the last 4 KiB are kept.
@@ -544,23 +507,13 @@ fn an_attach_replays_the_scrollback_then_streams() {
 /// not when the guest ends it (before: `vmfork-linux# ` showed only after Enter).
 #[test]
 fn an_unended_console_line_is_printed_after_a_while() {
-    use vmfork_core::mmio::{MmioAccess, MmioDevice};
     let vms = Mutex::new(VmTable::new(FakeHost::new(FRAMES)));
     let mut s = Session::new(&vms);
     assert_eq!(s.create(2 << 20), Response::Created { vm: VmId(1) });
     let mut guard = vms.lock();
     let t = &mut *guard;
     let vm = t.vms.get_mut(&1).unwrap();
-    for b in b"prompt# " {
-        let _ = vm.devices.uart.access(
-            0,
-            MmioAccess {
-                offset: 0,
-                size: 1,
-                write: Some(u64::from(*b)),
-            },
-        );
-    }
+    guest_prints(vm, b"prompt# ");
     vm.drain_console(&t.host);
     let since = vm.line_since;
     let printed = |t: &VmTable<FakeHost>| {

@@ -155,3 +155,86 @@ impl Host for FakeHost {
 
     fn vm_gone(&self, _: u32) {}
 }
+
+/// A client of the control-protocol server in the same process: requests are encoded as the
+/// wire carries them, the server runs until it has nothing left to do, and its frames are
+/// decoded again. For host tests of the server and the conformance test against QEMU.
+pub struct InProcess<'a> {
+    /// The server.
+    pub server: super::server::Server<'a, FakeHost>,
+    decoder: vmfork_proto::Decoder,
+    /// The id the next request gets.
+    pub next_id: u32,
+    /// Frames received and not taken yet, by request id, in order (replies and events).
+    pub replies: alloc::collections::BTreeMap<u32, alloc::vec::Vec<vmfork_proto::Response>>,
+}
+
+impl<'a> InProcess<'a> {
+    /// A new connection to a server over `vms`.
+    pub fn new(vms: &'a spin::Mutex<super::VmTable<FakeHost>>) -> Self {
+        Self {
+            server: super::server::Server::new(vms, String::from("fake")),
+            decoder: vmfork_proto::Decoder::new(),
+            next_id: 1,
+            replies: alloc::collections::BTreeMap::new(),
+        }
+    }
+
+    /// Feeds raw bytes (frames, garbage) and runs the server until it has nothing left to do;
+    /// what it sends is filed under `replies`. A frame the server sends that does not decode
+    /// is an error.
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let mut out = alloc::vec::Vec::new();
+        self.server.input(bytes, &mut out);
+        loop {
+            self.server.pump(&mut out);
+            let _ = self.server.take_kicks();
+            if !self.server.backlog() {
+                break;
+            }
+            self.server.input(&[], &mut out);
+        }
+        for f in self.decoder.push(&out) {
+            let f = f.map_err(|e| alloc::format!("a frame of the server: {e:?}"))?;
+            if f.version != vmfork_proto::PROTOCOL_VERSION {
+                return Err(alloc::format!("a frame of version {}", f.version));
+            }
+            let r = vmfork_proto::Response::decode(f.kind, &f.payload)
+                .map_err(|e| alloc::format!("a reply of the server: {e:?}"))?;
+            self.replies.entry(f.id).or_default().push(r);
+        }
+        Ok(())
+    }
+
+    /// Sends `req`; returns its id.
+    pub fn send(&mut self, req: &vmfork_proto::Request) -> Result<u32, String> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut bytes = alloc::vec::Vec::new();
+        req.encode_frame(id, &mut bytes)
+            .map_err(|e| alloc::format!("encoding {req:?}: {e:?}"))?;
+        self.feed(&bytes)?;
+        Ok(id)
+    }
+
+    /// Sends `req` and returns its answer, which must be exactly one (console events under
+    /// the same id are not answers).
+    pub fn call(&mut self, req: vmfork_proto::Request) -> Result<vmfork_proto::Response, String> {
+        use vmfork_proto::Response;
+        let id = self.send(&req)?;
+        let mut r = self.replies.remove(&id).unwrap_or_default();
+        r.retain(|x| {
+            !matches!(
+                x,
+                Response::ConsoleOutput { .. } | Response::ConsoleClosed { .. }
+            )
+        });
+        match (r.pop(), r.is_empty()) {
+            (Some(answer), true) => Ok(answer),
+            (answer, _) => Err(alloc::format!(
+                "{req:?} answered {} times: {r:?} {answer:?}",
+                r.len() + usize::from(answer.is_some())
+            )),
+        }
+    }
+}

@@ -60,55 +60,73 @@ macro_rules! sysreg_block {
     };
 }
 
-sysreg_block! {
-    /// A vCPU's EL1/EL0 system registers (names as in the ARM ARM, lower case).
-    El1Sysregs {
-    sctlr_el1 => "sctlr_el1",
-    actlr_el1 => "actlr_el1",
-    cpacr_el1 => "cpacr_el1",
-    ttbr0_el1 => "ttbr0_el1",
-    ttbr1_el1 => "ttbr1_el1",
-    tcr_el1 => "tcr_el1",
-    esr_el1 => "esr_el1",
-    afsr0_el1 => "afsr0_el1",
-    afsr1_el1 => "afsr1_el1",
-    far_el1 => "far_el1",
-    mair_el1 => "mair_el1",
-    amair_el1 => "amair_el1",
-    vbar_el1 => "vbar_el1",
-    contextidr_el1 => "contextidr_el1",
-    cntkctl_el1 => "cntkctl_el1",
-    par_el1 => "par_el1",
-    mdscr_el1 => "mdscr_el1",
-    csselr_el1 => "csselr_el1",
-    tpidr_el0 => "tpidr_el0",
-    tpidrro_el0 => "tpidrro_el0",
-    tpidr_el1 => "tpidr_el1",
-    sp_el0 => "sp_el0",
-    sp_el1 => "sp_el1",
-    elr_el1 => "elr_el1",
-    spsr_el1 => "spsr_el1",
-    cntv_ctl_el0 => "cntv_ctl_el0",
-    cntv_cval_el0 => "cntv_cval_el0",
-    }
+/// Calls the macro `$m` as `$m! { HEAD { field => "register", ... } }` with every EL1/EL0
+/// system register a vCPU owns: the one list the machine model's [`El1Sysregs`] and the arch
+/// layer's load/store code (`arch/sysregs.rs`) are both made from.
+#[macro_export]
+macro_rules! with_el1_sysregs {
+    ($m:ident { $($head:tt)* }) => {
+        $m! { $($head)* {
+            sctlr_el1 => "sctlr_el1",
+            actlr_el1 => "actlr_el1",
+            cpacr_el1 => "cpacr_el1",
+            ttbr0_el1 => "ttbr0_el1",
+            ttbr1_el1 => "ttbr1_el1",
+            tcr_el1 => "tcr_el1",
+            esr_el1 => "esr_el1",
+            afsr0_el1 => "afsr0_el1",
+            afsr1_el1 => "afsr1_el1",
+            far_el1 => "far_el1",
+            mair_el1 => "mair_el1",
+            amair_el1 => "amair_el1",
+            vbar_el1 => "vbar_el1",
+            contextidr_el1 => "contextidr_el1",
+            cntkctl_el1 => "cntkctl_el1",
+            par_el1 => "par_el1",
+            mdscr_el1 => "mdscr_el1",
+            csselr_el1 => "csselr_el1",
+            tpidr_el0 => "tpidr_el0",
+            tpidrro_el0 => "tpidrro_el0",
+            tpidr_el1 => "tpidr_el1",
+            sp_el0 => "sp_el0",
+            sp_el1 => "sp_el1",
+            elr_el1 => "elr_el1",
+            spsr_el1 => "spsr_el1",
+            cntv_ctl_el0 => "cntv_ctl_el0",
+            cntv_cval_el0 => "cntv_cval_el0",
+        } }
+    };
 }
 
-sysreg_block! {
+/// Calls `$m` with the pointer-authentication key registers, as [`with_el1_sysregs`] does.
+#[macro_export]
+macro_rules! with_pauth_keys {
+    ($m:ident { $($head:tt)* }) => {
+        $m! { $($head)* {
+            apiakeylo_el1 => "S3_0_C2_C1_0",
+            apiakeyhi_el1 => "S3_0_C2_C1_1",
+            apibkeylo_el1 => "S3_0_C2_C1_2",
+            apibkeyhi_el1 => "S3_0_C2_C1_3",
+            apdakeylo_el1 => "S3_0_C2_C2_0",
+            apdakeyhi_el1 => "S3_0_C2_C2_1",
+            apdbkeylo_el1 => "S3_0_C2_C2_2",
+            apdbkeyhi_el1 => "S3_0_C2_C2_3",
+            apgakeylo_el1 => "S3_0_C2_C3_0",
+            apgakeyhi_el1 => "S3_0_C2_C3_1",
+        } }
+    };
+}
+
+with_el1_sysregs!(sysreg_block {
+    /// A vCPU's EL1/EL0 system registers (names as in the ARM ARM, lower case).
+    El1Sysregs
+});
+
+with_pauth_keys!(sysreg_block {
     /// The pointer-authentication keys (FEAT_PAuth), switched only on CPUs that have them:
     /// on others the registers do not exist and touching them is UNDEFINED.
-    PauthKeys {
-    apiakeylo_el1 => "S3_0_C2_C1_0",
-    apiakeyhi_el1 => "S3_0_C2_C1_1",
-    apibkeylo_el1 => "S3_0_C2_C1_2",
-    apibkeyhi_el1 => "S3_0_C2_C1_3",
-    apdakeylo_el1 => "S3_0_C2_C2_0",
-    apdakeyhi_el1 => "S3_0_C2_C2_1",
-    apdbkeylo_el1 => "S3_0_C2_C2_2",
-    apdbkeyhi_el1 => "S3_0_C2_C2_3",
-    apgakeylo_el1 => "S3_0_C2_C3_0",
-    apgakeyhi_el1 => "S3_0_C2_C3_1",
-    }
-}
+    PauthKeys
+});
 
 impl El1Sysregs {
     /// The registers of a vCPU that has just been reset: MMU and caches off, as the Linux boot

@@ -38,60 +38,23 @@ macro_rules! sysreg_switch {
             )*
         }
 
-        // The model's names, in field order, are the registers switched here.
-        const _: () = assert!(same_names($ty::NAMES, &[$($reg),*]));
     };
 }
 
-sysreg_switch! {
+vmfork_core::with_el1_sysregs!(sysreg_switch {
     /// The EL1/EL0 system registers of a vCPU.
-    El1Sysregs, load_el1, store_el1 {
-    sctlr_el1 => "sctlr_el1",
-    actlr_el1 => "actlr_el1",
-    cpacr_el1 => "cpacr_el1",
-    ttbr0_el1 => "ttbr0_el1",
-    ttbr1_el1 => "ttbr1_el1",
-    tcr_el1 => "tcr_el1",
-    esr_el1 => "esr_el1",
-    afsr0_el1 => "afsr0_el1",
-    afsr1_el1 => "afsr1_el1",
-    far_el1 => "far_el1",
-    mair_el1 => "mair_el1",
-    amair_el1 => "amair_el1",
-    vbar_el1 => "vbar_el1",
-    contextidr_el1 => "contextidr_el1",
-    cntkctl_el1 => "cntkctl_el1",
-    par_el1 => "par_el1",
-    mdscr_el1 => "mdscr_el1",
-    csselr_el1 => "csselr_el1",
-    tpidr_el0 => "tpidr_el0",
-    tpidrro_el0 => "tpidrro_el0",
-    tpidr_el1 => "tpidr_el1",
-    sp_el0 => "sp_el0",
-    sp_el1 => "sp_el1",
-    elr_el1 => "elr_el1",
-    spsr_el1 => "spsr_el1",
-    cntv_ctl_el0 => "cntv_ctl_el0",
-    cntv_cval_el0 => "cntv_cval_el0",
-    }
-}
+    El1Sysregs,
+    load_el1,
+    store_el1
+});
 
-sysreg_switch! {
+vmfork_core::with_pauth_keys!(sysreg_switch {
     /// The pointer-authentication keys (FEAT_PAuth), switched only on CPUs that have them
     /// ([`has_pauth`]): on others the registers do not exist and touching them is UNDEFINED.
-    PauthKeys, load_pauth, store_pauth {
-    apiakeylo_el1 => "S3_0_C2_C1_0",
-    apiakeyhi_el1 => "S3_0_C2_C1_1",
-    apibkeylo_el1 => "S3_0_C2_C1_2",
-    apibkeyhi_el1 => "S3_0_C2_C1_3",
-    apdakeylo_el1 => "S3_0_C2_C2_0",
-    apdakeyhi_el1 => "S3_0_C2_C2_1",
-    apdbkeylo_el1 => "S3_0_C2_C2_2",
-    apdbkeyhi_el1 => "S3_0_C2_C2_3",
-    apgakeylo_el1 => "S3_0_C2_C3_0",
-    apgakeyhi_el1 => "S3_0_C2_C3_1",
-    }
-}
+    PauthKeys,
+    load_pauth,
+    store_pauth
+});
 
 /// True when the CPU implements pointer authentication (any of ID_AA64ISAR1_EL1.{APA, API,
 /// GPA, GPI} or ID_AA64ISAR2_EL1.{APA3, GPA3} non-zero), so the key registers exist.
