@@ -99,7 +99,7 @@ qemu-virt: ensure-qemu build
 	$(QEMU) $(QEMU_MACHINE) -smp $(SMP) -m $(MEM) -nographic -semihosting \
 	  -kernel $(MONITOR) $(if $(APPEND),-append "$(APPEND)") \
 	  -chardev socket,id=vmfork-ctl,path=$(SOCKET).qemu,server=on,wait=off \
-	  -device virtio-serial-device -device virtconsole,chardev=vmfork-ctl \
+	  -device virtio-serial-device -device virtserialport,chardev=vmfork-ctl,name=vmfork.ctl,nr=1 \
 	  $(GUEST_FWCFG) $$more $(QEMU_ARGS)
 
 test: ensure-qemu build test-host test-qemu

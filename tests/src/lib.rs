@@ -1164,8 +1164,9 @@ impl Drop for ControlSocket {
 }
 
 impl QemuConfig {
-    /// Adds the monitor's control channel: a virtio console on QEMU's virtio-mmio bus, backed by
-    /// a Unix socket server at `socket` that waits for nobody.
+    /// Adds the monitor's control channel: port 1 (`virtserialport`, named `vmfork.ctl`) of a
+    /// virtio console on QEMU's virtio-mmio bus, backed by a Unix socket server at `socket` that
+    /// waits for nobody.
     pub fn control(self, socket: &ControlSocket) -> Self {
         let chardev = format!(
             "socket,id=ctl,path={},server=on,wait=off",
@@ -1176,7 +1177,7 @@ impl QemuConfig {
             .arg("-device")
             .arg("virtio-serial-device")
             .arg("-device")
-            .arg("virtconsole,chardev=ctl")
+            .arg("virtserialport,chardev=ctl,name=vmfork.ctl,nr=1")
     }
 
     /// Adds guest `index` of the monitor: `image` (a guest-images name or a path) as its kernel

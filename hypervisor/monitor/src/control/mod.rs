@@ -1,12 +1,14 @@
 //! The control channel: how the host's `vmfork` tool talks to the monitor.
 //!
-//! This module owns the transport ([`virtio::ControlPort`], a virtio console wired by QEMU to a
-//! Unix socket) and the service that consumes its bytes. [`init`] probes for the device at boot;
-//! [`poll`] moves whatever has arrived through the service and is meant to be called
-//! periodically from the boot CPU's idle loop (interrupts come later).
+//! This module owns the transport ([`virtio::ControlPort`], port 1 of a virtio console: a
+//! `virtserialport` that QEMU wires to a Unix socket) and the service that consumes its bytes.
+//! [`init`] probes for the device at boot; [`poll`] moves whatever has arrived through the
+//! service and is meant to be called periodically from the boot CPU's idle loop (interrupts come
+//! later).
 //!
 //! Services, chosen with `control=` on the monitor's command line:
-//! - none (the default): bytes stay queued for the protocol handler, which is not wired yet;
+//! - `control=on` (the default): the control protocol (docs/PROTOCOL.md, [`server`]);
+//! - `control=off`: bytes stay queued (the device then stops taking them from the host);
 //! - `control=echo`: a debug service that sends every received byte straight back, and makes the
 //!   boot CPU serve the channel forever after `monitor: ready` ([`echo_forever`]).
 
@@ -40,11 +42,11 @@ struct Channel {
     port: ControlPort,
     service: Service,
     server: Server<'static, MonitorHost>,
+    /// Replies made and not yet taken by the device (it holds back while the client does not
+    /// read); sent before anything new is made.
     out: alloc::vec::Vec<u8>,
-    /// Pacing of what is sent (see [`SEND_RATE`]): bytes that may go now, and when that was
-    /// last brought up to date (counter ticks).
-    send_tokens: usize,
-    send_at: u64,
+    /// [`ControlPort::host_closes`] when `out` was last checked against it.
+    closes_seen: u32,
 }
 
 static CHANNEL: Mutex<Option<Channel>> = Mutex::new(None);
@@ -76,8 +78,7 @@ pub fn init(platform: &Platform, bootargs: &str) -> bool {
                     alloc::format!("vmfork-monitor {}", env!("CARGO_PKG_VERSION")),
                 ),
                 out: alloc::vec::Vec::new(),
-                send_tokens: SEND_BURST,
-                send_at: 0,
+                closes_seen: 0,
             });
             true
         }
@@ -99,6 +100,20 @@ pub fn poll() -> bool {
     match ch.service {
         Service::Idle => false,
         Service::Protocol => {
+            ch.port.poll_events();
+            if ch.port.host_closes() != ch.closes_seen {
+                // The client left: what it did not get is not for the next one. (QEMU drops
+                // what the device held for it when it left.)
+                ch.closes_seen = ch.port.host_closes();
+                if !ch.out.is_empty() {
+                    log::debug!(
+                        "control: client gone, {} bytes of replies dropped (connected now: {})",
+                        ch.out.len(),
+                        ch.port.host_connected()
+                    );
+                    ch.out.clear();
+                }
+            }
             let mut buf = [0u8; POLL_CHUNK];
             // While decoded requests still wait (their replies were over one step's budget),
             // nothing more is received: the host's bytes stay in the device and its socket
@@ -106,8 +121,7 @@ pub fn poll() -> bool {
             // Replies a previous step could not queue go out first, whole: until they have,
             // nothing new is made (a reply is never cut, the stream never loses a byte).
             if !ch.out.is_empty() {
-                // Briefly: a client that does not read must not keep this CPU from its guests.
-                flush(ch, RETRY_SEND_MS);
+                flush(ch);
                 return true;
             }
             let n = if ch.server.backlog() {
@@ -121,7 +135,7 @@ pub fn poll() -> bool {
             if ch.out.is_empty() {
                 return n > 0 || ch.server.backlog();
             }
-            flush(ch, SEND_MS);
+            flush(ch);
             true
         }
         Service::Echo => {
@@ -138,39 +152,23 @@ pub fn poll() -> bool {
     }
 }
 
-/// How long a step waits for the host to take fresh replies, and replies left over from a
-/// previous step.
-const SEND_MS: u64 = 1000;
-const RETRY_SEND_MS: u64 = 2;
-/// Bytes per microsecond sent at most, on average, and the largest burst. QEMU's virtconsole
-/// drops what its socket cannot take at once instead of holding it back (it behaves like a serial
-/// line), so the monitor paces what it sends to give the host's reader time: 8 MB/s, 64 KiB at
-/// once (a third of a Unix socket's default buffer).
-const SEND_RATE: u64 = 8;
-const SEND_BURST: usize = 64 * 1024;
+/// How long a step waits for the device to take replies. The port is throttled: while the
+/// client does not read, QEMU keeps the transmit buffers and a send times out with part of the
+/// bytes queued; nothing is lost, the rest waits in `Channel::out`. So the wait is short: a
+/// client that does not read must not keep this CPU from its guests.
+const SEND_MS: u64 = 2;
 
-/// Sends what `ch.out` holds (as much as the pacing allows now), waiting at most `timeout_ms`
-/// for the device. What is not sent (paced, or the device could not take it) stays in `ch.out`
-/// for the next step; a device error drops it.
-fn flush(ch: &mut Channel, timeout_ms: u64) {
-    let now = crate::arch::counter().0;
-    let elapsed = crate::arch::timer::micros_from_ticks(now.wrapping_sub(ch.send_at));
-    ch.send_at = now;
-    let refill = usize::try_from(elapsed.saturating_mul(SEND_RATE)).unwrap_or(usize::MAX);
-    ch.send_tokens = ch.send_tokens.saturating_add(refill).min(SEND_BURST);
-    let n = ch.out.len().min(ch.send_tokens);
-    if n == 0 {
-        return;
-    }
-    match ch.port.send_within(&ch.out[..n], timeout_ms) {
-        Ok(()) => {
-            ch.send_tokens -= n;
-            ch.out.drain(..n);
-        }
+/// Sends what `ch.out` holds, waiting at most [`SEND_MS`] for the device. What the device could
+/// not take yet stays in `ch.out` for the next step; a client that leaves, or a device error,
+/// drops it.
+fn flush(ch: &mut Channel) {
+    match ch.port.send_within(&ch.out, SEND_MS) {
+        Ok(()) => ch.out.clear(),
         Err(virtio::ControlError::Timeout { queued }) => {
-            ch.send_tokens = ch.send_tokens.saturating_sub(queued);
             ch.out.drain(..queued.min(ch.out.len()));
         }
+        // The replies were for the client that left (the next poll sees the leave too).
+        Err(virtio::ControlError::ClientGone) => ch.out.clear(),
         Err(e) => {
             log::warn!("control: sending {} bytes: {e}", ch.out.len());
             ch.out.clear();
