@@ -25,9 +25,9 @@ use vmfork_core::addr::{PhysAddr, PAGE_SIZE};
 
 use super::cache;
 
-/// Bytes one iteration of the fast loops moves: one `DC` per 64 bytes, four of them unrolled.
-const STEP: u64 = 256;
-const _: () = assert!(PAGE_SIZE % STEP == 0);
+// One iteration of the fast loops moves 256 bytes (one `DC` per 64 bytes, four unrolled): a
+// frame is a whole number of them.
+const _: () = assert!(PAGE_SIZE.is_multiple_of(256));
 
 /// Copies the 4 KiB frame at `src` to `dst` for a guest: the source's lines are cleaned and
 /// invalidated before they are read (a guest may have written them non-cacheably), the
@@ -39,7 +39,7 @@ const _: () = assert!(PAGE_SIZE % STEP == 0);
 /// `dst` and `src` are distinct, 4 KiB-aligned frames of RAM that the monitor's identity map
 /// covers, and nothing else writes `dst` while this runs.
 pub unsafe fn copy_for_guest(dst: PhysAddr, src: PhysAddr) {
-    debug_assert!(dst.0 % PAGE_SIZE == 0 && src.0 % PAGE_SIZE == 0 && dst != src);
+    debug_assert!(dst.0.is_multiple_of(PAGE_SIZE) && src.0.is_multiple_of(PAGE_SIZE) && dst != src);
     if cache::dcache_line() >= 64 {
         // SAFETY: the caller's contract: 4 KiB of identity-mapped RAM at each address, the two
         // distinct; the loop reads [src, src + 4 KiB) and writes [dst, dst + 4 KiB) only, and
@@ -139,7 +139,7 @@ pub unsafe fn copy_plain(dst: PhysAddr, src: PhysAddr) {
 /// `pa` is a 4 KiB-aligned frame of RAM that the monitor's identity map covers, and nothing
 /// else uses it while this runs.
 pub unsafe fn zero_for_guest(pa: PhysAddr) {
-    debug_assert!(pa.0 % PAGE_SIZE == 0);
+    debug_assert!(pa.0.is_multiple_of(PAGE_SIZE));
     let zva = cache::zva_block();
     if zva == Some(64) && cache::dcache_line() >= 64 {
         // SAFETY: the caller's contract; the loop zeroes and cleans [pa, pa + 4 KiB) only (each
