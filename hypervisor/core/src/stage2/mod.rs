@@ -72,7 +72,8 @@
 //! [`Stage2::reset`] normally costs O(dirty pages): every copy-on-write copy (and monitor write)
 //! made since the fork point is logged (table, index, old descriptor), and the reset puts those
 //! leaves back to the fork point's frames (read-only, COW; break-before-make and a flush of each
-//! IPA) and drops the private frames. The tables the VM copied since stay: apart from the logged
+//! IPA, or above `RESET_VMID_FLUSH_ABOVE` leaves all broken, one VMID-wide flush, all made) and
+//! drops the private frames. The tables the VM copied since stay: apart from the logged
 //! leaves they are equivalent to the fork point's (same frames, read-only/COW), and the fork
 //! point's own tables cannot change while it holds them. When the log is not valid (the VM was
 //! forked or snapshotted itself, so its tables are shared; or the log overflowed) the reset is
