@@ -1,6 +1,6 @@
 //! [`PhysMem`] over the monitor's identity map: a physical address is a pointer.
 
-use vmfork_core::addr::{PhysAddr, PAGE_SIZE};
+use vmfork_core::addr::PhysAddr;
 use vmfork_core::physmem::PhysMem;
 
 /// All RAM, identity mapped as Normal write-back memory by the monitor's stage 1.
@@ -21,28 +21,20 @@ impl PhysMem for IdentityMem {
     }
 
     fn zero_frame(&mut self, pa: PhysAddr) {
-        // SAFETY: `pa` is a whole frame the stage-2 code owns.
-        unsafe { core::ptr::write_bytes(pa.0 as *mut u8, 0, PAGE_SIZE as usize) }
-        // The zeroes were written through the monitor's cacheable map; a guest with its MMU
-        // off reads the frame non-cacheably, from memory: clean them to the PoC (and drop the
-        // lines), or it sees the frame's previous owner's data (arch::cache::clean_inval_to_poc,
-        // ARM ARM B2.16).
-        crate::arch::cache::clean_inval_to_poc(pa, PAGE_SIZE);
+        // The zeroes are cleaned and invalidated to the PoC as they are written: a guest with
+        // its MMU off reads the frame non-cacheably, from memory, and must not see the frame's
+        // previous owner's data (arch::frame, ARM ARM B2.16).
+        // SAFETY: `pa` is a whole frame of RAM the stage-2 code owns, identity mapped.
+        unsafe { crate::arch::frame::zero_for_guest(pa) }
     }
 
     fn copy_frame(&mut self, dst: PhysAddr, src: PhysAddr) {
-        // The source may have been written non-cacheably by a guest with its MMU off: make the
-        // copy read memory, not a stale line of the cacheable alias (ARM ARM B2.16).
-        crate::arch::cache::clean_inval_before_read(src, PAGE_SIZE);
-        // SAFETY: two distinct whole frames, both identity mapped RAM.
-        unsafe {
-            core::ptr::copy_nonoverlapping(src.0 as *const u8, dst.0 as *mut u8, PAGE_SIZE as usize)
-        }
-        // The copy reaches memory for a guest's non-cacheable reads: clean and invalidate to
-        // the PoC (as for zero_frame). Then, as it may hold guest code, make it visible to
-        // instruction fetch (the D-side clean is repeated there, harmless on clean lines).
-        crate::arch::cache::clean_inval_to_poc(dst, PAGE_SIZE);
-        crate::arch::cache::sync_for_guest_exec(dst, PAGE_SIZE);
+        // One pass: the source's lines cleaned and invalidated before they are read (a guest
+        // may have written them non-cacheably), the destination's after they are written (a
+        // guest may read them non-cacheably), then the instruction cache, as the frame may hold
+        // code (arch::frame, ARM ARM B2.16 and D7.5.9).
+        // SAFETY: two distinct whole frames of RAM the stage-2 code owns, identity mapped.
+        unsafe { crate::arch::frame::copy_for_guest(dst, src) }
     }
 
     fn read(&self, pa: PhysAddr, buf: &mut [u8]) {

@@ -342,9 +342,11 @@ pub fn table(
         ),
         (
             "copy_frame",
-            "4 KiB copy (copy_frame: memcpy + I-cache sync)",
+            "4 KiB copy (copy_frame: SIMD copy + D/I-cache maintenance)",
         ),
-        ("memcpy_4k", "4 KiB memcpy alone"),
+        ("copy_4k_simd", "4 KiB SIMD copy loop alone"),
+        ("memcpy_4k", "4 KiB memcpy alone (compiler_builtins)"),
+        ("zero_frame", "4 KiB zero (zero_frame: DC ZVA + clean)"),
         (
             "first_touch_l2_l3",
             "first touch after the fork (read: copies L2 + L3)",

@@ -72,7 +72,8 @@
 //! [`Stage2::reset`] normally costs O(dirty pages): every copy-on-write copy (and monitor write)
 //! made since the fork point is logged (table, index, old descriptor), and the reset puts those
 //! leaves back to the fork point's frames (read-only, COW; break-before-make and a flush of each
-//! IPA) and drops the private frames. The tables the VM copied since stay: apart from the logged
+//! IPA, or above `RESET_VMID_FLUSH_ABOVE` leaves all broken, one VMID-wide flush, all made) and
+//! drops the private frames. The tables the VM copied since stay: apart from the logged
 //! leaves they are equivalent to the fork point's (same frames, read-only/COW), and the fork
 //! point's own tables cannot change while it holds them. When the log is not valid (the VM was
 //! forked or snapshotted itself, so its tables are shared; or the log overflowed) the reset is
@@ -305,6 +306,15 @@ pub struct Stage2 {
 
 /// Longest dirty log kept; past it the next reset is a full one (which is then no slower).
 const DIRTY_LOG_LIMIT: usize = 1 << 16;
+
+/// A dirty-log reset of more leaves than this breaks them all, flushes the VMID once and then
+/// makes them, instead of a break-before-make with a TLBI by IPA for each (`reset_dirty`).
+/// Under QEMU one TLBI by IPA and one VMID-wide flush cost the same few instructions, so any
+/// threshold above 1 is as fast there; on hardware the VMID-wide flush also drops the VM's
+/// translations for pages it did not dirty, which it then walks again, so small resets keep
+/// flushing by IPA. 64 pages: the range past which Linux and KVM also stop issuing per-page
+/// TLBIs on arm64 is of this order (a few dozen to 512 entries).
+const RESET_VMID_FLUSH_ABOVE: usize = 64;
 
 impl Stage2 {
     /// Empty tables for VM `vmid`: one zeroed root.
@@ -654,8 +664,19 @@ impl Stage2 {
         cx: &mut MemCtx<'_, M, T>,
         fp: &ForkPoint,
     ) -> Result<(), Stage2Error> {
+        self.reset_above(cx, fp, RESET_VMID_FLUSH_ABOVE)
+    }
+
+    /// [`Stage2::reset`], with a dirty-log reset of more than `vmid_flush_above` leaves done
+    /// with one VMID-wide flush (tests vary the threshold to run both ways).
+    fn reset_above<M: PhysMem, T: TlbOps>(
+        &mut self,
+        cx: &mut MemCtx<'_, M, T>,
+        fp: &ForkPoint,
+        vmid_flush_above: usize,
+    ) -> Result<(), Stage2Error> {
         if self.dirty_base.as_ref() == Some(&fp.entries) {
-            self.reset_dirty(cx)?;
+            self.reset_dirty(cx, vmid_flush_above)?;
             self.mapped = fp.mapped;
             return Ok(());
         }
@@ -692,14 +713,18 @@ impl Stage2 {
     /// the leaves in the log they are equivalent to the fork point's: the same frames,
     /// read-only and COW, and the fork point's tables cannot change while it holds them); every
     /// leaf the log names gets its fork-point frame back, and its private frame is dropped.
-    /// Allocates nothing.
+    /// Allocates nothing. More than `vmid_flush_above` leaves: [`Stage2::reset_dirty_batched`].
     fn reset_dirty<M: PhysMem, T: TlbOps>(
         &mut self,
         cx: &mut MemCtx<'_, M, T>,
+        vmid_flush_above: usize,
     ) -> Result<(), Stage2Error> {
         let log = core::mem::take(&mut self.dirty);
         let mut w = Walk::new(cx, self.vmid, Intent::Read);
         w.plan = false;
+        if log.len() > vmid_flush_above {
+            return Self::reset_dirty_batched(&mut w, &log);
+        }
         for leaf in log.iter().rev() {
             let cur = w.cx.mem.read_desc(leaf.table, leaf.index);
             let desc::Desc::Page(private) = desc::decode(cur, 3) else {
@@ -722,6 +747,70 @@ impl Stage2 {
                 live: true,
             };
             w.set_desc(slot, cur, back);
+            w.cx.frames.put(private).map_err(Stage2Error::Frame)?;
+        }
+        w.finish()?;
+        Ok(())
+    }
+
+    /// The dirty-log reset as one batched break-before-make (ARM ARM D8.16.1): every logged leaf
+    /// is broken (made invalid, the flush deferred), then one VMID-wide flush completes all the
+    /// breaks, then every leaf is made (its fork-point entry written, a plain store onto an
+    /// invalid entry) and only then its private frame freed: no TLB can reach a freed frame.
+    /// One `flush_vmid` instead of a `flush_ipa` per leaf.
+    ///
+    /// A broken leaf keeps its private frame's address in the bits an invalid descriptor leaves
+    /// to software (hardware ignores bits 63:1 when bit 0 is clear, ARM ARM D8.3), so the make
+    /// knows what to free without a list (nothing is allocated); nothing else reads the tables
+    /// in between (this holds the VM's tables exclusively, and no walker uses invalid entries).
+    /// The break checks every leaf (a page now, a page at the fork point); if one is not, the
+    /// leaves broken so far get their entries back and nothing has changed but a VMID flush.
+    /// So a leaf logged twice is reported as corrupt: it cannot be, a leaf is logged when it
+    /// stops being shared and stays private until the log is dropped.
+    fn reset_dirty_batched<M: PhysMem, T: TlbOps>(
+        w: &mut Walk<'_, '_, M, T>,
+        log: &[walk::DirtyLeaf],
+    ) -> Result<(), Stage2Error> {
+        let slot = |leaf: &walk::DirtyLeaf| walk::Slot {
+            table: leaf.table,
+            index: leaf.index,
+            level: 3,
+            ipa: leaf.ipa,
+            live: true,
+        };
+        w.defer_leaf_flushes = true;
+        for (k, leaf) in log.iter().enumerate() {
+            let cur = w.cx.mem.read_desc(leaf.table, leaf.index);
+            let (desc::Desc::Page(_), desc::Desc::Page(_)) =
+                (desc::decode(cur, 3), desc::decode(leaf.original, 3))
+            else {
+                for done in &log[..k] {
+                    let parked = w.cx.mem.read_desc(done.table, done.index);
+                    w.set_desc(slot(done), parked, parked | desc::VALID); // as it was
+                }
+                w.defer_leaf_flushes = false;
+                return Err(Stage2Error::Corrupt(leaf.ipa));
+            };
+            w.set_desc(slot(leaf), cur, cur & !desc::VALID); // break, flush deferred
+        }
+        w.flush_pending();
+        w.defer_leaf_flushes = false;
+        for leaf in log {
+            let cur = w.cx.mem.read_desc(leaf.table, leaf.index);
+            let (desc::Desc::Other, desc::Desc::Page(private), desc::Desc::Page(original)) = (
+                desc::decode(cur, 3),
+                desc::decode(cur | desc::VALID, 3),
+                desc::decode(leaf.original, 3),
+            ) else {
+                return Err(Stage2Error::Corrupt(leaf.ipa));
+            };
+            w.cx.frames.get(original).map_err(Stage2Error::Frame)?;
+            let back = if desc::is_writable(leaf.original) {
+                desc::write_protect(leaf.original)
+            } else {
+                leaf.original
+            };
+            w.set_desc(slot(leaf), cur, back); // make
             w.cx.frames.put(private).map_err(Stage2Error::Frame)?;
         }
         w.finish()?;

@@ -468,6 +468,89 @@ fn reset_returns_to_fork_point_in_dirty_time() {
 }
 
 #[test]
+fn a_reset_of_many_dirty_pages_flushes_the_vmid_once() {
+    // Past RESET_VMID_FLUSH_ABOVE dirty leaves, the reset breaks them all, flushes the child's
+    // VMID once, then makes them: no TLBI by IPA, one flush_vmid, and that flush comes before
+    // any leaf is made valid again (every Sync, which precedes each make, follows it). At the
+    // threshold itself it still flushes page by page.
+    for (dirty, batched) in [
+        (RESET_VMID_FLUSH_ABOVE as u64, false),
+        (RESET_VMID_FLUSH_ABOVE as u64 + 1, true),
+        (700, true),
+    ] {
+        let mut h = Host::new(4096);
+        let mut p = vm(&mut h, 1, 1024);
+        for i in 0..dirty {
+            gwrite(&mut h, &mut p, RAM + i * 4096, 7_000 + i);
+        }
+        let (mut c, fp) = p.fork(&mut h.cx(), Vmid(2)).unwrap();
+        for i in 0..dirty {
+            gwrite(&mut h, &mut c, RAM + i * 4096, i);
+        }
+        h.tlb.events.clear();
+        let free_dirty = h.frames.free_frames();
+        c.reset(&mut h.cx(), &fp).unwrap();
+        let ev = &h.tlb.events;
+        let ipa_flushes = ev
+            .iter()
+            .filter(|e| matches!(e, TlbEvent::FlushIpa(..)))
+            .count();
+        let vmid_flushes: Vec<usize> = (0..ev.len())
+            .filter(|&i| ev[i] == TlbEvent::FlushVmid(Vmid(2)))
+            .collect();
+        if batched {
+            assert_eq!(ipa_flushes, 0, "{dirty} dirty pages: {ev:?}");
+            assert_eq!(vmid_flushes.len(), 1, "{dirty} dirty pages");
+            let syncs: Vec<usize> = (0..ev.len()).filter(|&i| ev[i] == TlbEvent::Sync).collect();
+            assert!(syncs.len() >= dirty as usize);
+            assert!(
+                syncs.iter().all(|&i| i > vmid_flushes[0]),
+                "made before the flush"
+            );
+        } else {
+            assert_eq!(ipa_flushes, dirty as usize);
+            assert!(vmid_flushes.is_empty());
+        }
+        // Every private frame is freed, and the child is back at the fork point.
+        assert_eq!(h.frames.free_frames() - free_dirty, dirty as usize);
+        for i in 0..dirty {
+            assert_eq!(peek(&h, &c, RAM + i * 4096), 7_000 + i);
+            assert_eq!(peek(&h, &p, RAM + i * 4096), 7_000 + i);
+        }
+        // The leaves are read-only COW again: a write copies once more, and the log is valid.
+        gwrite(&mut h, &mut c, RAM, 1);
+        assert_eq!(peek(&h, &p, RAM), 7_000);
+        c.reset(&mut h.cx(), &fp).unwrap();
+        assert_eq!(peek(&h, &c, RAM), 7_000);
+        fp.release(&mut h.cx()).unwrap();
+        c.destroy(&mut h.cx()).unwrap();
+        p.destroy(&mut h.cx()).unwrap();
+        assert_eq!(h.frames.used_frames(), 0);
+    }
+}
+
+#[test]
+fn a_batched_reset_of_a_corrupt_log_changes_nothing() {
+    // The batched reset checks each leaf as it breaks it: one that is not a page any more is
+    // reported, and the leaves broken before it get their entries back.
+    let mut h = Host::new(4096);
+    let mut p = vm(&mut h, 1, 1024);
+    let (mut c, fp) = p.fork(&mut h.cx(), Vmid(2)).unwrap();
+    for i in 0..100 {
+        gwrite(&mut h, &mut c, RAM + i * 4096, i);
+    }
+    let bad = c.dirty[70];
+    h.mem.write_desc(bad.table, bad.index, 0);
+    let before = state(&h);
+    assert_eq!(
+        c.reset(&mut h.cx(), &fp),
+        Err(Stage2Error::Corrupt(bad.ipa))
+    );
+    assert_unchanged(&h, &before);
+    assert_eq!(peek(&h, &c, RAM + 69 * 4096), 69);
+}
+
+#[test]
 fn a_fork_of_a_fork_falls_back_to_the_full_reset() {
     // Once the child is forked itself its tables are shared: its next reset cannot use the
     // dirty log and releases its whole private tree instead; the one after uses the log again.

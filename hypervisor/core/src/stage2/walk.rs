@@ -109,6 +109,9 @@ pub(super) struct Walk<'c, 'a, M: PhysMem, T: TlbOps> {
     pub pool: Vec<PhysAddr>,
     /// A live table entry went from valid to something else: flush the whole VMID at `finish`.
     pub pending_vmid_flush: bool,
+    /// Batched break-before-make: a live valid leaf losing validity defers its flush into
+    /// `pending_vmid_flush` instead of a `flush_ipa` each (see [`Walk::flush_pending`]).
+    pub defer_leaf_flushes: bool,
     pub stats: Stage2Stats,
     /// Commit: leaves this walk pointed at a new frame (the dirty log, see `Stage2::reset`).
     pub dirty: Vec<DirtyLeaf>,
@@ -134,6 +137,7 @@ impl<'c, 'a, M: PhysMem, T: TlbOps> Walk<'c, 'a, M, T> {
             need: 0,
             pool: Vec::new(),
             pending_vmid_flush: false,
+            defer_leaf_flushes: false,
             stats: Stage2Stats::default(),
             dirty: Vec::new(),
         }
@@ -161,6 +165,17 @@ impl<'c, 'a, M: PhysMem, T: TlbOps> Walk<'c, 'a, M, T> {
         Ok(leftover)
     }
 
+    /// Issues the deferred VMID-wide flush now, if one is pending: after it no TLB or walk
+    /// cache of this VMID holds any entry that was live before (ARM ARM D8.16.1: the "break"
+    /// of break-before-make is complete once the invalidation is), so the entries broken with
+    /// `defer_leaf_flushes` can be made with plain stores.
+    pub(super) fn flush_pending(&mut self) {
+        if self.pending_vmid_flush {
+            self.cx.tlb.flush_vmid(self.vmid);
+            self.pending_vmid_flush = false;
+        }
+    }
+
     fn take(&mut self) -> Result<PhysAddr, Stop> {
         self.pool.pop().ok_or(Stop::PoolEmpty)
     }
@@ -176,7 +191,10 @@ impl<'c, 'a, M: PhysMem, T: TlbOps> Walk<'c, 'a, M, T> {
     ///   new entry (make).
     /// * Live valid leaf losing validity or only changing permissions: store, then `flush_ipa`
     ///   (a stale entry would let the old permission or the old frame be used; relaxing a
-    ///   permission is flushed too so a stale read-only entry cannot fault forever).
+    ///   permission is flushed too so a stale read-only entry cannot fault forever). With
+    ///   `defer_leaf_flushes`, a leaf losing validity defers its flush into one VMID-wide flush
+    ///   (`flush_pending` or `finish`): the break of a batched break-before-make, whose makes
+    ///   come after that flush and see an invalid old entry.
     /// * Live valid table entry becoming invalid (a marker at fork, an empty or marker entry at
     ///   reset): store, then a VMID-wide flush (walk caches hold table entries, and every IPA
     ///   below changed), deferred to `finish` so a fork flushes once.
@@ -197,6 +215,9 @@ impl<'c, 'a, M: PhysMem, T: TlbOps> Walk<'c, 'a, M, T> {
                 tlb.flush_ipa(self.vmid, slot.ipa);
                 tlb.sync_tables();
                 mem.write_desc(slot.table, slot.index, new); // make
+            } else if self.defer_leaf_flushes && new & desc::VALID == 0 {
+                mem.write_desc(slot.table, slot.index, new);
+                self.pending_vmid_flush = true;
             } else {
                 mem.write_desc(slot.table, slot.index, new);
                 tlb.flush_ipa(self.vmid, slot.ipa);

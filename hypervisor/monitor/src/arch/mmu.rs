@@ -115,6 +115,9 @@ pub fn enable_on_this_cpu() {
             options(nostack),
         );
     }
+    // With the caches on: this CPU's cache geometry joins the system-wide view the cache
+    // maintenance steps by.
+    super::cache::note_this_cpu();
 }
 
 /// Discards any data-cache lines that cover `[start, end)`, so that data written there with the

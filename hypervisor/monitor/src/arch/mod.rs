@@ -5,6 +5,7 @@ pub mod boot;
 pub mod cache;
 pub mod entry;
 pub mod exception;
+pub mod frame;
 pub mod gic;
 pub mod idregs;
 pub mod mmu;
