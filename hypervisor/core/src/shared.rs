@@ -7,11 +7,27 @@
 //! memory instead of aborting, and there is no `DerefMut` that could copy behind the caller's
 //! back. Only the reference-count header of the new copy (a few words) is allocated infallibly;
 //! the monitor keeps a heap margin for such small allocations.
+//!
+//! Each `Shared` carries a [version](Shared::version): a number no other `Shared` ever had or
+//! will have, renewed whenever the value may change (every [`Shared::try_make_mut`]). Equal
+//! versions mean an unchanged value, so a caller can keep something it computed from the value
+//! (the scheduler keeps "this vCPU has no interrupt pending") and skip the work while the version
+//! stays the same.
 
 use alloc::collections::TryReserveError;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::ops::Deref;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+/// The next version to hand out. Starts at 1, so 0 is never a version (a cache can use it for
+/// "nothing known"). 2^64 versions cannot run out.
+static NEXT_VERSION: AtomicU64 = AtomicU64::new(1);
+
+fn new_version() -> u64 {
+    // Only uniqueness matters, not an order with other memory accesses.
+    NEXT_VERSION.fetch_add(1, Ordering::Relaxed)
+}
 
 /// A clone that reports running out of memory instead of aborting.
 pub trait TryClone: Sized {
@@ -30,18 +46,30 @@ impl<T: Clone> TryClone for Vec<T> {
 
 /// A value that clones share until one of them is changed. Reading goes through [`Deref`];
 /// writing through [`Shared::try_make_mut`], which copies a shared value first.
-#[derive(Debug, Default)]
-pub struct Shared<T: Clone>(Arc<T>);
+#[derive(Debug)]
+pub struct Shared<T: Clone> {
+    value: Arc<T>,
+    version: u64,
+}
 
 impl<T: Clone> Shared<T> {
     /// Wraps `value`.
     pub fn new(value: T) -> Self {
-        Self(Arc::new(value))
+        Self {
+            value: Arc::new(value),
+            version: new_version(),
+        }
     }
 
     /// True when another `Shared` holds the same value (no copy has been made yet).
     pub fn is_shared(&self) -> bool {
-        Arc::strong_count(&self.0) > 1
+        Arc::strong_count(&self.value) > 1
+    }
+
+    /// This `Shared`'s version (see the module docs): never 0, unique to it, renewed by every
+    /// [`Shared::try_make_mut`] that succeeds.
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     /// A copy of the value (fallibly), for a new, unshared `Shared`.
@@ -49,7 +77,7 @@ impl<T: Clone> Shared<T> {
     where
         T: TryClone,
     {
-        (*self.0).try_clone()
+        (*self.value).try_clone()
     }
 
     /// The value, to change: copied first (fallibly) if another `Shared` holds it too. On an
@@ -58,26 +86,37 @@ impl<T: Clone> Shared<T> {
     where
         T: TryClone,
     {
-        if Arc::get_mut(&mut self.0).is_none() {
-            let copy = (*self.0).try_clone()?;
-            self.0 = Arc::new(copy);
+        if Arc::get_mut(&mut self.value).is_none() {
+            let copy = (*self.value).try_clone()?;
+            self.value = Arc::new(copy);
         }
+        // The caller may change the value through what is returned.
+        self.version = new_version();
         // The Arc is unique now (no `Weak` is ever made), so this never clones.
-        Ok(Arc::make_mut(&mut self.0))
+        Ok(Arc::make_mut(&mut self.value))
     }
 }
 
 impl<T: Clone> Clone for Shared<T> {
     /// Shares the value: constant time, no copy.
     fn clone(&self) -> Self {
-        Self(Arc::clone(&self.0))
+        Self {
+            value: Arc::clone(&self.value),
+            version: new_version(),
+        }
+    }
+}
+
+impl<T: Clone + Default> Default for Shared<T> {
+    fn default() -> Self {
+        Self::new(T::default())
     }
 }
 
 impl<T: Clone> Deref for Shared<T> {
     type Target = T;
     fn deref(&self) -> &T {
-        &self.0
+        &self.value
     }
 }
 
@@ -99,6 +138,27 @@ mod tests {
         c.try_make_mut().unwrap()[0] = 9;
         assert_eq!(*b, [1, 2, 3]);
         assert_eq!(*c, [9, 2, 3]);
+    }
+
+    #[test]
+    fn versions_change_with_every_chance_of_a_write_and_only_then() {
+        let mut a = Shared::new(alloc::vec![1]);
+        let v0 = a.version();
+        assert_ne!(v0, 0);
+        assert_eq!(a.version(), v0, "reading keeps the version");
+        let _ = a.len();
+        assert_eq!(a.version(), v0);
+        let b = a.clone();
+        assert_ne!(b.version(), v0, "a clone is another Shared");
+        a.try_make_mut().unwrap();
+        let v1 = a.version();
+        assert_ne!(v1, v0, "a write may have happened");
+        assert_ne!(v1, b.version());
+        let c = Shared::new(alloc::vec![1]);
+        assert!(
+            ![v0, v1, b.version()].contains(&c.version()),
+            "never reused"
+        );
     }
 
     /// A value whose copy always runs out of memory.

@@ -403,10 +403,7 @@ pub(crate) fn run_vcpu(cpu: usize, id: u32, vcpu: usize, mut ctx: Box<VcpuCtx>) 
             Next::Resume if !slice_over => None,
             Next::Resume | Next::Yield | Next::Leave => Some(VcpuState::Runnable),
             Next::Wait => {
-                let pending = t
-                    .vms
-                    .get(&id)
-                    .is_some_and(|vm| vm.devices.vgic.has_pending(vcpu));
+                let pending = t.vms.get_mut(&id).is_some_and(|vm| vm.has_pending(vcpu));
                 Some(if pending {
                     VcpuState::Runnable
                 } else {

@@ -74,7 +74,7 @@ pub fn handle_sync<H: Host>(
             let is_wfe = esr.iss() & 1 == 1;
             if is_wfe {
                 Next::Yield
-            } else if vm.devices.vgic.has_pending(vcpu) {
+            } else if vm.has_pending(vcpu) {
                 Next::Resume
             } else {
                 Next::Wait
@@ -429,7 +429,7 @@ fn hypercall(vm: &mut Vm, vcpu: usize, ctx: &mut VcpuCtx, kicks: &mut Kicks) -> 
             // the instruction after the call, with the entry point unused. The vCPU waits as
             // in WFI: until an interrupt is pending for it (whatever PSTATE.{I,F} mask) or its
             // timer fires.
-            next = if vm.devices.vgic.has_pending(vcpu) {
+            next = if vm.has_pending(vcpu) {
                 Next::Resume
             } else {
                 Next::Wait

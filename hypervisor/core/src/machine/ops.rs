@@ -214,11 +214,7 @@ fn try_clone_vcpus<H: Host>(h: &H, vcpus: &[Vcpu]) -> Result<Vec<Vcpu>, HeapLow>
             Some(c) => Some(h.try_box(VcpuCtx::clone(c))?),
             None => None,
         };
-        out.push(Vcpu {
-            ctx,
-            state: v.state,
-            mpidr: v.mpidr,
-        });
+        out.push(Vcpu::new(ctx, v.state, v.mpidr));
     }
     Ok(out)
 }

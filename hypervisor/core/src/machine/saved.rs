@@ -285,16 +285,13 @@ pub fn restore<H: Host>(t: &mut VmTable<H>, bytes: &[u8]) -> Result<u32, String>
             t.vmids.free(vmid);
             return Err(String::from("out of memory: monitor heap low"));
         };
-        vcpus.push(Vcpu {
-            ctx: Some(ctx),
-            state: match v.state {
-                SavedVcpuState::Off => VcpuState::Off,
-                SavedVcpuState::Waiting => VcpuState::Waiting,
-                // `validate` refused `Running`.
-                SavedVcpuState::Runnable | SavedVcpuState::Running(_) => VcpuState::Runnable,
-            },
-            mpidr: v.mpidr,
-        });
+        let state = match v.state {
+            SavedVcpuState::Off => VcpuState::Off,
+            SavedVcpuState::Waiting => VcpuState::Waiting,
+            // `validate` refused `Running`.
+            SavedVcpuState::Runnable | SavedVcpuState::Running(_) => VcpuState::Runnable,
+        };
+        vcpus.push(Vcpu::new(Some(ctx), state, v.mpidr));
     }
     let SavedVm {
         vgic,

@@ -321,11 +321,7 @@ impl<H: Host> VmTable<H> {
             } else {
                 VcpuState::Off
             };
-            vcpus.push(Vcpu {
-                ctx: Some(ctx),
-                state,
-                mpidr: layout::vcpu_mpidr_affinity(i),
-            });
+            vcpus.push(Vcpu::new(Some(ctx), state, layout::vcpu_mpidr_affinity(i)));
         }
         self.next_id += 1;
         log::info!(
