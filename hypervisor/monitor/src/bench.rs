@@ -18,10 +18,13 @@
 //! * `reset`: `VmTable::reset_now` against the number of pages the child dirtied;
 //! * `density`: frames and heap used per idle child, 100 children of a 64 MiB guest;
 //! * `fuzz`: fork once, then reset and really run a small workload in the child, in a loop;
+//! * `idle`: the fuzzing loop's throughput with 0, 1,000 and 10,000 idle forks alive beside it
+//!   (waiting in WFI with nothing armed, as a fork bomb's children do), and what one scheduler
+//!   pick costs with nothing to run: whether idle VMs slow the ones that work;
 //! * `scale`: fork idle children until something runs out, and say what.
 //!
 //! Bench VMs are created paused from a tiny arm64 `Image` made here ([`workload_image`]); only
-//! the `fuzz` phase runs one (through `sched::run_vcpu`, on this CPU).
+//! the `fuzz` and `idle` phases run them (through `sched::run_vcpu`, on this CPU).
 
 use alloc::format;
 use alloc::string::String;
@@ -57,6 +60,9 @@ const DENSITY_MEM_MIB: u64 = 64;
 const FUZZ_DIRTY: [u16; 3] = [1, 16, 256];
 const FUZZ_CYCLES: usize = 101;
 const FUZZ_MEM_MIB: u64 = 64;
+/// Idle phase: idle forks alive beside the working VM, and timed cycles at each count.
+const IDLE_COUNTS: [usize; 3] = [0, 1000, 10_000];
+const IDLE_CYCLES: usize = 51;
 /// Scale phase: parent size, and the heap kept free so the monitor itself never runs out.
 const SCALE_MEM_MIB: u64 = 16;
 const SCALE_HEAP_MARGIN: usize = 4 << 20;
@@ -66,7 +72,7 @@ const WORKLOAD_BUF: u64 = layout::RAM_BASE + 16 * MIB;
 const WORKLOAD_WFI: u64 = 64 + 6 * 4;
 
 /// The phases `bench=` can name, in the order they run.
-const PHASES: [&str; 6] = ["fork", "cow", "reset", "density", "fuzz", "scale"];
+const PHASES: [&str; 7] = ["fork", "cow", "reset", "density", "fuzz", "idle", "scale"];
 
 /// Runs the phases `spec` names (`all` or a comma-separated list), prints one `bench: {json}`
 /// line per result, then stops QEMU (semihosting exit 0, or power off).
@@ -96,6 +102,7 @@ pub fn run(spec: &str) -> ! {
             "reset" => phase_reset(),
             "density" => phase_density(),
             "fuzz" => phase_fuzz(),
+            "idle" => phase_idle(),
             "scale" => phase_scale(),
             other => Err(format!(
                 "unknown phase {other}; known: all, {}",
@@ -777,13 +784,111 @@ fn phase_fuzz() -> Result<(), String> {
     Ok(())
 }
 
+/// The fuzzing loop (1 page written per run) beside 0, 1,000 and 10,000 idle forks: forks of a
+/// VM that ran to its final `wfi` and waits there, interrupts masked, no timer armed. Each count
+/// reports the loop's cycles per second and the median of one [`VmTable::pick`] that finds
+/// nothing to run (every vCPU waiting), which is what the idle VMs add to every pick.
+fn phase_idle() -> Result<(), String> {
+    let done_pc = layout::RAM_BASE + WORKLOAD_WFI;
+    let (parent, child, idler) = {
+        let mut t = VMS.lock();
+        let parent = create_vm(&mut t, FUZZ_MEM_MIB, 1, 1)?;
+        let child = fork_timed(&mut t, parent, true).map(|(c, _)| c);
+        let idler = fork_timed(&mut t, parent, true).map(|(c, _)| c);
+        match (child, idler) {
+            (Ok(c), Ok(i)) => (parent, c, i),
+            (c, i) => {
+                for id in [c.ok(), i.ok(), Some(parent)].into_iter().flatten() {
+                    t.destroy(id);
+                }
+                return Err(String::from("forking the idle phase's VMs failed"));
+            }
+        }
+    };
+    let mut idle: Vec<u32> = Vec::new();
+    let result = (|| -> Result<(), String> {
+        // Both run to their `wfi` and wait there: the idler is what every idle fork copies.
+        run_until(child, done_pc)?;
+        run_until(idler, done_pc)?;
+        for target in IDLE_COUNTS {
+            {
+                let mut t = VMS.lock();
+                while idle.len() < target {
+                    let n = (target - idle.len()).min(1000) as u32;
+                    let ids = t
+                        .fork_now(idler, n, false, None)
+                        .map_err(|e| format!("idle fork {} of vm{idler}: {e}", idle.len()))?;
+                    idle.extend(ids);
+                }
+                let waiting = |id: &u32| {
+                    t.vms.get(id).is_some_and(|vm| {
+                        vm.vcpus[0].state == vmfork_core::machine::VcpuState::Waiting
+                    })
+                };
+                if !idle.iter().all(waiting) {
+                    return Err(String::from("an idle fork is not waiting"));
+                }
+            }
+            // Every VM waits now: the child and the idler at their `wfi`, the forks as copies.
+            let mut picks = Vec::new();
+            for _ in 0..9 {
+                let mut t = VMS.lock();
+                let t0 = now();
+                let picked = t.pick(0, crate::arch::counter().0);
+                picks.push(now() - t0);
+                if let Some((id, vcpu, ctx)) = picked {
+                    let state = ctx.regs.pc;
+                    let _ = t.put_back(id, vcpu, ctx, vmfork_core::machine::VcpuState::Waiting);
+                    return Err(format!(
+                        "vm{id} was runnable beside the idle forks (pc {state:#x})"
+                    ));
+                }
+            }
+            let mut cycles = Vec::new();
+            let loop_start = now();
+            for _ in 0..IDLE_CYCLES {
+                let t0 = now();
+                VMS.lock()
+                    .reset_now(child)
+                    .map_err(|e| format!("reset of vm{child}: {e}"))?;
+                run_until(child, done_pc)?;
+                cycles.push(now() - t0);
+            }
+            let total = now() - loop_start;
+            let per_sec = (IDLE_CYCLES as u64 * 1_000_000_000).checked_div(ns(total));
+            Line::new("idle")
+                .u("idle_forks", idle.len() as u64)
+                .u("cycles_per_sec", per_sec.unwrap_or(0))
+                .u("pick_none_ns", summarize(&picks).median)
+                .sum(&summarize(&cycles))
+                .emit();
+        }
+        Ok(())
+    })();
+    let mut t = VMS.lock();
+    for id in idle {
+        t.destroy(id);
+    }
+    for id in [child, idler, parent] {
+        t.destroy(id);
+    }
+    result
+}
+
 /// Runs the (only running) bench child on this CPU until its vCPU 0 sits in the final `wfi`.
 fn run_until(child: u32, done_pc: u64) -> Result<(), String> {
     for _ in 0..10_000 {
         let picked = VMS.lock().pick(0, crate::arch::counter().0);
         let Some((id, vcpu, ctx)) = picked else {
+            let t = VMS.lock();
+            let v = t.vms.get(&child).map(|vm| {
+                (
+                    vm.vcpus[0].state,
+                    vm.vcpus[0].ctx.as_ref().map_or(0, |c| c.regs.pc),
+                )
+            });
             return Err(format!(
-                "vm{child}: no runnable vCPU before the workload ended"
+                "vm{child}: no runnable vCPU before the workload ended (vCPU 0 state, pc: {v:?})"
             ));
         };
         crate::sched::run_vcpu(0, id, vcpu, ctx);

@@ -30,7 +30,7 @@ struct Options {
     replot: Option<PathBuf>,
 }
 
-const USAGE: &str = "usage: vmfork-bench [--qemu BIN] [--monitor ELF] [--out DIR] [--phases all|fork,cow,reset,density,fuzz,scale]
+const USAGE: &str = "usage: vmfork-bench [--qemu BIN] [--monitor ELF] [--out DIR] [--phases all|fork,cow,reset,density,fuzz,idle,scale]
                     [--runs N] [--mem 4G] [--timeout-secs S] [--svg-copy PATH]
        vmfork-bench --replot results.json [--svg-copy PATH]   (table and plot again, no QEMU)";
 

@@ -56,6 +56,12 @@ pub fn progress(v: &Value) -> String {
             "fuzz, {} pages per run: {} cycles/s",
             v["dirty"], v["cycles_per_sec"]
         ),
+        "idle" => format!(
+            "idle: {} idle forks: {} cycles/s, pick {} us",
+            v["idle_forks"],
+            v["cycles_per_sec"],
+            m("pick_none_ns")
+        ),
         "scale" => format!(
             "scale: {} children, stopped by {}",
             v["children"], v["stopped_by"]
@@ -207,6 +213,22 @@ pub fn targets(lines: &[Value]) -> Vec<Target> {
             unit: "KiB",
             at_most: true,
         });
+    }
+    let idle = |n: u64| {
+        find(lines, "idle", &[("idle_forks", json!(n))]).and_then(|v| num(v, "cycles_per_sec"))
+    };
+    if let Some(base) = idle(0).filter(|&b| b > 0.0) {
+        for n in [1000, 10_000] {
+            if let Some(c) = idle(n) {
+                t.push(Target {
+                    name: format!("fuzz cycles/s with {n} idle forks / with none"),
+                    value: c / base,
+                    limit: 0.9,
+                    unit: "x",
+                    at_most: false,
+                });
+            }
+        }
     }
     t
 }
@@ -443,8 +465,30 @@ pub fn table(
         }
     }
 
+    if of(lines, "idle").next().is_some() {
+        let _ = writeln!(
+            w,
+            "\n6. Idle forks beside a working VM: the fuzzing loop (1 page), and a pick that finds nothing (us, emulated)"
+        );
+        let _ = writeln!(
+            w,
+            "  {:>12} {:>10} {:>12} {:>12}",
+            "idle forks", "cycle", "cycles/s", "empty pick"
+        );
+        for v in of(lines, "idle") {
+            let _ = writeln!(
+                w,
+                "  {:>12} {:>10} {:>12} {:>12}",
+                v["idle_forks"].to_string(),
+                us(num(v, "median_ns")),
+                v["cycles_per_sec"].to_string(),
+                us(num(v, "pick_none_ns"))
+            );
+        }
+    }
+
     if let Some(v) = of(lines, "scale").next() {
-        let _ = writeln!(w, "\n6. Scale: idle forks alive at once");
+        let _ = writeln!(w, "\n7. Scale: idle forks alive at once");
         let _ = writeln!(
             w,
             "  {} children of a {} MiB guest; stopped by: {} ({} frames used by them, {} MiB heap used, {} frames still free)",
@@ -517,6 +561,9 @@ mod tests {
             json!({"bench":"reset","dirty":0,"median_ns":1000}),
             json!({"bench":"reset","dirty":16,"median_ns":20000}),
             json!({"bench":"density","bytes_per_child":20480}),
+            json!({"bench":"idle","idle_forks":0,"cycles_per_sec":20000,"median_ns":50000,"pick_none_ns":300}),
+            json!({"bench":"idle","idle_forks":1000,"cycles_per_sec":19000,"median_ns":52000,"pick_none_ns":9000}),
+            json!({"bench":"idle","idle_forks":10000,"cycles_per_sec":10000,"median_ns":100000,"pick_none_ns":90000}),
             json!({"bench":"scale","mem_mib":16,"children":60023,"stopped_by":"heap",
                 "frames_used":60023,"frames_free":978296,"heap_used":271935648,
                 "fork_first100_median_ns":15376,"fork_last100_median_ns":16624,
@@ -550,6 +597,9 @@ mod tests {
         assert!((reset.limit - 21.0).abs() < 1e-9 && reset.met());
         assert!(t.iter().all(|x| x.name != "reset after 0 dirty pages"));
         assert!(!target(&t, "memory per idle child").met()); // 20 KiB > 16 KiB
+        let idle = target(&t, "fuzz cycles/s with 1000 idle forks / with none");
+        assert!((idle.value - 0.95).abs() < 1e-9 && idle.met());
+        assert!(!target(&t, "fuzz cycles/s with 10000 idle forks / with none").met());
     }
 
     #[test]
@@ -578,6 +628,7 @@ mod tests {
         assert!(s.contains("MISSED") && s.contains("met"));
         assert!(!s.contains("5. Fuzzing loop"), "no fuzz lines, no section");
         assert!(s.contains("60023 children of a 16 MiB guest; stopped by: heap"));
+        assert!(s.contains("6. Idle forks") && s.contains("90.00"), "{s}");
         assert!(s.contains("all forks 1.04 s, destroying all 0.77 s; destroy: 12.80 us"));
     }
 }

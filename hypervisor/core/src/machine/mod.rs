@@ -29,6 +29,7 @@ pub mod saved;
 pub mod server;
 pub mod table;
 pub mod vm;
+pub mod vmmap;
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -44,6 +45,7 @@ pub use ops::{ForkError, PendingOp, ResetPoint, VmStats};
 pub use regs::{El1Sysregs, GuestRegs, PauthKeys, VcpuCtx, PSTATE_EL1H_MASKED};
 pub use table::{CreateError, GuestSpec, VmTable, VmidAllocator};
 pub use vm::{MemoryWant, NewIdentity, PauseReason, StopReason, Vcpu, VcpuState, Vm, VmState};
+pub use vmmap::VmMap;
 
 /// Most console output kept for a control-channel client that streams a VM's console and has
 /// not read it yet; older bytes are dropped first.

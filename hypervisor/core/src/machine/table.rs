@@ -9,6 +9,7 @@ use alloc::vec::Vec;
 use super::devices::Devices;
 use super::ops::ForkError;
 use super::vm::{StopReason, Vcpu, VcpuState, Vm, VmState};
+use super::vmmap::VmMap;
 use super::{Host, Kicks, VcpuCtx};
 use crate::addr::{Ipa, PAGE_SIZE};
 use crate::cmdline::Limits;
@@ -131,9 +132,9 @@ impl core::fmt::Display for CreateError {
 pub struct VmTable<H: Host> {
     /// Memory, time, heap and log.
     pub host: H,
-    /// VMs by id. Boxed: a map node then holds 11 pointers, not 11 whole VMs, most of them
-    /// half empty when ids only grow (about 0.6 KiB per VM less).
-    pub vms: BTreeMap<u32, Box<Vm>>,
+    /// VMs by id, with the scheduler's active set ([`super::vmmap`]): changing a VM through
+    /// it (`get_mut`) is what lets the next pick see that VM.
+    pub vms: VmMap,
     /// Id the next VM gets.
     pub next_id: u32,
     /// Id the next internal fork (a dump's) gets: from [`super::ops::INTERNAL_ID_BASE`] up.
@@ -167,7 +168,7 @@ impl<H: Host> VmTable<H> {
     pub const fn new(host: H) -> Self {
         Self {
             host,
-            vms: BTreeMap::new(),
+            vms: VmMap::new(),
             next_id: 1,
             next_internal_id: super::ops::INTERNAL_ID_BASE,
             vmids: VmidAllocator::new(),
@@ -349,38 +350,43 @@ impl<H: Host> VmTable<H> {
     /// Picks a vCPU for physical CPU `cpu` to run at time `now`: wakes waiting vCPUs whose
     /// interrupt or timer is due, then takes the next runnable one after the round-robin
     /// cursor. Returns the VM id, vCPU index and its context, now marked as running on `cpu`.
+    ///
+    /// Only active VMs are looked at ([`super::vmmap`]): idle VMs whose timer is due become
+    /// active first, and an active VM found with nothing to run or wake is taken out, its
+    /// earliest timer deadline filed. A pick so costs what the active VMs cost, whatever the
+    /// number of idle ones.
     pub fn pick(&mut self, cpu: usize, now: u64) -> Option<(u32, usize, Box<VcpuCtx>)> {
-        let host = &self.host;
-        for vm in self.vms.values_mut() {
-            if !vm.schedulable() {
-                continue;
-            }
-            for i in 0..vm.vcpus.len() {
-                if vm.vcpus[i].state == VcpuState::Waiting {
-                    vm.wake_if_due(host, i, now);
-                }
-            }
-        }
-        // The first runnable vCPU after the cursor, going round once.
+        self.vms.activate_due(now);
+        self.settle_active(now);
+        // The first runnable vCPU after the cursor, going round once; only active VMs can
+        // have one.
         let cursor = self.cursor;
-        let after = self
-            .vms
-            .range(cursor.0..)
-            .flat_map(|(&id, vm)| (0..vm.vcpus.len()).map(move |i| (id, i, vm)))
-            .filter(|&(id, i, _)| (id, i) > cursor);
-        let before = self
-            .vms
-            .range(..=cursor.0)
-            .flat_map(|(&id, vm)| (0..vm.vcpus.len()).map(move |i| (id, i, vm)))
-            .filter(|&(id, i, _)| (id, i) <= cursor);
-        let (id, i) = after
-            .chain(before)
-            .find(|(_, i, vm)| {
-                vm.schedulable()
-                    && vm.vcpus[*i].state == VcpuState::Runnable
-                    && vm.vcpus[*i].ctx.is_some()
-            })
-            .map(|(id, i, _)| (id, i))?;
+        let found = {
+            let vms = &self.vms;
+            let runnable = |id: u32| {
+                let vm = vms.get(&id)?;
+                vm.schedulable().then_some(())?;
+                Some(
+                    (0..vm.vcpus.len())
+                        .filter(move |&i| {
+                            vm.vcpus[i].state == VcpuState::Runnable && vm.vcpus[i].ctx.is_some()
+                        })
+                        .map(move |i| (id, i)),
+                )
+            };
+            let after = vms
+                .active_range(cursor.0..)
+                .filter_map(runnable)
+                .flatten()
+                .filter(|&p| p > cursor);
+            let before = vms
+                .active_range(..=cursor.0)
+                .filter_map(runnable)
+                .flatten()
+                .filter(|&p| p <= cursor);
+            after.chain(before).next()
+        };
+        let (id, i) = found?;
         let vm = self.vms.get_mut(&id)?;
         let ctx = vm.vcpus[i].ctx.take()?;
         vm.vcpus[i].state = VcpuState::Running(cpu);
@@ -388,10 +394,53 @@ impl<H: Host> VmTable<H> {
         Some((id, i, ctx))
     }
 
+    /// Wakes the due waiting vCPUs of every active VM, and takes out of the active set each VM
+    /// with no vCPU runnable or on a CPU (or that cannot be scheduled), filing the earliest
+    /// timer deadline of its waiting vCPUs.
+    fn settle_active(&mut self, now: u64) {
+        let host = &self.host;
+        // Walked by id from the last one seen: the set changes as it is walked.
+        let mut next = self.vms.active_ids().next();
+        while let Some(id) = next {
+            next = self.vms.active_range(id + 1..).next();
+            let Some(vm) = self.vms.get_mut_inert(&id) else {
+                self.vms.deactivate(id, None);
+                continue;
+            };
+            if !vm.schedulable() {
+                // Paused, stopping, or a fork or reset waits: whatever changes that goes
+                // through `get_mut` and makes it active again. Its vCPUs on a CPU come back
+                // through `put_back`, which does too.
+                self.vms.deactivate(id, None);
+                continue;
+            }
+            for i in 0..vm.vcpus.len() {
+                if vm.vcpus[i].state == VcpuState::Waiting {
+                    vm.wake_if_due(host, i, now);
+                }
+            }
+            let busy = vm
+                .vcpus
+                .iter()
+                .any(|v| matches!(v.state, VcpuState::Runnable | VcpuState::Running(_)));
+            if !busy {
+                let deadline = vm
+                    .vcpus
+                    .iter()
+                    .filter(|v| v.state == VcpuState::Waiting)
+                    .filter_map(|v| vm.timer_deadline(v.ctx.as_ref()?, now))
+                    .min();
+                self.vms.deactivate(id, deadline);
+            }
+        }
+    }
+
     /// Earliest physical-counter time at which a waiting vCPU's virtual timer fires.
     pub fn next_timer_deadline(&self, now: u64) -> Option<u64> {
-        self.vms
-            .values()
+        let active = self
+            .vms
+            .active_ids()
+            .filter_map(|id| self.vms.get(&id))
             .filter(|vm| vm.schedulable())
             .flat_map(|vm| {
                 vm.vcpus.iter().filter_map(move |v| {
@@ -399,7 +448,11 @@ impl<H: Host> VmTable<H> {
                     (v.state == VcpuState::Waiting).then(|| vm.timer_deadline(ctx, now))?
                 })
             })
-            .min()
+            .min();
+        match (active, self.vms.first_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Hands a vCPU's context back after it ran, with its new state. Tears the VM down if it is
@@ -512,7 +565,8 @@ impl<H: Host> VmTable<H> {
     /// guest ends the line. What the guest prints next starts a line of its own.
     pub fn flush_stale_lines(&mut self, now: u64, max_age: u64) {
         let host = &self.host;
-        for vm in self.vms.values_mut() {
+        // Printing a line wakes no vCPU: the scheduler's active set stays as it is.
+        for vm in self.vms.values_mut_inert() {
             if !vm.line.is_empty() && now.wrapping_sub(vm.line_since) >= max_age {
                 vm.flush_console_line(host);
             }
@@ -530,8 +584,10 @@ impl<H: Host> VmTable<H> {
 
     /// True when some vCPU of a running VM is ready to run.
     pub fn has_runnable(&self) -> bool {
+        // Only an active VM can have one (`super::vmmap`).
         self.vms
-            .values()
+            .active_ids()
+            .filter_map(|id| self.vms.get(&id))
             .any(|vm| vm.schedulable() && vm.vcpus.iter().any(|v| v.state == VcpuState::Runnable))
     }
 }

@@ -224,6 +224,8 @@ pub struct Vm {
     pub scrollback: VecDeque<u8>,
     /// The monitor's own fork (a dump's): not listed.
     pub internal: bool,
+    /// In its table's active set ([`super::vmmap`]): kept by [`super::vmmap::VmMap`] only.
+    pub(super) active: bool,
 }
 
 impl Vm {
@@ -266,6 +268,7 @@ impl Vm {
             rx_pending: VecDeque::new(),
             scrollback: VecDeque::new(),
             internal: false,
+            active: false,
         }
     }
 
