@@ -214,7 +214,7 @@ fn data_abort_esr(write: bool, size_log2: u64, fault: u64) -> Esr {
 /// frame for the ID page): the vCPU does not run.
 fn enter(t: &mut VmTable<TestHost>, id: u32) -> bool {
     let h = &t.host;
-    let vm = t.vms.get_mut(&id).expect("a live VM");
+    let mut vm = t.vms.get_mut(&id).expect("a live VM");
     let ran = vm.schedulable() && vm.vgic_mut(h).is_some() && vm.apply_new_identity(h);
     if !ran {
         assert!(
@@ -235,9 +235,10 @@ fn enter(t: &mut VmTable<TestHost>, id: u32) -> bool {
 /// Runs one trapped access of vCPU 0 of `id` through the exit path, as the scheduler does:
 /// the context leaves the table, the exit is handled, the context goes back.
 fn trap(t: &mut VmTable<TestHost>, id: u32, esr: Esr, addr: u64, x1: u64) -> Next {
-    let vm = t.vms.get_mut(&id).expect("a live VM");
+    let mut vm = t.vms.get_mut(&id).expect("a live VM");
     let mut ctx = vm.vcpus[0].ctx.take().expect("vCPU 0 is not running");
     vm.vcpus[0].state = VcpuState::Running(0);
+    drop(vm);
     ctx.regs.x[1] = x1;
     let pc = ctx.regs.pc;
     let syn = Syndrome {
@@ -262,9 +263,10 @@ fn trap(t: &mut VmTable<TestHost>, id: u32, esr: Esr, addr: u64, x1: u64) -> Nex
 fn guest_store(t: &mut VmTable<TestHost>, id: u32, loc: Loc, value: u64) -> bool {
     for attempt in 0..2 {
         let a = ipa(loc);
-        let vm = &t.vms[&id];
+        let vm = t.vms.get(&id).unwrap();
         let s2 = vm.s2.as_ref().unwrap();
         let tr = t.host.with_mem(|cx| s2.translate(&*cx.mem, Ipa(a)));
+        drop(vm);
         let tr = tr.expect("RAM is mapped");
         // What the hardware does: a marker on the walk (an invalid descriptor) is a translation
         // fault, a read-only leaf a permission fault; only a walkable writable leaf stores.
@@ -278,7 +280,7 @@ fn guest_store(t: &mut VmTable<TestHost>, id: u32, loc: Loc, value: u64) -> bool
         let dfsc = if tr.hw_walkable { 0b00_1111 } else { 0b00_0101 };
         let next = trap(t, id, data_abort_esr(true, 3, dfsc), a, value);
         if next != Next::Resume {
-            let vm = &t.vms[&id];
+            let vm = t.vms.get(&id).unwrap();
             assert!(
                 matches!(
                     vm.state,
@@ -295,7 +297,8 @@ fn guest_store(t: &mut VmTable<TestHost>, id: u32, loc: Loc, value: u64) -> bool
 }
 
 fn read_word<H: Host>(t: &VmTable<H>, id: u32, loc: Loc) -> u64 {
-    let s2 = t.vms[&id].s2.as_ref().unwrap();
+    let vm = t.vms.get(&id).unwrap();
+    let s2 = vm.s2.as_ref().unwrap();
     let mut b = [0u8; 8];
     t.host
         .with_mem(|cx| s2.read_guest(&*cx.mem, Ipa(ipa(loc)), &mut b))
@@ -307,7 +310,7 @@ const GICD_ISENABLER1: u64 = 0x104;
 
 fn read_enabled(t: &VmTable<TestHost>, id: u32) -> u32 {
     // A copy, so that looking never copies the VM's shared vGIC.
-    let mut g = (*t.vms[&id].devices.vgic).clone();
+    let mut g = (*t.vms.get(&id).unwrap().devices.vgic).clone();
     match g.dist_access(
         0,
         MmioAccess {
@@ -322,7 +325,12 @@ fn read_enabled(t: &VmTable<TestHost>, id: u32) -> u32 {
 }
 
 fn x5(t: &VmTable<TestHost>, id: u32) -> u64 {
-    t.vms[&id].vcpus[0].ctx.as_ref().unwrap().regs.x[5]
+    t.vms.get(&id).unwrap().vcpus[0]
+        .ctx
+        .as_ref()
+        .unwrap()
+        .regs
+        .x[5]
 }
 
 fn observe(t: &VmTable<TestHost>, id: u32) -> MState {
@@ -430,7 +438,7 @@ impl World {
                     self.model.get_mut(&id).unwrap().paused = true;
                     return self.check();
                 }
-                let v = self.t.vms.get_mut(&id).unwrap();
+                let mut v = self.t.vms.get_mut(&id).unwrap();
                 v.vcpus[0].ctx.as_mut().unwrap().regs.x[5] = value;
                 self.model.get_mut(&id).unwrap().now.x5 = value;
             }
@@ -625,7 +633,7 @@ impl World {
                     id,
                     (
                         observe(&self.t, id),
-                        !matches!(self.t.vms[&id].state, VmState::Running),
+                        !matches!(self.t.vms.get(&id).unwrap().state, VmState::Running),
                     ),
                 )
             })
@@ -641,7 +649,7 @@ impl World {
         for (&id, m) in &self.model {
             let real = observe(&self.t, id);
             prop_assert_eq!(&real, &m.now, "vm{} differs from the model", id);
-            let vm = &self.t.vms[&id];
+            let vm = &self.t.vms.get(&id).unwrap();
             prop_assert_eq!(
                 vm.state != VmState::Running,
                 m.paused,
@@ -808,7 +816,8 @@ fn a_failed_fork_under_a_low_heap_changes_nothing_and_a_paused_vgic_write_resume
 fn a_waiting_vcpu_seen_quiet_still_wakes_for_a_new_interrupt() {
     fn raise(t: &mut VmTable<TestHost>, id: u32, intid: u32) {
         let h = &t.host;
-        let g = t.vms.get_mut(&id).unwrap().vgic_mut(h).expect("heap");
+        let mut vm = t.vms.get_mut(&id).unwrap();
+        let g = vm.vgic_mut(h).expect("heap");
         let write = |g: &mut vmfork_core::vgic::Vgic, off: u64, v: u64| {
             assert_eq!(
                 g.dist_access(0, MmioAccess::write(off, 4, v)),
@@ -836,11 +845,14 @@ fn a_waiting_vcpu_seen_quiet_still_wakes_for_a_new_interrupt() {
         .unwrap();
     wait(&mut t, id);
     assert!(t.pick(0, 0).is_none(), "nothing pending, no timer armed");
-    assert_eq!(
-        t.vms[&id].vcpus[0].quiet_at,
-        t.vms[&id].devices.vgic.version(),
-        "the no is kept"
-    );
+    {
+        let vm = t.vms.get(&id).unwrap();
+        assert_eq!(
+            vm.vcpus[0].quiet_at,
+            vm.devices.vgic.version(),
+            "the no is kept"
+        );
+    }
     assert!(t.pick(0, 0).is_none(), "and still holds");
     raise(&mut t, id, 40);
     let (got, vcpu, ctx) = t.pick(0, 0).expect("woken by the new SPI");
@@ -850,13 +862,18 @@ fn a_waiting_vcpu_seen_quiet_still_wakes_for_a_new_interrupt() {
     // the LR comes back empty (taken and deactivated).
     {
         let h = &t.host;
-        let g = t.vms.get_mut(&id).unwrap().vgic_mut(h).unwrap();
+        let mut vm = t.vms.get_mut(&id).unwrap();
+        let g = vm.vgic_mut(h).unwrap();
         let mut lrs = g.fill_lrs(0, 4).unwrap();
         assert_ne!(lrs.lrs[0], 0, "SPI 40 is listed");
         lrs.lrs[0] = 0;
         g.sync_from_lrs(0, &lrs).unwrap();
     }
-    assert_eq!(t.vms[&id].devices.vgic.pending_for(0), None, "taken");
+    assert_eq!(
+        t.vms.get(&id).unwrap().devices.vgic.pending_for(0),
+        None,
+        "taken"
+    );
     assert!(t.pick(0, 0).is_none(), "taken: quiet again");
     // A paused fork shares the quiet vGIC; resumed and waiting, it wakes for its own SPI.
     let (ticket, kicks) = t
@@ -871,7 +888,7 @@ fn a_waiting_vcpu_seen_quiet_still_wakes_for_a_new_interrupt() {
     assert!(kicks.cpus.is_empty());
     let child = t.take_result(ticket).expect("answered at once").unwrap()[0];
     assert_ne!(child, id);
-    assert!(t.vms[&child].devices.vgic.is_shared());
+    assert!(t.vms.get(&child).unwrap().devices.vgic.is_shared());
     t.vms.get_mut(&child).unwrap().state = VmState::Running;
     wait(&mut t, child);
     assert!(
@@ -884,5 +901,5 @@ fn a_waiting_vcpu_seen_quiet_still_wakes_for_a_new_interrupt() {
     let _ = t.put_back(child, 0, ctx, VcpuState::Waiting);
     let (got, _, _) = t.pick(0, 0).expect("SPI 41 is still pending");
     assert_eq!(got, child, "the parent's vGIC did not change");
-    assert_eq!(t.vms[&id].vcpus[0].state, VcpuState::Waiting);
+    assert_eq!(t.vms.get(&id).unwrap().vcpus[0].state, VcpuState::Waiting);
 }

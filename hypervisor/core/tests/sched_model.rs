@@ -160,7 +160,7 @@ impl World {
                 })
                 .expect("the VMs fit");
             let h = &t.host;
-            let vm = t.vms.get_mut(&id).unwrap();
+            let mut vm = t.vms.get_mut(&id).unwrap();
             enable_interrupts(vm.vgic_mut(h).unwrap(), cpus as usize);
             // vCPU 1 is powered on, waiting: it wakes for its timer only.
             if let Some(v) = vm.vcpus.get_mut(1) {
@@ -259,7 +259,7 @@ impl World {
         let Some((id, i, mut ctx)) = self.on_cpu[cpu].take() else {
             return;
         };
-        let cntvoff = self.t.vms[&id].cntvoff;
+        let cntvoff = self.t.vms.get(&id).unwrap().cntvoff;
         let m = &mut self.model.get_mut(&id).unwrap().vcpus[i];
         let state = match back {
             Back::Runnable | Back::Stay => {
@@ -318,7 +318,8 @@ impl World {
                     return Ok(());
                 }
                 let h = &self.t.host;
-                let g = self.t.vms.get_mut(&id).unwrap().vgic_mut(h).unwrap();
+                let mut vm = self.t.vms.get_mut(&id).unwrap();
+                let g = vm.vgic_mut(h).unwrap();
                 g.inject_edge(SPI, 0).unwrap();
                 self.model.get_mut(&id).unwrap().vcpus[0]
                     .pending
@@ -333,7 +334,8 @@ impl World {
                     return Ok(());
                 }
                 let h = &self.t.host;
-                let g = self.t.vms.get_mut(&id).unwrap().vgic_mut(h).unwrap();
+                let mut vm = self.t.vms.get_mut(&id).unwrap();
+                let g = vm.vgic_mut(h).unwrap();
                 // The vCPU acknowledges and deactivates everything listed for it.
                 let mut s = g.fill_lrs(vcpu, 4).unwrap();
                 s.lrs = [0; 16];
@@ -366,7 +368,7 @@ impl World {
         }
         prop_assert_eq!(self.t.has_runnable(), self.model_has_runnable());
         for (id, m) in &self.model {
-            let vm = &self.t.vms[id];
+            let vm = self.t.vms.get(id).unwrap();
             for (i, v) in m.vcpus.iter().enumerate() {
                 // A vCPU the table has not looked at yet may still show Waiting where the
                 // reference already woke it; both wake it at the same pick.

@@ -413,12 +413,13 @@ fn a_streamed_console_ends_with_the_last_output_and_why() {
     {
         let mut guard = vms.lock();
         let t = &mut *guard;
-        let vm = t.vms.get_mut(&1).unwrap();
+        let mut vm = t.vms.get_mut(&1).unwrap();
         // The guest's last words, not yet read out by anyone...
-        guest_prints(vm, b"bye\n");
+        guest_prints(&mut vm, b"bye\n");
         // ...then PSCI SYSTEM_OFF through the exit path, and its vCPU comes back.
         let mut ctx = vm.vcpus[0].ctx.take().unwrap();
         vm.vcpus[0].state = VcpuState::Running(0);
+        drop(vm);
         ctx.regs.x[0] = 0x8400_0008;
         let syn = Syndrome {
             esr: Esr((0x16 << 26) | (1 << 25)),
@@ -472,8 +473,8 @@ fn an_attach_replays_the_scrollback_then_streams() {
     let print = |text: &[u8]| {
         let mut guard = vms.lock();
         let t = &mut *guard;
-        let vm = t.vms.get_mut(&1).unwrap();
-        guest_prints(vm, text);
+        let mut vm = t.vms.get_mut(&1).unwrap();
+        guest_prints(&mut vm, text);
         vm.drain_console(&t.host);
     };
     // 10 KiB of numbered lines: only the last 4 KiB are kept.
@@ -482,7 +483,10 @@ fn an_attach_replays_the_scrollback_then_streams() {
         all.extend_from_slice(format!("line {i:04}\n").as_bytes());
     }
     print(&all);
-    assert_eq!(vms.lock().vms[&1].scrollback.len(), SCROLLBACK_BYTES);
+    assert_eq!(
+        vms.lock().vms.get(&1).unwrap().scrollback.len(),
+        SCROLLBACK_BYTES
+    );
     let attach = s.send(&Request::ConsoleAttach { vm: VmId(1) });
     print(b"after\n");
     s.call(Request::List);
@@ -512,10 +516,11 @@ fn an_unended_console_line_is_printed_after_a_while() {
     assert_eq!(s.create(2 << 20), Response::Created { vm: VmId(1) });
     let mut guard = vms.lock();
     let t = &mut *guard;
-    let vm = t.vms.get_mut(&1).unwrap();
-    guest_prints(vm, b"prompt# ");
+    let mut vm = t.vms.get_mut(&1).unwrap();
+    guest_prints(&mut vm, b"prompt# ");
     vm.drain_console(&t.host);
     let since = vm.line_since;
+    drop(vm);
     let printed = |t: &VmTable<FakeHost>| {
         t.host
             .console
@@ -527,5 +532,5 @@ fn an_unended_console_line_is_printed_after_a_while() {
     assert!(!printed(t), "too young to print");
     t.flush_stale_lines(since + 1000, 1000);
     assert!(printed(t), "printed once old enough");
-    assert!(t.vms[&1].line.is_empty());
+    assert!(t.vms.get(&1).unwrap().line.is_empty());
 }

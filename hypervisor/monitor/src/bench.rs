@@ -255,7 +255,7 @@ fn create_vm(t: &mut VmTable, mem_mib: u64, cpus: u32, dirty: u16) -> Result<u32
     let id = t
         .create(&spec)
         .map_err(|e| format!("creating a {mem_mib} MiB guest: {e}"))?;
-    if let Some(vm) = t.vms.get_mut(&id) {
+    if let Some(mut vm) = t.vms.get_mut(&id) {
         vm.state = VmState::Paused(vmfork_core::machine::PauseReason::Requested);
     }
     Ok(id)
@@ -263,10 +263,13 @@ fn create_vm(t: &mut VmTable, mem_mib: u64, cpus: u32, dirty: u16) -> Result<u32
 
 /// Services a stage-2 fault of VM `id` at `ipa`; returns the ticks `handle_fault` took.
 fn fault(t: &mut VmTable, id: u32, ipa: u64, write: bool) -> Result<u64, String> {
-    let s2 = t
+    let mut vm = t
         .vms
         .get_mut(&id)
-        .and_then(|vm| vm.s2.as_mut())
+        .ok_or_else(|| format!("vm{id} has no tables"))?;
+    let s2 = vm
+        .s2
+        .as_mut()
         .ok_or_else(|| format!("vm{id} has no tables"))?;
     let (r, ticks) = with_mem(|cx| {
         let t0 = now();
@@ -442,8 +445,7 @@ fn phase_fork() -> Result<(), String> {
                 let root = t
                     .vms
                     .get(&parent)
-                    .and_then(|vm| vm.s2.as_ref())
-                    .map(|s| s.root())
+                    .and_then(|vm| vm.s2.as_ref().map(|s| s.root()))
                     .ok_or("parent has no tables")?;
                 let mut samples = Vec::new();
                 let mut pages = 0;
@@ -480,11 +482,8 @@ fn fork_parts(t: &mut VmTable, parent: u32, mem: u64) -> Result<(), String> {
     for _ in 0..FORK_REPS {
         touch_parent(t, parent)?;
         let vmid = t.vmids.alloc().ok_or("no VMID left")?;
-        let s2 = t
-            .vms
-            .get_mut(&parent)
-            .and_then(|vm| vm.s2.as_mut())
-            .ok_or("parent has no tables")?;
+        let mut vm = t.vms.get_mut(&parent).ok_or("parent has no tables")?;
+        let s2 = vm.s2.as_mut().ok_or("parent has no tables")?;
         let r = with_mem(|cx| -> Result<(), Stage2Error> {
             let t0 = now();
             let (mut child, fp) = s2.fork(cx, vmid)?;
@@ -630,7 +629,8 @@ fn phase_reset() -> Result<(), String> {
                     for p in 0..dirty {
                         fault(&mut t, child, WORKLOAD_BUF + p * PAGE_SIZE, true)?;
                     }
-                    let vm = t.vms.get_mut(&child).ok_or("child vanished")?;
+                    let mut guard = t.vms.get_mut(&child).ok_or("child vanished")?;
+                    let vm = &mut *guard;
                     let (Some(s2), Some(snap)) = (vm.s2.as_mut(), vm.reset_point.as_ref()) else {
                         return Err(String::from("child has no tables or fork point"));
                     };
@@ -689,7 +689,8 @@ fn phase_density() -> Result<(), String> {
     let heap_per_child = heap1.saturating_sub(heap0) / n;
     // What one child's tables hold (census of the first child).
     let census = children.first().and_then(|c| {
-        let s2 = t.vms.get(c)?.s2.as_ref()?;
+        let vm = t.vms.get(c)?;
+        let s2 = vm.s2.as_ref()?;
         let frames = crate::mem::FRAMES.lock();
         Some(s2.usage(frames.as_ref()?, &crate::physmem::IdentityMem))
     });
@@ -878,8 +879,8 @@ fn phase_idle() -> Result<(), String> {
 /// Runs the (only running) bench child on this CPU until its vCPU 0 sits in the final `wfi`.
 fn run_until(child: u32, done_pc: u64) -> Result<(), String> {
     for _ in 0..10_000 {
-        let picked = VMS.lock().pick(0, crate::arch::counter().0);
-        let Some((id, vcpu, ctx)) = picked else {
+        let picked = VMS.lock().pick_to_run(0, crate::arch::counter().0);
+        let Some(picked) = picked else {
             let t = VMS.lock();
             let v = t.vms.get(&child).map(|vm| {
                 (
@@ -891,7 +892,7 @@ fn run_until(child: u32, done_pc: u64) -> Result<(), String> {
                 "vm{child}: no runnable vCPU before the workload ended (vCPU 0 state, pc: {v:?})"
             ));
         };
-        crate::sched::run_vcpu(0, id, vcpu, ctx);
+        crate::sched::run_vcpu(0, picked);
         let t = VMS.lock();
         let vm = t
             .vms

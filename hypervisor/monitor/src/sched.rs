@@ -2,7 +2,6 @@
 //! physical timer ends the slice), handle its exits, and go round again. An idle CPU waits for an
 //! interrupt with the timer armed for the earliest virtual-timer deadline of a waiting vCPU.
 
-use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,7 +17,8 @@ use crate::arch::gic;
 use crate::arch::sysregs::{load_el1, load_pauth, store_el1, store_pauth};
 use crate::arch::timer;
 use crate::arch::vcpu::{enter_guest, GuestExit};
-use crate::vm::{self, Next, Syndrome, VcpuCtx, VcpuState, VMS};
+use crate::vm::{self, MonitorHost, Next, Syndrome, VcpuState, VMS};
+use vmfork_core::machine::{handle_sync_vm, Handled, Kicks, Picked, StopReason};
 
 /// Length of a time slice in microseconds.
 const SLICE_MICROS: u64 = 4_000;
@@ -166,7 +166,7 @@ fn deliver_console_input() {
             if b == FOCUS_KEY {
                 let next = t
                     .focus
-                    .and_then(|f| t.vms.range(f + 1..).next().map(|(&id, _)| id))
+                    .and_then(|f| t.vms.ids_in(f + 1..).next())
                     .or_else(|| t.vms.keys().next().copied());
                 t.focus = next;
                 match next {
@@ -176,7 +176,7 @@ fn deliver_console_input() {
                 continue;
             }
             let Some(id) = t.focus else { continue };
-            if let Some(vm) = t.vms.get_mut(&id) {
+            if let Some(mut vm) = t.vms.get_mut(&id) {
                 if let Some(v) = vm.type_input(&t.host, &[b]) {
                     vm.kick_vcpu(v, &mut kicks);
                 }
@@ -213,9 +213,9 @@ pub fn run(cpu: usize) -> ! {
             flush_stale_console_lines();
             channel_busy = crate::control::poll();
         }
-        let picked = VMS.lock().pick(cpu, timer::now());
+        let picked = VMS.lock().pick_to_run(cpu, timer::now());
         match picked {
-            Some((id, vcpu, ctx)) => run_vcpu(cpu, id, vcpu, ctx),
+            Some(p) => run_vcpu(cpu, p),
             None if channel_busy => {}
             None => idle(cpu),
         }
@@ -281,46 +281,52 @@ fn store_cpuif(s: &mut CpuIfState) {
     gic::write_ich_hcr(0);
 }
 
-pub(crate) fn run_vcpu(cpu: usize, id: u32, vcpu: usize, mut ctx: Box<VcpuCtx>) {
+/// Runs vCPU `p.vcpu` of VM `p.id` on physical CPU `cpu` until it leaves the CPU (its slice
+/// ends, it waits, its VM stops or pauses). Its exits are handled under its VM's lock alone
+/// ([`vmfork_core::machine::vmmap`]): the table lock is taken only when the vCPU goes back or
+/// the VM must stop, so exits of different VMs on different CPUs never wait on one another.
+pub(crate) fn run_vcpu(cpu: usize, p: Picked) {
+    let Picked {
+        id,
+        vcpu,
+        mut ctx,
+        vm: handle,
+    } = p;
+    let h = &MonitorHost;
     let slice_end = timer::now() + timer::ticks_from_micros(SLICE_MICROS);
     SLICE_OVER[cpu].store(false, Ordering::SeqCst);
     let pauth = PAUTH.load(Ordering::Relaxed);
     let nr_lrs = NR_LRS.load(Ordering::Relaxed) as usize;
     loop {
-        // Prepare under the lock: deliver a due virtual-timer interrupt, fill the list registers.
+        // Prepare under the VM's lock: deliver a due virtual-timer interrupt, fill the list
+        // registers.
         let setup = {
-            let mut guard = VMS.lock();
-            let t = &mut *guard;
-            let h = &t.host;
+            let mut guard = handle.lock();
+            let vm = &mut *guard;
             // A vCPU only runs with its VM's own vGIC (the copy of a shared one is made here,
             // before anything else, so no exit of a running vCPU ever copies it); with no heap
             // for the copy the VM pauses instead.
             // Then a new vmgenid ID is shown (page, then interrupt) before the vCPU runs.
-            let vm = t
-                .vms
-                .get_mut(&id)
-                .filter(|vm| vm.schedulable())
-                .and_then(|vm| vm.vgic_mut(h).is_some().then_some(vm))
-                .and_then(|vm| vm.apply_new_identity(h).then_some(vm));
-            match vm {
-                Some(vm) => {
-                    vm.check_vtimer(h, vcpu, &mut ctx, timer::now());
-                    if let Some(vgic) = vm.vgic_mut(h) {
-                        match vgic.fill_lrs(vcpu, nr_lrs) {
-                            Ok(cpuif) => ctx.cpuif = cpuif,
-                            Err(e) => crate::vm_log!(Error, id, "vm{id}: vgic fill failed: {e:?}"),
-                        }
+            let ready = vm.schedulable() && vm.vgic_mut(h).is_some() && vm.apply_new_identity(h);
+            if ready {
+                vm.check_vtimer(h, vcpu, &mut ctx, timer::now());
+                if let Some(vgic) = vm.vgic_mut(h) {
+                    match vgic.fill_lrs(vcpu, nr_lrs) {
+                        Ok(cpuif) => ctx.cpuif = cpuif,
+                        Err(e) => crate::vm_log!(Error, id, "vm{id}: vgic fill failed: {e:?}"),
                     }
-                    Some((
-                        vm.s2.as_ref().map_or(0, |s| s.vttbr_el2()),
-                        vm.cntvoff,
-                        vm.vcpus[vcpu].mpidr,
-                    ))
                 }
-                _ => None,
+                Some((
+                    vm.s2.as_ref().map_or(0, |s| s.vttbr_el2()),
+                    vm.cntvoff,
+                    vm.vcpus[vcpu].mpidr,
+                ))
+            } else {
+                None
             }
         };
         let Some((vttbr, cntvoff, mpidr)) = setup else {
+            // The VM paused or is stopping (or its vGIC copy or vmgenid page wanted memory).
             let kicks = VMS.lock().put_back(id, vcpu, ctx, VcpuState::Runnable);
             crate::kick::send(&kicks);
             return;
@@ -363,67 +369,71 @@ pub(crate) fn run_vcpu(cpu: usize, id: u32, vcpu: usize, mut ctx: Box<VcpuCtx>) 
             deliver_console_input();
         }
 
-        let mut guard = VMS.lock();
-        let t = &mut *guard;
         let now = timer::now();
-        let (next, mut kicks) = match t.vms.get_mut(&id) {
-            None => (Next::Leave, vmfork_core::machine::Kicks::new()),
-            Some(vm) => {
-                let h = &t.host;
-                // Never a copy here: the vGIC was made the VM's own before the vCPU ran.
-                if let Some(vgic) = vm.vgic_mut(h) {
-                    if let Err(e) = vgic.sync_from_lrs(vcpu, &ctx.cpuif) {
-                        crate::vm_log!(Error, id, "vm{id}: vgic sync failed: {e:?}");
-                    }
+        let Handled {
+            next,
+            mut kicks,
+            stop,
+        } = {
+            let mut guard = handle.lock();
+            let vm = &mut *guard;
+            // Never a copy here: the vGIC was made the VM's own before the vCPU ran.
+            if let Some(vgic) = vm.vgic_mut(h) {
+                if let Err(e) = vgic.sync_from_lrs(vcpu, &ctx.cpuif) {
+                    crate::vm_log!(Error, id, "vm{id}: vgic sync failed: {e:?}");
                 }
-                vm.check_vtimer(h, vcpu, &mut ctx, now);
-                match exit {
-                    GuestExit::Sync => {
-                        vmfork_core::machine::handle_sync(t, id, vcpu, &mut ctx, syn)
-                    }
-                    GuestExit::Irq | GuestExit::Fiq => {
-                        (Next::Resume, vmfork_core::machine::Kicks::new())
-                    }
-                    GuestExit::SError | GuestExit::Aarch32(_) => {
-                        let reason = alloc::format!(
-                            "{exit:?} from the guest (ESR {:#x}, PC {:#x})",
-                            syn.esr.0,
-                            ctx.regs.pc
-                        );
-                        (
-                            Next::Leave,
-                            t.stop(id, vmfork_core::machine::StopReason::Fault(reason)),
-                        )
-                    }
-                }
+            }
+            vm.check_vtimer(h, vcpu, &mut ctx, now);
+            match exit {
+                GuestExit::Sync => handle_sync_vm(h, vm, vcpu, &mut ctx, syn),
+                GuestExit::Irq | GuestExit::Fiq => Handled {
+                    next: Next::Resume,
+                    kicks: Kicks::new(),
+                    stop: None,
+                },
+                GuestExit::SError | GuestExit::Aarch32(_) => Handled {
+                    next: Next::Leave,
+                    kicks: Kicks::new(),
+                    stop: Some(StopReason::Fault(alloc::format!(
+                        "{exit:?} from the guest (ESR {:#x}, PC {:#x})",
+                        syn.esr.0,
+                        ctx.regs.pc
+                    ))),
+                },
             }
         };
         let slice_over = SLICE_OVER[cpu].load(Ordering::SeqCst) || now >= slice_end;
+        if next == Next::Resume && !slice_over && stop.is_none() {
+            // The common case (an emulated access, a copy-on-write fault): no table lock.
+            crate::kick::send(&kicks);
+            continue;
+        }
+        // The vCPU leaves its CPU, or its VM must stop: table-wide changes, under the table
+        // lock (then the VM's, in that order).
+        let mut guard = VMS.lock();
+        let t = &mut *guard;
+        if let Some(reason) = stop {
+            kicks.merge(t.stop(id, reason));
+        }
         let state = match next {
-            Next::Resume if !slice_over => None,
-            Next::Resume | Next::Yield | Next::Leave => Some(VcpuState::Runnable),
+            Next::Resume | Next::Yield | Next::Leave => VcpuState::Runnable,
             Next::Wait => {
-                let pending = t.vms.get_mut(&id).is_some_and(|vm| vm.has_pending(vcpu));
-                Some(if pending {
+                let pending = t
+                    .vms
+                    .get_mut(&id)
+                    .is_some_and(|mut vm| vm.has_pending(vcpu));
+                if pending {
                     VcpuState::Runnable
                 } else {
                     VcpuState::Waiting
-                })
+                }
             }
-            Next::Off => Some(VcpuState::Off),
+            Next::Off => VcpuState::Off,
         };
-        match state {
-            None => {
-                drop(guard);
-                crate::kick::send(&kicks);
-            }
-            Some(state) => {
-                kicks.merge(t.put_back(id, vcpu, ctx, state));
-                drop(guard);
-                crate::kick::send(&kicks);
-                timer::cancel();
-                return;
-            }
-        }
+        kicks.merge(t.put_back(id, vcpu, ctx, state));
+        drop(guard);
+        crate::kick::send(&kicks);
+        timer::cancel();
+        return;
     }
 }

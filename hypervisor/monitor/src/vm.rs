@@ -2,10 +2,13 @@
 //! behind its lock, and [`MonitorHost`], which gives the model this machine's memory, TLB
 //! maintenance, counter, heap budget and console.
 //!
-//! All VMs live in one table behind one lock ([`VMS`]). A physical CPU takes a runnable vCPU's
-//! context out of the table, runs it without the lock (`sched.rs`), and takes the lock again to
-//! handle each exit ([`vmfork_core::machine::handle_sync`]). Lock order: [`VMS`] first, then
-//! the frame allocator (taken inside [`MonitorHost::with_mem`]), then the log limiter.
+//! All VMs live in one table behind one lock ([`VMS`]), each VM behind its own lock too
+//! ([`vmfork_core::machine::vmmap`]). A physical CPU takes a runnable vCPU's context and a
+//! handle to its VM out of the table (`sched.rs`), runs it without any lock, and handles each
+//! exit under that VM's lock alone ([`vmfork_core::machine::handle_sync_vm`]); it takes the
+//! table lock only when the vCPU leaves its CPU or the VM must stop. Lock order: [`VMS`], then
+//! a VM's lock, then the frame allocator (taken inside [`MonitorHost::with_mem`]), then the log
+//! limiter and the console. A CPU holding a VM's lock never takes [`VMS`].
 
 use alloc::boxed::Box;
 use core::fmt;
@@ -19,7 +22,7 @@ use crate::arch::cache::HwTlb;
 use crate::physmem::IdentityMem;
 
 pub use vmfork_core::machine::vm::VTIMER_INTID;
-pub use vmfork_core::machine::{ForkError, GuestSpec, Next, Syndrome, VcpuCtx, VcpuState, VmState};
+pub use vmfork_core::machine::{ForkError, GuestSpec, Next, Syndrome, VcpuState, VmState};
 
 /// The machine model's view of this machine: every method reaches the monitor's globals.
 pub struct MonitorHost;
@@ -92,7 +95,8 @@ impl Host for MonitorHost {
 /// Everything the monitor knows about its VMs.
 pub type VmTable = machine::VmTable<MonitorHost>;
 
-/// The one lock over all VMs.
+/// The table lock: over the set of VMs, VMIDs, the scheduler's active set and cursor, the
+/// pending-operation results (see the module docs for what each VM's own lock guards).
 pub static VMS: Mutex<VmTable> = Mutex::new(VmTable::new(MonitorHost));
 
 /// Runs `f` with the frame allocator, physical memory and TLB maintenance the stage-2 code needs

@@ -45,8 +45,10 @@ pub struct Syndrome {
     pub hpfar: u64,
 }
 
-/// Handles a synchronous exit of vCPU `vcpu` of VM `id`. Returns what to do next and the
-/// physical CPUs to kick (vCPUs that got an interrupt while running elsewhere).
+/// Handles a synchronous exit of vCPU `vcpu` of VM `id` in table `t`. Returns what to do next
+/// and the physical CPUs to kick (vCPUs that got an interrupt while running elsewhere). The
+/// monitor does the same in two steps ([`handle_sync_vm`] under the VM's lock only, then the
+/// stop, if any, under the table lock); this is the whole of it for the host tests.
 pub fn handle_sync<H: Host>(
     t: &mut VmTable<H>,
     id: u32,
@@ -54,11 +56,41 @@ pub fn handle_sync<H: Host>(
     ctx: &mut VcpuCtx,
     syn: Syndrome,
 ) -> (Next, Kicks) {
-    let mut kicks = Kicks::new();
-    let h = &t.host;
-    let Some(vm) = t.vms.get_mut(&id) else {
-        return (Next::Leave, kicks);
+    let Some(handle) = t.vms.handle(&id) else {
+        return (Next::Leave, Kicks::new());
     };
+    let handled = handle_sync_vm(&t.host, &mut super::vmmap::lock(&handle), vcpu, ctx, syn);
+    let mut kicks = handled.kicks;
+    if let Some(reason) = handled.stop {
+        kicks.merge(t.stop(id, reason));
+    }
+    (handled.next, kicks)
+}
+
+/// What handling an exit of one vCPU asks for.
+#[derive(Debug)]
+pub struct Handled {
+    /// What the physical CPU does next.
+    pub next: Next,
+    /// The physical CPUs to kick.
+    pub kicks: Kicks,
+    /// The VM must stop (a fatal exit): for the caller to do with [`VmTable::stop`] once it
+    /// holds the table lock (the vCPU is still on its CPU then, so the VM goes when it comes
+    /// back).
+    pub stop: Option<StopReason>,
+}
+
+/// Handles a synchronous exit of vCPU `vcpu` of `vm` with nothing but the VM (its lock) and
+/// the host: no other VM and no table-wide state is needed to handle an exit, so exits of
+/// different VMs on different CPUs never wait on one another ([`super::vmmap`]).
+pub fn handle_sync_vm<H: Host>(
+    h: &H,
+    vm: &mut Vm,
+    vcpu: usize,
+    ctx: &mut VcpuCtx,
+    syn: Syndrome,
+) -> Handled {
+    let mut kicks = Kicks::new();
     let esr = syn.esr;
     let next = match esr.ec() {
         ExceptionClass::DataAbortLowerEl => data_abort(h, vm, vcpu, ctx, syn, &mut kicks),
@@ -91,17 +123,21 @@ pub fn handle_sync<H: Host>(
                 syn.hpfar,
                 ctx.regs.pc
             );
-            dump_vcpu(id, vcpu, ctx);
-            kicks.merge(t.stop(id, StopReason::Fault(reason)));
-            return (Next::Leave, kicks);
+            dump_vcpu(vm.id, vcpu, ctx);
+            return Handled {
+                next: Next::Leave,
+                kicks,
+                stop: Some(StopReason::Fault(reason)),
+            };
         }
     };
     // A stop requested while handling (SYSTEM_OFF, a fatal access) wins.
-    let next = match t.vms.get(&id) {
-        Some(vm) if vm.schedulable() => next,
-        _ => Next::Leave,
-    };
-    (next, kicks)
+    let next = if vm.schedulable() { next } else { Next::Leave };
+    Handled {
+        next,
+        kicks,
+        stop: None,
+    }
 }
 
 fn dump_vcpu(id: u32, vcpu: usize, ctx: &VcpuCtx) {

@@ -40,12 +40,12 @@ use crate::physmem::PhysMem;
 use crate::stage2::{MemCtx, TlbOps};
 
 pub use devices::{DeviceState, Devices, Window};
-pub use exit::{handle_sync, Next, Syndrome};
+pub use exit::{handle_sync, handle_sync_vm, Handled, Next, Syndrome};
 pub use ops::{ForkError, PendingOp, ResetPoint, VmStats};
 pub use regs::{El1Sysregs, GuestRegs, PauthKeys, VcpuCtx, PSTATE_EL1H_MASKED};
-pub use table::{CreateError, GuestSpec, VmTable, VmidAllocator};
+pub use table::{CreateError, GuestSpec, Picked, VmTable, VmidAllocator};
 pub use vm::{MemoryWant, NewIdentity, PauseReason, StopReason, Vcpu, VcpuState, Vm, VmState};
-pub use vmmap::VmMap;
+pub use vmmap::{VmGuard, VmHandle, VmLock, VmMap};
 
 /// Most console output kept for a control-channel client that streams a VM's console and has
 /// not read it yet; older bytes are dropped first.

@@ -242,17 +242,19 @@ impl<H: Host> VmTable<H> {
     /// one result is filed under it, whatever happens to the VM), and what to kick. Refused
     /// with `Busy` when [`crate::opqueue::MAX_WAITING`] operations already wait on the VM.
     pub fn request(&mut self, id: u32, op: PendingOp) -> Result<(u64, Kicks), ForkError> {
-        let vm = self.vms.get_mut(&id).ok_or(ForkError::NoSuchVm(id))?;
-        if matches!(vm.state, VmState::Stopping(_)) {
-            return Err(ForkError::Stopping(id));
-        }
         let ticket = self.next_ticket;
-        vm.pending
-            .push_ticket(ticket, op)
-            .map_err(|Busy| ForkError::Busy(id))?;
-        self.next_ticket += 1;
         let mut kicks = Kicks::new();
-        kicks.extend(vm.running_cpus());
+        {
+            let mut vm = self.vms.get_mut(&id).ok_or(ForkError::NoSuchVm(id))?;
+            if matches!(vm.state, VmState::Stopping(_)) {
+                return Err(ForkError::Stopping(id));
+            }
+            vm.pending
+                .push_ticket(ticket, op)
+                .map_err(|Busy| ForkError::Busy(id))?;
+            kicks.extend(vm.running_cpus());
+        }
+        self.next_ticket += 1;
         if kicks.cpus.is_empty() {
             kicks.merge(self.run_pending(id));
         }
@@ -278,7 +280,7 @@ impl<H: Host> VmTable<H> {
                 self.results.insert(ticket, result);
             }
             Waiter::Vcpu(c) => {
-                if let (Err(e), Some(vm)) = (&result, self.vms.get_mut(&id)) {
+                if let (Err(e), Some(mut vm)) = (&result, self.vms.get_mut(&id)) {
                     if let Some(ctx) = vm.vcpus.get_mut(c).and_then(|v| v.ctx.as_mut()) {
                         ctx.regs.x[0] = guest_x0(Err(guest_error(e)));
                     }
@@ -291,7 +293,7 @@ impl<H: Host> VmTable<H> {
     /// answered now.
     pub fn fail_pending(&mut self, id: u32) {
         loop {
-            let Some(w) = self.vms.get_mut(&id).and_then(|vm| vm.pending.pop()) else {
+            let Some(w) = self.vms.get_mut(&id).and_then(|mut vm| vm.pending.pop()) else {
                 return;
             };
             vm_log!(
@@ -309,7 +311,7 @@ impl<H: Host> VmTable<H> {
     /// vCPUs may be on a CPU. Returns what to wake (the VM's vCPUs may run again).
     pub fn run_pending(&mut self, id: u32) -> Kicks {
         let mut kicks = Kicks::new();
-        while let Some(w) = self.vms.get_mut(&id).and_then(|vm| vm.pending.pop()) {
+        while let Some(w) = self.vms.get_mut(&id).and_then(|mut vm| vm.pending.pop()) {
             kicks.idle = true;
             let caller = match w.waiter {
                 Waiter::Vcpu(c) => Some(c),
@@ -368,7 +370,8 @@ impl<H: Host> VmTable<H> {
     ) -> Result<Vec<u32>, ForkError> {
         let t0 = self.host.now();
         let count = count.max(1);
-        let parent = self.vms.get(&id).ok_or(ForkError::NoSuchVm(id))?;
+        let parent_guard = self.vms.get(&id).ok_or(ForkError::NoSuchVm(id))?;
+        let parent = &*parent_guard;
         // The limits first: they are cheap, and say more than the heap running out.
         self.check_vm_limit(count)?;
         let root = parent.tree_root();
@@ -407,6 +410,8 @@ impl<H: Host> VmTable<H> {
         } else {
             None
         };
+        // Each child is built from the parent locked again (`fork_one`).
+        drop(parent_guard);
         let mut built: Vec<Box<Vm>> = Vec::new();
         let mut ids: Vec<u32> = Vec::new();
         if built.try_reserve_exact(count as usize).is_err()
@@ -435,7 +440,7 @@ impl<H: Host> VmTable<H> {
         for child in built {
             self.insert_fork(child);
         }
-        let parent = self.vms.get_mut(&id).ok_or(ForkError::NoSuchVm(id))?;
+        let mut parent = self.vms.get_mut(&id).ok_or(ForkError::NoSuchVm(id))?;
         if let Some(g) = parent_vgic {
             parent.devices.vgic = g;
         }
@@ -482,7 +487,7 @@ impl<H: Host> VmTable<H> {
             self.next_id
         };
         let host = &self.host;
-        let parent = self.vms.get_mut(&id).ok_or(ForkError::NoSuchVm(id))?;
+        let mut parent = self.vms.get_mut(&id).ok_or(ForkError::NoSuchVm(id))?;
         if matches!(parent.state, VmState::Stopping(_)) {
             return Err(ForkError::Stopping(id));
         }
@@ -575,7 +580,8 @@ impl<H: Host> VmTable<H> {
     pub fn reset_now(&mut self, id: u32) -> Result<(), ForkError> {
         let host = &self.host;
         let t0 = host.now();
-        let vm = self.vms.get_mut(&id).ok_or(ForkError::NoSuchVm(id))?;
+        let mut guard = self.vms.get_mut(&id).ok_or(ForkError::NoSuchVm(id))?;
+        let vm = &mut *guard;
         if matches!(vm.state, VmState::Stopping(_)) {
             return Err(ForkError::Stopping(id));
         }

@@ -325,7 +325,7 @@ pub fn restore<H: Host>(t: &mut VmTable<H>, bytes: &[u8]) -> Result<u32, String>
     log::info!(
         "vm{id}: restored from a snapshot: {} MiB, {} vCPU(s), {} page runs",
         ram_size >> 20,
-        t.vms[&id].vcpus.len(),
+        t.vms.get(&id).map_or(0, |vm| vm.vcpus.len()),
         nr_runs
     );
     Ok(id)

@@ -213,7 +213,7 @@ impl<'a, H: Host> Server<'a, H> {
         for (&vm_id, &req) in &self.consoles {
             match t.vms.get_mut(&vm_id) {
                 None => gone.push(vm_id),
-                Some(vm) => {
+                Some(mut vm) => {
                     vm.drain_console(&t.host);
                     let data = core::mem::take(&mut vm.console_tap);
                     for chunk in data.chunks(CONSOLE_CHUNK) {
@@ -279,7 +279,7 @@ impl<'a, H: Host> Server<'a, H> {
                     .vms
                     .iter()
                     .filter(|(_, v)| !v.internal)
-                    .map(|(&id, _)| id)
+                    .map(|(id, _)| id)
                     .collect();
                 // Building the reply takes about four times its encoded size (~120 bytes a
                 // VM) at once: that may use the heap's reserve, which is kept for it, but
@@ -293,31 +293,33 @@ impl<'a, H: Host> Server<'a, H> {
                 for vm in ids {
                     let t = self.vms.lock();
                     if let Some(v) = t.vms.get(&vm) {
-                        list.push(info(&t.host, v));
-                    }
+                        list.push(info(&t.host, &v));
+                    };
                 }
                 Response::VmList(list)
             }
             Request::Info { vm } => {
                 let t = self.vms.lock();
-                match t.vms.get(&vm.0) {
+                let r = match t.vms.get(&vm.0) {
                     None => Response::Error(ErrorReply::NoSuchVm(vm)),
-                    Some(v) => Response::VmInfo(info(&t.host, v)),
-                }
+                    Some(v) => Response::VmInfo(info(&t.host, &v)),
+                };
+                r
             }
             Request::Stats { vm } => {
                 let t = self.vms.lock();
                 let global = global_stats(&t);
-                match vm {
+                let r = match vm {
                     None => Response::Stats { global, vm: None },
                     Some(v) => match t.vms.get(&v.0) {
                         Some(x) => Response::Stats {
                             global,
-                            vm: Some(info(&t.host, x)),
+                            vm: Some(info(&t.host, &x)),
                         },
                         None => Response::Error(ErrorReply::NoSuchVm(v)),
                     },
-                }
+                };
+                r
             }
             Request::Fork { vm, count, paused } => {
                 if count == 0 || count > 1024 {
@@ -335,7 +337,7 @@ impl<'a, H: Host> Server<'a, H> {
                 let mut t = self.vms.lock();
                 let kicks = match t.vms.get_mut(&vm.0) {
                     None => return reply(out, id, Response::Error(ErrorReply::NoSuchVm(vm))),
-                    Some(v) => match v.state {
+                    Some(mut v) => match v.state {
                         VmState::Stopping(_) => {
                             return reply(
                                 out,
@@ -360,12 +362,11 @@ impl<'a, H: Host> Server<'a, H> {
             }
             Request::Resume { vm } => {
                 let mut t = self.vms.lock();
-                match t.vms.get_mut(&vm.0) {
+                let r = match t.vms.get_mut(&vm.0) {
                     None => Response::Error(ErrorReply::NoSuchVm(vm)),
-                    Some(v) => match v.state {
+                    Some(mut v) => match v.state {
                         VmState::Paused(_) => {
                             v.state = VmState::Running;
-                            drop(t);
                             self.kicks.idle = true;
                             Response::Ok
                         }
@@ -375,7 +376,9 @@ impl<'a, H: Host> Server<'a, H> {
                             vm.0
                         ))),
                     },
-                }
+                };
+                drop(t);
+                r
             }
             Request::Kill { vm } => {
                 let mut t = self.vms.lock();
@@ -393,17 +396,17 @@ impl<'a, H: Host> Server<'a, H> {
             Request::ConsoleAttach { vm } => {
                 let mut guard = self.vms.lock();
                 let t = &mut *guard;
-                match t.vms.get_mut(&vm.0) {
-                    None => Response::Error(ErrorReply::NoSuchVm(vm)),
+                let attached = match t.vms.get_mut(&vm.0) {
+                    None => Err(Response::Error(ErrorReply::NoSuchVm(vm))),
                     Some(_)
                         if !self.consoles.contains_key(&vm.0)
                             && self.consoles.len() >= MAX_ATTACHED_CONSOLES =>
                     {
-                        Response::Error(ErrorReply::BadRequest(format!(
+                        Err(Response::Error(ErrorReply::BadRequest(format!(
                             "limit reached: {MAX_ATTACHED_CONSOLES} consoles attached already"
-                        )))
+                        ))))
                     }
-                    Some(v) => {
+                    Some(mut v) => {
                         // What it printed so far is history (replayed below); what it prints
                         // from now on streams.
                         v.drain_console(&t.host);
@@ -411,7 +414,13 @@ impl<'a, H: Host> Server<'a, H> {
                         v.console_tap.clear();
                         let history: Vec<u8> = v.scrollback.iter().copied().collect();
                         self.consoles.insert(vm.0, id);
-                        drop(guard);
+                        Ok(history)
+                    }
+                };
+                drop(guard);
+                match attached {
+                    Err(r) => r,
+                    Ok(history) => {
                         reply(out, id, Response::Ok);
                         for chunk in history.chunks(CONSOLE_CHUNK) {
                             reply(
@@ -429,7 +438,7 @@ impl<'a, H: Host> Server<'a, H> {
             }
             Request::ConsoleDetach { vm } => {
                 self.consoles.remove(&vm.0);
-                if let Some(v) = self.vms.lock().vms.get_mut(&vm.0) {
+                if let Some(mut v) = self.vms.lock().vms.get_mut(&vm.0) {
                     v.console_attached = false;
                     v.console_tap.clear();
                 }
@@ -441,7 +450,7 @@ impl<'a, H: Host> Server<'a, H> {
                 let mut kicks = Kicks::new();
                 let r = match t.vms.get_mut(&vm.0) {
                     None => Response::Error(ErrorReply::NoSuchVm(vm)),
-                    Some(v) => {
+                    Some(mut v) => {
                         if let Some(k) = v.type_input(&t.host, &data) {
                             v.kick_vcpu(k, &mut kicks);
                         }
@@ -596,7 +605,7 @@ impl<'a, H: Host> Server<'a, H> {
         self.diffs.clear();
         let mut t = self.vms.lock();
         for vm in self.consoles.keys() {
-            if let Some(v) = t.vms.get_mut(vm) {
+            if let Some(mut v) = t.vms.get_mut(vm) {
                 v.console_attached = false;
                 v.console_tap.clear();
             }

@@ -9,7 +9,7 @@ use alloc::vec::Vec;
 use super::devices::Devices;
 use super::ops::ForkError;
 use super::vm::{StopReason, Vcpu, VcpuState, Vm, VmState};
-use super::vmmap::VmMap;
+use super::vmmap::{VmHandle, VmMap};
 use super::{Host, Kicks, VcpuCtx};
 use crate::addr::{Ipa, PAGE_SIZE};
 use crate::cmdline::Limits;
@@ -158,6 +158,18 @@ pub struct VmTable<H: Host> {
     /// has not had yet, and why it went. The control server sends these and ends the stream
     /// ([`VmTable::take_closed_console`]); at most [`CLOSED_CONSOLES_KEPT`], oldest dropped.
     closed_consoles: VecDeque<(u32, Vec<u8>, String)>,
+}
+
+/// A vCPU picked to run ([`VmTable::pick_to_run`]).
+pub struct Picked {
+    /// Its VM's id.
+    pub id: u32,
+    /// Its index in the VM.
+    pub vcpu: usize,
+    /// Its context, out of the table while it runs.
+    pub ctx: Box<VcpuCtx>,
+    /// Its VM, to lock without the table lock.
+    pub vm: VmHandle,
 }
 
 /// Most closed consoles kept for the control server (as many as may be attached at once).
@@ -387,11 +399,22 @@ impl<H: Host> VmTable<H> {
             after.chain(before).next()
         };
         let (id, i) = found?;
-        let vm = self.vms.get_mut(&id)?;
+        let mut vm = self.vms.get_mut(&id)?;
         let ctx = vm.vcpus[i].ctx.take()?;
         vm.vcpus[i].state = VcpuState::Running(cpu);
         self.cursor = (id, i);
         Some((id, i, ctx))
+    }
+
+    /// [`VmTable::pick`], with a handle to the picked vCPU's VM: the CPU that runs it handles
+    /// its exits under that VM's lock alone ([`super::exit::handle_sync_vm`]).
+    pub fn pick_to_run(&mut self, cpu: usize, now: u64) -> Option<Picked> {
+        let (id, vcpu, ctx) = self.pick(cpu, now)?;
+        match self.vms.handle(&id) {
+            Some(vm) => Some(Picked { id, vcpu, ctx, vm }),
+            // Picked from the table a moment ago, under the same lock.
+            None => None,
+        }
     }
 
     /// Wakes the due waiting vCPUs of every active VM, and takes out of the active set each VM
@@ -403,15 +426,16 @@ impl<H: Host> VmTable<H> {
         let mut next = self.vms.active_ids().next();
         while let Some(id) = next {
             next = self.vms.active_range(id + 1..).next();
-            let Some(vm) = self.vms.get_mut_inert(&id) else {
-                self.vms.deactivate(id, None);
+            let Some(handle) = self.vms.handle_inert(&id) else {
+                self.vms.deactivate(id, None, None);
                 continue;
             };
+            let mut vm = super::vmmap::lock(&handle);
             if !vm.schedulable() {
                 // Paused, stopping, or a fork or reset waits: whatever changes that goes
                 // through `get_mut` and makes it active again. Its vCPUs on a CPU come back
                 // through `put_back`, which does too.
-                self.vms.deactivate(id, None);
+                self.vms.deactivate(id, Some(&mut vm), None);
                 continue;
             }
             for i in 0..vm.vcpus.len() {
@@ -430,7 +454,7 @@ impl<H: Host> VmTable<H> {
                     .filter(|v| v.state == VcpuState::Waiting)
                     .filter_map(|v| vm.timer_deadline(v.ctx.as_ref()?, now))
                     .min();
-                self.vms.deactivate(id, deadline);
+                self.vms.deactivate(id, Some(&mut vm), deadline);
             }
         }
     }
@@ -440,13 +464,16 @@ impl<H: Host> VmTable<H> {
         let active = self
             .vms
             .active_ids()
-            .filter_map(|id| self.vms.get(&id))
-            .filter(|vm| vm.schedulable())
-            .flat_map(|vm| {
-                vm.vcpus.iter().filter_map(move |v| {
-                    let ctx = v.ctx.as_ref()?;
-                    (v.state == VcpuState::Waiting).then(|| vm.timer_deadline(ctx, now))?
-                })
+            .filter_map(|id| {
+                let vm = self.vms.get(&id)?;
+                if !vm.schedulable() {
+                    return None;
+                }
+                vm.vcpus
+                    .iter()
+                    .filter(|v| v.state == VcpuState::Waiting)
+                    .filter_map(|v| vm.timer_deadline(v.ctx.as_ref()?, now))
+                    .min()
             })
             .min();
         match (active, self.vms.first_deadline()) {
@@ -459,21 +486,27 @@ impl<H: Host> VmTable<H> {
     /// stopping and this was the last of its vCPUs on a CPU, or runs the forks and resets that
     /// wait for that. Returns what to wake.
     pub fn put_back(&mut self, id: u32, vcpu: usize, ctx: Box<VcpuCtx>, state: VcpuState) -> Kicks {
-        let Some(vm) = self.vms.get_mut(&id) else {
-            return Kicks::new();
+        let (stopping, pending) = {
+            let Some(mut vm) = self.vms.get_mut(&id) else {
+                return Kicks::new();
+            };
+            let Some(v) = vm.vcpus.get_mut(vcpu) else {
+                return Kicks::new();
+            };
+            v.ctx = Some(ctx);
+            v.state = state;
+            if vm.any_running() {
+                return Kicks::new();
+            }
+            (
+                matches!(vm.state, VmState::Stopping(_)),
+                !vm.pending.is_empty(),
+            )
         };
-        let Some(v) = vm.vcpus.get_mut(vcpu) else {
-            return Kicks::new();
-        };
-        v.ctx = Some(ctx);
-        v.state = state;
-        if vm.any_running() {
-            return Kicks::new();
-        }
-        if matches!(vm.state, VmState::Stopping(_)) {
+        if stopping {
             self.destroy(id);
             Kicks::new()
-        } else if !vm.pending.is_empty() {
+        } else if pending {
             self.run_pending(id)
         } else {
             Kicks::new()
@@ -483,11 +516,13 @@ impl<H: Host> VmTable<H> {
     /// Stops VM `id` for `reason`: it is torn down now if none of its vCPUs is on a CPU, else
     /// when the last one comes back. Returns the physical CPUs to kick.
     pub fn stop(&mut self, id: u32, reason: StopReason) -> Kicks {
-        let Some(vm) = self.vms.get_mut(&id) else {
-            return Kicks::new();
-        };
-        log::info!("vm{id}: stopping: {reason}");
-        vm.state = VmState::Stopping(reason);
+        {
+            let Some(mut vm) = self.vms.get_mut(&id) else {
+                return Kicks::new();
+            };
+            log::info!("vm{id}: stopping: {reason}");
+            vm.state = VmState::Stopping(reason);
+        }
         // Whoever waits for a fork or reset of it is told now, not when its last vCPU leaves
         // (which may be never).
         self.fail_pending(id);
@@ -505,9 +540,11 @@ impl<H: Host> VmTable<H> {
     pub fn destroy(&mut self, id: u32) {
         // A VM that stopped by itself (SYSTEM_OFF, a fatal exit) may still have waiters.
         self.fail_pending(id);
-        let Some(mut vm) = self.vms.remove(&id) else {
+        let Some(handle) = self.vms.remove(&id) else {
             return;
         };
+        // No vCPU of it is on a CPU, so no one else holds its lock.
+        let mut vm = super::vmmap::lock(&handle);
         if let Some(root) = vm.stats.tree_root {
             if let Some(n) = self.tree_forks.get_mut(&root) {
                 *n = n.saturating_sub(1);
@@ -566,7 +603,7 @@ impl<H: Host> VmTable<H> {
     pub fn flush_stale_lines(&mut self, now: u64, max_age: u64) {
         let host = &self.host;
         // Printing a line wakes no vCPU: the scheduler's active set stays as it is.
-        for vm in self.vms.values_mut_inert() {
+        for mut vm in self.vms.values_mut_inert() {
             if !vm.line.is_empty() && now.wrapping_sub(vm.line_since) >= max_age {
                 vm.flush_console_line(host);
             }

@@ -17,19 +17,56 @@
 //! The sets grow by one entry per VM at most (a VM has at most one timer entry); their nodes are
 //! allocated infallibly, like the map's own, from the margin the heap keeps for small
 //! allocations (`Host::heap_check` leaves a reserve).
+//!
+//! **Each VM has its own lock** ([`VmLock`]): the table (under the table lock) holds every VM
+//! in an `Arc`, and a physical CPU running one of the VM's vCPUs takes a [`VmHandle`] to it, so
+//! that it handles that vCPU's exits holding the VM's lock only, never the table's
+//! ([`super::exit`]). Lock order: the table lock first, then VM locks. A CPU handling exits
+//! holds one VM lock and takes no other lock but the leaf ones (frames, heap, log), never the
+//! table's: it returns what must change in the table as values. Only the holder of the table
+//! lock may hold two VM locks at once. A handle is only taken for a VM with a vCPU on a CPU, so the active-set
+//! rule above holds for what it changes too: such a VM is never taken out of the active set.
+//! Every method here that gives a VM out locks it, for as long as the returned guard lives.
 
 use alloc::boxed::Box;
 use alloc::collections::{btree_map, BTreeMap, BTreeSet};
-use core::ops::{Index, RangeBounds};
+use alloc::sync::Arc;
+use core::ops::RangeBounds;
 
 use super::vm::Vm;
+
+/// A VM with its lock.
+pub type VmLock = spin::Mutex<Vm>;
+/// A locked VM: the lock is held until it is dropped.
+pub type VmGuard<'a> = spin::MutexGuard<'a, Vm>;
+/// A VM, to lock outside the table lock (a CPU handling one of its vCPU's exits).
+pub type VmHandle = Arc<VmLock>;
+
+/// Locks `vm`. On the hardware it spins until the CPU holding it lets go. Off it (host tests, the
+/// tool's fake monitor), every VM lock is taken under the table lock, so a VM lock found held
+/// for long is one thread taking it twice, which would spin forever: that panics instead,
+/// naming the rule, so the bug shows as a failed test and not as a hung one.
+pub fn lock(vm: &VmLock) -> VmGuard<'_> {
+    #[cfg(not(target_os = "none"))]
+    {
+        for _ in 0..1u64 << 28 {
+            if let Some(g) = vm.try_lock() {
+                return g;
+            }
+            core::hint::spin_loop();
+        }
+        panic!("a VM lock held for too long: taken twice by one thread (see machine::vmmap)");
+    }
+    #[cfg(target_os = "none")]
+    vm.lock()
+}
 
 /// VMs by id, with the scheduler's active set and timer queue (see the module docs).
 #[derive(Default)]
 pub struct VmMap {
-    /// Boxed: a map node then holds 11 pointers, not 11 whole VMs, most of them half empty when
-    /// ids only grow (about 0.6 KiB per VM less).
-    map: BTreeMap<u32, Box<Vm>>,
+    /// Each VM in its own allocation with its lock: a map node then holds 11 pointers, not 11
+    /// whole VMs, and a CPU can hold on to one VM while the table changes.
+    map: BTreeMap<u32, VmHandle>,
     /// VMs that may have a vCPU to run or to wake.
     active: BTreeSet<u32>,
     /// Idle VMs by the earliest deadline of their waiting vCPUs' virtual timers (physical
@@ -50,14 +87,16 @@ impl VmMap {
         }
     }
 
-    /// VM `id`, to look at.
-    pub fn get(&self, id: &u32) -> Option<&Vm> {
-        self.map.get(id).map(|vm| &**vm)
+    /// VM `id`, locked, to look at. Never ask for a VM whose guard is still alive: the lock is
+    /// not reentrant.
+    pub fn get(&self, id: &u32) -> Option<VmGuard<'_>> {
+        self.map.get(id).map(|vm| lock(vm))
     }
 
-    /// VM `id`, to change: it becomes active (the scheduler looks at it at its next pick).
-    pub fn get_mut(&mut self, id: &u32) -> Option<&mut Box<Vm>> {
-        let vm = self.map.get_mut(id)?;
+    /// VM `id`, locked, to change: it becomes active (the scheduler looks at it at its next
+    /// pick).
+    pub fn get_mut(&mut self, id: &u32) -> Option<VmGuard<'_>> {
+        let mut vm = lock(self.map.get(id)?);
         if !vm.active {
             vm.active = true;
             Self::activate(&mut self.active, &mut self.timers, &mut self.timer_of, *id);
@@ -65,15 +104,25 @@ impl VmMap {
         Some(vm)
     }
 
-    /// Adds (or replaces) VM `id`, active.
-    pub fn insert(&mut self, id: u32, mut vm: Box<Vm>) -> Option<Box<Vm>> {
-        vm.active = true;
-        Self::activate(&mut self.active, &mut self.timers, &mut self.timer_of, id);
-        self.map.insert(id, vm)
+    /// VM `id`, to lock without the table lock, for a CPU that runs one of its vCPUs (the
+    /// scheduler marked it running: see the module docs). It becomes active, as through
+    /// [`VmMap::get_mut`].
+    pub fn handle(&mut self, id: &u32) -> Option<VmHandle> {
+        drop(self.get_mut(id)?);
+        self.map.get(id).cloned()
     }
 
-    /// Takes VM `id` out, with its place in the active set and the timer queue.
-    pub fn remove(&mut self, id: &u32) -> Option<Box<Vm>> {
+    /// Adds (or replaces) VM `id`, active.
+    pub fn insert(&mut self, id: u32, vm: Box<Vm>) {
+        let mut vm = *vm;
+        vm.active = true;
+        Self::activate(&mut self.active, &mut self.timers, &mut self.timer_of, id);
+        self.map.insert(id, Arc::new(spin::Mutex::new(vm)));
+    }
+
+    /// Takes VM `id` out, with its place in the active set and the timer queue. Whoever still
+    /// holds a [`VmHandle`] to it keeps a VM that is in no table.
+    pub fn remove(&mut self, id: &u32) -> Option<VmHandle> {
         let vm = self.map.remove(id)?;
         self.active.remove(id);
         if let Some(d) = self.timer_of.remove(id) {
@@ -98,29 +147,41 @@ impl VmMap {
     }
 
     /// VM ids, in order.
-    pub fn keys(&self) -> btree_map::Keys<'_, u32, Box<Vm>> {
+    pub fn keys(&self) -> btree_map::Keys<'_, u32, VmHandle> {
         self.map.keys()
     }
 
-    /// VMs, by id.
-    pub fn values(&self) -> btree_map::Values<'_, u32, Box<Vm>> {
-        self.map.values()
+    /// VM ids in `range`, in order (no VM is locked).
+    pub fn ids_in<R: RangeBounds<u32>>(
+        &self,
+        range: R,
+    ) -> impl DoubleEndedIterator<Item = u32> + '_ {
+        self.map.range(range).map(|(&id, _)| id)
     }
 
-    /// (id, VM) pairs, in order.
-    pub fn iter(&self) -> btree_map::Iter<'_, u32, Box<Vm>> {
-        self.map.iter()
+    /// VMs, by id, each locked while its guard lives.
+    pub fn values(&self) -> impl DoubleEndedIterator<Item = VmGuard<'_>> + '_ {
+        self.map.values().map(|vm| lock(vm))
     }
 
-    /// (id, VM) pairs with ids in `range`.
-    pub fn range<R: RangeBounds<u32>>(&self, range: R) -> btree_map::Range<'_, u32, Box<Vm>> {
-        self.map.range(range)
+    /// (id, VM) pairs, in order, each VM locked while its guard lives.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = (u32, VmGuard<'_>)> + '_ {
+        self.map.iter().map(|(&id, vm)| (id, lock(vm)))
+    }
+
+    /// (id, VM) pairs with ids in `range`, each VM locked while its guard lives.
+    pub fn range<R: RangeBounds<u32>>(
+        &self,
+        range: R,
+    ) -> impl DoubleEndedIterator<Item = (u32, VmGuard<'_>)> + '_ {
+        self.map.range(range).map(|(&id, vm)| (id, lock(vm)))
     }
 
     /// Every VM, to change: all become active.
-    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut Box<Vm>> + '_ {
+    pub fn values_mut(&mut self) -> impl Iterator<Item = VmGuard<'_>> + '_ {
         let (active, timers, timer_of) = (&mut self.active, &mut self.timers, &mut self.timer_of);
-        self.map.iter_mut().map(move |(&id, vm)| {
+        self.map.iter().map(move |(&id, vm)| {
+            let mut vm = lock(vm);
             if !vm.active {
                 vm.active = true;
                 Self::activate(active, timers, timer_of, id);
@@ -146,8 +207,8 @@ impl VmMap {
 
     /// Every VM, for a change that can never make a vCPU runnable or wake one (printing a
     /// console line): the active set stays as it is.
-    pub(super) fn values_mut_inert(&mut self) -> btree_map::ValuesMut<'_, u32, Box<Vm>> {
-        self.map.values_mut()
+    pub(super) fn values_mut_inert(&mut self) -> impl Iterator<Item = VmGuard<'_>> + '_ {
+        self.map.values().map(|vm| lock(vm))
     }
 
     /// The active VMs' ids, in order.
@@ -163,21 +224,22 @@ impl VmMap {
         self.active.range(range).copied()
     }
 
-    /// Active VM `id`, to change without touching the active set (the scheduler's own scan).
-    pub(super) fn get_mut_inert(&mut self, id: &u32) -> Option<&mut Box<Vm>> {
-        self.map.get_mut(id)
+    /// VM `id`, to change without touching the active set (the scheduler's own scan, which
+    /// may take it out with [`VmMap::deactivate`] while it holds the lock).
+    pub(super) fn handle_inert(&self, id: &u32) -> Option<VmHandle> {
+        self.map.get(id).cloned()
     }
 
     /// Takes VM `id` out of the active set: none of its vCPUs can run, is on a CPU or is due.
     /// `deadline` is the earliest time one of its waiting vCPUs' virtual timer fires, if one
-    /// is armed; at that time [`VmMap::activate_due`] puts it back.
-    pub(super) fn deactivate(&mut self, id: u32, deadline: Option<u64>) {
-        let Some(vm) = self.map.get_mut(&id) else {
-            self.active.remove(&id);
+    /// is armed; at that time [`VmMap::activate_due`] puts it back. `vm` is VM `id` itself,
+    /// locked by the caller.
+    pub(super) fn deactivate(&mut self, id: u32, vm: Option<&mut Vm>, deadline: Option<u64>) {
+        self.active.remove(&id);
+        let Some(vm) = vm else {
             return;
         };
         vm.active = false;
-        self.active.remove(&id);
         if let Some(old) = self.timer_of.remove(&id) {
             self.timers.remove(&(old, id));
         }
@@ -195,8 +257,8 @@ impl VmMap {
             }
             self.timers.remove(&(d, id));
             self.timer_of.remove(&id);
-            if let Some(vm) = self.map.get_mut(&id) {
-                vm.active = true;
+            if let Some(vm) = self.map.get(&id) {
+                lock(vm).active = true;
                 self.active.insert(id);
             }
         }
@@ -210,12 +272,5 @@ impl VmMap {
     /// How many VMs are active (for tests and statistics).
     pub fn active_count(&self) -> usize {
         self.active.len()
-    }
-}
-
-impl Index<&u32> for VmMap {
-    type Output = Vm;
-    fn index(&self, id: &u32) -> &Vm {
-        &self.map[id]
     }
 }
