@@ -910,8 +910,15 @@ fn diff_start<H: Host>(
     b: VmId,
 ) -> Result<DiffJob, ErrorReply> {
     let t = vms.lock();
-    let (Some(va), Some(vb)) = (t.vms.get(&a.0), t.vms.get(&b.0)) else {
+    // A VM diffed with itself is locked once: its lock is not reentrant.
+    let Some(va) = t.vms.get(&a.0) else {
         return Err(gone(&t, a, b));
+    };
+    let other = (b != a).then(|| t.vms.get(&b.0));
+    let vb: &Vm = match &other {
+        None => &va,
+        Some(Some(g)) => g,
+        Some(None) => return Err(gone(&t, a, b)),
     };
     Ok(DiffJob {
         id,
@@ -941,8 +948,15 @@ fn gone<H: Host>(t: &VmTable<H>, a: VmId, b: VmId) -> ErrorReply {
 /// moment it was compared.
 fn diff_step<H: Host>(vms: &Mutex<VmTable<H>>, job: &mut DiffJob) -> Option<Response> {
     let t = vms.lock();
-    let (Some(va), Some(vb)) = (t.vms.get(&job.a.0), t.vms.get(&job.b.0)) else {
+    // A VM diffed with itself is locked once: its lock is not reentrant.
+    let Some(va) = t.vms.get(&job.a.0) else {
         return Some(Response::Error(gone(&t, job.a, job.b)));
+    };
+    let other = (job.b != job.a).then(|| t.vms.get(&job.b.0));
+    let vb: &Vm = match &other {
+        None => &va,
+        Some(Some(g)) => g,
+        Some(None) => return Some(Response::Error(gone(&t, job.a, job.b))),
     };
     let (Some(sa), Some(sb)) = (va.s2.as_ref(), vb.s2.as_ref()) else {
         return Some(Response::Error(ErrorReply::BadRequest(String::from(
