@@ -410,11 +410,8 @@ impl<H: Host> VmTable<H> {
     /// its exits under that VM's lock alone ([`super::exit::handle_sync_vm`]).
     pub fn pick_to_run(&mut self, cpu: usize, now: u64) -> Option<Picked> {
         let (id, vcpu, ctx) = self.pick(cpu, now)?;
-        match self.vms.handle(&id) {
-            Some(vm) => Some(Picked { id, vcpu, ctx, vm }),
-            // Picked from the table a moment ago, under the same lock.
-            None => None,
-        }
+        // Picked from the table a moment ago, under the same lock: it is there.
+        self.vms.handle(&id).map(|vm| Picked { id, vcpu, ctx, vm })
     }
 
     /// Wakes the due waiting vCPUs of every active VM, and takes out of the active set each VM
