@@ -1,6 +1,7 @@
 //! The in-monitor benchmark driver: `bench=all` (or `bench=fork,cow,...`) on the command line.
 //!
-//! It runs on the boot CPU after `monitor: ready`, in place of the scheduler (other CPUs idle).
+//! It runs on the boot CPU after `monitor: ready`, in place of the scheduler (other CPUs idle,
+//! except in the `smp` phase).
 //! `make bench` boots the monitor under `-icount shift=0`, so the physical counter follows
 //! emulated instructions (one nanosecond each) and the figures repeat run to run. Every figure is
 //! the physical counter read right before and after the operation only (not the lock taking, not
@@ -21,10 +22,17 @@
 //! * `idle`: the fuzzing loop's throughput with 0, 1,000 and 10,000 idle forks alive beside it
 //!   (waiting in WFI with nothing armed, as a fork bomb's children do), and what one scheduler
 //!   pick costs with nothing to run: whether idle VMs slow the ones that work;
-//! * `scale`: fork idle children until something runs out, and say what.
+//! * `scale`: fork idle children until something runs out, and say what;
+//! * `smp` (named alone, never part of `all`): exits per second of 1 busy VM on 1 CPU against
+//!   N busy VMs on N CPUs, with the other CPUs running the scheduler as they do in service. It
+//!   needs a boot of its own: `tools/bench` starts QEMU for it with N + 1 CPUs, multi-threaded
+//!   TCG and no `-icount` (under `-icount` QEMU runs the CPUs one after another, so emulated
+//!   time is the sum of what they all did and no two exits can ever overlap). Its figures are
+//!   host wall-clock time, so they are ratios taken within the one boot.
 //!
-//! Bench VMs are created paused from a tiny arm64 `Image` made here ([`workload_image`]); only
-//! the `fuzz` and `idle` phases run them (through `sched::run_vcpu`, on this CPU).
+//! Bench VMs are created paused from tiny arm64 `Image`s made here ([`workload_image`],
+//! [`exit_loop_image`]); the `fuzz` and `idle` phases run them through `sched::run_vcpu` on this
+//! CPU, the `smp` phase on the other CPUs' schedulers.
 
 use alloc::format;
 use alloc::string::String;
@@ -71,12 +79,25 @@ const WORKLOAD_BUF: u64 = layout::RAM_BASE + 16 * MIB;
 /// Offset of the workload's final `wfi` from the image start (see [`workload_image`]).
 const WORKLOAD_WFI: u64 = 64 + 6 * 4;
 
-/// The phases `bench=` can name, in the order they run.
+/// SMP phase: alternating windows (1 VM, then N VMs), each after a warm-up, in host microseconds.
+const SMP_ROUNDS: u64 = 5;
+const SMP_WARMUP_MICROS: u64 = 100_000;
+const SMP_WINDOW_MICROS: u64 = 500_000;
+/// The most worker CPUs the `smp` phase uses.
+const SMP_MAX_WORKERS: usize = 4;
+
+/// The phases `bench=all` runs, in this order.
 const PHASES: [&str; 7] = ["fork", "cow", "reset", "density", "fuzz", "idle", "scale"];
 
+/// Whether `spec` is the `smp` phase, which runs with the other CPUs scheduling vCPUs (every
+/// other phase wants them idle: it runs its VMs on this CPU).
+pub fn wants_schedulers(spec: &str) -> bool {
+    spec == "smp"
+}
+
 /// Runs the phases `spec` names (`all` or a comma-separated list), prints one `bench: {json}`
-/// line per result, then stops QEMU (semihosting exit 0, or power off).
-pub fn run(spec: &str) -> ! {
+/// line per result, then stops QEMU (semihosting exit 0, or power off). `cpus`: CPUs online.
+pub fn run(spec: &str, cpus: usize) -> ! {
     let (_, freq) = crate::arch::counter();
     let wanted: Vec<&str> = if spec == "all" {
         PHASES.to_vec()
@@ -91,6 +112,7 @@ pub fn run(spec: &str) -> ! {
         .u("frames_free", free as u64)
         .u("heap_bytes", (heap_used + heap_free) as u64)
         .u("heap_used", heap_used as u64)
+        .u("cpus", cpus as u64)
         .s("phases", &wanted.join(","))
         .emit();
     let start = now();
@@ -104,8 +126,12 @@ pub fn run(spec: &str) -> ! {
             "fuzz" => phase_fuzz(),
             "idle" => phase_idle(),
             "scale" => phase_scale(),
+            "smp" if wants_schedulers(spec) => phase_smp(cpus),
+            "smp" => Err(String::from(
+                "the smp phase runs alone (bench=smp): it needs the other CPUs scheduling",
+            )),
             other => Err(format!(
-                "unknown phase {other}; known: all, {}",
+                "unknown phase {other}; known: all, {}, smp",
                 PHASES.join(", ")
             )),
         };
@@ -230,6 +256,29 @@ fn workload_image(pages: u16) -> Vec<u8> {
         0xD503_207F,                 // 2: wfi          (offset WORKLOAD_WFI)
         0x17FF_FFFF,                 // b 2b
     ];
+    arm64_image(&code)
+}
+
+/// A minimal arm64 `Image` that takes an exit as fast as it can, for ever: it reads the UART's
+/// flag register (a trapped MMIO read the monitor emulates) and counts the reads in the first
+/// word of [`WORKLOAD_BUF`], so the monitor can read how many exits it took.
+fn exit_loop_image() -> Vec<u8> {
+    let uart_hi = (layout::UART_BASE >> 16) as u32;
+    let buf_hi = (WORKLOAD_BUF >> 16) as u32;
+    let code: [u32; 7] = [
+        0xD2A0_0000 | (uart_hi << 5), // movz x0, #(uart >> 16), lsl #16
+        0xD2A0_0002 | (buf_hi << 5),  // movz x2, #(buf >> 16), lsl #16
+        0xD280_0003,                  // movz x3, #0
+        0xB940_1801,                  // 1: ldr w1, [x0, #0x18]  (UARTFR: traps)
+        0x9100_0463,                  // add x3, x3, #1
+        0xF900_0043,                  // str x3, [x2]
+        0x17FF_FFFD,                  // b 1b
+    ];
+    arm64_image(&code)
+}
+
+/// An arm64 `Image` (64-byte header, `text_offset` 0) whose code is `code`.
+fn arm64_image(code: &[u32]) -> Vec<u8> {
     let mut image = alloc::vec![0u8; 64];
     image[0..4].copy_from_slice(&0x1400_0010u32.to_le_bytes()); // code0: b +0x40
     for w in code {
@@ -243,10 +292,14 @@ fn workload_image(pages: u16) -> Vec<u8> {
 
 /// Creates a paused bench VM (the scheduler never picks it; `fuzz` forks running children).
 fn create_vm(t: &mut VmTable, mem_mib: u64, cpus: u32, dirty: u16) -> Result<u32, String> {
-    let image = workload_image(dirty);
+    create_vm_from(t, &workload_image(dirty), mem_mib, cpus)
+}
+
+/// Creates a paused bench VM running `image`.
+fn create_vm_from(t: &mut VmTable, image: &[u8], mem_mib: u64, cpus: u32) -> Result<u32, String> {
     let spec = GuestSpec {
         name: format!("bench{mem_mib}m{cpus}c"),
-        kernel: &image,
+        kernel: image,
         initrd: None,
         mem: mem_mib * MIB,
         cpus,
@@ -999,4 +1052,138 @@ fn heap_probe() -> u64 {
         samples.push(now() - t0);
     }
     summarize(&samples).median
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scaling across CPUs
+
+/// Exits per second of busy VMs on the other CPUs: 1 VM, then N VMs on N CPUs (N = the CPUs
+/// beside this one, at most [`SMP_MAX_WORKERS`]), alternating for [`SMP_ROUNDS`] rounds so that
+/// a change in the host's load hits both alike. Each VM runs [`exit_loop_image`]: every
+/// iteration is one exit, handled under the VM's own lock. This CPU only sleeps between reading
+/// the VMs' counts.
+fn phase_smp(cpus: usize) -> Result<(), String> {
+    let workers = cpus.saturating_sub(1).min(SMP_MAX_WORKERS);
+    if workers < 2 {
+        return Err(format!(
+            "needs at least 3 CPUs (this one and 2 to run VMs), {cpus} online"
+        ));
+    }
+    let image = exit_loop_image();
+    let mut ids = Vec::new();
+    {
+        let mut t = VMS.lock();
+        for _ in 0..workers {
+            match create_vm_from(&mut t, &image, FUZZ_MEM_MIB, 1) {
+                Ok(id) => ids.push(id),
+                Err(e) => {
+                    for id in ids {
+                        t.destroy(id);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+    let result = (|| -> Result<(), String> {
+        for round in 0..SMP_ROUNDS {
+            for n in [1, workers] {
+                let (exits, ticks) = smp_window(&ids[..n])?;
+                let per_sec = (exits as u128 * crate::arch::counter().1 as u128)
+                    .checked_div(ticks as u128)
+                    .unwrap_or(0) as u64;
+                Line::new("smp")
+                    .u("round", round)
+                    .u("vms", n as u64)
+                    .u("workers", workers as u64)
+                    .u("exits", exits)
+                    .u("window_ns", ns(ticks))
+                    .u("exits_per_sec", per_sec)
+                    .emit();
+            }
+        }
+        Ok(())
+    })();
+    let mut t = VMS.lock();
+    for id in ids {
+        let kicks = t.stop(id, vmfork_core::machine::StopReason::Killed);
+        crate::kick::send(&kicks);
+    }
+    drop(t);
+    // The workers see the stop at the VMs' next exit and hand the vCPUs back; then they go.
+    sleep_micros(SMP_WARMUP_MICROS);
+    result
+}
+
+/// Lets the VMs `ids` run (the others stay paused) and counts their exits over one window after
+/// a warm-up: (exits, counter ticks of the window). Pauses them again before it returns.
+fn smp_window(ids: &[u32]) -> Result<(u64, u64), String> {
+    set_running(ids, true);
+    sleep_micros(SMP_WARMUP_MICROS);
+    let (c0, t0) = (exit_counts(ids), now());
+    sleep_micros(SMP_WINDOW_MICROS);
+    let (c1, t1) = (exit_counts(ids), now());
+    set_running(ids, false);
+    // Every vCPU off its CPU before the next window starts with another set.
+    sleep_micros(SMP_WARMUP_MICROS / 10);
+    let (c0, c1) = (c0?, c1?);
+    let exits = c1.iter().zip(&c0).map(|(b, a)| b.wrapping_sub(*a)).sum();
+    if c0.iter().zip(&c1).any(|(a, b)| a == b) {
+        return Err(format!(
+            "a VM of {ids:?} took no exit in the window (counts {c0:?} -> {c1:?}): is every CPU scheduling?"
+        ));
+    }
+    Ok((exits, t1 - t0))
+}
+
+/// Resumes (`run`) or pauses the VMs `ids`, kicking the CPUs that must notice.
+fn set_running(ids: &[u32], run: bool) {
+    let mut kicks = vmfork_core::machine::Kicks::new();
+    {
+        let mut t = VMS.lock();
+        for id in ids {
+            if let Some(mut vm) = t.vms.get_mut(id) {
+                if run {
+                    vm.state = VmState::Running;
+                    kicks.idle = true;
+                } else {
+                    vm.state = VmState::Paused(vmfork_core::machine::PauseReason::Requested);
+                    kicks.extend(vm.running_cpus());
+                }
+            }
+        }
+    }
+    crate::kick::send(&kicks);
+}
+
+/// The exit counts the VMs `ids` keep in their first [`WORKLOAD_BUF`] word (an aligned 64-bit
+/// read: single-copy atomic, so a count a vCPU is writing on another CPU reads whole).
+fn exit_counts(ids: &[u32]) -> Result<Vec<u64>, String> {
+    let t = VMS.lock();
+    let mut counts = Vec::new();
+    for id in ids {
+        let vm = t.vms.get(id).ok_or_else(|| format!("vm{id} is gone"))?;
+        let s2 = vm
+            .s2
+            .as_ref()
+            .ok_or_else(|| format!("vm{id} has no tables"))?;
+        let mut word = [0u8; 8];
+        with_mem(|cx| s2.read_guest(cx.mem, Ipa(WORKLOAD_BUF), &mut word))
+            .map_err(|e| format!("vm{id}: reading its count: {e:?}"))?;
+        counts.push(u64::from_le_bytes(word));
+    }
+    Ok(counts)
+}
+
+/// Sleeps on this CPU (WFI with the EL2 timer armed) for `micros` of counter time.
+fn sleep_micros(micros: u64) {
+    let end = now() + crate::arch::timer::ticks_from_micros(micros);
+    while now() < end {
+        crate::arch::timer::arm_at(end);
+        // WFI wakes on a pending physical interrupt even with PSTATE.I set at EL2 (ARM ARM
+        // D1.16.2); it is then handled by polling.
+        aarch64_cpu::asm::wfi();
+        crate::arch::gic::dispatch_pending();
+    }
+    crate::arch::timer::cancel();
 }

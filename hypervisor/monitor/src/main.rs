@@ -223,8 +223,15 @@ fn boot(dtb: &[u8], platform: Platform, image: (u64, u64), heap: (u64, u64)) -> 
     println!("monitor: ready cpus={cpus} mem={ram_mib}");
     log::info!("{guests} guest(s) started");
     if let Some(b) = vmfork_core::cmdline::value(bootargs, "bench") {
-        START.store(START_IDLE, Ordering::SeqCst); // `make bench`: bench.rs, then QEMU exits
-        bench::run(b)
+        // `make bench`: bench.rs, then QEMU exits. The other CPUs idle, or schedule vCPUs for
+        // the phase that measures them.
+        let others = if bench::wants_schedulers(b) {
+            START_SCHEDULER
+        } else {
+            START_IDLE
+        };
+        START.store(others, Ordering::SeqCst);
+        bench::run(b, cpus)
     }
     let test = vmfork_core::cmdline::value(bootargs, "selftest");
     if test.is_some() {

@@ -2,7 +2,9 @@
 //! on its command line, collects the `bench: {json}` lines the monitor prints
 //! (hypervisor/monitor/src/bench.rs), then prints a table, writes `results.json` and an SVG plot
 //! of fork latency against guest memory. With `--runs 2` (the default) it boots QEMU twice, in
-//! parallel, and reports how closely the two runs agree. See docs/BENCHMARKS.md.
+//! parallel, and reports how closely the two runs agree. The `smp` phase (part of `all`) needs a
+//! boot of its own, made once after those: several CPUs, multi-threaded TCG and no `-icount`
+//! (see [`smp_args`]). See docs/BENCHMARKS.md.
 
 mod report;
 mod svg;
@@ -28,10 +30,11 @@ struct Options {
     timeout: Duration,
     svg_copy: Option<PathBuf>,
     replot: Option<PathBuf>,
+    smp_workers: Option<usize>,
 }
 
-const USAGE: &str = "usage: vmfork-bench [--qemu BIN] [--monitor ELF] [--out DIR] [--phases all|fork,cow,reset,density,fuzz,idle,scale]
-                    [--runs N] [--mem 4G] [--timeout-secs S] [--svg-copy PATH]
+const USAGE: &str = "usage: vmfork-bench [--qemu BIN] [--monitor ELF] [--out DIR] [--phases all|fork,cow,reset,density,fuzz,idle,scale,smp]
+                    [--runs N] [--mem 4G] [--timeout-secs S] [--svg-copy PATH] [--smp-workers N]
        vmfork-bench --replot results.json [--svg-copy PATH]   (table and plot again, no QEMU)";
 
 fn parse_args() -> Result<Options> {
@@ -45,6 +48,7 @@ fn parse_args() -> Result<Options> {
         timeout: Duration::from_secs(840),
         svg_copy: None,
         replot: None,
+        smp_workers: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -64,6 +68,13 @@ fn parse_args() -> Result<Options> {
             }
             "--svg-copy" => o.svg_copy = Some(PathBuf::from(val()?)),
             "--replot" => o.replot = Some(PathBuf::from(val()?)),
+            "--smp-workers" => {
+                let n: usize = val()?.parse().context("--smp-workers takes a number")?;
+                if !(2..=7).contains(&n) {
+                    bail!("--smp-workers takes 2 to 7 (the monitor drives 8 CPUs)");
+                }
+                o.smp_workers = Some(n);
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -77,10 +88,63 @@ fn parse_args() -> Result<Options> {
     Ok(o)
 }
 
+/// The phases of the `-icount` runs (`None`: there are none) and whether the `smp` boot runs.
+fn split_phases(phases: &str) -> (Option<String>, bool) {
+    if phases == "all" {
+        return (Some(String::from("all")), true);
+    }
+    let mut smp = false;
+    let rest: Vec<&str> = phases
+        .split(',')
+        .filter(|p| {
+            let is_smp = *p == "smp";
+            smp |= is_smp;
+            !is_smp && !p.is_empty()
+        })
+        .collect();
+    ((!rest.is_empty()).then(|| rest.join(",")), smp)
+}
+
+/// Worker CPUs of the `smp` boot: one per host core up to 4 (a vCPU thread each), at least 2.
+fn smp_workers(o: &Options) -> usize {
+    o.smp_workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .clamp(2, 4)
+    })
+}
+
+/// The QEMU command line of the `smp` boot: the workers plus the boot CPU (which only sleeps
+/// between readings), multi-threaded TCG (each CPU a host thread, so exits of different CPUs
+/// really overlap) and no `-icount` (it serialises the CPUs): the counter follows host time.
+fn smp_args(o: &Options) -> Vec<String> {
+    [
+        "-M",
+        "virt,virtualization=on,gic-version=3",
+        "-cpu",
+        "max,pauth-impdef=on",
+        "-accel",
+        "tcg,thread=multi",
+        "-smp",
+        &(smp_workers(o) + 1).to_string(),
+        "-m",
+        &o.mem,
+        "-nographic",
+        "-semihosting",
+        "-kernel",
+        &o.monitor.display().to_string(),
+        "-append",
+        "log=warn bench=smp",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// The QEMU command line of one run. `-icount shift=0,sleep=off`: the virtual clock advances by
 /// 1 ns per emulated instruction and never with host time, so the monitor's counter readings
 /// repeat run to run. One CPU: the benchmark runs on the boot CPU only.
-fn qemu_args(o: &Options) -> Vec<String> {
+fn qemu_args(o: &Options, phases: &str) -> Vec<String> {
     [
         "-M",
         "virt,virtualization=on,gic-version=3",
@@ -98,10 +162,7 @@ fn qemu_args(o: &Options) -> Vec<String> {
         &o.monitor.display().to_string(),
         "-append",
         // The scale phase forks until VMIDs run out (65,534): lift the VM limits past that.
-        &format!(
-            "log=warn max_vms=65536 max_forks_per_tree=65536 bench={}",
-            o.phases
-        ),
+        &format!("log=warn max_vms=65536 max_forks_per_tree=65536 bench={phases}"),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -114,10 +175,10 @@ struct Run {
     wall: Duration,
 }
 
-fn run_once(o: &Options, index: usize) -> Result<Run> {
+fn run_once(o: &Options, args: &[String], index: usize) -> Result<Run> {
     let start = Instant::now();
     let mut child = Command::new(&o.qemu)
-        .args(qemu_args(o))
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -224,19 +285,24 @@ fn replot(o: &Options, path: &Path) -> Result<()> {
         .iter()
         .map(|r| r["lines"].as_array().cloned().unwrap_or_default())
         .collect();
-    let first = runs.first().context("results.json has no runs")?;
-    let targets = report::targets(first);
+    let smp = results["smp_run"]["lines"].as_array().cloned();
+    if runs.is_empty() && smp.is_none() {
+        bail!("results.json has no runs");
+    }
+    let mut first = runs.first().cloned().unwrap_or_default();
+    first.extend(smp.unwrap_or_default());
+    let targets = report::targets(&first);
     print!(
         "{}",
         report::table(
-            first,
+            &first,
             &targets,
             &report::agreement(&runs),
             results["qemu"].as_str().unwrap_or("?"),
             &results["machine"]
         )
     );
-    let plot = svg::fork_plot(first);
+    let plot = svg::fork_plot(&first);
     let svg_path = o
         .svg_copy
         .clone()
@@ -259,56 +325,83 @@ fn main() -> Result<()> {
         );
     }
     let qemu = qemu_version(&o.qemu);
-    eprintln!(
-        "vmfork-bench: {} run(s) of `{} {}`",
-        o.runs,
-        o.qemu,
-        qemu_args(&o).join(" ")
-    );
-    // The runs are independent QEMU processes with deterministic virtual time: run them side by
-    // side (one host core each).
-    let runs: Vec<Result<Run>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..o.runs)
-            .map(|i| {
-                let o = &o;
-                s.spawn(move || run_once(o, i))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("run thread panicked")))
-            })
-            .collect()
-    });
-    let runs: Vec<Run> = runs.into_iter().collect::<Result<_>>()?;
-    let first = &runs[0].lines;
-    let targets = report::targets(first);
+    let (icount_phases, smp) = split_phases(&o.phases);
+    if icount_phases.is_none() && !smp {
+        bail!("--phases names no phase\n{USAGE}");
+    }
+    let args = icount_phases.as_deref().map(|p| qemu_args(&o, p));
+    let runs: Vec<Run> = match &args {
+        None => Vec::new(),
+        Some(args) => {
+            eprintln!(
+                "vmfork-bench: {} run(s) of `{} {}`",
+                o.runs,
+                o.qemu,
+                args.join(" ")
+            );
+            // The runs are independent QEMU processes with deterministic virtual time: run them
+            // side by side (one host core each).
+            let runs: Vec<Result<Run>> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..o.runs)
+                    .map(|i| {
+                        let (o, args) = (&o, &args);
+                        s.spawn(move || run_once(o, args, i))
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(anyhow::anyhow!("run thread panicked")))
+                    })
+                    .collect()
+            });
+            runs.into_iter().collect::<Result<_>>()?
+        }
+    };
+    // The smp boot measures host time: alone, after the others.
+    let smp_args = smp.then(|| smp_args(&o));
+    let smp_run = match &smp_args {
+        None => None,
+        Some(a) => {
+            eprintln!("vmfork-bench: the smp run: `{} {}`", o.qemu, a.join(" "));
+            Some(run_once(&o, a, o.runs)?)
+        }
+    };
+    let mut first = runs.first().map(|r| r.lines.clone()).unwrap_or_default();
+    if let Some(r) = &smp_run {
+        first.extend(r.lines.iter().cloned());
+    }
+    let targets = report::targets(&first);
     let agreement = report::agreement(&runs.iter().map(|r| r.lines.clone()).collect::<Vec<_>>());
     let machine = machine();
     print!(
         "{}",
-        report::table(first, &targets, &agreement, &qemu, &machine)
+        report::table(&first, &targets, &agreement, &qemu, &machine)
     );
 
     std::fs::create_dir_all(&o.out)
         .with_context(|| format!("cannot create {}", o.out.display()))?;
     let results = json!({
         "qemu": qemu,
-        "qemu_args": qemu_args(&o),
+        "qemu_args": args,
         "machine": machine,
         "runs": runs.iter().map(|r| json!({
             "wall_secs": r.wall.as_secs_f64(),
             "lines": r.lines,
         })).collect::<Vec<_>>(),
+        "smp_run": smp_run.as_ref().map(|r| json!({
+            "qemu_args": smp_args,
+            "wall_secs": r.wall.as_secs_f64(),
+            "lines": r.lines,
+        })),
         "targets": targets.iter().map(report::Target::to_json).collect::<Vec<_>>(),
         "agreement": agreement,
     });
     let json_path = o.out.join("results.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&results)?)
         .with_context(|| format!("cannot write {}", json_path.display()))?;
-    let plot = svg::fork_plot(first);
+    let plot = svg::fork_plot(&first);
     let svg_path = o.out.join("bench-fork.svg");
     std::fs::write(&svg_path, &plot)
         .with_context(|| format!("cannot write {}", svg_path.display()))?;
@@ -320,9 +413,27 @@ fn main() -> Result<()> {
         json_path.display(),
         svg_path.display(),
         runs.iter()
+            .chain(smp_run.as_ref())
             .map(|r| format!("{:.0} s", r.wall.as_secs_f64()))
             .collect::<Vec<_>>()
             .join(", ")
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_split_into_the_icount_runs_and_the_smp_boot() {
+        assert_eq!(split_phases("all"), (Some(String::from("all")), true));
+        assert_eq!(
+            split_phases("fork,cow"),
+            (Some(String::from("fork,cow")), false)
+        );
+        assert_eq!(split_phases("fork,smp"), (Some(String::from("fork")), true));
+        assert_eq!(split_phases("smp"), (None, true));
+        assert_eq!(split_phases(""), (None, false));
+    }
 }

@@ -66,6 +66,10 @@ pub fn progress(v: &Value) -> String {
             "scale: {} children, stopped by {}",
             v["children"], v["stopped_by"]
         ),
+        "smp" => format!(
+            "smp round {}: {} VM(s) on {} CPU(s): {} exits/s",
+            v["round"], v["vms"], v["vms"], v["exits_per_sec"]
+        ),
         other => other.to_string(),
     }
 }
@@ -131,6 +135,38 @@ impl Target {
 
 fn median(lines: &[Value], kind: &str, with: &[(&str, Value)]) -> Option<f64> {
     find(lines, kind, with).and_then(|v| num(v, "median_ns"))
+}
+
+/// The `smp` phase per round: (round, exits/s of 1 VM, exits/s of N VMs, N), rounds with both.
+fn smp_rounds(lines: &[Value]) -> Vec<(u64, f64, f64, u64)> {
+    let mut out = Vec::new();
+    for one in of(lines, "smp").filter(|v| v["vms"] == 1) {
+        let round = one["round"].clone();
+        let Some(n) = one["workers"].as_u64() else {
+            continue;
+        };
+        let many = find(lines, "smp", &[("round", round.clone()), ("vms", json!(n))]);
+        if let (Some(a), Some(b)) = (
+            num(one, "exits_per_sec"),
+            many.and_then(|m| num(m, "exits_per_sec")),
+        ) {
+            out.push((round.as_u64().unwrap_or(0), a, b, n));
+        }
+    }
+    out
+}
+
+/// The median of the rounds' ratios (N VMs on N CPUs / 1 VM on 1 CPU) and N.
+fn smp_ratio(lines: &[Value]) -> Option<(f64, u64)> {
+    let rounds = smp_rounds(lines);
+    let n = rounds.first()?.3;
+    let mut r: Vec<f64> = rounds
+        .iter()
+        .filter(|x| x.1 > 0.0)
+        .map(|x| x.2 / x.1)
+        .collect();
+    r.sort_by(f64::total_cmp);
+    r.get(r.len() / 2).map(|&m| (m, n))
 }
 
 /// The targets of issue 6 that this run has figures for.
@@ -229,6 +265,16 @@ pub fn targets(lines: &[Value]) -> Vec<Target> {
                 });
             }
         }
+    }
+    if let Some((ratio, n)) = smp_ratio(lines) {
+        // Issue 15: 4 VMs on 4 CPUs >= 3.5 x 1 VM on 1 CPU; the same share with other counts.
+        t.push(Target {
+            name: format!("exits/s, {n} VMs on {n} CPUs / 1 VM on 1 CPU"),
+            value: ratio,
+            limit: 0.875 * n as f64,
+            unit: "x",
+            at_most: false,
+        });
     }
     t
 }
@@ -519,6 +565,31 @@ pub fn table(
         );
     }
 
+    let rounds = smp_rounds(lines);
+    if !rounds.is_empty() {
+        let n = rounds[0].3;
+        let _ = writeln!(
+            w,
+            "\n8. Scale across CPUs: exits/s of busy VMs, one per CPU (host wall clock: {}+1 CPUs, multi-threaded TCG, no icount)",
+            n
+        );
+        let _ = writeln!(
+            w,
+            "  {:>6} {:>16} {:>16} {:>8}",
+            "round",
+            "1 VM, 1 CPU",
+            format!("{n} VMs, {n} CPUs"),
+            "ratio"
+        );
+        for (round, one, many, _) in &rounds {
+            let _ = writeln!(
+                w,
+                "  {round:>6} {one:>16.0} {many:>16.0} {:>8.2}",
+                if *one > 0.0 { many / one } else { 0.0 }
+            );
+        }
+    }
+
     if !targets.is_empty() {
         let _ = writeln!(w, "\nTargets (issue 6)");
         for t in targets {
@@ -630,5 +701,31 @@ mod tests {
         assert!(s.contains("60023 children of a 16 MiB guest; stopped by: heap"));
         assert!(s.contains("6. Idle forks") && s.contains("90.00"), "{s}");
         assert!(s.contains("all forks 1.04 s, destroying all 0.77 s; destroy: 12.80 us"));
+    }
+
+    #[test]
+    fn smp_ratio_is_the_median_of_the_rounds_paired_within_each() {
+        let smp = |round: u64, vms: u64, eps: u64| json!({"bench":"smp","round":round,"vms":vms,"workers":2,"exits_per_sec":eps});
+        // Round 1's host was slower for both windows: pairing within the round cancels it.
+        let l = vec![
+            smp(0, 1, 1000),
+            smp(0, 2, 1900),
+            smp(1, 1, 500),
+            smp(1, 2, 950),
+            smp(2, 1, 1000),
+            smp(2, 2, 1200),
+        ];
+        let (ratio, n) = smp_ratio(&l).unwrap();
+        assert_eq!(n, 2);
+        assert!((ratio - 1.9).abs() < 1e-9, "{ratio}");
+        let t = targets(&l);
+        let scale = target(&t, "exits/s, 2 VMs on 2 CPUs");
+        assert!(scale.met() && scale.limit == 1.75);
+        let s = table(&l, &t, &json!({"runs":1}), "QEMU x", &json!({}));
+        assert!(
+            s.contains("8. Scale across CPUs") && s.contains("1.20"),
+            "{s}"
+        );
+        assert!(smp_ratio(&[smp(0, 1, 1000)]).is_none(), "no pair, no ratio");
     }
 }
