@@ -80,9 +80,9 @@ const WORKLOAD_BUF: u64 = layout::RAM_BASE + 16 * MIB;
 const WORKLOAD_WFI: u64 = 64 + 6 * 4;
 
 /// SMP phase: alternating windows (1 VM, then N VMs), each after a warm-up, in host microseconds.
-const SMP_ROUNDS: u64 = 5;
+const SMP_ROUNDS: u64 = 9;
 const SMP_WARMUP_MICROS: u64 = 100_000;
-const SMP_WINDOW_MICROS: u64 = 500_000;
+const SMP_WINDOW_MICROS: u64 = 400_000;
 /// The most worker CPUs the `smp` phase uses.
 const SMP_MAX_WORKERS: usize = 4;
 
@@ -1088,7 +1088,7 @@ fn phase_smp(cpus: usize) -> Result<(), String> {
     let result = (|| -> Result<(), String> {
         for round in 0..SMP_ROUNDS {
             for n in [1, workers] {
-                let (exits, ticks) = smp_window(&ids[..n])?;
+                let (exits, ticks, (handled, waited)) = smp_window(&ids[..n])?;
                 let per_sec = (exits as u128 * crate::arch::counter().1 as u128)
                     .checked_div(ticks as u128)
                     .unwrap_or(0) as u64;
@@ -1099,6 +1099,8 @@ fn phase_smp(cpus: usize) -> Result<(), String> {
                     .u("exits", exits)
                     .u("window_ns", ns(ticks))
                     .u("exits_per_sec", per_sec)
+                    .u("exits_handled", handled)
+                    .u("exits_waited", waited)
                     .emit();
             }
         }
@@ -1116,13 +1118,15 @@ fn phase_smp(cpus: usize) -> Result<(), String> {
 }
 
 /// Lets the VMs `ids` run (the others stay paused) and counts their exits over one window after
-/// a warm-up: (exits, counter ticks of the window). Pauses them again before it returns.
-fn smp_window(ids: &[u32]) -> Result<(u64, u64), String> {
+/// a warm-up: (exits, counter ticks of the window, and the scheduler's own counts over it:
+/// exits handled and exits that waited for a lock held by another CPU). Pauses them again
+/// before it returns.
+fn smp_window(ids: &[u32]) -> Result<(u64, u64, (u64, u64)), String> {
     set_running(ids, true);
     sleep_micros(SMP_WARMUP_MICROS);
-    let (c0, t0) = (exit_counts(ids), now());
+    let (c0, t0, s0) = (exit_counts(ids), now(), crate::sched::exit_counts());
     sleep_micros(SMP_WINDOW_MICROS);
-    let (c1, t1) = (exit_counts(ids), now());
+    let (c1, t1, s1) = (exit_counts(ids), now(), crate::sched::exit_counts());
     set_running(ids, false);
     // Every vCPU off its CPU before the next window starts with another set.
     sleep_micros(SMP_WARMUP_MICROS / 10);
@@ -1133,7 +1137,7 @@ fn smp_window(ids: &[u32]) -> Result<(u64, u64), String> {
             "a VM of {ids:?} took no exit in the window (counts {c0:?} -> {c1:?}): is every CPU scheduling?"
         ));
     }
-    Ok((exits, t1 - t0))
+    Ok((exits, t1 - t0, (s1.0 - s0.0, s1.1 - s0.1)))
 }
 
 /// Resumes (`run`) or pauses the VMs `ids`, kicking the CPUs that must notice.

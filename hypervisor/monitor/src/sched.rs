@@ -281,6 +281,42 @@ fn store_cpuif(s: &mut CpuIfState) {
     gic::write_ich_hcr(0);
 }
 
+/// One CPU's exit counts, alone on its cache line (CPUs never write each other's).
+#[repr(align(64))]
+struct ExitCounts {
+    exits: AtomicU64,
+    waited: AtomicU64,
+}
+
+/// Per CPU: guest exits handled, and those of them that found a lock they needed (their VM's or
+/// the table's) held by another CPU. `bench=smp` reads them: exits of different VMs on
+/// different CPUs should never wait on one another.
+static EXIT_COUNTS: [ExitCounts; MAX_CPUS] = [const {
+    ExitCounts {
+        exits: AtomicU64::new(0),
+        waited: AtomicU64::new(0),
+    }
+}; MAX_CPUS];
+
+/// (exits, exits that waited for a lock) of every CPU together, since boot.
+pub fn exit_counts() -> (u64, u64) {
+    EXIT_COUNTS.iter().fold((0, 0), |(e, w), c| {
+        (
+            e + c.exits.load(Ordering::Relaxed),
+            w + c.waited.load(Ordering::Relaxed),
+        )
+    })
+}
+
+/// Takes `m`, noting in `waited` whether another CPU held it.
+fn lock_noting<'a, T>(m: &'a Mutex<T>, waited: &mut bool) -> spin::MutexGuard<'a, T> {
+    if let Some(g) = m.try_lock() {
+        return g;
+    }
+    *waited = true;
+    m.lock()
+}
+
 /// Runs vCPU `p.vcpu` of VM `p.id` on physical CPU `cpu` until it leaves the CPU (its slice
 /// ends, it waits, its VM stops or pauses). Its exits are handled under its VM's lock alone
 /// ([`vmfork_core::machine::vmmap`]): the table lock is taken only when the vCPU goes back or
@@ -297,11 +333,14 @@ pub(crate) fn run_vcpu(cpu: usize, p: Picked) {
     SLICE_OVER[cpu].store(false, Ordering::SeqCst);
     let pauth = PAUTH.load(Ordering::Relaxed);
     let nr_lrs = NR_LRS.load(Ordering::Relaxed) as usize;
+    let counts = &EXIT_COUNTS[cpu];
     loop {
+        // Whether this entry and its exit found a lock held by another CPU.
+        let mut waited = false;
         // Prepare under the VM's lock: deliver a due virtual-timer interrupt, fill the list
         // registers.
         let setup = {
-            let mut guard = handle.lock();
+            let mut guard = lock_noting(&handle, &mut waited);
             let vm = &mut *guard;
             // A vCPU only runs with its VM's own vGIC (the copy of a shared one is made here,
             // before anything else, so no exit of a running vCPU ever copies it); with no heap
@@ -370,12 +409,13 @@ pub(crate) fn run_vcpu(cpu: usize, p: Picked) {
         }
 
         let now = timer::now();
+        counts.exits.fetch_add(1, Ordering::Relaxed);
         let Handled {
             next,
             mut kicks,
             stop,
         } = {
-            let mut guard = handle.lock();
+            let mut guard = lock_noting(&handle, &mut waited);
             let vm = &mut *guard;
             // Never a copy here: the vGIC was made the VM's own before the vCPU ran.
             if let Some(vgic) = vm.vgic_mut(h) {
@@ -405,12 +445,18 @@ pub(crate) fn run_vcpu(cpu: usize, p: Picked) {
         let slice_over = SLICE_OVER[cpu].load(Ordering::SeqCst) || now >= slice_end;
         if next == Next::Resume && !slice_over && stop.is_none() {
             // The common case (an emulated access, a copy-on-write fault): no table lock.
+            if waited {
+                counts.waited.fetch_add(1, Ordering::Relaxed);
+            }
             crate::kick::send(&kicks);
             continue;
         }
         // The vCPU leaves its CPU, or its VM must stop: table-wide changes, under the table
         // lock (then the VM's, in that order).
-        let mut guard = VMS.lock();
+        let mut guard = lock_noting(&VMS, &mut waited);
+        if waited {
+            counts.waited.fetch_add(1, Ordering::Relaxed);
+        }
         let t = &mut *guard;
         if let Some(reason) = stop {
             kicks.merge(t.stop(id, reason));

@@ -67,8 +67,13 @@ pub fn progress(v: &Value) -> String {
             v["children"], v["stopped_by"]
         ),
         "smp" => format!(
-            "smp round {}: {} VM(s) on {} CPU(s): {} exits/s",
-            v["round"], v["vms"], v["vms"], v["exits_per_sec"]
+            "smp round {}: {} VM(s) on {} CPU(s): {} exits/s, {} of {} waited for a lock",
+            v["round"],
+            v["vms"],
+            v["vms"],
+            v["exits_per_sec"],
+            v["exits_waited"],
+            v["exits_handled"]
         ),
         other => other.to_string(),
     }
@@ -575,17 +580,32 @@ pub fn table(
         );
         let _ = writeln!(
             w,
-            "  {:>6} {:>16} {:>16} {:>8}",
+            "  {:>6} {:>16} {:>16} {:>8} {:>22} {:>22}",
             "round",
             "1 VM, 1 CPU",
             format!("{n} VMs, {n} CPUs"),
-            "ratio"
+            "ratio",
+            "waited for a lock (1)",
+            format!("waited for a lock ({n})")
         );
+        let waited = |round: u64, vms: u64| {
+            find(
+                lines,
+                "smp",
+                &[("round", json!(round)), ("vms", json!(vms))],
+            )
+            .map_or_else(
+                || String::from("-"),
+                |v| format!("{} of {}", v["exits_waited"], v["exits_handled"]),
+            )
+        };
         for (round, one, many, _) in &rounds {
             let _ = writeln!(
                 w,
-                "  {round:>6} {one:>16.0} {many:>16.0} {:>8.2}",
-                if *one > 0.0 { many / one } else { 0.0 }
+                "  {round:>6} {one:>16.0} {many:>16.0} {:>8.2} {:>22} {:>22}",
+                if *one > 0.0 { many / one } else { 0.0 },
+                waited(*round, 1),
+                waited(*round, n)
             );
         }
     }
