@@ -35,10 +35,11 @@ use core::ops::RangeBounds;
 
 use super::vm::Vm;
 
-/// A VM with its lock.
-pub type VmLock = spin::Mutex<Vm>;
+/// A VM with its lock. The `Vm` stays in the `Box` it was built in: moving its ~850 bytes into
+/// the lock's allocation (three copies and an allocation) made every fork 4.9 us slower.
+pub type VmLock = spin::Mutex<Box<Vm>>;
 /// A locked VM: the lock is held until it is dropped.
-pub type VmGuard<'a> = spin::MutexGuard<'a, Vm>;
+pub type VmGuard<'a> = spin::MutexGuard<'a, Box<Vm>>;
 /// A VM, to lock outside the table lock (a CPU handling one of its vCPU's exits).
 pub type VmHandle = Arc<VmLock>;
 
@@ -113,8 +114,7 @@ impl VmMap {
     }
 
     /// Adds (or replaces) VM `id`, active.
-    pub fn insert(&mut self, id: u32, vm: Box<Vm>) {
-        let mut vm = *vm;
+    pub fn insert(&mut self, id: u32, mut vm: Box<Vm>) {
         vm.active = true;
         Self::activate(&mut self.active, &mut self.timers, &mut self.timer_of, id);
         self.map.insert(id, Arc::new(spin::Mutex::new(vm)));
