@@ -1,48 +1,61 @@
-//! A fake monitor: a thread serving the control protocol on a Unix socket over a small in-memory
-//! model of VMs. It is the reference semantics of the server side (`docs/PROTOCOL.md` describes
-//! it); the tests run the real `vmfork` binary against it.
+//! A fake monitor for the tool's tests (cargo feature `fake`, off by default: it does not ship
+//! in the `vmfork` library): the monitor's own control-protocol server
+//! (`vmfork_core::machine::server::Server`) over its own machine model
+//! (`VmTable<FakeHost>`: fake physical memory, clock and heap), served on a Unix socket, with a
+//! small fake guest in every running VM. Nothing here is a second implementation of the
+//! protocol or of the VMs: copy-on-write counts, forks, resets, dumps, restores and diffs are
+//! the real code's.
 //!
-//! The model: a VM's memory is a vector of pages, each an `Arc<u64>` standing for a frame whose
-//! every 64-bit word holds that value. Forking clones the vector (sharing every frame); a write to
-//! a frame that anything else references allocates a new frame (a COW fault). A VM keeps its fork
-//! point (the vector as it was at fork/creation) so `Reset` can go back to it. The fake guest's
-//! console echoes input, and a line `poke N` writes N pages starting at page 1.
+//! What is the fake's own:
+//! - The socket front: one thread per connection, each with a `Server` of its own over the one
+//!   table (the real monitor has one connection, its virtio console; `vmfork mux` multiplexes).
+//!   It feeds received bytes to `Server::input`, runs the fake guest, calls `Server::pump` and
+//!   writes out what the server made; with nothing received it still runs the guest and pumps
+//!   every few milliseconds, so that console output streams. A connection that goes is ended
+//!   for its server as a new client's `Hello` would (its consoles detached, uploads dropped,
+//!   dumps closed).
+//! - Two knobs the tests use, done in the front and not in the server: a claimed protocol
+//!   version other than ours (frames of another version are answered `VersionMismatch` by the
+//!   front; frames of the claimed version are passed on as ours and the server's answers sent
+//!   back as the claimed version), and fault injection on `DumpRead` (answered `Internal` by the
+//!   front from a given offset on, as if the monitor failed half-way through a dump).
+//! - The fake guest ([`Guest`]): run between server steps on every running VM, through the
+//!   model's real paths, as the scheduler would run a vCPU: it is entered as the scheduler
+//!   enters a vCPU (its vGIC and new vmgenid ID applied), reads its UART and writes to it by
+//!   trapped MMIO accesses through the exit path (`handle_sync`), and stores to RAM as the
+//!   hardware does, taking the stage-2 copy-on-write fault through the exit path when the page
+//!   is not writable. It prints `fake guest NAME (vm N) booted` when it first runs,
+//!   `vm N: forked from vm P` in a fork, `vm N: restored from snapshot` in a restored VM and
+//!   `reset to fork point` after a reset (it tells these apart by a new vmgenid ID and whether it
+//!   knew the VM); it echoes its console input, and a line `poke N` writes N pages starting at
+//!   page 1 (wrapping before the end of RAM) and prints `poked N pages`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex as StdMutex, MutexGuard};
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
-use vmfork_proto::frame::FrameError;
-use vmfork_proto::snapshot::{self, Snapshot, SnapshotHeader, PAGE_BYTES};
-use vmfork_proto::{
-    Decoder, DiffReport, ErrorReply, GlobalStats, PageRange, PauseReason, Request, Response,
-    StopReason, UploadPurpose, VmId, VmInfo, VmState, CHUNK_SIZE, MAX_DIFF_RANGES, MAX_IMAGE_BYTES,
-    MAX_REQUEST_PAYLOAD, PROTOCOL_VERSION,
+use spin::Mutex;
+use vmfork_core::addr::{Ipa, PhysAddr, PAGE_SIZE};
+use vmfork_core::esr::Esr;
+use vmfork_core::guest_dtb::layout;
+use vmfork_core::machine::fake::FakeHost;
+use vmfork_core::machine::ops::INTERNAL_ID_BASE;
+use vmfork_core::machine::server::{self, Server};
+use vmfork_core::machine::{
+    handle_sync, GuestSpec, Host, NewIdentity, Next, Syndrome, VcpuState, VmState, VmTable,
 };
+use vmfork_core::physmem::PhysMem;
+use vmfork_core::vuart::FR_RXFE;
+use vmfork_proto::frame::encode_frame;
+use vmfork_proto::{Decoder, ErrorReply, Request, Response, VmInfo, PROTOCOL_VERSION};
 
 /// Guest RAM base, as on QEMU virt.
-pub const RAM_BASE: u64 = 0x4000_0000;
-/// Counter frequency the fake reports (QEMU virt's CNTFRQ_EL0).
-pub const COUNTER_HZ: u64 = 62_500_000;
-/// Ticks the fake reports for each fork.
-pub const FORK_TICKS: u64 = 1_000;
-/// Most console output a VM keeps for replay on attach.
-pub const CONSOLE_LOG: usize = 4096;
-/// Most VMs alive at once (the monitor's default `max_vms=`).
-pub const MAX_VMS: u32 = 4096;
-/// Most forks alive in one fork tree the fake reports (the monitor's default; not enforced).
-pub const MAX_FORKS_PER_TREE: u32 = 1024;
-/// The fake's "heap": a fixed size, of which a fixed part is the reserve, and a model of its use
-/// (a base plus so much per VM).
-pub const HEAP_BYTES: u64 = 32 << 20;
-/// Reserve the fake reports (the monitor's smallest).
-pub const HEAP_RESERVE: u64 = 6 << 20;
-/// Heap the fake counts per live VM.
-pub const HEAP_PER_VM: u64 = 8 << 10;
+pub const RAM_BASE: u64 = layout::RAM_BASE;
 
 /// How the fake monitor starts.
 #[derive(Clone, Debug)]
@@ -69,46 +82,24 @@ impl Default for FakeConfig {
     }
 }
 
-type Page = Arc<u64>;
-type Out = Arc<Mutex<UnixStream>>;
-
-struct Sub {
-    conn: u64,
-    attach_id: u32,
-    out: Out,
+/// A tiny Linux arm64 `Image` (the header and a page of nothing): the kernel of the initial
+/// VMs. Tests that create VMs need one too (the real loader checks the header).
+pub fn tiny_image() -> Vec<u8> {
+    let mut b = vec![0u8; 4096];
+    b[0..4].copy_from_slice(&0x9100_0000u32.to_le_bytes());
+    b[16..24].copy_from_slice(&(4096u64).to_le_bytes()); // image_size
+    b[56..60].copy_from_slice(b"ARM\x64");
+    b
 }
 
-struct Vm {
-    id: u32,
-    parent: Option<u32>,
-    name: String,
-    state: VmState,
-    vcpus: u32,
-    cmdline: String,
-    pages: Vec<Page>,
-    origin: Vec<Page>,
-    cow_faults: u64,
-    forks: u64,
-    last_fork_ticks: u64,
-    log: Vec<u8>,
-    line: Vec<u8>,
-    pending_input: Vec<u8>,
-    subs: Vec<Sub>,
-}
-
-struct Model {
-    vms: BTreeMap<u32, Vm>,
-    next_id: u32,
-    next_value: u64,
-    total_frames: u64,
-}
+type Table = Mutex<VmTable<FakeHost>>;
 
 struct Shared {
-    model: Mutex<Model>,
+    vms: Table,
+    guest: StdMutex<Guest>,
     stop: AtomicBool,
-    version: u16,
-    conns: Mutex<Vec<UnixStream>>,
-    fail_dump_reads_from: Option<u64>,
+    conns: StdMutex<Vec<UnixStream>>,
+    config: FakeConfig,
 }
 
 /// A running fake monitor. Dropping it stops the server and closes every connection.
@@ -126,47 +117,50 @@ impl std::fmt::Debug for FakeMonitor {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+fn lock<T>(m: &StdMutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl FakeMonitor {
     /// Binds `path` and serves it on a thread.
     pub fn start(path: &Path, config: FakeConfig) -> io::Result<FakeMonitor> {
-        let listener = UnixListener::bind(path)?;
-        let mut model = Model {
-            vms: BTreeMap::new(),
-            next_id: 1,
-            next_value: 1,
-            total_frames: config.total_frames,
-        };
+        let frames = usize::try_from(config.total_frames).map_err(io::Error::other)?;
+        let mut table = VmTable::new(FakeHost::new(frames));
+        let kernel = tiny_image();
         for (name, mem, vcpus) in &config.initial_vms {
-            model
-                .create(name, b"fake kernel", *mem, *vcpus, "")
+            table
+                .create(&GuestSpec {
+                    name: name.clone(),
+                    kernel: &kernel,
+                    initrd: None,
+                    mem: *mem,
+                    cpus: *vcpus,
+                    cmdline: String::new(),
+                })
                 .map_err(|e| io::Error::other(e.to_string()))?;
         }
+        let listener = UnixListener::bind(path)?;
         let shared = Arc::new(Shared {
-            model: Mutex::new(model),
+            vms: Mutex::new(table),
+            guest: StdMutex::new(Guest::default()),
             stop: AtomicBool::new(false),
-            version: config.version,
-            conns: Mutex::new(Vec::new()),
-            fail_dump_reads_from: config.fail_dump_reads_from,
+            conns: StdMutex::new(Vec::new()),
+            config,
         });
+        // The initial VMs boot (and say so) before anyone connects.
+        lock(&shared.guest).step(&shared.vms);
         let s = shared.clone();
         let accept = thread::spawn(move || {
-            let mut conn_id = 0u64;
             for stream in listener.incoming() {
                 if s.stop.load(Ordering::SeqCst) {
                     return;
                 }
                 let Ok(stream) = stream else { continue };
-                conn_id += 1;
                 if let Ok(c) = stream.try_clone() {
                     lock(&s.conns).push(c);
                 }
                 let s = s.clone();
-                let id = conn_id;
-                thread::spawn(move || serve(s, id, stream));
+                thread::spawn(move || serve(&s, stream));
             }
         });
         Ok(FakeMonitor {
@@ -183,7 +177,12 @@ impl FakeMonitor {
 
     /// The VMs, as `List` would report them.
     pub fn list(&self) -> Vec<VmInfo> {
-        lock(&self.shared.model).list()
+        let t = self.shared.vms.lock();
+        t.vms
+            .iter()
+            .filter(|(_, v)| !v.internal)
+            .map(|(_, v)| server::info(&t.host, v))
+            .collect()
     }
 }
 
@@ -204,804 +203,345 @@ impl Drop for FakeMonitor {
     }
 }
 
-struct Upload {
-    purpose: UploadPurpose,
-    total: u64,
-    data: Vec<u8>,
-}
+/// How often a connection with nothing received runs the guest and pumps.
+const IDLE_POLL: Duration = Duration::from_millis(5);
 
-struct Conn {
-    id: u64,
-    out: Out,
-    hello: bool,
-    uploads: HashMap<u32, Upload>,
-    dumps: HashMap<u32, Vec<u8>>,
-    next_handle: u32,
-}
-
-fn send(out: &Out, version: u16, id: u32, resp: &Response) -> io::Result<()> {
-    let mut buf = Vec::new();
-    resp.encode_frame_as(version, id, &mut buf)
-        .map_err(|e| io::Error::other(e.to_string()))?;
-    lock(out).write_all(&buf)
-}
-
-fn serve(shared: Arc<Shared>, conn_id: u64, stream: UnixStream) {
-    let Ok(write_half) = stream.try_clone() else {
+/// Serves one connection with a server of its own.
+fn serve(shared: &Shared, mut stream: UnixStream) {
+    let monitor = format!("vmfork fake monitor {}", env!("CARGO_PKG_VERSION"));
+    let mut server = Server::new(&shared.vms, monitor);
+    let mut front = Front::new(&shared.config);
+    if stream.set_read_timeout(Some(IDLE_POLL)).is_err() {
         return;
-    };
-    let mut conn = Conn {
-        id: conn_id,
-        out: Arc::new(Mutex::new(write_half)),
-        hello: false,
-        uploads: HashMap::new(),
-        dumps: HashMap::new(),
-        next_handle: 1,
-    };
-    let mut dec = Decoder::with_max_payload(MAX_REQUEST_PAYLOAD);
-    let mut stream = stream;
+    }
     let mut buf = vec![0u8; 64 * 1024];
-    loop {
+    while !shared.stop.load(Ordering::SeqCst) {
         let n = match stream.read(&mut buf) {
-            Ok(0) | Err(_) => break,
+            Ok(0) => break,
             Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
+                0
+            }
+            Err(_) => break,
         };
-        let mut replies = Vec::new();
-        for r in dec.push(&buf[..n]) {
-            match r {
-                Ok(frame) if frame.version != shared.version => replies.push((
-                    frame.id,
-                    Response::Error(ErrorReply::VersionMismatch {
-                        ours: shared.version,
-                        theirs: frame.version,
-                    }),
-                )),
-                Ok(frame) => {
-                    match Request::decode(frame.kind, &frame.payload) {
-                        Ok(req) => {
-                            // Replies go out in order, after any events the request caused.
-                            for reply in handle(&shared, &mut conn, frame.id, req) {
-                                replies.push(reply);
-                            }
-                        }
-                        Err(e) => replies.push((
-                            frame.id,
-                            Response::Error(ErrorReply::BadRequest(e.to_string())),
-                        )),
-                    }
-                }
-                Err(FrameError::TooLarge { id, len, max }) => replies.push((
-                    id,
-                    Response::Error(ErrorReply::BadRequest(format!(
-                        "frame of {len} bytes exceeds the request cap of {max}"
-                    ))),
-                )),
-                Err(FrameError::BadCrc { id }) => replies.push((
-                    id,
-                    Response::Error(ErrorReply::BadRequest("frame CRC mismatch".into())),
-                )),
-                Err(_) => {}
-            }
-            // Write as we go so that replies and events interleave in order.
-            for (id, r) in replies.drain(..) {
-                if send(&conn.out, shared.version, id, &r).is_err() {
-                    break;
-                }
-            }
+        let mut out = Vec::new();
+        front.input(shared, &mut server, &buf[..n], &mut out);
+        if !out.is_empty() && stream.write_all(&out).is_err() {
+            break;
         }
     }
-    // The client vanished: drop its console subscriptions, uploads and dumps.
-    let mut m = lock(&shared.model);
-    for vm in m.vms.values_mut() {
-        vm.subs.retain(|s| s.conn != conn.id);
+    // The client went: end its session as a new client's Hello would (consoles detached,
+    // uploads dropped, dumps closed), and drop what that answers.
+    let mut hello = Vec::new();
+    let bye = Request::Hello {
+        version: PROTOCOL_VERSION,
+        client: "gone".into(),
+    };
+    if bye.encode_frame(0, &mut hello).is_ok() {
+        let mut sink = Vec::new();
+        step(shared, &mut server, &hello, &mut sink);
     }
 }
 
-/// Handles one request; returns the frames to send to the requester, in order.
-fn handle(shared: &Shared, conn: &mut Conn, id: u32, req: Request) -> Vec<(u32, Response)> {
-    let err = |e: ErrorReply| vec![(id, Response::Error(e))];
-    let bad = |s: String| vec![(id, Response::Error(ErrorReply::BadRequest(s)))];
-    if let Request::Hello { version, .. } = req {
-        if version != shared.version {
-            return err(ErrorReply::VersionMismatch {
-                ours: shared.version,
-                theirs: version,
-            });
+/// Feeds `bytes` to the server and runs it, with the guest between its steps, until it has
+/// nothing left to do.
+fn step(shared: &Shared, server: &mut Server<'_, FakeHost>, bytes: &[u8], out: &mut Vec<u8>) {
+    server.input(bytes, out);
+    loop {
+        lock(&shared.guest).step(&shared.vms);
+        server.pump(out);
+        // Kicks are for physical CPUs: the fake guest runs every VM at each step anyway.
+        let _ = server.take_kicks();
+        if !server.backlog() {
+            break;
         }
-        conn.hello = true;
-        return vec![(
-            id,
-            Response::HelloReply {
-                version: shared.version,
-                monitor: format!("vmfork fake monitor {}", env!("CARGO_PKG_VERSION")),
-            },
-        )];
-    }
-    if !conn.hello {
-        return bad("say Hello first".into());
-    }
-    let mut m = lock(&shared.model);
-    let one = |r: Result<Response, ErrorReply>| vec![(id, r.unwrap_or_else(Response::Error))];
-    match req {
-        Request::Hello { .. } => Vec::new(),
-        Request::List => vec![(id, Response::VmList(m.list()))],
-        Request::Info { vm } => one(m.info(vm.0).map(Response::VmInfo)),
-        Request::Stats { vm } => {
-            let info = match vm {
-                Some(v) => match m.info(v.0) {
-                    Ok(i) => Some(i),
-                    Err(e) => return err(e),
-                },
-                None => None,
-            };
-            vec![(
-                id,
-                Response::Stats {
-                    global: m.global(),
-                    vm: info,
-                },
-            )]
-        }
-        Request::Fork { vm, count, paused } => one(m.fork(vm.0, count, paused)),
-        Request::Pause { vm } => one(m.pause(vm.0)),
-        Request::Resume { vm } => one(m.resume(vm.0)),
-        Request::Reset { vm } => one(m.reset(vm.0)),
-        Request::Kill { vm } => one(m.kill(vm.0)),
-        Request::UploadBegin { purpose, total_len } => {
-            if purpose != UploadPurpose::Snapshot && total_len > MAX_IMAGE_BYTES {
-                return bad(format!(
-                    "image of {total_len} bytes exceeds {MAX_IMAGE_BYTES}"
-                ));
-            }
-            if total_len > m.free_frames().saturating_mul(PAGE_BYTES as u64) {
-                return err(ErrorReply::OutOfMemory);
-            }
-            let h = conn.next_handle;
-            conn.next_handle += 1;
-            conn.uploads.insert(
-                h,
-                Upload {
-                    purpose,
-                    total: total_len,
-                    data: Vec::new(),
-                },
-            );
-            vec![(id, Response::UploadReady { upload: h })]
-        }
-        Request::UploadChunk {
-            upload,
-            offset,
-            data,
-        } => {
-            let Some(u) = conn.uploads.get_mut(&upload) else {
-                return bad(format!("no upload {upload}"));
-            };
-            if offset != u.data.len() as u64 {
-                return bad(format!(
-                    "upload {upload}: chunk at offset {offset}, expected {}",
-                    u.data.len()
-                ));
-            }
-            if offset + data.len() as u64 > u.total {
-                return bad(format!(
-                    "upload {upload}: more than the announced {} bytes",
-                    u.total
-                ));
-            }
-            u.data.extend_from_slice(&data);
-            vec![(id, Response::Ok)]
-        }
-        Request::Create {
-            kernel,
-            initrd,
-            mem_bytes,
-            vcpus,
-            cmdline,
-        } => {
-            let k = match take_upload(conn, kernel, UploadPurpose::Kernel) {
-                Ok(k) => k,
-                Err(e) => return err(e),
-            };
-            if let Some(i) = initrd {
-                if let Err(e) = take_upload(conn, i, UploadPurpose::Initrd) {
-                    return err(e);
-                }
-            }
-            one(m
-                .create("guest", &k, mem_bytes, vcpus, &cmdline)
-                .map(|vm| Response::Created { vm: VmId(vm) }))
-        }
-        Request::ConsoleAttach { vm } => {
-            let Some(v) = m.vms.get_mut(&vm.0) else {
-                return err(ErrorReply::NoSuchVm(vm));
-            };
-            v.subs.retain(|s| s.conn != conn.id);
-            v.subs.push(Sub {
-                conn: conn.id,
-                attach_id: id,
-                out: conn.out.clone(),
-            });
-            let mut out = vec![(id, Response::Ok)];
-            if !v.log.is_empty() {
-                out.push((
-                    id,
-                    Response::ConsoleOutput {
-                        vm,
-                        data: v.log.clone(),
-                    },
-                ));
-            }
-            out
-        }
-        Request::ConsoleDetach { vm } => {
-            let Some(v) = m.vms.get_mut(&vm.0) else {
-                return err(ErrorReply::NoSuchVm(vm));
-            };
-            v.subs.retain(|s| s.conn != conn.id);
-            vec![(id, Response::Ok)]
-        }
-        Request::ConsoleInput { vm, data } => {
-            // Release the requester's own output lock order: events are written inside.
-            one(m.input(vm.0, &data, shared.version).map(|()| Response::Ok))
-        }
-        Request::Dump { vm } => match m.dump(vm.0) {
-            Ok(bytes) => {
-                let h = conn.next_handle;
-                conn.next_handle += 1;
-                let total_len = bytes.len() as u64;
-                conn.dumps.insert(h, bytes);
-                vec![(id, Response::DumpReady { dump: h, total_len })]
-            }
-            Err(e) => err(e),
-        },
-        Request::DumpRead {
-            dump,
-            offset,
-            max_len,
-        } => {
-            let Some(d) = conn.dumps.get(&dump) else {
-                return bad(format!("no dump {dump}"));
-            };
-            if shared.fail_dump_reads_from.is_some_and(|at| offset >= at) {
-                return err(ErrorReply::Internal(format!(
-                    "injected failure: dump read at {offset}"
-                )));
-            }
-            let start = usize::try_from(offset).unwrap_or(usize::MAX).min(d.len());
-            let len = (max_len as usize).min(CHUNK_SIZE).min(d.len() - start);
-            vec![(
-                id,
-                Response::DumpData {
-                    dump,
-                    offset,
-                    data: d[start..start + len].to_vec(),
-                },
-            )]
-        }
-        Request::DumpClose { dump } => {
-            if conn.dumps.remove(&dump).is_none() {
-                return bad(format!("no dump {dump}"));
-            }
-            vec![(id, Response::Ok)]
-        }
-        Request::Restore { upload } => {
-            let bytes = match take_upload(conn, upload, UploadPurpose::Snapshot) {
-                Ok(b) => b,
-                Err(e) => return err(e),
-            };
-            one(m
-                .restore(&bytes)
-                .map(|vm| Response::Created { vm: VmId(vm) }))
-        }
-        Request::Diff { a, b } => one(m.diff(a.0, b.0).map(Response::Diff)),
+        server.input(&[], out);
     }
 }
 
-fn take_upload(conn: &mut Conn, h: u32, purpose: UploadPurpose) -> Result<Vec<u8>, ErrorReply> {
-    match conn.uploads.get(&h) {
-        None => Err(ErrorReply::BadRequest(format!("no upload {h}"))),
-        Some(u) if u.purpose != purpose => Err(ErrorReply::BadRequest(format!(
-            "upload {h} is not a {purpose:?} upload"
-        ))),
-        Some(u) if (u.data.len() as u64) != u.total => Err(ErrorReply::BadRequest(format!(
-            "upload {h} is incomplete: {} of {} bytes",
-            u.data.len(),
-            u.total
-        ))),
-        Some(_) => Ok(conn.uploads.remove(&h).map(|u| u.data).unwrap_or_default()),
-    }
+/// The socket front's own part: the claimed version and the dump-read fault injection (see the
+/// module documentation). With neither, bytes go to the server as they came.
+struct Front {
+    version: u16,
+    fail_dump_reads_from: Option<u64>,
+    decoder: Decoder,
 }
 
-fn no_such(id: u32) -> ErrorReply {
-    ErrorReply::NoSuchVm(VmId(id))
-}
-
-/// The 4 KiB contents the fake stands for with page value `v`.
-fn page_bytes(v: u64) -> Vec<u8> {
-    v.to_le_bytes().repeat(PAGE_BYTES / 8)
-}
-
-/// The page value standing for 4 KiB of contents: the repeated word if uniform, else a hash.
-fn page_value(data: &[u8]) -> u64 {
-    let first = data.get(..8).map_or(0, |w| {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(w);
-        u64::from_le_bytes(a)
-    });
-    if data.chunks(8).all(|w| w == first.to_le_bytes()) {
-        first
-    } else {
-        u64::from(vmfork_proto::crc::crc32(data)) | 1 << 63
-    }
-}
-
-impl Model {
-    fn used_frames(&self) -> u64 {
-        let mut seen: HashSet<*const u64> = HashSet::new();
-        for vm in self.vms.values() {
-            for p in vm.pages.iter().chain(&vm.origin) {
-                seen.insert(Arc::as_ptr(p));
-            }
-        }
-        seen.len() as u64
-    }
-
-    fn free_frames(&self) -> u64 {
-        self.total_frames.saturating_sub(self.used_frames())
-    }
-
-    fn global(&self) -> GlobalStats {
-        let used = self.used_frames();
-        GlobalStats {
-            free_frames: self.total_frames.saturating_sub(used),
-            used_frames: used,
-            total_frames: self.total_frames,
-            vms: self.vms.len() as u32,
-            counter_hz: COUNTER_HZ,
-            heap_used: self.heap_used(),
-            heap_free: HEAP_BYTES.saturating_sub(self.heap_used()),
-            heap_reserve: HEAP_RESERVE,
-            max_vms: MAX_VMS,
-            max_forks_per_tree: MAX_FORKS_PER_TREE,
+impl Front {
+    fn new(config: &FakeConfig) -> Self {
+        Front {
+            version: config.version,
+            fail_dump_reads_from: config.fail_dump_reads_from,
+            decoder: Decoder::with_max_payload(vmfork_proto::MAX_REQUEST_PAYLOAD),
         }
     }
 
-    fn heap_used(&self) -> u64 {
-        (1 << 20) + self.vms.len() as u64 * HEAP_PER_VM
-    }
-
-    /// How many live VMs map each frame.
-    fn mappers(&self) -> HashMap<*const u64, u32> {
-        let mut n = HashMap::new();
-        for vm in self.vms.values() {
-            for p in &vm.pages {
-                *n.entry(Arc::as_ptr(p)).or_insert(0) += 1;
-            }
-        }
-        n
-    }
-
-    fn info_with(&self, vm: &Vm, mappers: &HashMap<*const u64, u32>) -> VmInfo {
-        let private = vm
-            .pages
-            .iter()
-            .filter(|p| mappers.get(&Arc::as_ptr(p)).copied().unwrap_or(0) <= 1)
-            .count() as u64;
-        VmInfo {
-            id: VmId(vm.id),
-            parent: vm.parent.map(VmId),
-            name: vm.name.clone(),
-            state: vm.state.clone(),
-            vcpus: vm.vcpus,
-            mem_bytes: vm.pages.len() as u64 * PAGE_BYTES as u64,
-            private_pages: private,
-            shared_pages: vm.pages.len() as u64 - private,
-            cow_faults: vm.cow_faults,
-            forks: vm.forks,
-            last_fork_ticks: vm.last_fork_ticks,
-        }
-    }
-
-    fn list(&self) -> Vec<VmInfo> {
-        let m = self.mappers();
-        self.vms.values().map(|v| self.info_with(v, &m)).collect()
-    }
-
-    fn info(&self, id: u32) -> Result<VmInfo, ErrorReply> {
-        let vm = self.vms.get(&id).ok_or(no_such(id))?;
-        Ok(self.info_with(vm, &self.mappers()))
-    }
-
-    fn new_id(&mut self) -> u32 {
-        let id = self.next_id;
-        self.next_id += 1;
-        id
-    }
-
-    fn create(
+    fn input(
         &mut self,
-        name: &str,
-        kernel: &[u8],
-        mem_bytes: u64,
-        vcpus: u32,
-        cmdline: &str,
-    ) -> Result<u32, ErrorReply> {
-        if !(1..=64).contains(&vcpus) {
-            return Err(ErrorReply::BadRequest(format!(
-                "{vcpus} vCPUs: must be 1 to 64"
-            )));
+        shared: &Shared,
+        server: &mut Server<'_, FakeHost>,
+        bytes: &[u8],
+        out: &mut Vec<u8>,
+    ) {
+        if self.version == PROTOCOL_VERSION && self.fail_dump_reads_from.is_none() {
+            return step(shared, server, bytes, out);
         }
-        if mem_bytes < 1 << 20 || !mem_bytes.is_multiple_of(PAGE_BYTES as u64) {
-            return Err(ErrorReply::BadRequest(format!(
-                "memory of {mem_bytes} bytes: must be a multiple of 4 KiB and at least 1 MiB"
-            )));
+        // Frame by frame, so that what the front answers itself stays in order. Frames the
+        // decoder refuses are dropped here (no test with a knob sends any).
+        let frames: Vec<_> = self.decoder.push(bytes).filter_map(Result::ok).collect();
+        if frames.is_empty() {
+            return self.relay(shared, server, &[], out);
         }
-        if kernel.is_empty() {
-            return Err(ErrorReply::BadRequest("empty kernel image".into()));
-        }
-        let pages = mem_bytes / PAGE_BYTES as u64;
-        if pages > self.free_frames() {
-            return Err(ErrorReply::OutOfMemory);
-        }
-        // The kernel is "loaded" at the start of RAM.
-        let kpages = kernel.len().div_ceil(PAGE_BYTES);
-        let pages: Vec<Page> = (0..pages as usize)
-            .map(|i| {
-                Arc::new(match kernel.get(i * PAGE_BYTES..) {
-                    Some(k) if i < kpages => {
-                        u64::from(vmfork_proto::crc::crc32(&k[..k.len().min(PAGE_BYTES)])) | 1
-                    }
-                    _ => 0,
-                })
-            })
-            .collect();
-        let id = self.new_id();
-        let name = if name == "guest" {
-            format!("guest{id}")
-        } else {
-            name.to_string()
-        };
-        let log = format!("fake guest {name} (vm {id}) booted\r\n").into_bytes();
-        self.vms.insert(
-            id,
-            Vm {
-                id,
-                parent: None,
-                name,
-                state: VmState::Running,
-                vcpus,
-                cmdline: cmdline.to_string(),
-                origin: pages.clone(),
-                pages,
-                cow_faults: 0,
-                forks: 0,
-                last_fork_ticks: 0,
-                log,
-                line: Vec::new(),
-                pending_input: Vec::new(),
-                subs: Vec::new(),
-            },
-        );
-        Ok(id)
-    }
-
-    fn fork(&mut self, parent: u32, count: u32, paused: bool) -> Result<Response, ErrorReply> {
-        if !(1..=1024).contains(&count) {
-            return Err(ErrorReply::BadRequest(format!(
-                "fork count {count}: must be 1 to 1024"
-            )));
-        }
-        let p = self.vms.get(&parent).ok_or(no_such(parent))?;
-        if let VmState::Stopped { .. } = p.state {
-            return Err(ErrorReply::BadRequest(format!("vm {parent} is stopped")));
-        }
-        let alive = self.vms.len() as u32;
-        if alive.saturating_add(count) > MAX_VMS {
-            return Err(ErrorReply::BadRequest(format!(
-                "limit reached: max_vms={MAX_VMS}, {alive} alive and {count} more asked for"
-            )));
-        }
-        let (pname, vcpus, cmdline, pages, first_n) = (
-            p.name.clone(),
-            p.vcpus,
-            p.cmdline.clone(),
-            p.pages.clone(),
-            p.forks,
-        );
-        let mut children = Vec::new();
-        for k in 0..u64::from(count) {
-            let id = self.new_id();
-            let log = format!("vm {id}: forked from vm {parent}\r\n").into_bytes();
-            self.vms.insert(
-                id,
-                Vm {
-                    id,
-                    parent: Some(parent),
-                    name: format!("{pname}.{}", first_n + k + 1),
-                    state: if paused {
-                        VmState::Paused {
-                            reason: PauseReason::Forked,
-                        }
-                    } else {
-                        VmState::Running
-                    },
-                    vcpus,
-                    cmdline: cmdline.clone(),
-                    pages: pages.clone(),
-                    origin: pages.clone(),
-                    cow_faults: 0,
-                    forks: 0,
-                    last_fork_ticks: 0,
-                    log,
-                    line: Vec::new(),
-                    pending_input: Vec::new(),
-                    subs: Vec::new(),
-                },
-            );
-            children.push(VmId(id));
-        }
-        if let Some(p) = self.vms.get_mut(&parent) {
-            p.forks += u64::from(count);
-            p.last_fork_ticks = FORK_TICKS;
-        }
-        Ok(Response::Forked { children })
-    }
-
-    fn pause(&mut self, id: u32) -> Result<Response, ErrorReply> {
-        let vm = self.vms.get_mut(&id).ok_or(no_such(id))?;
-        match vm.state {
-            VmState::Running => {
-                vm.state = VmState::Paused {
-                    reason: PauseReason::Requested,
+        for f in frames {
+            if f.version != self.version {
+                let r = Response::Error(ErrorReply::VersionMismatch {
+                    ours: self.version,
+                    theirs: f.version,
+                });
+                let _ = r.encode_frame_as(self.version, f.id, out);
+                continue;
+            }
+            if let (Some(at), Ok(Request::DumpRead { offset, .. })) = (
+                self.fail_dump_reads_from,
+                Request::decode(f.kind, &f.payload),
+            ) {
+                if offset >= at {
+                    let r = Response::Error(ErrorReply::Internal(format!(
+                        "injected failure: dump read at {offset}"
+                    )));
+                    let _ = r.encode_frame_as(self.version, f.id, out);
+                    continue;
                 }
             }
-            VmState::Paused { .. } => {}
-            VmState::Stopped { .. } => {
-                return Err(ErrorReply::BadRequest(format!("vm {id} is stopped")))
+            let mut frame = Vec::new();
+            if encode_frame(PROTOCOL_VERSION, f.kind, f.id, &f.payload, &mut frame).is_ok() {
+                self.relay(shared, server, &frame, out);
             }
         }
-        Ok(Response::Ok)
     }
 
-    fn resume(&mut self, id: u32) -> Result<Response, ErrorReply> {
-        let vm = self.vms.get_mut(&id).ok_or(no_such(id))?;
-        match vm.state {
-            VmState::Paused { .. } => vm.state = VmState::Running,
-            VmState::Running => {}
-            VmState::Stopped { .. } => {
-                return Err(ErrorReply::BadRequest(format!("vm {id} is stopped")))
-            }
+    /// Runs the server on `bytes` and passes on what it answers as the claimed version.
+    fn relay(
+        &mut self,
+        shared: &Shared,
+        server: &mut Server<'_, FakeHost>,
+        bytes: &[u8],
+        out: &mut Vec<u8>,
+    ) {
+        let mut answers = Vec::new();
+        step(shared, server, bytes, &mut answers);
+        if self.version == PROTOCOL_VERSION {
+            return out.extend_from_slice(&answers);
         }
-        let pending = std::mem::take(&mut vm.pending_input);
-        self.run_input(id, &pending);
-        Ok(Response::Ok)
-    }
-
-    fn reset(&mut self, id: u32) -> Result<Response, ErrorReply> {
-        let vm = self.vms.get_mut(&id).ok_or(no_such(id))?;
-        // As the monitor: only a fork has a point to go back to.
-        if vm.parent.is_none() {
-            return Err(ErrorReply::BadRequest(format!(
-                "vm{id} is not a fork: it has no fork point"
-            )));
+        for f in Decoder::new().push(&answers).filter_map(Result::ok) {
+            let _ = encode_frame(self.version, f.kind, f.id, &f.payload, out);
         }
-        vm.pages = vm.origin.clone();
-        vm.state = VmState::Running;
-        vm.line.clear();
-        vm.pending_input.clear();
-        self.output(id, b"reset to fork point\r\n");
-        Ok(Response::Ok)
     }
+}
 
-    fn kill(&mut self, id: u32) -> Result<Response, ErrorReply> {
-        let vm = self.vms.remove(&id).ok_or(no_such(id))?;
-        // As the monitor: the console stream ends with why the VM went.
-        let closed = Response::ConsoleClosed {
-            vm: VmId(id),
-            reason: "killed by the control channel".into(),
-        };
-        for s in vm.subs {
-            let _ = send_raw(&s.out, s.attach_id, &closed);
+/// Bytes of console input the guest reads in one run, at most.
+const READ_PER_RUN: usize = 4096;
+
+/// The fake guest of every VM (see the module documentation). What it keeps outside the VMs is
+/// only what a guest would keep in its own memory and registers: which VMs it has run in and
+/// the console line typed so far; and the value its next `poke` store writes (different for
+/// every store, so that a poked page differs from every other one).
+#[derive(Default)]
+struct Guest {
+    /// VMs it has run in, with the console line typed so far.
+    known: HashMap<u32, Vec<u8>>,
+    next_value: u64,
+}
+
+impl Guest {
+    /// Runs every running VM once.
+    fn step(&mut self, vms: &Table) {
+        let mut t = vms.lock();
+        let ids: Vec<u32> = t
+            .vms
+            .keys()
+            .copied()
+            .filter(|&id| id < INTERNAL_ID_BASE)
+            .collect();
+        self.known.retain(|id, _| t.vms.contains_key(id));
+        for id in ids {
+            self.run(&mut t, id);
         }
-        Ok(Response::Ok)
     }
 
-    /// Console input: queued while paused, dropped when stopped.
-    fn input(&mut self, id: u32, data: &[u8], _version: u16) -> Result<(), ErrorReply> {
-        let vm = self.vms.get_mut(&id).ok_or(no_such(id))?;
-        match vm.state {
-            VmState::Running => self.run_input(id, data),
-            VmState::Paused { .. } => vm.pending_input.extend_from_slice(data),
-            VmState::Stopped { .. } => {}
-        }
-        Ok(())
-    }
-
-    /// The fake guest: echo, and run `poke N` lines.
-    fn run_input(&mut self, id: u32, data: &[u8]) {
-        for &b in data {
-            self.output(id, &[b]);
-            let Some(vm) = self.vms.get_mut(&id) else {
+    fn run(&mut self, t: &mut VmTable<FakeHost>, id: u32) {
+        // Entered as the scheduler enters vCPU 0: only a running VM whose vCPU 0 is not on a
+        // CPU; its own vGIC and its new vmgenid ID first.
+        let entered = {
+            let h = &t.host;
+            let Some(vm) = t.vms.get_mut(&id) else {
                 return;
             };
+            let ready = vm.schedulable() && vm.vcpus.first().is_some_and(|v| v.ctx.is_some());
+            if !ready {
+                return;
+            }
+            let new_identity = vm.new_identity != NewIdentity::Done;
+            let ok = vm.vgic_mut(h).is_some() && vm.apply_new_identity(h);
+            ok.then(|| (new_identity, vm.parent, vm.name.clone()))
+        };
+        let Some((new_identity, parent, name)) = entered else {
+            return;
+        };
+        let hello = match (self.known.contains_key(&id), parent, new_identity) {
+            (false, Some(p), _) => Some(format!("vm {id}: forked from vm {p}\r\n")),
+            (false, None, true) => Some(format!("vm {id}: restored from snapshot\r\n")),
+            (false, None, false) => Some(format!("fake guest {name} (vm {id}) booted\r\n")),
+            (true, _, true) => Some("reset to fork point\r\n".to_string()),
+            (true, _, false) => None,
+        };
+        if hello.is_some() {
+            self.known.insert(id, Vec::new());
+        }
+        if let Some(text) = hello {
+            if !print(t, id, text.as_bytes()) {
+                return;
+            }
+        }
+        for _ in 0..READ_PER_RUN {
+            let Some(fr) = mmio(t, id, layout::UART_BASE + 0x18, None) else {
+                return;
+            };
+            if fr & u64::from(FR_RXFE) != 0 {
+                return;
+            }
+            let Some(b) = mmio(t, id, layout::UART_BASE, None) else {
+                return;
+            };
+            let b = b as u8;
+            let echo: &[u8] = if b == b'\r' { b"\r\n" } else { &[b] };
+            if !print(t, id, echo) {
+                return;
+            }
+            let line = self.known.entry(id).or_default();
             if b == b'\n' || b == b'\r' {
-                let line = String::from_utf8_lossy(&std::mem::take(&mut vm.line)).into_owned();
-                if b == b'\r' {
-                    self.output(id, b"\n");
+                let line = String::from_utf8_lossy(&std::mem::take(line)).into_owned();
+                if !self.command(t, id, line.trim()) {
+                    return;
                 }
-                self.command(id, line.trim());
-            } else {
-                vm.line.push(b);
+            } else if line.len() < 4096 {
+                line.push(b);
             }
         }
     }
 
-    fn command(&mut self, id: u32, line: &str) {
+    /// Runs a console line; false when the VM stopped running.
+    fn command(&mut self, t: &mut VmTable<FakeHost>, id: u32, line: &str) -> bool {
         let Some(n) = line
             .strip_prefix("poke ")
             .and_then(|n| n.trim().parse::<u64>().ok())
         else {
-            return;
+            return true;
         };
-        let mut free = self.free_frames();
-        let mut written = 0u64;
-        let Some(vm) = self.vms.get_mut(&id) else {
-            return;
+        let Some(pages) = t.vms.get(&id).map(|v| v.ram_size / PAGE_SIZE) else {
+            return false;
         };
-        let npages = vm.pages.len() as u64;
+        let span = pages.saturating_sub(1).max(1);
         for k in 0..n {
-            let i = (1 + k % npages.saturating_sub(1).max(1)) as usize % vm.pages.len().max(1);
-            let value = self.next_value;
+            let page = 1 + k % span;
             self.next_value += 1;
-            match Arc::get_mut(&mut vm.pages[i]) {
-                Some(v) => *v = value,
-                None => {
-                    if free == 0 {
-                        vm.state = VmState::Stopped {
-                            reason: StopReason::OutOfMemory,
-                        };
-                        break;
-                    }
-                    free -= 1;
-                    vm.cow_faults += 1;
-                    vm.pages[i] = Arc::new(value);
-                }
-            }
-            written += 1;
-        }
-        self.output(id, format!("poked {written} pages\r\n").as_bytes());
-    }
-
-    /// Guest output: logged for replay, and streamed to attached consoles.
-    fn output(&mut self, id: u32, data: &[u8]) {
-        let Some(vm) = self.vms.get_mut(&id) else {
-            return;
-        };
-        vm.log.extend_from_slice(data);
-        if vm.log.len() > CONSOLE_LOG {
-            let cut = vm.log.len() - CONSOLE_LOG;
-            vm.log.drain(..cut);
-        }
-        let resp = Response::ConsoleOutput {
-            vm: VmId(id),
-            data: data.to_vec(),
-        };
-        vm.subs
-            .retain(|s| send_raw(&s.out, s.attach_id, &resp).is_ok());
-    }
-
-    fn dump(&self, id: u32) -> Result<Vec<u8>, ErrorReply> {
-        let vm = self.vms.get(&id).ok_or(no_such(id))?;
-        let mut out = Vec::new();
-        SnapshotHeader {
-            name: vm.name.clone(),
-            vcpus: vm.vcpus,
-            mem_bytes: vm.pages.len() as u64 * PAGE_BYTES as u64,
-            ram_base: RAM_BASE,
-            cmdline: vm.cmdline.clone(),
-            state: vm.log.clone(),
-        }
-        .encode(&mut out);
-        let mut i = 0;
-        while i < vm.pages.len() {
-            if *vm.pages[i] == 0 {
-                i += 1;
-                continue;
-            }
-            let start = i;
-            let mut data = Vec::new();
-            while i < vm.pages.len() && *vm.pages[i] != 0 && i - start < 256 {
-                data.extend(page_bytes(*vm.pages[i]));
-                i += 1;
-            }
-            snapshot::encode_run(start as u64, &data, &mut out);
-        }
-        snapshot::encode_end(&mut out);
-        Ok(out)
-    }
-
-    fn restore(&mut self, bytes: &[u8]) -> Result<u32, ErrorReply> {
-        let mut values = Vec::new();
-        let header = Snapshot::visit(bytes, |first, data| {
-            for (k, page) in data.chunks(PAGE_BYTES).enumerate() {
-                values.push((first + k as u64, page_value(page)));
-            }
-        })
-        .map_err(|e| ErrorReply::BadRequest(format!("not a valid snapshot: {e}")))?;
-        let npages = header.mem_bytes / PAGE_BYTES as u64;
-        if npages > self.free_frames() {
-            return Err(ErrorReply::OutOfMemory);
-        }
-        if !(1..=64).contains(&header.vcpus) {
-            return Err(ErrorReply::BadRequest(
-                "snapshot has a bad vCPU count".into(),
-            ));
-        }
-        let mut pages: Vec<Page> = (0..npages).map(|_| Arc::new(0)).collect();
-        for (i, v) in values {
-            if let Some(p) = pages.get_mut(i as usize) {
-                *p = Arc::new(v);
+            let ipa = RAM_BASE + (page % pages.max(1)) * PAGE_SIZE;
+            if !store(t, id, ipa, self.next_value) {
+                // Paused (no frame for the copy): the guest stops here, as a vCPU would.
+                return false;
             }
         }
-        let id = self.new_id();
-        let mut log = header.state.clone();
-        log.extend_from_slice(format!("vm {id}: restored from snapshot\r\n").as_bytes());
-        self.vms.insert(
-            id,
-            Vm {
-                id,
-                parent: None,
-                name: header.name,
-                state: VmState::Running,
-                vcpus: header.vcpus,
-                cmdline: header.cmdline,
-                origin: pages.clone(),
-                pages,
-                cow_faults: 0,
-                forks: 0,
-                last_fork_ticks: 0,
-                log,
-                line: Vec::new(),
-                pending_input: Vec::new(),
-                subs: Vec::new(),
-            },
-        );
-        Ok(id)
-    }
-
-    fn diff(&self, a: u32, b: u32) -> Result<DiffReport, ErrorReply> {
-        let va = self.vms.get(&a).ok_or(no_such(a))?;
-        let vb = self.vms.get(&b).ok_or(no_such(b))?;
-        let n = va.pages.len().min(vb.pages.len());
-        let mut ranges: Vec<PageRange> = Vec::new();
-        let mut differing = 0u64;
-        let mut truncated = false;
-        for i in 0..n {
-            let (pa, pb) = (&va.pages[i], &vb.pages[i]);
-            if Arc::ptr_eq(pa, pb) || **pa == **pb {
-                continue;
-            }
-            differing += 1;
-            let full = ranges.len() == MAX_DIFF_RANGES;
-            match ranges.last_mut() {
-                Some(r) if r.first_page + r.pages == i as u64 => r.pages += 1,
-                _ if full => truncated = true,
-                _ => ranges.push(PageRange {
-                    first_page: i as u64,
-                    pages: 1,
-                }),
-            }
-        }
-        Ok(DiffReport {
-            ram_base: RAM_BASE,
-            pages_compared: n as u64,
-            differing_pages: differing,
-            ranges,
-            truncated,
-        })
+        print(t, id, format!("poked {n} pages\r\n").as_bytes())
     }
 }
 
-fn send_raw(out: &Out, id: u32, resp: &Response) -> io::Result<()> {
-    send(out, PROTOCOL_VERSION, id, resp)
+/// Writes `text` to the UART's data register, a byte at a time; false when the VM stopped
+/// running.
+fn print(t: &mut VmTable<FakeHost>, id: u32, text: &[u8]) -> bool {
+    text.iter()
+        .all(|&b| mmio(t, id, layout::UART_BASE, Some(u64::from(b))).is_some())
+}
+
+/// The ESR of a data abort from a lower EL with a valid syndrome: an access of 2^`size_log2`
+/// bytes through X1, with fault status `dfsc`.
+fn data_abort(write: bool, size_log2: u64, dfsc: u64) -> Esr {
+    let ec = 0x24u64;
+    let sf = if size_log2 == 3 { 1 << 15 } else { 0 };
+    let wnr = if write { 1 << 6 } else { 0 };
+    Esr((ec << 26) | (1 << 25) | (1 << 24) | (size_log2 << 22) | (1 << 16) | sf | wnr | dfsc)
+}
+
+/// A trapped access of vCPU 0 of VM `id` at `ipa` through the exit path, as the scheduler runs
+/// one: the context leaves the VM, the exit is handled, the context goes back. A 32-bit access
+/// through X1 (`write` is the value stored), or with `dfsc` a RAM fault of a 64-bit store.
+/// Returns X1 afterwards (what a load read), or None when the VM is not to run on.
+fn trap(t: &mut VmTable<FakeHost>, id: u32, ipa: u64, write: Option<u64>, esr: Esr) -> Option<u64> {
+    let mut ctx = {
+        let vm = t.vms.get_mut(&id)?;
+        let ctx = vm.vcpus.first_mut()?.ctx.take()?;
+        vm.vcpus[0].state = VcpuState::Running(0);
+        ctx
+    };
+    ctx.regs.x[1] = write.unwrap_or(0);
+    let pc = ctx.regs.pc;
+    let syn = Syndrome {
+        esr,
+        far: ipa & 0xfff,
+        hpfar: (ipa >> 12) << 4,
+    };
+    let (next, _kicks) = handle_sync(t, id, 0, &mut ctx, syn);
+    let x1 = ctx.regs.x[1];
+    // The guest's "program" does not move: the same instructions serve every access.
+    ctx.regs.pc = pc;
+    let _ = t.put_back(id, 0, ctx, VcpuState::Runnable);
+    let running = t
+        .vms
+        .get(&id)
+        .is_some_and(|v| matches!(v.state, VmState::Running));
+    (next == Next::Resume && running).then_some(x1)
+}
+
+/// A 32-bit MMIO access of the guest (a device register).
+fn mmio(t: &mut VmTable<FakeHost>, id: u32, ipa: u64, write: Option<u64>) -> Option<u64> {
+    // A translation fault: devices are not mapped at stage 2.
+    trap(t, id, ipa, write, data_abort(write.is_some(), 2, 0b00_0101))
+}
+
+/// A guest store of `value` at RAM address `ipa`: straight to memory when the page is mapped
+/// writable (as the hardware would), else the stage-2 fault is taken through the exit path
+/// (copy-on-write) and the store made again. False when the VM is not to run on (paused for
+/// want of a frame, stopped).
+fn store(t: &mut VmTable<FakeHost>, id: u32, ipa: u64, value: u64) -> bool {
+    for _ in 0..2 {
+        let tr = {
+            let Some(vm) = t.vms.get(&id) else {
+                return false;
+            };
+            let Some(s2) = vm.s2.as_ref() else {
+                return false;
+            };
+            t.host.with_mem(|cx| s2.translate(&*cx.mem, Ipa(ipa)))
+        };
+        let Some(tr) = tr else {
+            return false;
+        };
+        if tr.hw_walkable && tr.perms.write {
+            t.host
+                .with_mem(|cx| cx.mem.write(PhysAddr(tr.pa.0), &value.to_le_bytes()));
+            return true;
+        }
+        // A marker on the walk is a translation fault, a read-only leaf a permission fault.
+        let dfsc = if tr.hw_walkable { 0b00_1111 } else { 0b00_0101 };
+        if trap(t, id, ipa, Some(value), data_abort(true, 3, dfsc)).is_none() {
+            return false;
+        }
+    }
+    false
 }
