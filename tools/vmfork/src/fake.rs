@@ -181,7 +181,7 @@ impl FakeMonitor {
         t.vms
             .iter()
             .filter(|(_, v)| !v.internal)
-            .map(|(_, v)| server::info(&t.host, v))
+            .map(|(_, v)| server::info(&t.host, &v))
             .collect()
     }
 }
@@ -381,7 +381,7 @@ impl Guest {
         // CPU; its own vGIC and its new vmgenid ID first.
         let entered = {
             let h = &t.host;
-            let Some(vm) = t.vms.get_mut(&id) else {
+            let Some(mut vm) = t.vms.get_mut(&id) else {
                 return;
             };
             let ready = vm.schedulable() && vm.vcpus.first().is_some_and(|v| v.ctx.is_some());
@@ -484,7 +484,7 @@ fn data_abort(write: bool, size_log2: u64, dfsc: u64) -> Esr {
 /// Returns X1 afterwards (what a load read), or None when the VM is not to run on.
 fn trap(t: &mut VmTable<FakeHost>, id: u32, ipa: u64, write: Option<u64>, esr: Esr) -> Option<u64> {
     let mut ctx = {
-        let vm = t.vms.get_mut(&id)?;
+        let mut vm = t.vms.get_mut(&id)?;
         let ctx = vm.vcpus.first_mut()?.ctx.take()?;
         vm.vcpus[0].state = VcpuState::Running(0);
         ctx
