@@ -19,6 +19,8 @@
 //!   front; frames of the claimed version are passed on as ours and the server's answers sent
 //!   back as the claimed version), and fault injection on `DumpRead` (answered `Internal` by the
 //!   front from a given offset on, as if the monitor failed half-way through a dump).
+//!   A third, in the host: [`FakeMonitor::set_heap_low`] makes the heap look exhausted, which
+//!   the real code then answers as the monitor does (`OutOfMemory`).
 //! - The fake guest ([`Guest`]): run between server steps on every running VM, through the
 //!   model's real paths, as the scheduler would run a vCPU: it is entered as the scheduler
 //!   enters a vCPU (its vGIC and new vmgenid ID applied), reads its UART and writes to it by
@@ -173,6 +175,13 @@ impl FakeMonitor {
     /// The socket path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Makes the monitor's heap look exhausted (or not any more): every heap check of the real
+    /// code fails as at the heap's reserve (`FakeHost::heap_low`), so uploads, forks, creates
+    /// and `List` are refused with `OutOfMemory` as the monitor refuses them.
+    pub fn set_heap_low(&self, low: bool) {
+        self.shared.vms.lock().host.heap_low.set(low);
     }
 
     /// The VMs, as `List` would report them.
