@@ -97,7 +97,9 @@ proptest! {
                     }
                     r.unwrap();
                     match op {
-                        Op::Pause(_) => { m.paused.get_or_insert(PauseReason::Requested); }
+                        // As the monitor's server: a pause, even of a VM paused already (a
+                        // fork made paused), leaves it paused because it was asked to.
+                        Op::Pause(_) => m.paused = Some(PauseReason::Requested),
                         Op::Resume(_) | Op::Reset(_) => m.paused = None,
                         Op::Kill(_) => { model.remove(&v); }
                         _ => {}
