@@ -590,6 +590,21 @@ fn console_streams_with_piped_stdin_and_diff_counts_writes() {
     assert_eq!(info["private_pages"], 5);
 }
 
+/// Regression: the fake guest made N stores for `poke N`, so a huge N held the fake's table
+/// (and every client) for ever; it writes each page once at most.
+#[test]
+fn a_huge_poke_writes_every_page_once() {
+    let e = env_with(FakeConfig {
+        initial_vms: vec![("small".into(), 2 << 20, 1)],
+        ..FakeConfig::default()
+    });
+    e.ok(&["fork", "1"]);
+    let out = e.console("2", format!("poke {}\n", u64::MAX).as_bytes());
+    assert!(out.contains(&format!("poked {} pages", u64::MAX)), "{out}");
+    // Every page of the 2 MiB but page 0.
+    assert_eq!(e.fake.list()[1].private_pages, 511);
+}
+
 #[test]
 fn dump_then_restore() {
     let e = env();
