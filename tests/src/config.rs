@@ -8,7 +8,7 @@ use crate::control::ControlSocket;
 use crate::images::{guest_image, monitor_image};
 
 /// How to start QEMU. Build it with [`QemuConfig::monitor`] or [`QemuConfig::plain`] and adjust it
-/// with the builder methods; start it with [`Qemu::start`].
+/// with the builder methods; start it with [`Qemu::start`](crate::Qemu::start).
 #[derive(Clone, Debug)]
 pub struct QemuConfig {
     kernel: PathBuf,
