@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use vmfork_proto::{Decoder, ErrorReply, Response};
 
-use super::{dispatch, lock, ClientId, MuxError, MuxLog, Phase, Shared, Sink, Startup};
+use super::{dispatch, lock, read_some, ClientId, MuxError, MuxLog, Phase, Shared, Sink, Startup};
 
 /// Makes `link` a symbolic link to `target` unless something live serves `link` already.
 /// Returns whether it did.
@@ -217,11 +217,8 @@ fn client_reader(shared: Arc<Shared>, c: ClientId, mut stream: UnixStream) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut out = Vec::new();
     loop {
-        let n = match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => break,
+        let Some(n) = read_some(&mut stream, &mut buf) else {
+            break;
         };
         let mut inner = lock(&shared.inner);
         inner.router.client_bytes(c, &buf[..n], &mut out);

@@ -79,6 +79,19 @@ struct Shared {
     link: Option<PathBuf>,
 }
 
+/// Reads what `stream` has into `buf`, again when interrupted: `None` at its end or on an
+/// error (the reader threads then end their side).
+fn read_some(stream: &mut UnixStream, buf: &mut [u8]) -> Option<usize> {
+    loop {
+        match std::io::Read::read(stream, buf) {
+            Ok(0) => return None,
+            Ok(n) => return Some(n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }

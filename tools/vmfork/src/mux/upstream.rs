@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use vmfork_proto::{Decoder, ErrorReply, FrameError, Request, Response, PROTOCOL_VERSION};
 
-use super::{dispatch, lock, shut_down, MuxEnd, MuxError, MuxLog, MuxOptions, Shared, Startup};
+use super::{
+    dispatch, lock, read_some, shut_down, MuxEnd, MuxError, MuxLog, MuxOptions, Shared, Startup,
+};
 
 /// Logs `msg` the first time and then every 30 s while a wait goes on.
 struct Every30s(Option<Instant>);
@@ -223,11 +225,8 @@ pub(super) fn upstream_reader(shared: Arc<Shared>, mut up: UnixStream, mut dec: 
     let mut buf = vec![0u8; 64 * 1024];
     let mut out = Vec::new();
     loop {
-        let n = match up.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => break,
+        let Some(n) = read_some(&mut up, &mut buf) else {
+            break;
         };
         let mut inner = lock(&shared.inner);
         for r in dec.push(&buf[..n]) {
