@@ -216,10 +216,7 @@ fn client_writer(mut stream: UnixStream, rx: mpsc::Receiver<Vec<u8>>, queued: Ar
 fn client_reader(shared: Arc<Shared>, c: ClientId, mut stream: UnixStream) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut out = Vec::new();
-    loop {
-        let Some(n) = read_some(&mut stream, &mut buf) else {
-            break;
-        };
+    while let Some(n) = read_some(&mut stream, &mut buf) {
         let mut inner = lock(&shared.inner);
         inner.router.client_bytes(c, &buf[..n], &mut out);
         dispatch(&mut inner, &mut out, shared.queue_limit);

@@ -224,10 +224,7 @@ pub(super) fn upstream_writer(mut up: UnixStream, rx: mpsc::Receiver<Vec<u8>>) {
 pub(super) fn upstream_reader(shared: Arc<Shared>, mut up: UnixStream, mut dec: Decoder) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut out = Vec::new();
-    loop {
-        let Some(n) = read_some(&mut up, &mut buf) else {
-            break;
-        };
+    while let Some(n) = read_some(&mut up, &mut buf) {
         let mut inner = lock(&shared.inner);
         for r in dec.push(&buf[..n]) {
             match r {
