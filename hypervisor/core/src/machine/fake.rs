@@ -5,7 +5,8 @@
 //! (`tests/server.rs`); nothing here runs a guest instruction.
 
 use alloc::boxed::Box;
-use alloc::collections::VecDeque;
+use alloc::collections::{BTreeMap, VecDeque};
+use alloc::format;
 use alloc::string::{String, ToString};
 use core::cell::{Cell, RefCell};
 use core::fmt;
@@ -24,19 +25,52 @@ pub const FAKE_HEAP: usize = 64 << 20;
 /// Console lines kept ([`FakeHost::console`]); older ones are dropped.
 pub const CONSOLE_LINES: usize = 1024;
 
-/// TLB maintenance that is only counted (the stage-2 suite checks the rules with its own model).
+/// TLB maintenance, counted, with a model of what the TLBs may hold per VMID (the stage-2 suite
+/// checks the per-page rules with its own model): a vCPU entering its guest ([`CountTlb::enter`])
+/// may leave entries of its VM's tables under its VMID; `flush_vmid` drops those of one VMID,
+/// `flush_all` every one. Entering with a VMID whose entries belong to other tables is a VMID
+/// given again without the flush that must come first: `enter` says so.
 #[derive(Debug, Default)]
 pub struct CountTlb {
-    /// Invalidations asked for.
+    /// Invalidations asked for (`flush_all` included).
     pub flushes: u64,
+    /// `flush_all` calls (VMID rollovers).
+    pub flush_alls: u64,
+    /// For each VMID whose entries the TLBs may hold: the stage-2 root they were walked from.
+    pub cached: BTreeMap<u16, u64>,
+}
+
+impl CountTlb {
+    /// A vCPU enters its guest with `vttbr` (VMID in bits 63:48, the root below). Fails when
+    /// the VMID is 0 (a VM without one) or the TLBs may still hold entries of another root
+    /// under it (the VMID was given again without a flush).
+    pub fn enter(&mut self, vttbr: u64) -> Result<(), String> {
+        let vmid = (vttbr >> 48) as u16;
+        let root = vttbr & ((1 << 48) - 1);
+        if vmid == 0 {
+            return Err(format!("a vCPU entered with no VMID (root {root:#x})"));
+        }
+        match self.cached.insert(vmid, root) {
+            Some(old) if old != root => Err(format!(
+                "VMID {vmid} given to the tables at {root:#x} while the TLBs may still hold                  entries of the tables at {old:#x}: reused without a flush"
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl TlbOps for CountTlb {
     fn flush_ipa(&mut self, _: Vmid, _: Ipa) {
         self.flushes += 1;
     }
-    fn flush_vmid(&mut self, _: Vmid) {
+    fn flush_vmid(&mut self, v: Vmid) {
         self.flushes += 1;
+        self.cached.remove(&v.0);
+    }
+    fn flush_all(&mut self) {
+        self.flushes += 1;
+        self.flush_alls += 1;
+        self.cached.clear();
     }
 }
 

@@ -92,8 +92,6 @@ pub enum ForkError {
     NoSuchVm(u32),
     /// Not enough free frames, or the monitor's heap is low (its reserve counted).
     OutOfMemory,
-    /// No VMID left.
-    NoVmid,
     /// Reset of a VM that is not a fork.
     NotAFork(u32),
     /// The VM is being torn down.
@@ -128,7 +126,6 @@ impl core::fmt::Display for ForkError {
         match self {
             ForkError::NoSuchVm(id) => write!(f, "no such VM: vm{id}"),
             ForkError::OutOfMemory => write!(f, "out of memory"),
-            ForkError::NoVmid => write!(f, "no VMID left"),
             ForkError::NotAFork(id) => write!(f, "vm{id} is not a fork: it has no reset point"),
             ForkError::Stopping(id) => write!(f, "vm{id} is being torn down"),
             ForkError::Busy(id) => write!(f, "vm{id} has too many forks or resets waiting"),
@@ -332,14 +329,13 @@ impl<H: Host> VmTable<H> {
 
     /// Frees a child that was being built when a later step failed.
     fn discard(&mut self, s2: Stage2, fp: ForkPoint) {
-        let vmid = s2.vmid();
+        // A child that never ran: it holds no VMID.
         let result = self.host.with_mem(|cx| {
             fp.release(cx)?;
             s2.destroy(cx)
         });
-        match result {
-            Ok(()) => self.vmids.free(vmid),
-            Err(e) => log::error!("discarding a half-built fork failed: {e}"),
+        if let Err(e) = result {
+            log::error!("discarding a half-built fork failed: {e}");
         }
     }
 
@@ -493,8 +489,7 @@ impl<H: Host> VmTable<H> {
         }
         // What the parent printed so far is the parent's; the child starts with an empty line.
         parent.drain_console(host);
-        // The heap first (fallibly), then a VMID and the tables: nothing to undo if the heap
-        // fails.
+        // The heap first (fallibly), then the tables: nothing to undo if the heap fails.
         let mut vcpus = try_clone_vcpus(host, &parent.vcpus)?;
         if let Some(ctx) = caller.and_then(|c| vcpus.get_mut(c)?.ctx.as_mut()) {
             ctx.regs.x[0] = 0; // the fork hypercall returns 0 in the child
@@ -506,18 +501,14 @@ impl<H: Host> VmTable<H> {
             try_string(&parent.name, format_args!(".{child_id}"))?
         };
         let cmdline = try_string(&parent.cmdline, format_args!(""))?;
-        let vmid = self.vmids.alloc().ok_or(ForkError::NoVmid)?;
         let Some(s2) = parent.s2.as_mut() else {
-            self.vmids.free(vmid);
             return Err(ForkError::Stopping(id));
         };
-        let (child_s2, point) = match host.with_mem(|cx| s2.fork(cx, vmid)) {
-            Ok(r) => r,
-            Err(e) => {
-                self.vmids.free(vmid);
-                return Err(stage2_error(e));
-            }
-        };
+        // The child has no VMID until it is first picked to run (`VmTable::pick`): a paused or
+        // idle fork holds none.
+        let (child_s2, point) = host
+            .with_mem(|cx| s2.fork(cx, None))
+            .map_err(stage2_error)?;
         // The child's own vmgenid ID is written, and its interrupt raised, when the child first
         // needs them (`Vm::apply_new_identity`), not here: that keeps the fork constant and
         // small.
@@ -531,9 +522,8 @@ impl<H: Host> VmTable<H> {
                     point.release(cx)?;
                     child_s2.destroy(cx)
                 });
-                match result {
-                    Ok(()) => self.vmids.free(vmid),
-                    Err(e) => log::error!("discarding a half-built fork failed: {e}"),
+                if let Err(e) = result {
+                    log::error!("discarding a half-built fork failed: {e}");
                 }
                 return Err(e.into());
             }

@@ -256,10 +256,10 @@ pub fn restore<H: Host>(t: &mut VmTable<H>, bytes: &[u8]) -> Result<u32, String>
         .map_err(|e| format!("snapshot refused: {e}"))?;
 
     // Everything is known good: build.
-    let vmid = t.vmids.alloc().ok_or("no VMID left")?;
+    // A restored VM gets its VMID when it is first picked to run.
     let id = t.next_id;
     let genid = t.host.generation_id(id);
-    let built = t.guest_memory(vmid, header.mem_bytes, &genid, |s2, cx| {
+    let built = t.guest_memory(header.mem_bytes, &genid, |s2, cx| {
         for (first, data) in parsed.runs() {
             s2.write_guest(cx, Ipa(layout::RAM_BASE + first * PAGE_SIZE), data)?;
         }
@@ -268,7 +268,6 @@ pub fn restore<H: Host>(t: &mut VmTable<H>, bytes: &[u8]) -> Result<u32, String>
     let s2 = match built {
         Ok(s2) => s2,
         Err(e) => {
-            t.vmids.free(vmid);
             return Err(format!("{e}"));
         }
     };
@@ -282,7 +281,6 @@ pub fn restore<H: Host>(t: &mut VmTable<H>, bytes: &[u8]) -> Result<u32, String>
         let Some(ctx) = ctx else {
             // Give the tables back: a restore that fails changes nothing.
             let _ = t.host.with_mem(|cx| s2.destroy(cx));
-            t.vmids.free(vmid);
             return Err(String::from("out of memory: monitor heap low"));
         };
         let state = match v.state {

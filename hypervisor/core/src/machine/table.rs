@@ -2,7 +2,7 @@
 //! teardown. (Fork and reset are in [`super::ops`], dump and restore in [`super::saved`].)
 
 use alloc::boxed::Box;
-use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
+use alloc::collections::{BTreeMap, VecDeque};
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -15,18 +15,36 @@ use crate::addr::{Ipa, PAGE_SIZE};
 use crate::cmdline::Limits;
 use crate::guest_dtb::{self, layout, GuestDtbConfig};
 use crate::loader;
-use crate::stage2::{MemCtx, Perms, Stage2, Stage2Error, Vmid};
+use crate::stage2::{MemCtx, Perms, Stage2, Stage2Error, TlbOps, Vmid};
 use crate::vgic::{Vgic, VgicConfig};
 use crate::vuart::Vuart;
 
-/// Hands out VMIDs. A VMID is flushed from every TLB when its VM is destroyed (`destroy` does a
-/// `flush_vmid`), so it can be given to the next VM at once: that is the whole rollover scheme,
-/// and with 16-bit VMIDs (65,535 usable) there is no generation counter to wrap.
+/// Hands out VMIDs, by generation, as KVM does (docs/ARCHITECTURE.md, "VMIDs").
+///
+/// A VM holds a VMID only while the current generation gave it one: a new VM, a fork and a
+/// restored VM have none, and [`VmTable::pick`] gives the VM it picks one when it has none.
+/// When none is free, a **rollover**: a new generation begins, every VM loses its VMID except
+/// the VMs with a vCPU on a CPU (they keep theirs, reserved in the new generation, like KVM's
+/// `active_vmids`), and one broadcast [`TlbOps::flush_all`] drops every VMID's TLB entries
+/// before any VMID is given again. So:
+///
+/// * a VMID of the current generation names at most one VM (the owner kept here);
+/// * a VM without a VMID has no TLB entry on any CPU (it never ran with this one, or its
+///   entries went with the rollover's flush), so its TLB maintenance (fork's write-protect
+///   flush, COW faults, reset, destroy) is skipped (`stage2::Stage2::vmid` is `None`);
+/// * destroying a VM that holds one flushes it (`Stage2::destroy`) and gives it back at once.
+///
+/// A VM loses its VMID only at a rollover, eagerly: the table walks the holders (at most the
+/// number of VMIDs), so a VM's VMID is always of the current generation and nothing checks a
+/// generation on the TLB-maintenance paths. Paused and idle VMs so hold no VMID once a
+/// rollover passed them, and any number of VMs can be alive.
 #[derive(Debug)]
 pub struct VmidAllocator {
-    used: BTreeSet<u16>,
+    /// VMIDs of the current generation given out, with the id of the VM holding each.
+    owners: BTreeMap<u16, u32>,
     next: u16,
     limit: u16,
+    generation: u64,
 }
 
 impl Default for VmidAllocator {
@@ -39,9 +57,10 @@ impl VmidAllocator {
     /// 8-bit VMIDs (1..=255) until [`VmidAllocator::set_bits`] says otherwise.
     pub const fn new() -> Self {
         Self {
-            used: BTreeSet::new(),
+            owners: BTreeMap::new(),
             next: 1,
             limit: 255,
+            generation: 0,
         }
     }
 
@@ -57,11 +76,30 @@ impl VmidAllocator {
 
     /// VMIDs in use.
     pub fn in_use(&self) -> usize {
-        self.used.len()
+        self.owners.len()
     }
 
-    /// A free VMID, now marked used.
-    pub fn alloc(&mut self) -> Option<Vmid> {
+    /// The current generation: how many rollovers there have been.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The VM holding `v`, if one does.
+    pub fn owner(&self, v: Vmid) -> Option<u32> {
+        self.owners.get(&v.0).copied()
+    }
+
+    /// Every VMID given out, with its VM.
+    pub fn owners(&self) -> impl Iterator<Item = (Vmid, u32)> + '_ {
+        self.owners.iter().map(|(&v, &id)| (Vmid(v), id))
+    }
+
+    /// A free VMID of the current generation, now held by VM `vm`. It holds no TLB entry:
+    /// never given before, or given back flushed, or flushed by the last rollover.
+    pub fn alloc(&mut self, vm: u32) -> Option<Vmid> {
+        if self.owners.len() >= usize::from(self.limit) {
+            return None;
+        }
         for _ in 0..self.limit {
             let v = self.next;
             self.next = if self.next >= self.limit {
@@ -69,7 +107,8 @@ impl VmidAllocator {
             } else {
                 self.next + 1
             };
-            if self.used.insert(v) {
+            if let alloc::collections::btree_map::Entry::Vacant(e) = self.owners.entry(v) {
+                e.insert(vm);
                 return Some(Vmid(v));
             }
         }
@@ -78,7 +117,18 @@ impl VmidAllocator {
 
     /// Gives back a VMID whose TLB entries have been flushed.
     pub fn free(&mut self, v: Vmid) {
-        self.used.remove(&v.0);
+        self.owners.remove(&v.0);
+    }
+
+    /// Starts a new generation: keeps the VMIDs whose VM `keep` says so (the caller takes the
+    /// others from their VMs) and returns how many were dropped. The caller flushes every VMID
+    /// ([`TlbOps::flush_all`]) before it gives one again.
+    pub fn new_generation(&mut self, mut keep: impl FnMut(Vmid, u32) -> bool) -> usize {
+        let before = self.owners.len();
+        self.owners.retain(|&v, &mut id| keep(Vmid(v), id));
+        self.generation = self.generation.wrapping_add(1);
+        self.next = 1;
+        before - self.owners.len()
     }
 }
 
@@ -101,8 +151,6 @@ pub struct GuestSpec<'a> {
 /// Why a VM could not be created. Nothing is left behind.
 #[derive(Debug)]
 pub enum CreateError {
-    /// No VMID left.
-    NoVmid,
     /// The stage-2 code failed (usually out of memory).
     Stage2(Stage2Error),
     /// The kernel image cannot be loaded.
@@ -118,7 +166,6 @@ pub enum CreateError {
 impl core::fmt::Display for CreateError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            CreateError::NoVmid => write!(f, "no VMID left"),
             CreateError::Stage2(e) => write!(f, "{e}"),
             CreateError::Load(e) => write!(f, "cannot load the kernel: {e}"),
             CreateError::Dtb(e) => write!(f, "cannot build the guest device tree: {e}"),
@@ -139,7 +186,8 @@ pub struct VmTable<H: Host> {
     pub next_id: u32,
     /// Id the next internal fork (a dump's) gets: from [`super::ops::INTERNAL_ID_BASE`] up.
     pub next_internal_id: u32,
-    /// VMIDs in use.
+    /// VMIDs given out, by generation (given when a VM is picked to run, see
+    /// [`VmidAllocator`]).
     pub vmids: VmidAllocator,
     /// VM whose console receives what is typed on the monitor's console.
     pub focus: Option<u32>,
@@ -227,19 +275,18 @@ impl<H: Host> VmTable<H> {
         Ok(())
     }
 
-    /// Stage-2 tables for a new VM with VMID `vmid`: `mem` bytes of zeroed RAM at
+    /// Stage-2 tables for a new VM (with no VMID: it gets one when first picked): `mem` bytes of zeroed RAM at
     /// [`layout::RAM_BASE`], the read-only `microsoft,vmgenid` page (outside RAM, because Linux
     /// claims its region as a device resource) holding `genid`, and whatever `fill` writes. All
     /// or nothing: on an error every frame is given back.
     pub fn guest_memory(
         &self,
-        vmid: Vmid,
         mem: u64,
         genid: &[u8; 16],
         fill: impl FnOnce(&mut Stage2, &mut MemCtx<'_, H::Mem, H::Tlb>) -> Result<(), Stage2Error>,
     ) -> Result<Stage2, Stage2Error> {
         self.host.with_mem(|cx| {
-            let mut s2 = Stage2::new(cx, vmid)?;
+            let mut s2 = Stage2::new(cx, None)?;
             let read_only = Perms {
                 write: false,
                 exec: false,
@@ -263,25 +310,17 @@ impl<H: Host> VmTable<H> {
     /// Creates a VM from `spec`, loads its kernel, DTB and initrd, and makes vCPU 0 runnable.
     pub fn create(&mut self, spec: &GuestSpec) -> Result<u32, CreateError> {
         self.check_vm_limit(1).map_err(CreateError::Limit)?;
-        let vmid = self.vmids.alloc().ok_or(CreateError::NoVmid)?;
-        match self.build(spec, vmid) {
-            Ok(vm) => {
-                let id = vm.id;
-                // Within the estimate the caller checked the heap for.
-                self.vms.insert(id, Box::new(vm));
-                if self.focus.is_none() {
-                    self.focus = Some(id);
-                }
-                Ok(id)
-            }
-            Err(e) => {
-                self.vmids.free(vmid);
-                Err(e)
-            }
+        let vm = self.build(spec)?;
+        let id = vm.id;
+        // Within the estimate the caller checked the heap for.
+        self.vms.insert(id, Box::new(vm));
+        if self.focus.is_none() {
+            self.focus = Some(id);
         }
+        Ok(id)
     }
 
-    fn build(&mut self, spec: &GuestSpec, vmid: Vmid) -> Result<Vm, CreateError> {
+    fn build(&mut self, spec: &GuestSpec) -> Result<Vm, CreateError> {
         let id = self.next_id;
         let cpus = spec.cpus.clamp(1, layout::MAX_VCPUS);
         let initrd_len = spec.initrd.map_or(0, |i| i.len() as u64);
@@ -312,7 +351,7 @@ impl<H: Host> VmTable<H> {
             .map_err(|e| CreateError::Config(alloc::format!("vgic: {e:?}")))?;
 
         let s2 = self
-            .guest_memory(vmid, spec.mem, &genid, |s2, cx| {
+            .guest_memory(spec.mem, &genid, |s2, cx| {
                 for seg in &plan.segments {
                     s2.write_guest(cx, Ipa(seg.ipa), &spec.kernel[seg.src.clone()])?;
                 }
@@ -338,11 +377,10 @@ impl<H: Host> VmTable<H> {
         }
         self.next_id += 1;
         log::info!(
-            "vm{id}: created '{}' with {} MiB, {cpus} vCPU(s), entry {:#x}, VMID {}",
+            "vm{id}: created '{}' with {} MiB, {cpus} vCPU(s), entry {:#x}",
             spec.name,
             spec.mem >> 20,
-            plan.entry,
-            vmid.0
+            plan.entry
         );
         Ok(Vm::new(
             id,
@@ -399,11 +437,70 @@ impl<H: Host> VmTable<H> {
             after.chain(before).next()
         };
         let (id, i) = found?;
+        // Its VM needs a VMID of the current generation before the vCPU runs; with every
+        // VMID held by a VM on a CPU (only when there are fewer VMIDs than CPUs: tests) the
+        // pick finds nothing this time.
+        if !self.give_vmid(id) {
+            return None;
+        }
         let mut vm = self.vms.get_mut(&id)?;
         let ctx = vm.vcpus[i].ctx.take()?;
         vm.vcpus[i].state = VcpuState::Running(cpu);
         self.cursor = (id, i);
         Some((id, i, ctx))
+    }
+
+    /// Makes sure VM `id` holds a VMID of the current generation, rolling over to a new
+    /// generation if none is free ([`VmidAllocator`]). False if it cannot have one (no tables,
+    /// or every VMID is held by a VM with a vCPU on a CPU). [`VmTable::pick`] does this; a host
+    /// test that runs a VM's exits without picks does it as the scheduler would.
+    pub fn give_vmid(&mut self, id: u32) -> bool {
+        match self.vms.get(&id).and_then(|vm| vm.s2.as_ref().map(|s2| s2.vmid())) {
+            None => return false,
+            Some(Some(_)) => return true,
+            Some(None) => {}
+        }
+        let vmid = match self.vmids.alloc(id) {
+            Some(v) => v,
+            None => {
+                self.new_vmid_generation();
+                match self.vmids.alloc(id) {
+                    Some(v) => v,
+                    None => return false,
+                }
+            }
+        };
+        if let Some(s2) = self.vms.get(&id).as_mut().and_then(|vm| vm.s2.as_mut()) {
+            s2.set_vmid(Some(vmid));
+        }
+        true
+    }
+
+    /// A VMID rollover: every VM loses its VMID but those with a vCPU on a CPU (they keep it
+    /// into the new generation), then one broadcast flush of every VMID, so no TLB holds an
+    /// entry of a VM that has no VMID and a VMID given from now on holds none.
+    fn new_vmid_generation(&mut self) {
+        let vms = &self.vms;
+        let dropped = self.vmids.new_generation(|vmid, owner| {
+            let Some(mut vm) = vms.get(&owner) else {
+                return false;
+            };
+            if vm.any_running() {
+                return true;
+            }
+            if let Some(s2) = vm.s2.as_mut() {
+                if s2.vmid() == Some(vmid) {
+                    s2.set_vmid(None);
+                }
+            }
+            false
+        });
+        self.host.with_mem(|cx| cx.tlb.flush_all());
+        log::debug!(
+            "VMID rollover to generation {}: {dropped} VMIDs taken back, {} kept by running VMs",
+            self.vmids.generation(),
+            self.vmids.in_use()
+        );
     }
 
     /// [`VmTable::pick`], with a handle to the picked vCPU's VM: the CPU that runs it handles
@@ -571,8 +668,14 @@ impl<H: Host> VmTable<H> {
         }
         if let Some(s2) = vm.s2.take() {
             let vmid = s2.vmid();
+            // `destroy` flushes the VM's VMID first, if it holds one; a VMID whose teardown
+            // failed stays taken (it may still have entries) until the next rollover flushes it.
             match self.host.with_mem(|cx| s2.destroy(cx)) {
-                Ok(()) => self.vmids.free(vmid),
+                Ok(()) => {
+                    if let Some(v) = vmid {
+                        self.vmids.free(v);
+                    }
+                }
                 Err(e) => log::error!("vm{id}: teardown of its stage-2 tables failed: {e}"),
             }
         }

@@ -290,7 +290,9 @@ impl ForkPoint {
 #[must_use = "a Stage2 owns frames; tear it down with destroy()"]
 pub struct Stage2 {
     root: PhysAddr,
-    vmid: Vmid,
+    /// The VM's VMID of the current generation, `None` while it has none (it has never run,
+    /// or lost it at a rollover): the VM table gives and takes it (`machine::table`).
+    vmid: Option<Vmid>,
     stats: Stage2Stats,
     /// RAM pages mapped (device pages excluded), kept as the tables change: what a census would
     /// count as `mapped_pages`, without the walk.
@@ -317,16 +319,16 @@ const DIRTY_LOG_LIMIT: usize = 1 << 16;
 const RESET_VMID_FLUSH_ABOVE: usize = 64;
 
 impl Stage2 {
-    /// Empty tables for VM `vmid`: one zeroed root.
+    /// Empty tables for a VM with VMID `vmid` (or none yet): one zeroed root.
     pub fn new<M: PhysMem, T: TlbOps>(
         cx: &mut MemCtx<'_, M, T>,
-        vmid: Vmid,
+        vmid: impl Into<Option<Vmid>>,
     ) -> Result<Self, Stage2Error> {
         let root = cx.frames.alloc().map_err(|_| Stage2Error::OutOfMemory)?;
         cx.mem.zero_frame(root);
         Ok(Stage2 {
             root,
-            vmid,
+            vmid: vmid.into(),
             stats: Stage2Stats::default(),
             mapped: 0,
             dirty_base: None,
@@ -339,14 +341,22 @@ impl Stage2 {
         self.root
     }
 
-    /// This VM's VMID.
-    pub fn vmid(&self) -> Vmid {
+    /// This VM's VMID of the current generation, if it has one.
+    pub fn vmid(&self) -> Option<Vmid> {
         self.vmid
     }
 
-    /// VTTBR_EL2 for this VM: VMID in bits 63:48, root table address (CnP = 0).
+    /// Gives this VM a VMID or takes it away. Only the VM table does this: a VMID given must
+    /// hold no TLB entry (fresh, or flushed since its last VM had it), a VMID taken must be
+    /// flushed before it is given again (`machine::table`, "VMIDs").
+    pub fn set_vmid(&mut self, vmid: Option<Vmid>) {
+        self.vmid = vmid;
+    }
+
+    /// VTTBR_EL2 for this VM: VMID in bits 63:48, root table address (CnP = 0). VMID 0 (never
+    /// given to a VM) when it has none: a vCPU only runs once its VM has one.
     pub fn vttbr_el2(&self) -> u64 {
-        ((self.vmid.0 as u64) << 48) | self.root.0
+        ((self.vmid.map_or(0, |v| v.0) as u64) << 48) | self.root.0
     }
 
     /// Work counters since creation.
@@ -556,7 +566,8 @@ impl Stage2 {
         None
     }
 
-    /// Forks this VM: returns the child's tables (VMID `child`) and the fork point the child can
+    /// Forks this VM: returns the child's tables (VMID `child`, `None` in the monitor: a fork
+    /// gets one when it is first scheduled) and the fork point the child can
     /// be reset to. O(valid root entries), independent of guest memory size. The parent's root
     /// entries become markers and the parent's VMID is flushed. The parent's vCPUs must be
     /// stopped. Release the fork point if resets are not wanted (it costs one extra table copy
@@ -564,8 +575,9 @@ impl Stage2 {
     pub fn fork<M: PhysMem, T: TlbOps>(
         &mut self,
         cx: &mut MemCtx<'_, M, T>,
-        child: Vmid,
+        child: impl Into<Option<Vmid>>,
     ) -> Result<(Stage2, ForkPoint), Stage2Error> {
+        let child = child.into();
         // Prepare: the child's root is the only allocation.
         let root = cx.frames.alloc().map_err(|_| Stage2Error::OutOfMemory)?;
         let fp = match self.snapshot(cx) {
@@ -624,10 +636,10 @@ impl Stage2 {
     pub fn from_fork_point<M: PhysMem, T: TlbOps>(
         cx: &mut MemCtx<'_, M, T>,
         fp: &ForkPoint,
-        vmid: Vmid,
+        vmid: impl Into<Option<Vmid>>,
     ) -> Result<Stage2, Stage2Error> {
         let root = cx.frames.alloc().map_err(|_| Stage2Error::OutOfMemory)?;
-        Stage2::with_root_from(cx, root, fp, vmid).inspect_err(|_| {
+        Stage2::with_root_from(cx, root, fp, vmid.into()).inspect_err(|_| {
             let _ = cx.frames.put(root);
         })
     }
@@ -636,7 +648,7 @@ impl Stage2 {
         cx: &mut MemCtx<'_, M, T>,
         root: PhysAddr,
         fp: &ForkPoint,
-        vmid: Vmid,
+        vmid: Option<Vmid>,
     ) -> Result<Stage2, Stage2Error> {
         take_refs(cx.frames, &fp.entries)?;
         cx.mem.zero_frame(root);
@@ -817,14 +829,16 @@ impl Stage2 {
         Ok(())
     }
 
-    /// Tears the VM's tables down: flushes its VMID, then drops every reference it holds; frames
+    /// Tears the VM's tables down: flushes its VMID (if it has one), then drops every reference it holds; frames
     /// and tables shared with other VMs or fork points survive. The vCPUs must be stopped and
     /// VTTBR_EL2 no longer hold this root.
     pub fn destroy<M: PhysMem, T: TlbOps>(
         self,
         cx: &mut MemCtx<'_, M, T>,
     ) -> Result<(), Stage2Error> {
-        cx.tlb.flush_vmid(self.vmid);
+        if let Some(v) = self.vmid {
+            cx.tlb.flush_vmid(v);
+        }
         for index in 0..TABLE_ENTRIES {
             let d = cx.mem.read_desc(self.root, index);
             match desc::decode(d, 1) {

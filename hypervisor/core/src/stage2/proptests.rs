@@ -38,6 +38,10 @@ impl TlbOps for ModelTlb {
         self.flushes += 1;
         self.entries.retain(|k, _| k.0 != vmid);
     }
+    fn flush_all(&mut self) {
+        self.flushes += 1;
+        self.entries.clear();
+    }
 }
 
 /// The IPAs of the test pages: two level-3 tables under one level-2 entry boundary, and a second
@@ -140,7 +144,7 @@ fn model_access(
     ipa: u64,
     write: bool,
 ) -> Result<PhysAddr, FaultOutcome> {
-    let key = (s2.vmid(), ipa >> 12);
+    let key = (s2.vmid().expect("the test's VMs have a VMID"), ipa >> 12);
     for _ in 0..4 {
         if let Some(&(pa, w)) = h.tlb.entries.get(&key) {
             if !write || w {
@@ -377,7 +381,7 @@ impl World {
         // 1. Memory equals the model, read as the guest would (through cached translations).
         for vm in &self.vms {
             for (i, &ipa) in self.ipas.iter().enumerate() {
-                let pa = match self.h.tlb.entries.get(&(vm.s2.vmid(), ipa >> 12)) {
+                let pa = match self.h.tlb.entries.get(&(vm.s2.vmid().unwrap(), ipa >> 12)) {
                     Some(&(pa, _)) => pa,
                     None => vm.s2.translate(mem, Ipa(ipa)).unwrap().pa,
                 };

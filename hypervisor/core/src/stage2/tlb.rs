@@ -4,7 +4,8 @@
 //! target VM's VTTBR_EL2 (TLBI by IPA only reaches the VMID in VTTBR_EL2), `dsb ishst`,
 //! `tlbi ipas2e1is, (ipa >> 12)`, `dsb ish`, `tlbi vmalle1is` (combined stage-1+2 entries are
 //! tagged by VA, not IPA), `dsb ish`, `isb`; `flush_vmid` is `tlbi vmalls12e1is` under the VM's
-//! VTTBR_EL2. Never `tlbi vae2is`: that is the monitor's own stage 1.
+//! VTTBR_EL2; `flush_all` (a VMID rollover) is `tlbi alle1is`, every VMID at once. Never
+//! `tlbi vae2is`: that is the monitor's own stage 1.
 
 use alloc::vec::Vec;
 
@@ -22,6 +23,10 @@ pub trait TlbOps {
     fn flush_ipa(&mut self, vmid: Vmid, ipa: Ipa);
     /// Invalidates every cached translation and walk entry of `vmid`, and completes.
     fn flush_vmid(&mut self, vmid: Vmid);
+    /// Invalidates every cached stage-1 and stage-2 translation and walk entry of the guests'
+    /// regime (EL1&0), of every VMID, on every CPU of the Inner Shareable domain, and completes:
+    /// a VMID rollover does this once before any VMID is given again (`machine::table`).
+    fn flush_all(&mut self);
     /// Makes prior descriptor stores visible to the table walkers (`dsb ishst`) before a new
     /// valid entry that reaches them is published.
     fn sync_tables(&mut self) {}
@@ -34,6 +39,8 @@ pub enum TlbEvent {
     FlushIpa(Vmid, Ipa),
     /// [`TlbOps::flush_vmid`].
     FlushVmid(Vmid),
+    /// [`TlbOps::flush_all`].
+    FlushAll,
     /// [`TlbOps::sync_tables`].
     Sync,
 }
@@ -68,6 +75,9 @@ impl TlbOps for FakeTlb {
     }
     fn flush_vmid(&mut self, vmid: Vmid) {
         self.events.push(TlbEvent::FlushVmid(vmid));
+    }
+    fn flush_all(&mut self) {
+        self.events.push(TlbEvent::FlushAll);
     }
     fn sync_tables(&mut self) {
         self.events.push(TlbEvent::Sync);

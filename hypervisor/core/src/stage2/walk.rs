@@ -100,7 +100,9 @@ pub(super) fn level_shift(level: u8) -> u32 {
 /// A walk over one VM's tables, in plan or commit mode.
 pub(super) struct Walk<'c, 'a, M: PhysMem, T: TlbOps> {
     pub cx: &'c mut MemCtx<'a, M, T>,
-    pub vmid: Vmid,
+    /// The VM's VMID, `None` when it has none: then no TLB holds an entry of its tables
+    /// (`machine::table`, "VMIDs"), and every invalidation is skipped.
+    pub vmid: Option<Vmid>,
     pub intent: Intent,
     pub plan: bool,
     /// Plan: frames the commit will take.
@@ -128,7 +130,7 @@ pub(super) struct DirtyLeaf {
 }
 
 impl<'c, 'a, M: PhysMem, T: TlbOps> Walk<'c, 'a, M, T> {
-    pub(super) fn new(cx: &'c mut MemCtx<'a, M, T>, vmid: Vmid, intent: Intent) -> Self {
+    pub(super) fn new(cx: &'c mut MemCtx<'a, M, T>, vmid: Option<Vmid>, intent: Intent) -> Self {
         Walk {
             cx,
             vmid,
@@ -155,7 +157,9 @@ impl<'c, 'a, M: PhysMem, T: TlbOps> Walk<'c, 'a, M, T> {
     /// there were (0 after a successful commit: plan counts exactly).
     pub(super) fn finish(&mut self) -> Result<usize, Stop> {
         if self.pending_vmid_flush {
-            self.cx.tlb.flush_vmid(self.vmid);
+            if let Some(v) = self.vmid {
+                self.cx.tlb.flush_vmid(v);
+            }
             self.pending_vmid_flush = false;
         }
         let leftover = self.pool.len();
@@ -171,7 +175,9 @@ impl<'c, 'a, M: PhysMem, T: TlbOps> Walk<'c, 'a, M, T> {
     /// `defer_leaf_flushes` can be made with plain stores.
     pub(super) fn flush_pending(&mut self) {
         if self.pending_vmid_flush {
-            self.cx.tlb.flush_vmid(self.vmid);
+            if let Some(v) = self.vmid {
+                self.cx.tlb.flush_vmid(v);
+            }
             self.pending_vmid_flush = false;
         }
     }
@@ -198,6 +204,10 @@ impl<'c, 'a, M: PhysMem, T: TlbOps> Walk<'c, 'a, M, T> {
     /// * Live valid table entry becoming invalid (a marker at fork, an empty or marker entry at
     ///   reset): store, then a VMID-wide flush (walk caches hold table entries, and every IPA
     ///   below changed), deferred to `finish` so a fork flushes once.
+    ///
+    /// With no VMID (`Walk::vmid` is `None`) every invalidation above is skipped, the stores and
+    /// their ordering (`sync_tables`) are not: a VM without a VMID of the current generation has
+    /// no entry in any TLB (`machine::table`, "VMIDs"), so there is nothing to invalidate.
     pub(super) fn set_desc(&mut self, slot: Slot, old: u64, new: u64) {
         let mem = &mut *self.cx.mem;
         let tlb = &mut *self.cx.tlb;
@@ -212,7 +222,9 @@ impl<'c, 'a, M: PhysMem, T: TlbOps> Walk<'c, 'a, M, T> {
         if slot.level == 3 {
             if bbm {
                 mem.write_desc(slot.table, slot.index, 0); // break
-                tlb.flush_ipa(self.vmid, slot.ipa);
+                if let Some(v) = self.vmid {
+                    tlb.flush_ipa(v, slot.ipa);
+                }
                 tlb.sync_tables();
                 mem.write_desc(slot.table, slot.index, new); // make
             } else if self.defer_leaf_flushes && new & desc::VALID == 0 {
@@ -220,12 +232,16 @@ impl<'c, 'a, M: PhysMem, T: TlbOps> Walk<'c, 'a, M, T> {
                 self.pending_vmid_flush = true;
             } else {
                 mem.write_desc(slot.table, slot.index, new);
-                tlb.flush_ipa(self.vmid, slot.ipa);
+                if let Some(v) = self.vmid {
+                    tlb.flush_ipa(v, slot.ipa);
+                }
             }
         } else if bbm {
             // Never done by this module (tables are replaced through markers), but correct.
             mem.write_desc(slot.table, slot.index, 0);
-            tlb.flush_vmid(self.vmid);
+            if let Some(v) = self.vmid {
+                tlb.flush_vmid(v);
+            }
             tlb.sync_tables();
             mem.write_desc(slot.table, slot.index, new);
         } else {
