@@ -690,7 +690,11 @@ impl World {
         for (&v, root) in &self.t.host.mem.borrow().tlb.cached {
             let Some(&(id, vmid)) = roots.get(root) else {
                 // Tables of a VM gone: its VMID was flushed when it went, or not given again.
-                prop_assert!(self.t.vmids.owner(Vmid(v)).is_none(), "VMID {} of a VM gone", v);
+                prop_assert!(
+                    self.t.vmids.owner(Vmid(v)).is_none(),
+                    "VMID {} of a VM gone",
+                    v
+                );
                 continue;
             };
             prop_assert_eq!(vmid, Some(Vmid(v)), "vm{} has entries under VMID {}", id, v);

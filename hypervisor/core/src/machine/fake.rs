@@ -52,7 +52,8 @@ impl CountTlb {
         }
         match self.cached.insert(vmid, root) {
             Some(old) if old != root => Err(format!(
-                "VMID {vmid} given to the tables at {root:#x} while the TLBs may still hold                  entries of the tables at {old:#x}: reused without a flush"
+                "VMID {vmid} given to the tables at {root:#x} while the TLBs may still hold \
+                 entries of the tables at {old:#x}: reused without a flush"
             )),
             _ => Ok(()),
         }

@@ -122,13 +122,17 @@ impl VmidAllocator {
 
     /// Starts a new generation: keeps the VMIDs whose VM `keep` says so (the caller takes the
     /// others from their VMs) and returns how many were dropped. The caller flushes every VMID
-    /// ([`TlbOps::flush_all`]) before it gives one again.
+    /// ([`TlbOps::flush_all`]) before it gives one again. When `keep` keeps them all there is
+    /// no new generation (nothing to flush, nothing to give).
     pub fn new_generation(&mut self, mut keep: impl FnMut(Vmid, u32) -> bool) -> usize {
         let before = self.owners.len();
         self.owners.retain(|&v, &mut id| keep(Vmid(v), id));
-        self.generation = self.generation.wrapping_add(1);
-        self.next = 1;
-        before - self.owners.len()
+        let dropped = before - self.owners.len();
+        if dropped > 0 {
+            self.generation = self.generation.wrapping_add(1);
+            self.next = 1;
+        }
+        dropped
     }
 }
 
@@ -455,7 +459,11 @@ impl<H: Host> VmTable<H> {
     /// or every VMID is held by a VM with a vCPU on a CPU). [`VmTable::pick`] does this; a host
     /// test that runs a VM's exits without picks does it as the scheduler would.
     pub fn give_vmid(&mut self, id: u32) -> bool {
-        match self.vms.get(&id).and_then(|vm| vm.s2.as_ref().map(|s2| s2.vmid())) {
+        match self
+            .vms
+            .get(&id)
+            .and_then(|vm| vm.s2.as_ref().map(|s2| s2.vmid()))
+        {
             None => return false,
             Some(Some(_)) => return true,
             Some(None) => {}
@@ -495,6 +503,13 @@ impl<H: Host> VmTable<H> {
             }
             false
         });
+        if dropped == 0 {
+            // Every VMID is held by a VM on a CPU: none to give (fewer VMIDs than CPUs).
+            return;
+        }
+        // ARM ARM (DDI 0487) D8.16 and the TLBI ALLE1IS description: the old generation's
+        // entries of every VMID are gone from every CPU of the Inner Shareable domain once the
+        // invalidation completes (its DSB ISH), so a VMID given from here on holds none.
         self.host.with_mem(|cx| cx.tlb.flush_all());
         log::debug!(
             "VMID rollover to generation {}: {dropped} VMIDs taken back, {} kept by running VMs",
