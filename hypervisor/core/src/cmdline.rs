@@ -19,6 +19,8 @@ pub enum CmdlineError {
     SizeOverflow,
     /// A limit is 0 or does not fit in 32 bits.
     LimitRange,
+    /// `heap_mib=` is not a number from [`HEAP_MIB_MIN`] to [`HEAP_MIB_MAX`].
+    HeapRange,
 }
 
 impl fmt::Display for CmdlineError {
@@ -31,6 +33,7 @@ impl fmt::Display for CmdlineError {
             }
             Self::SizeOverflow => "size does not fit in 64 bits",
             Self::LimitRange => "limit must be 1 to 4294967295",
+            Self::HeapRange => "heap_mib must be 16 to 65536",
         })
     }
 }
@@ -208,6 +211,27 @@ pub fn parse_limit(s: &str) -> Result<u32, CmdlineError> {
         .ok_or(CmdlineError::LimitRange)
 }
 
+/// Smallest heap `heap_mib=` may ask for, in MiB (the fixed part of the default heap).
+pub const HEAP_MIB_MIN: u64 = 16;
+/// Largest heap `heap_mib=` may ask for, in MiB; the monitor also never takes more than half
+/// of the RAM bank it runs in.
+pub const HEAP_MIB_MAX: u64 = 64 << 10;
+
+/// `heap_mib=N`: the monitor's heap in MiB, for many idle VMs (each holds about 4 KiB of
+/// heap); the monitor never makes it smaller than its default (16 MiB + RAM/16). `Ok(None)` when not set; a value outside
+/// [`HEAP_MIB_MIN`]..=[`HEAP_MIB_MAX`] (or not a number) is an error, and the default is kept.
+pub fn heap_mib(cmdline: &str) -> Result<Option<u64>, CmdlineError> {
+    let Some(v) = value(cmdline, "heap_mib") else {
+        return Ok(None);
+    };
+    let n = parse_size(v).map_err(|_| CmdlineError::HeapRange)?;
+    if (HEAP_MIB_MIN..=HEAP_MIB_MAX).contains(&n) {
+        Ok(Some(n))
+    } else {
+        Err(CmdlineError::HeapRange)
+    }
+}
+
 /// The limits `cmdline` sets, defaults for the rest. A bad value keeps its default and is
 /// reported (the first one, with its key), so the monitor can say so and boot on.
 pub fn limits(cmdline: &str) -> (Limits, Option<(&'static str, CmdlineError)>) {
@@ -246,6 +270,27 @@ mod tests {
     use alloc::vec::Vec;
     use log::LevelFilter;
     use proptest::prelude::*;
+
+    #[test]
+    fn heap_mib_is_bounded() {
+        assert_eq!(heap_mib("log=warn"), Ok(None));
+        assert_eq!(heap_mib("heap_mib=1024 log=warn"), Ok(Some(1024)));
+        assert_eq!(heap_mib("heap_mib=16"), Ok(Some(16)));
+        assert_eq!(heap_mib("heap_mib=65536"), Ok(Some(65536)));
+        for bad in [
+            "heap_mib=15",
+            "heap_mib=0",
+            "heap_mib=65537",
+            "heap_mib=",
+            "heap_mib=x",
+        ] {
+            assert_eq!(heap_mib(bad), Err(CmdlineError::HeapRange), "{bad}");
+        }
+        assert_eq!(
+            heap_mib("heap_mib=99999999999999999999999"),
+            Err(CmdlineError::HeapRange)
+        );
+    }
 
     #[test]
     fn values() {

@@ -69,7 +69,7 @@ const FUZZ_DIRTY: [u16; 3] = [1, 16, 256];
 const FUZZ_CYCLES: usize = 101;
 const FUZZ_MEM_MIB: u64 = 64;
 /// Idle phase: idle forks alive beside the working VM, and timed cycles at each count.
-const IDLE_COUNTS: [usize; 3] = [0, 1000, 10_000];
+const IDLE_COUNTS: [usize; 4] = [0, 1000, 10_000, 100_000];
 const IDLE_CYCLES: usize = 51;
 /// Scale phase: parent size, and the heap kept free so the monitor itself never runs out.
 const SCALE_MEM_MIB: u64 = 16;
@@ -534,12 +534,12 @@ fn fork_parts(t: &mut VmTable, parent: u32, mem: u64) -> Result<(), String> {
     let (mut stage2, mut genid) = (Vec::new(), Vec::new());
     for _ in 0..FORK_REPS {
         touch_parent(t, parent)?;
-        let vmid = t.vmids.alloc().ok_or("no VMID left")?;
         let mut vm = t.vms.get_mut(&parent).ok_or("parent has no tables")?;
         let s2 = vm.s2.as_mut().ok_or("parent has no tables")?;
         let r = with_mem(|cx| -> Result<(), Stage2Error> {
             let t0 = now();
-            let (mut child, fp) = s2.fork(cx, vmid)?;
+            // A fork has no VMID until it is first scheduled.
+            let (mut child, fp) = s2.fork(cx, None)?;
             let t1 = now();
             let w = child.write_guest(cx, Ipa(layout::VMGENID_BASE), &[0x5a; 16]);
             let t2 = now();
@@ -549,7 +549,6 @@ fn fork_parts(t: &mut VmTable, parent: u32, mem: u64) -> Result<(), String> {
             child.destroy(cx)?;
             w
         });
-        t.vmids.free(vmid);
         r.map_err(|e| format!("fork parts: {e}"))?;
     }
     Line::new("fork_parts")
@@ -969,8 +968,8 @@ fn phase_scale() -> Result<(), String> {
     touch_parent(&mut t, parent)?;
     let frames0 = used_frames();
     let heap0 = crate::heap::usage().0 as u64;
-    let mut children: Vec<u32> = Vec::with_capacity(1 << 16);
-    let mut ticks: Vec<u32> = Vec::with_capacity(1 << 16);
+    let mut children: Vec<u32> = Vec::with_capacity(1 << 19);
+    let mut ticks: Vec<u32> = Vec::with_capacity(1 << 19);
     let alloc_first = heap_probe();
     let t0 = now();
     let stopped_by = loop {
@@ -984,7 +983,6 @@ fn phase_scale() -> Result<(), String> {
                 ticks.push(u32::try_from(now() - t1).unwrap_or(u32::MAX));
                 children.extend(ids);
             }
-            Err(crate::vm::ForkError::NoVmid) => break String::from("vmid"),
             // Out of frames, or the heap's reserve reached (`heap::check` or a fallible
             // allocation): a fork needs one frame, its root table.
             Err(crate::vm::ForkError::OutOfMemory) => {

@@ -36,6 +36,7 @@ const DEVICE_WINDOW: (u64, u64) = (0, 0x4000_0000);
 const RAM_BASE_DTB: usize = 0x4000_0000;
 /// Fixed part of the heap; the rest grows with RAM (1/16 of it): frame metadata (8 bytes per
 /// 4 KiB frame) and guest images read from fw_cfg before they are copied into guest RAM.
+/// `heap_mib=` on the command line raises the whole heap to that size.
 const HEAP_FIXED: u64 = 16 << 20;
 
 pub use arch::semihosting::{EXIT_EXCEPTION, EXIT_PANIC};
@@ -99,7 +100,15 @@ fn heap_range(dtb: &[u8], image_end: u64) -> Option<(u64, u64)> {
         .map(|r| r.size.unwrap_or(0) as u64)
         .sum();
     let start = (image_end + 0xfff) & !0xfff;
-    let want = HEAP_FIXED + total / 16;
+    // `heap_mib=` raises it (bounded: `cmdline::heap_mib`), never below the default, which
+    // the frame metadata and the guest images need; a bad value is reported once the log is
+    // up (`boot`) and the default used.
+    let bootargs = fdt.chosen().bootargs().unwrap_or("");
+    let default = HEAP_FIXED + total / 16;
+    let want = match vmfork_core::cmdline::heap_mib(bootargs) {
+        Ok(Some(mib)) => (mib << 20).max(default),
+        _ => default,
+    };
     let end = (start + want).min(start + (bank_end - start) / 2) & !0xfff;
     (end > start).then_some((start, end))
 }
@@ -204,6 +213,9 @@ fn boot(dtb: &[u8], platform: Platform, image: (u64, u64), heap: (u64, u64)) -> 
     let (mut limits, bad) = vmfork_core::cmdline::limits(bootargs);
     if let Some((key, e)) = bad {
         log::warn!("{key}=: {e}; its default is kept");
+    }
+    if let Err(e) = vmfork_core::cmdline::heap_mib(bootargs) {
+        log::warn!("heap_mib=: {e}; the default heap (16 MiB + RAM/16) is used");
     }
     limits.max_upload_bytes = Some(limits.max_upload_bytes.unwrap_or(heap::size() as u64 / 2));
     log::info!(

@@ -161,8 +161,11 @@ fn qemu_args(o: &Options, phases: &str) -> Vec<String> {
         "-kernel",
         &o.monitor.display().to_string(),
         "-append",
-        // The scale phase forks until VMIDs run out (65,534): lift the VM limits past that.
-        &format!("log=warn max_vms=65536 max_forks_per_tree=65536 bench={phases}"),
+        // The scale phase forks until the heap or the frames run out (idle forks hold no
+        // VMID): lift the VM limits past that, and give the heap 1 GiB of the 4 GiB (the
+        // default, 16 MiB + RAM/16, holds about 60,000 idle forks; the idle and scale phases
+        // want 100,000 and more).
+        &format!("log=warn max_vms=1M max_forks_per_tree=1M heap_mib=1024 bench={phases}"),
     ]
     .iter()
     .map(|s| s.to_string())

@@ -259,7 +259,7 @@ pub fn targets(lines: &[Value]) -> Vec<Target> {
         find(lines, "idle", &[("idle_forks", json!(n))]).and_then(|v| num(v, "cycles_per_sec"))
     };
     if let Some(base) = idle(0).filter(|&b| b > 0.0) {
-        for n in [1000, 10_000] {
+        for n in [1000, 10_000, 100_000] {
             if let Some(c) = idle(n) {
                 t.push(Target {
                     name: format!("fuzz cycles/s with {n} idle forks / with none"),

@@ -236,6 +236,26 @@ impl TlbOps for HwTlb {
         });
     }
 
+    fn flush_all(&mut self) {
+        // SAFETY: TLB maintenance only drops cached translations. `tlbi alle1is` invalidates
+        // every entry of the EL1&0 translation regime, stage 1 and stage 2, of every VMID, on
+        // every CPU of the Inner Shareable domain (ARM ARM DDI 0487, C5.5 "TLBI ALLE1IS", and
+        // D8.16: a VMID may be reused once the invalidation of its old entries is complete);
+        // `dsb ish` completes it on all of them, `isb` synchronises this CPU. The monitor's own
+        // EL2 stage 1 is not touched. With HCR_EL2.FB and BSU set while a guest runs, the
+        // guest's own TLB maintenance is broadcast too, so no CPU keeps entries this missed.
+        // It needs no VMID in VTTBR_EL2.
+        unsafe {
+            core::arch::asm!(
+                "dsb ishst",
+                "tlbi alle1is",
+                "dsb ish",
+                "isb",
+                options(nostack)
+            );
+        }
+    }
+
     fn sync_tables(&mut self) {
         // SAFETY: a barrier: prior descriptor stores become visible to the table walkers before
         // a later store publishes a valid entry that reaches them (ARM ARM D8.2.6).
