@@ -19,9 +19,9 @@
 //! * `reset`: `VmTable::reset_now` against the number of pages the child dirtied;
 //! * `density`: frames and heap used per idle child, 100 children of a 64 MiB guest;
 //! * `fuzz`: fork once, then reset and really run a small workload in the child, in a loop;
-//! * `idle`: the fuzzing loop's throughput with 0, 1,000 and 10,000 idle forks alive beside it
-//!   (waiting in WFI with nothing armed, as a fork bomb's children do), and what one scheduler
-//!   pick costs with nothing to run: whether idle VMs slow the ones that work;
+//! * `idle`: the fuzzing loop's throughput with 0, 1,000, 10,000 and 100,000 idle forks alive
+//!   beside it (waiting in WFI with nothing armed, as a fork bomb's children do), and what one
+//!   scheduler pick costs with nothing to run: whether idle VMs slow the ones that work;
 //! * `scale`: fork idle children until something runs out, and say what;
 //! * `smp` (named alone, never part of `all`): exits per second of 1 busy VM on 1 CPU against
 //!   N busy VMs on N CPUs, with the other CPUs running the scheduler as they do in service. It
@@ -837,8 +837,9 @@ fn phase_fuzz() -> Result<(), String> {
     Ok(())
 }
 
-/// The fuzzing loop (1 page written per run) beside 0, 1,000 and 10,000 idle forks: forks of a
-/// VM that ran to its final `wfi` and waits there, interrupts masked, no timer armed. Each count
+/// The fuzzing loop (1 page written per run) beside 0, 1,000, 10,000 and 100,000 idle forks:
+/// forks of a VM that ran to its final `wfi` and waits there, interrupts masked, no timer
+/// armed (they hold no VMID: they never run). Each count
 /// reports the loop's cycles per second and the median of one [`VmTable::pick`] that finds
 /// nothing to run (every vCPU waiting), which is what the idle VMs add to every pick.
 fn phase_idle() -> Result<(), String> {

@@ -441,13 +441,17 @@ impl<H: Host> VmTable<H> {
             after.chain(before).next()
         };
         let (id, i) = found?;
+        let mut vm = self.vms.get_mut(&id)?;
         // Its VM needs a VMID of the current generation before the vCPU runs; with every
         // VMID held by a VM on a CPU (only when there are fewer VMIDs than CPUs: tests) the
         // pick finds nothing this time.
-        if !self.give_vmid(id) {
-            return None;
+        if vm.s2.as_ref().is_some_and(|s2| s2.vmid().is_none()) {
+            drop(vm);
+            if !self.give_vmid(id) {
+                return None;
+            }
+            vm = self.vms.get_mut(&id)?;
         }
-        let mut vm = self.vms.get_mut(&id)?;
         let ctx = vm.vcpus[i].ctx.take()?;
         vm.vcpus[i].state = VcpuState::Running(cpu);
         self.cursor = (id, i);
