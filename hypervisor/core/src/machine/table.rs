@@ -40,7 +40,9 @@ use crate::vuart::Vuart;
 /// rollover passed them, and any number of VMs can be alive.
 #[derive(Debug)]
 pub struct VmidAllocator {
-    /// VMIDs of the current generation given out, with the id of the VM holding each.
+    /// VMIDs of the current generation given out, with the id of the VM holding each. At most
+    /// one entry per VMID (under 1 MiB with 16-bit VMIDs): its nodes are allocated infallibly,
+    /// from the margin the heap keeps for small allocations, like the scheduler's sets.
     owners: BTreeMap<u16, u32>,
     next: u16,
     limit: u16,
