@@ -675,7 +675,7 @@ impl World {
         // A VMID names one VM at most, and each VM's VMID is the one the allocator gave it.
         let mut holders = 0;
         let mut roots = BTreeMap::new();
-        for (&id, _) in &self.model {
+        for &id in self.model.keys() {
             let vm = self.t.vms.get(&id).unwrap();
             let s2 = vm.s2.as_ref().unwrap();
             roots.insert(s2.root().0, (id, s2.vmid()));

@@ -116,12 +116,15 @@ struct Seen {
     picks: u64,
 }
 
+/// A vCPU on a CPU: its VM, its index, its context and the VTTBR_EL2 it entered with.
+type OnCpu = (u32, usize, Box<VcpuCtx>, u64);
+
 struct World {
     t: VmTable<FakeHost>,
     limit: u16,
     model: BTreeMap<u32, MVm>,
-    /// What each CPU runs: (vm, vcpu, its context, the VTTBR_EL2 it entered with).
-    on_cpu: [Option<(u32, usize, Box<VcpuCtx>, u64)>; CPUS],
+    /// What each CPU runs.
+    on_cpu: [Option<OnCpu>; CPUS],
     seen: Seen,
 }
 
