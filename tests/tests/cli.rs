@@ -76,11 +76,21 @@ fn fork_eight_list_console_pause_resume_reset_kill() {
         );
     }
 
-    // Pause, resume, reset of a fork, kill of the parent.
-    vmfork_ok(&socket, &["pause", "3"]);
-    assert!(vmfork_ok(&socket, &["info", "3"]).contains("paused"));
-    vmfork_ok(&socket, &["resume", "3"]);
-    assert!(vmfork_ok(&socket, &["info", "3"]).contains("running"));
+    // Pause, resume, reset of a fork, kill of the parent. A VM is named by its id, by vmN or
+    // by its name (forks have names of their own).
+    let vms: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let name3 = vms
+        .as_array()
+        .and_then(|a| a.iter().find(|v| v["id"] == 3))
+        .and_then(|v| v["name"].as_str())
+        .expect("vm3 in the list")
+        .to_string();
+    vmfork_ok(&socket, &["pause", &name3]);
+    assert!(vmfork_ok(&socket, &["info", "vm3"]).contains("paused"));
+    vmfork_ok(&socket, &["resume", "vm3"]);
+    assert!(vmfork_ok(&socket, &["info", &name3]).contains("running"));
+    let err = fails(&socket, 4, &["info", "no-such-name"]);
+    assert!(err.contains("no VM is named no-such-name"), "{err}");
     vmfork_ok(&socket, &["reset", "4"]);
     q.wait_for("vm4: reset to its fork point", DEFAULT_TIMEOUT);
     let err = fails(&socket, 7, &["reset", "1"]);

@@ -14,5 +14,6 @@ pub mod format;
 pub mod mux;
 pub mod savefile;
 pub mod socket;
+pub mod vmref;
 
 pub use client::{Client, ClientError, ClientOptions};

@@ -14,6 +14,7 @@ use vmfork::format::{self, Progress};
 use vmfork::mux::{Mux, MuxEnd, MuxLog, MuxOptions};
 use vmfork::savefile::{SaveError, SaveFile};
 use vmfork::socket::{self, Found};
+use vmfork::vmref::VmRef;
 use vmfork_core::guest_spec;
 use vmfork_proto::snapshot::Snapshot;
 use vmfork_proto::{ErrorReply, GlobalStats, Request, VmId};
@@ -45,18 +46,18 @@ enum Command {
     List,
     /// Show everything the monitor accounts for one VM.
     Info {
-        /// The VM's id.
-        vm: u32,
+        /// The VM: its id (3 or vm3) or its name.
+        vm: VmRef,
     },
     /// Show the monitor's global accounting (frames, VMs), and one VM's when given.
     Stats {
-        /// A VM's id.
-        vm: Option<u32>,
+        /// A VM: its id (3 or vm3) or its name.
+        vm: Option<VmRef>,
     },
     /// Fork a VM by copy-on-write; prints the new ids, one per line.
     Fork {
-        /// The parent VM.
-        vm: u32,
+        /// The parent VM: its id (3 or vm3) or its name.
+        vm: VmRef,
         /// How many children.
         #[arg(long, short = 'n', default_value_t = 1)]
         count: u32,
@@ -66,24 +67,24 @@ enum Command {
     },
     /// Stop a VM's vCPUs.
     Pause {
-        /// The VM's id.
-        vm: u32,
+        /// The VM: its id (3 or vm3) or its name.
+        vm: VmRef,
     },
     /// Let a paused VM run again.
     Resume {
-        /// The VM's id.
-        vm: u32,
+        /// The VM: its id (3 or vm3) or its name.
+        vm: VmRef,
     },
     /// Put a fork back to its fork point: memory, vCPUs and devices as they were when it was
     /// forked (forks only: a booted, created or restored VM has no fork point and is refused).
     Reset {
-        /// The VM's id.
-        vm: u32,
+        /// The VM: its id (3 or vm3) or its name.
+        vm: VmRef,
     },
     /// Destroy a VM (its forks live on).
     Kill {
-        /// The VM's id.
-        vm: u32,
+        /// The VM: its id (3 or vm3) or its name.
+        vm: VmRef,
     },
     /// Boot a new guest on the running monitor; the images travel over the channel. Prints the id.
     Create {
@@ -113,8 +114,8 @@ enum Command {
     /// printed is shown first, then "vmN <why>" on stderr, and vmfork exits with status 10
     /// (`vm_gone`).
     Console {
-        /// The VM's id.
-        vm: u32,
+        /// The VM: its id (3 or vm3) or its name.
+        vm: VmRef,
         /// Milliseconds to keep printing output after stdin ends.
         #[arg(long, value_name = "MS", default_value_t = 300)]
         linger: u64,
@@ -128,8 +129,8 @@ enum Command {
     /// BGSAVE recipe: `vmfork fork VM --paused` prints a child id C; `vmfork dump C FILE`
     /// snapshots the frozen child while VM keeps running; then `vmfork kill C`.
     Dump {
-        /// The VM's id.
-        vm: u32,
+        /// The VM: its id (3 or vm3) or its name.
+        vm: VmRef,
         /// Output file.
         file: PathBuf,
         /// Replace FILE if it exists (only once the new snapshot is complete).
@@ -147,10 +148,10 @@ enum Command {
     /// length in pages, and its guest-physical addresses: ipa (first byte) and ipa_end (the
     /// byte after its last page).
     Diff {
-        /// First VM.
-        vm1: u32,
-        /// Second VM.
-        vm2: u32,
+        /// First VM: its id (3 or vm3) or its name.
+        vm1: VmRef,
+        /// Second VM: its id or its name.
+        vm2: VmRef,
     },
     /// Share the monitor's one control socket among many vmfork processes.
     ///
@@ -305,6 +306,21 @@ fn socket_path(flag: Option<&Path>) -> Result<PathBuf, CliError> {
     }
 }
 
+/// The id `r` names: as it is for an id, else looked up in the monitor's list by name.
+fn resolve(c: &mut Client, r: &VmRef) -> Result<u32, CliError> {
+    if let Some(id) = r.id() {
+        return Ok(id);
+    }
+    let vms = c.list()?;
+    r.resolve(&vms).map_err(|e| {
+        let kind = match e {
+            vmfork::vmref::ResolveError::NoSuchName(_) => ErrorKind::NotFound,
+            vmfork::vmref::ResolveError::Ambiguous(..) => ErrorKind::Usage,
+        };
+        CliError::new(kind, e.to_string())
+    })
+}
+
 fn print_json(v: &impl serde::Serialize) -> Result<(), CliError> {
     let s = serde_json::to_string_pretty(v)
         .map_err(|e| CliError::new(ErrorKind::Internal, e.to_string()))?;
@@ -358,6 +374,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             }
         }
         Command::Info { vm } => {
+            let vm = resolve(&mut c, &vm)?;
             let info = c.info(VmId(vm))?;
             if json {
                 print_json(&info)?;
@@ -366,6 +383,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             }
         }
         Command::Stats { vm } => {
+            let vm = vm.map(|v| resolve(&mut c, &v)).transpose()?;
             let (global, info) = c.stats(vm.map(VmId))?;
             if json {
                 print_json(&json!({ "global": global, "vm": info }))?;
@@ -378,6 +396,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             }
         }
         Command::Fork { vm, count, paused } => {
+            let vm = resolve(&mut c, &vm)?;
             let children = c.fork(VmId(vm), count, paused)?;
             if json {
                 print_json(&json!({ "parent": vm, "children": children }))?;
@@ -387,10 +406,22 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 }
             }
         }
-        Command::Pause { vm } => simple(&mut c, Request::Pause { vm: VmId(vm) }, json)?,
-        Command::Resume { vm } => simple(&mut c, Request::Resume { vm: VmId(vm) }, json)?,
-        Command::Reset { vm } => simple(&mut c, Request::Reset { vm: VmId(vm) }, json)?,
-        Command::Kill { vm } => simple(&mut c, Request::Kill { vm: VmId(vm) }, json)?,
+        Command::Pause { vm } => {
+            let vm = VmId(resolve(&mut c, &vm)?);
+            simple(&mut c, Request::Pause { vm }, json)?
+        }
+        Command::Resume { vm } => {
+            let vm = VmId(resolve(&mut c, &vm)?);
+            simple(&mut c, Request::Resume { vm }, json)?
+        }
+        Command::Reset { vm } => {
+            let vm = VmId(resolve(&mut c, &vm)?);
+            simple(&mut c, Request::Reset { vm }, json)?
+        }
+        Command::Kill { vm } => {
+            let vm = VmId(resolve(&mut c, &vm)?);
+            simple(&mut c, Request::Kill { vm }, json)?
+        }
         Command::Create {
             kernel,
             initrd,
@@ -424,6 +455,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             }
         }
         Command::Console { vm, linger } => {
+            let vm = resolve(&mut c, &vm)?;
             let stdin = io::stdin();
             let tty = stdin.is_terminal();
             let _raw = if tty {
@@ -461,6 +493,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             end?;
         }
         Command::Dump { vm, file, force } => {
+            let vm = resolve(&mut c, &vm)?;
             let save_err = |e: SaveError| CliError::new(ErrorKind::Io, format!("{e}"));
             // Only the temporary file is written; it goes away by itself on any error.
             let mut out = SaveFile::create(&file, force).map_err(save_err)?;
@@ -523,6 +556,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             }
         }
         Command::Diff { vm1, vm2 } => {
+            let (vm1, vm2) = (resolve(&mut c, &vm1)?, resolve(&mut c, &vm2)?);
             let d = c.diff(VmId(vm1), VmId(vm2))?;
             if json {
                 print_json(&format::diff_json(&d))?;

@@ -1055,3 +1055,41 @@ fn json_output_matches_the_schema() {
     extra["surprise"] = 1.into();
     assert!(check_schema("info", &extra).is_err());
 }
+
+/// Every command takes `N`, `vmN` or a name; a name must name one VM (issue 16 item 2).
+#[test]
+fn vms_are_named_by_id_vm_id_or_name() {
+    let e = env();
+    let info: serde_json::Value =
+        serde_json::from_str(&e.ok(&["--json", "info", "hello"])).unwrap();
+    assert_eq!(info["id"], 1);
+    let by_vm: serde_json::Value = serde_json::from_str(&e.ok(&["--json", "info", "vm1"])).unwrap();
+    assert_eq!(by_vm, info);
+    assert_eq!(e.ok(&["fork", "hello"]).trim(), "2");
+    e.ok(&["pause", "hello.2"]);
+    let child: serde_json::Value = serde_json::from_str(&e.ok(&["--json", "info", "vm2"])).unwrap();
+    assert_eq!(child["state"]["state"], "paused", "{child}");
+    assert!(e
+        .ok(&["diff", "hello", "hello.2"])
+        .contains("of 4096 pages differ"));
+    assert_eq!(
+        e.fails(4, &["kill", "nosuch"]),
+        "vmfork: no VM is named nosuch"
+    );
+    // A restored copy has the snapshot's name: the name is ambiguous, the ids are not.
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("hello.snap");
+    e.ok(&["dump", "hello", f.to_str().unwrap()]);
+    let copy = e.ok(&["restore", f.to_str().unwrap()]);
+    let copy = copy.trim();
+    assert_eq!(
+        e.fails(2, &["reset", "hello"]),
+        format!("vmfork: 2 VMs are named hello (vm1, vm{copy}): name one by its id")
+    );
+    e.ok(&["kill", &format!("vm{copy}")]);
+    e.ok(&["resume", "hello.2"]);
+    let o = e.run(&["info", "two words"]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("VM names have no spaces"), "{err}");
+}
