@@ -91,6 +91,9 @@ fn fork_eight_list_console_pause_resume_reset_kill() {
     assert!(vmfork_ok(&socket, &["info", &name3]).contains("running"));
     let err = fails(&socket, 4, &["info", "no-such-name"]);
     assert!(err.contains("no VM is named no-such-name"), "{err}");
+    vmfork_ok(&socket, &["rename", &name3, "third"]);
+    assert!(vmfork_ok(&socket, &["list"]).contains("third"));
+    assert!(vmfork_ok(&socket, &["info", "third"]).contains("running"));
     vmfork_ok(&socket, &["reset", "4"]);
     q.wait_for("vm4: reset to its fork point", DEFAULT_TIMEOUT);
     let err = fails(&socket, 7, &["reset", "1"]);

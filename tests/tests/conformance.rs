@@ -174,6 +174,17 @@ fn script(ep: &mut dyn Endpoint) -> String {
             b: VmId(9),
         },
     );
+    for (vm, name) in [(2, "web.1"), (2, "42"), (2, "a b"), (9, "ghost")] {
+        call(
+            ep,
+            &mut log,
+            Request::Rename {
+                vm: VmId(vm),
+                name: name.into(),
+            },
+        );
+    }
+    call(ep, &mut log, Request::Info { vm: VmId(2) });
     call(ep, &mut log, Request::Reset { vm: VmId(1) });
     call(ep, &mut log, Request::Reset { vm: VmId(9) });
     call(ep, &mut log, Request::Resume { vm: VmId(9) });

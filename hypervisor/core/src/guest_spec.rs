@@ -57,6 +57,25 @@ pub const MAX_CMDLINE_LEN: usize = 2047;
 /// Longest guest name.
 pub const MAX_NAME_LEN: usize = 32;
 
+/// Whether `name` can name a VM (a guest config's `name=`, or a `Rename` request): 1 to
+/// [`MAX_NAME_LEN`] of `[A-Za-z0-9._-]`, and not only digits nor `vm` and digits, which the tool
+/// reads as VM ids.
+pub fn check_name(name: &str) -> Result<(), &'static str> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if !ok {
+        return Err("must be 1-32 of [A-Za-z0-9._-]");
+    }
+    let digits = name.strip_prefix("vm").unwrap_or(name);
+    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err("must not look like a VM id (only digits, or vm and digits)");
+    }
+    Ok(())
+}
+
 /// Errors in the fw_cfg directory, the guest file names or a guest config.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SpecError {
@@ -418,14 +437,7 @@ pub fn parse_config(text: &str) -> Result<GuestConfig, SpecError> {
                     set_once(&mut cpus, n, line, key)?;
                 }
                 "name" => {
-                    let ok = !value.is_empty()
-                        && value.len() <= MAX_NAME_LEN
-                        && value
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-                    if !ok {
-                        return Err(bad("name", value, "must be 1-32 of [A-Za-z0-9._-]"));
-                    }
+                    check_name(value).map_err(|why| bad("name", value, why))?;
                     set_once(&mut name, value.to_string(), line, key)?;
                 }
                 _ => {

@@ -145,6 +145,32 @@ fn a_whole_session_as_the_tool_drives_it() {
     }
     assert!(matches!(list[1].state, VmState::Paused { .. }));
     assert_eq!(list[1].parent, Some(VmId(1)));
+    // Rename: a valid name sticks; one that looks like an id, is empty or has a space is
+    // refused and changes nothing; an unknown VM is NoSuchVm.
+    let rename = |s: &mut Session, vm: u32, name: &str| {
+        s.call(Request::Rename {
+            vm: VmId(vm),
+            name: name.into(),
+        })
+    };
+    assert_eq!(rename(&mut s, 2, "web.1"), Response::Ok);
+    for bad in ["42", "vm7", "", "a b", &"x".repeat(33)] {
+        assert!(
+            matches!(
+                rename(&mut s, 2, bad),
+                Response::Error(ErrorReply::BadRequest(_))
+            ),
+            "{bad:?}"
+        );
+    }
+    assert_eq!(
+        rename(&mut s, 99, "web.2"),
+        Response::Error(ErrorReply::NoSuchVm(VmId(99)))
+    );
+    let Response::VmInfo(v2) = s.call(Request::Info { vm: VmId(2) }) else {
+        panic!("no info")
+    };
+    assert_eq!(v2.name, "web.1");
     assert_eq!(s.call(Request::Reset { vm: VmId(3) }), Response::Ok);
     assert!(matches!(
         s.call(Request::Reset { vm: VmId(1) }),
@@ -278,7 +304,15 @@ fn request() -> impl Strategy<Value = Request> {
         }),
         handle.clone().prop_map(|dump| Request::DumpClose { dump }),
         handle.prop_map(|upload| Request::Restore { upload }),
-        (vm.clone(), vm).prop_map(|(a, b)| Request::Diff { a, b }),
+        (vm.clone(), vm.clone()).prop_map(|(a, b)| Request::Diff { a, b }),
+        (
+            vm,
+            prop_oneof![Just("web.1"), Just("42"), Just(""), Just("a b")]
+        )
+            .prop_map(|(vm, name)| Request::Rename {
+                vm,
+                name: name.into()
+            }),
     ]
 }
 

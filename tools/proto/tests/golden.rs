@@ -36,9 +36,10 @@ fn request_name(r: &Request) -> &'static str {
         Request::DumpClose { .. } => "DumpClose",
         Request::Restore { .. } => "Restore",
         Request::Diff { .. } => "Diff",
+        Request::Rename { .. } => "Rename",
     }
 }
-const REQUEST_VARIANTS: usize = 20;
+const REQUEST_VARIANTS: usize = 21;
 
 fn response_name(r: &Response) -> &'static str {
     match r {
@@ -243,6 +244,10 @@ fn requests() -> Vec<(String, Request)> {
         Request::Diff {
             a: VmId(0xAAAA_0001),
             b: VmId(0xBBBB_0002),
+        },
+        Request::Rename {
+            vm: VmId(0x0000_0099),
+            name: String::from("web.1"),
         },
     ]);
     let mut seen = std::collections::HashMap::<&str, usize>::new();

@@ -64,6 +64,17 @@ enum Command {
         /// Leave the children paused (resume them with `vmfork resume`).
         #[arg(long)]
         paused: bool,
+        /// Name the child NAME (several: NAME.1, NAME.2, ...) [default: the monitor's,
+        /// `<parent name>.<child id>`].
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+    },
+    /// Give a VM a new name: 1 to 32 of [A-Za-z0-9._-], not only digits nor vm and digits.
+    Rename {
+        /// The VM: its id (3 or vm3) or its name.
+        vm: VmRef,
+        /// Its new name.
+        name: String,
     },
     /// Stop a VM's vCPUs.
     Pause {
@@ -103,6 +114,9 @@ enum Command {
         /// Kernel command line.
         #[arg(long, value_name = "STR", default_value = "")]
         cmdline: String,
+        /// The VM's name [default: the kernel's file name, when it is a valid name].
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
     },
     /// Attach to a VM's console: its output streams to stdout, stdin goes to the guest.
     ///
@@ -141,6 +155,9 @@ enum Command {
     Restore {
         /// Snapshot file.
         file: PathBuf,
+        /// The new VM's name [default: the name in the snapshot].
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
     },
     /// Which guest pages differ between two VMs, with counts and IPA ranges.
     ///
@@ -360,6 +377,17 @@ fn run(cli: Cli) -> Result<(), CliError> {
         guest_spec::check_cpus(*cpus).map_err(|why| usage(format!("--cpus {cpus}: {why}")))?;
         guest_spec::check_cmdline(cmdline).map_err(|why| usage(format!("--cmdline: {why}")))?;
     }
+    let name_flag = match &cli.command {
+        Command::Create { name, .. }
+        | Command::Restore { name, .. }
+        | Command::Fork { name, .. } => name.as_deref(),
+        Command::Rename { name, .. } => Some(name.as_str()),
+        _ => None,
+    };
+    if let Some(n) = name_flag {
+        // Fork children get `.1`, `.2`, ... after it: checked with the longest suffix below.
+        guest_spec::check_name(n).map_err(|why| usage(format!("name {n:?}: {why}")))?;
+    }
     let socket = socket_path(cli.socket.as_deref())?;
     let mut c = Client::connect(&socket)?;
     let json = cli.json;
@@ -395,9 +423,34 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 }
             }
         }
-        Command::Fork { vm, count, paused } => {
+        Command::Fork {
+            vm,
+            count,
+            paused,
+            name,
+        } => {
             let vm = resolve(&mut c, &vm)?;
+            if let Some(n) = &name {
+                if count > 1 {
+                    let longest = format!("{n}.{count}");
+                    guest_spec::check_name(&longest)
+                        .map_err(|why| usage(format!("name {longest:?}: {why}")))?;
+                }
+            }
             let children = c.fork(VmId(vm), count, paused)?;
+            if let Some(n) = &name {
+                for (k, child) in children.iter().enumerate() {
+                    let child_name = if children.len() == 1 {
+                        n.clone()
+                    } else {
+                        format!("{n}.{}", k + 1)
+                    };
+                    c.simple(&Request::Rename {
+                        vm: *child,
+                        name: child_name,
+                    })?;
+                }
+            }
             if json {
                 print_json(&json!({ "parent": vm, "children": children }))?;
             } else {
@@ -405,6 +458,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
                     println!("{ch}");
                 }
             }
+        }
+        Command::Rename { vm, name } => {
+            let vm = VmId(resolve(&mut c, &vm)?);
+            simple(&mut c, Request::Rename { vm, name }, json)?
         }
         Command::Pause { vm } => {
             let vm = VmId(resolve(&mut c, &vm)?);
@@ -428,7 +485,16 @@ fn run(cli: Cli) -> Result<(), CliError> {
             mem,
             cpus,
             cmdline,
+            name,
         } => {
+            // The kernel's file name, when it can name a VM.
+            let name = name.or_else(|| {
+                kernel
+                    .file_name()
+                    .and_then(|f| f.to_str())
+                    .filter(|f| guest_spec::check_name(f).is_ok())
+                    .map(str::to_string)
+            });
             // Every guest page gets a frame when the VM is made: refuse what cannot fit before
             // uploading the images.
             let (global, _) = c.stats(None)?;
@@ -448,6 +514,9 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 b.finish()
             }
             let vm = vm.map_err(|e| with_figures(&mut c, e, "a VM", mem))?;
+            if let Some(name) = name {
+                c.simple(&Request::Rename { vm, name })?;
+            }
             if json {
                 print_json(&json!({ "vm": vm }))?;
             } else {
@@ -529,7 +598,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 );
             }
         }
-        Command::Restore { file } => {
+        Command::Restore { file, name } => {
             let bytes = read_file(&file)?;
             // Check it here, to say clearly what is wrong with the file.
             let header = Snapshot::visit(&bytes, |_, _| {}).map_err(|e| {
@@ -549,6 +618,9 @@ fn run(cli: Cli) -> Result<(), CliError> {
             }
             let vm =
                 vm.map_err(|e| with_figures(&mut c, e, "the snapshot's VM", header.mem_bytes))?;
+            if let Some(name) = name {
+                c.simple(&Request::Rename { vm, name })?;
+            }
             if json {
                 print_json(&json!({ "vm": vm }))?;
             } else {

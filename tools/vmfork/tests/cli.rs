@@ -1093,3 +1093,58 @@ fn vms_are_named_by_id_vm_id_or_name() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("VM names have no spaces"), "{err}");
 }
+
+/// `rename`, `--name` on create, fork and restore, and a created VM named after its kernel
+/// file by default (issue 16 item 2).
+#[test]
+fn names_are_given_at_create_fork_restore_and_by_rename() {
+    let e = env();
+    let dir = tempfile::tempdir().unwrap();
+    let k = dir.path().join("counter");
+    std::fs::write(&k, tiny_image()).unwrap();
+    let name_of = |id: &str| -> String {
+        let v: serde_json::Value = serde_json::from_str(&e.ok(&["--json", "info", id])).unwrap();
+        v["name"].as_str().unwrap().to_string()
+    };
+    let a = e.ok(&["create", "--kernel", k.to_str().unwrap(), "--mem", "2M"]);
+    assert_eq!(name_of(a.trim()), "counter");
+    let b = e.ok(&[
+        "create",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--mem",
+        "2M",
+        "--name",
+        "web",
+    ]);
+    assert_eq!(name_of(b.trim()), "web");
+    let kids = e.ok(&["fork", "web", "-n", "2", "--name", "worker"]);
+    let kids: Vec<&str> = kids.split_whitespace().collect();
+    assert_eq!(name_of(kids[0]), "worker.1");
+    assert_eq!(name_of(kids[1]), "worker.2");
+    let one = e.ok(&["fork", "web", "--name", "solo"]);
+    assert_eq!(name_of(one.trim()), "solo");
+    e.ok(&["rename", "solo", "solo-2"]);
+    assert_eq!(name_of(one.trim()), "solo-2");
+    let f = dir.path().join("web.snap");
+    e.ok(&["dump", "web", f.to_str().unwrap()]);
+    let r = e.ok(&["restore", f.to_str().unwrap(), "--name", "web-copy"]);
+    assert_eq!(name_of(r.trim()), "web-copy");
+    // Refused before anything is sent: names that look like ids, or with other characters.
+    assert_eq!(
+        e.fails(2, &["rename", "web", "42"]),
+        "vmfork: name \"42\": must not look like a VM id (only digits, or vm and digits)"
+    );
+    assert_eq!(
+        e.fails(2, &["rename", "web", "a/b"]),
+        "vmfork: name \"a/b\": must be 1-32 of [A-Za-z0-9._-]"
+    );
+    let long = "x".repeat(31);
+    assert!(e
+        .fails(2, &["fork", "web", "-n", "10", "--name", &long])
+        .contains(&format!("{long}.10")));
+    assert_eq!(
+        e.fails(4, &["rename", "vm99", "ghost"]),
+        "vmfork: no such VM: 99"
+    );
+}

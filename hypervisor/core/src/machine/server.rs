@@ -474,6 +474,22 @@ impl<'a, H: Host> Server<'a, H> {
                 vcpus,
                 cmdline,
             } => self.create(kernel, initrd, mem_bytes, vcpus, cmdline),
+            Request::Rename { vm, name } => {
+                let mut t = self.vms.lock();
+                let r = match t.vms.get_mut(&vm.0) {
+                    Some(mut v) if !v.internal => match crate::guest_spec::check_name(&name) {
+                        Err(why) => {
+                            Response::Error(ErrorReply::BadRequest(format!("name {name:?}: {why}")))
+                        }
+                        Ok(()) => {
+                            v.name = name;
+                            Response::Ok
+                        }
+                    },
+                    _ => Response::Error(ErrorReply::NoSuchVm(vm)),
+                };
+                r
+            }
             Request::Diff { a, b } => match diff_start(self.vms, id, a, b) {
                 Ok(job) => return self.diffs.push_back(job),
                 Err(e) => Response::Error(e),

@@ -405,6 +405,15 @@ messages! {
             /// Second VM.
             b: VmId,
         } = DIFF(0x0014),
+        /// Give a VM a new name: 1 to 32 of `[A-Za-z0-9._-]`, not only digits and not `vm` and
+        /// digits (those name VMs by id in the tool). Reply: `Ok`. Added within version 1: a
+        /// monitor without it answers `BadRequest`.
+        Rename {
+            /// The VM.
+            vm: VmId,
+            /// Its new name.
+            name: String,
+        } = RENAME(0x0015),
     }
 
     /// A message from the monitor: the reply to a request, or a console event.
