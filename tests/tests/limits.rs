@@ -608,12 +608,15 @@ fn a_long_diff_does_not_stall_another_vm() {
     let quiet = tick_rate(&q, || std::thread::sleep(Duration::from_secs(5)));
     let mut pages = 0;
     let busy = tick_rate(&q, || {
+        // Three diffs (393,216 pages): about 20 s on a quiet 2-core host, and well inside the
+        // 120 s answer deadline on a loaded one (six once took longer than that in CI, with
+        // the counter ticking on throughout).
         let ids = c.pipeline(&vec![
             Request::Diff {
                 a: VmId(2),
                 b: VmId(3)
             };
-            6
+            3
         ]);
         for r in c.collect(&ids) {
             match r {
