@@ -4,7 +4,8 @@
 #   make qemu-virt      build and boot the monitor interactively (Ctrl-A X quits QEMU)
 #                       SMP=4 MEM=2G QEMU_ARGS='...' APPEND='log=debug'
 #                       GUEST=<image> [GUEST_INITRD=<file>] [GUEST_MEM=64M] [GUEST_CPUS=1]
-#                       [GUEST_CMDLINE=...]  boots one guest; GUESTS='<image> <image> ...'
+#                       [GUEST_CMDLINE=...] [GUEST_NAME=...]  boots one guest (its VM is named
+#                       after the image, or GUEST_NAME); GUESTS='<image> <image> ...'
 #                       adds more guests with the default configuration. An image is a path or
 #                       the name of a guest in guest-images (hello, counter, memcheck, smp, ...).
 #                       The control channel listens on SOCKET=run/vmfork.sock for `vmfork`
@@ -44,7 +45,10 @@ USER_SOCKET  ?= 1
 comma := ,
 # A guest image: a path to a file, or the name of one of our guest images.
 guest_path = $(if $(wildcard $(1)),$(1),$(PROFILE_DIR)/$(1))
-GUEST_CONFIG = $(strip $(if $(GUEST_MEM),mem=$(GUEST_MEM)) $(if $(GUEST_CPUS),cpus=$(GUEST_CPUS)) $(if $(GUEST_CMDLINE),cmdline=$(GUEST_CMDLINE)))
+# The first guest's VM name: GUEST_NAME=, else the guest's when GUEST names one of ours
+# (`counter`, `linux`); a path gets the monitor's default (`guest0`).
+GUEST_NAME ?= $(if $(wildcard $(GUEST)),,$(GUEST))
+GUEST_CONFIG = $(strip $(if $(GUEST_NAME),name=$(GUEST_NAME)) $(if $(GUEST_MEM),mem=$(GUEST_MEM)) $(if $(GUEST_CPUS),cpus=$(GUEST_CPUS)) $(if $(GUEST_CMDLINE),cmdline=$(GUEST_CMDLINE)))
 # Guests reach the monitor as QEMU fw_cfg files opt/vmfork/<n>/{kernel,initrd,config}
 # (docs/GUESTS.md); fw_cfg's string= needs commas doubled.
 GUEST_FWCFG = $(if $(GUEST),\
@@ -133,6 +137,7 @@ linux-guest:
 	$(if $(VMFORK_CACHE),VMFORK_CACHE=$(VMFORK_CACHE)) guest-images/linux/build.sh
 
 ifeq ($(GUEST),linux)
+GUEST_NAME := $(or $(GUEST_NAME),linux)
 override GUEST := $(LINUX_OUT)/Image
 GUEST_INITRD := $(or $(GUEST_INITRD),$(LINUX_OUT)/initramfs.cpio.gz)
 GUEST_MEM := $(or $(GUEST_MEM),256M)

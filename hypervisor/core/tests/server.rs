@@ -145,6 +145,9 @@ fn a_whole_session_as_the_tool_drives_it() {
     }
     assert!(matches!(list[1].state, VmState::Paused { .. }));
     assert_eq!(list[1].parent, Some(VmId(1)));
+    // Children are named after the parent, counting its forks from 1.
+    let names: Vec<&str> = list.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, ["created", "created.1", "created.2", "created.3"]);
     // Rename: a valid name sticks; one that looks like an id, is empty or has a space is
     // refused and changes nothing; an unknown VM is NoSuchVm.
     let rename = |s: &mut Session, vm: u32, name: &str| {

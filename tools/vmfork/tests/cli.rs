@@ -846,8 +846,8 @@ fn second_client_while_a_console_is_attached() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    // A fork is named after its parent and its own id.
-    assert!(e.ok(&["list"]).contains("hello.2"));
+    // A fork is named after its parent and how many forks the parent had: its first is .1.
+    assert!(e.ok(&["list"]).contains("hello.1"));
     assert_eq!(e.ok(&["fork", "1"]).trim(), "3");
     e.ok(&["kill", "2"]);
     let o = child.wait_with_output().unwrap();
@@ -1066,11 +1066,11 @@ fn vms_are_named_by_id_vm_id_or_name() {
     let by_vm: serde_json::Value = serde_json::from_str(&e.ok(&["--json", "info", "vm1"])).unwrap();
     assert_eq!(by_vm, info);
     assert_eq!(e.ok(&["fork", "hello"]).trim(), "2");
-    e.ok(&["pause", "hello.2"]);
+    e.ok(&["pause", "hello.1"]);
     let child: serde_json::Value = serde_json::from_str(&e.ok(&["--json", "info", "vm2"])).unwrap();
     assert_eq!(child["state"]["state"], "paused", "{child}");
     assert!(e
-        .ok(&["diff", "hello", "hello.2"])
+        .ok(&["diff", "hello", "hello.1"])
         .contains("of 4096 pages differ"));
     assert_eq!(
         e.fails(4, &["kill", "nosuch"]),
@@ -1087,7 +1087,7 @@ fn vms_are_named_by_id_vm_id_or_name() {
         format!("vmfork: 2 VMs are named hello (vm1, vm{copy}): name one by its id")
     );
     e.ok(&["kill", &format!("vm{copy}")]);
-    e.ok(&["resume", "hello.2"]);
+    e.ok(&["resume", "hello.1"]);
     let o = e.run(&["info", "two words"]);
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);

@@ -387,6 +387,8 @@ impl<H: Host> VmTable<H> {
         // parent needs its own copy again (the children's reset points keep the one it had),
         // made below: counted too, so that a fork bomb is refused its fork rather than paused
         // for want of a vGIC copy.
+        // Children are named `<parent>.<n>`, n counting the parent's forks from 1.
+        let forks_before = parent.stats.forks;
         let vgic = parent.devices.vgic.copy_bytes() + 64;
         let per_child = fork_heap_cost(parent) + if paused { 0 } else { vgic };
         let cost = per_child
@@ -415,8 +417,9 @@ impl<H: Host> VmTable<H> {
         {
             return Err(ForkError::OutOfMemory);
         }
-        for _ in 0..count {
-            match self.fork_one(id, root, paused, caller, internal) {
+        for k in 0..u64::from(count) {
+            let seq = forks_before.saturating_add(k + 1);
+            match self.fork_one(id, root, paused, caller, internal, seq) {
                 // Within the fork's heap cost, checked above.
                 Ok(child) => built.push(Box::new(child)),
                 Err(e) => {
@@ -476,6 +479,7 @@ impl<H: Host> VmTable<H> {
         paused: bool,
         caller: Option<usize>,
         internal: bool,
+        seq: u64,
     ) -> Result<Vm, ForkError> {
         let child_id = if internal {
             self.next_internal_id
@@ -498,7 +502,7 @@ impl<H: Host> VmTable<H> {
         let name = if internal {
             try_string(&parent.name, format_args!(".dump"))?
         } else {
-            try_string(&parent.name, format_args!(".{child_id}"))?
+            try_string(&parent.name, format_args!(".{seq}"))?
         };
         let cmdline = try_string(&parent.cmdline, format_args!(""))?;
         let Some(s2) = parent.s2.as_mut() else {
