@@ -116,15 +116,33 @@ fn ctrl_t_moves_console_input_to_the_next_vm() {
     wait_vm(&q, 2, "echo: hi");
     assert_eq!(vm_lines(&q, 1), ["echo: ready", "echo: one"]);
     assert_eq!(vm_lines(&q, 2), ["echo: ready", "echo: hi"]);
+    // Ctrl-T, an id and Enter jump to that VM (the Ctrl-T moves on at once, to vm1 here).
+    q.send(b"\x142\r");
+    wait_count(&q, "monitor: console focus on vm2", 2);
+    q.send(b"again\n");
+    wait_vm(&q, 2, "echo: again");
+    // No vm9: the focus stays where the Ctrl-T put it (vm1).
+    q.send(b"\x149\r");
+    q.wait_for("monitor: no vm9 to focus", DEFAULT_TIMEOUT);
+    q.send(b"x\n");
+    wait_vm(&q, 1, "echo: x");
+    q.send(b"\x142\r");
+    wait_count(&q, "monitor: console focus on vm2", 4);
     // vm2 quits; the focus key then wraps around to vm1, the only VM left.
     q.send(b"quit\n");
     q.wait_for(&powered_off(2, 1), DEFAULT_TIMEOUT);
     q.send(FOCUS_KEY);
-    q.wait_for("monitor: console focus on vm1", DEFAULT_TIMEOUT);
+    wait_count(&q, "monitor: console focus on vm1", 3);
     q.send(b"quit\n");
     q.wait_for(&powered_off(1, 0), DEFAULT_TIMEOUT);
-    assert_eq!(vm_lines(&q, 1), ["echo: ready", "echo: one", "echo: bye"]);
-    assert_eq!(vm_lines(&q, 2), ["echo: ready", "echo: hi", "echo: bye"]);
+    assert_eq!(
+        vm_lines(&q, 1),
+        ["echo: ready", "echo: one", "echo: x", "echo: bye"]
+    );
+    assert_eq!(
+        vm_lines(&q, 2),
+        ["echo: ready", "echo: hi", "echo: again", "echo: bye"]
+    );
     q.kill();
 }
 

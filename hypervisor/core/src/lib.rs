@@ -13,6 +13,7 @@ pub mod addr;
 mod bounded;
 pub mod cmdline;
 pub mod esr;
+pub mod focus;
 pub mod frame;
 pub mod guest_dtb;
 pub mod guest_spec;

@@ -9,6 +9,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use aarch64_cpu::registers::{Readable, ESR_EL2, FAR_EL2, HPFAR_EL2};
 use spin::Mutex;
 use vmfork_core::esr::Esr;
+use vmfork_core::focus::{FocusAction, FocusKeys};
 use vmfork_core::stage2::vtcr_el2;
 use vmfork_core::vgic::CpuIfState;
 
@@ -24,8 +25,6 @@ use vmfork_core::machine::{handle_sync_vm, Handled, Kicks, Picked, StopReason};
 const SLICE_MICROS: u64 = 4_000;
 /// Longest an idle CPU sleeps before looking at the run queue again, in microseconds.
 const IDLE_MICROS: u64 = 20_000;
-/// Key that moves console focus to the next VM: Ctrl-T.
-pub const FOCUS_KEY: u8 = 0x14;
 
 static SLICE_OVER: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
 /// Bytes typed on the monitor console, waiting to go to the focused VM.
@@ -149,7 +148,11 @@ fn on_console_rx(_intid: u32) {
     }
 }
 
-/// Hands typed bytes to the focused VM; Ctrl-T moves the focus to the next VM.
+/// The focus keys' state between bytes typed on the monitor console (`vmfork_core::focus`).
+static KEYS: Mutex<FocusKeys> = Mutex::new(FocusKeys::new());
+
+/// Hands typed bytes to the focused VM; Ctrl-T moves the focus to the next VM, and Ctrl-T, a
+/// VM id and Enter to that VM (`vmfork_core::focus`).
 fn deliver_console_input() {
     let bytes: Vec<u8> = {
         let mut rx = RX.lock();
@@ -158,27 +161,46 @@ fn deliver_console_input() {
         }
         rx.drain(..).collect()
     };
+    let mut actions = Vec::new();
+    {
+        let mut keys = KEYS.lock();
+        for b in bytes {
+            keys.feed(b, &mut actions);
+        }
+    }
     let mut kicks = vmfork_core::machine::Kicks::new();
     {
         let mut guard = VMS.lock();
         let t = &mut *guard;
-        for b in bytes {
-            if b == FOCUS_KEY {
-                let next = t
-                    .focus
-                    .and_then(|f| t.vms.ids_in(f + 1..).next())
-                    .or_else(|| t.vms.keys().next().copied());
-                t.focus = next;
-                match next {
-                    Some(id) => crate::println!("monitor: console focus on vm{id}"),
-                    None => crate::println!("monitor: no VM to focus"),
+        for action in actions {
+            match action {
+                FocusAction::Next => {
+                    let next = t
+                        .focus
+                        .and_then(|f| t.vms.ids_in(f + 1..).next())
+                        .or_else(|| t.vms.keys().next().copied());
+                    t.focus = next;
+                    match next {
+                        Some(id) => crate::println!("monitor: console focus on vm{id}"),
+                        None => crate::println!("monitor: no VM to focus"),
+                    }
                 }
-                continue;
-            }
-            let Some(id) = t.focus else { continue };
-            if let Some(mut vm) = t.vms.get_mut(&id) {
-                if let Some(v) = vm.type_input(&t.host, &[b]) {
-                    vm.kick_vcpu(v, &mut kicks);
+                FocusAction::Jump(id) => {
+                    let there = t.vms.get(&id).is_some_and(|vm| !vm.internal);
+                    if there {
+                        t.focus = Some(id);
+                        crate::println!("monitor: console focus on vm{id}");
+                    } else {
+                        crate::println!("monitor: no vm{id} to focus");
+                    }
+                }
+                FocusAction::Send(data) => {
+                    let Some(id) = t.focus else { continue };
+                    if let Some(mut vm) = t.vms.get_mut(&id) {
+                        if let Some(v) = vm.type_input(&t.host, &data) {
+                            vm.kick_vcpu(v, &mut kicks);
+                        }
+                    }
                 }
             }
         }
