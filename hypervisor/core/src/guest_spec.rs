@@ -656,6 +656,14 @@ mod tests {
     #[test]
     fn config_errors() {
         let e = |t: &str| parse_config(t).unwrap_err();
+        // A name the tool would read as a VM id.
+        for id_like in ["name=42", "name=vm7"] {
+            assert!(
+                matches!(e(id_like), SpecError::BadValue { key: "name", .. }),
+                "{id_like}"
+            );
+        }
+        assert!(parse_config("name=vm").is_ok() && parse_config("name=vm7a").is_ok());
         assert_eq!(
             e("mem=64M\nbogus"),
             SpecError::MissingEquals {
@@ -754,7 +762,9 @@ mod tests {
         #[test]
         fn config_round_trips(
             mem_units in 1u64..=16384, cpus in 1u32..=8,
-            name in proptest::option::of("[A-Za-z0-9._-]{1,32}"),
+            name in proptest::option::of(
+                "[A-Za-z0-9._-]{1,32}".prop_filter("not like a VM id", |n| check_name(n).is_ok())
+            ),
             cmdline in proptest::option::of("[!-~]([ -~]{0,60}[!-~])?"),
             seps in proptest::collection::vec(prop_oneof![Just(" "), Just("\n"), Just("\t"), Just("  \n# c\n")], 4),
             order in 0usize..6,
