@@ -174,8 +174,9 @@ fn ten_thousand_hypercalls_then_a_kill_give_every_frame_back() {
     q.wait_for(&format!("[vm{id}] hostile: done"), DEFAULT_TIMEOUT);
     assert_passed(&q, id, &["hvc", "sgi", "psci-suspend", "psci"]);
     vmfork_ok(&socket, &["kill", &id.to_string()]);
+    // `vmfork create` names the VM after its kernel file by default.
     q.wait_for(
-        &format!("vm{id}: 'created' killed by the control channel; destroyed"),
+        &format!("vm{id}: 'hostile' killed by the control channel; destroyed"),
         DEFAULT_TIMEOUT,
     );
     let list = vmfork_ok(&socket, &["list"]);
