@@ -320,7 +320,7 @@ fn linux_forked_from_the_host_runs_on_in_both_with_own_consoles_tmp_and_rng_then
     q.wait_for("vm1: 'linux' killed", DEFAULT_TIMEOUT);
     ask(&q, &socket, 2, "echo orphan-$((6*7))", "orphan-42");
     vmfork_ok(&socket, &["kill", "2"]);
-    q.wait_for("vm2: 'linux.2' killed", DEFAULT_TIMEOUT);
+    q.wait_for("vm2: 'linux.1' killed", DEFAULT_TIMEOUT);
     assert_all_memory_back(&socket, &q);
 
     check_monitor_log_clean(&q);
