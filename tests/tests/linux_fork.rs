@@ -377,7 +377,11 @@ fn linux_forked_eight_times_all_nine_answer_and_killing_them_returns_the_memory(
     // comes back while the parent lives (its copies replace the frames it shared).
     for vm in [5u32, 9, 2, 7, 3, 8, 4, 6] {
         vmfork_ok(&socket, &["kill", &vm.to_string()]);
-        q.wait_for(&format!("vm{vm}: 'linux.{vm}' killed"), DEFAULT_TIMEOUT);
+        // vm2..vm9 are vm1's forks 1 to 8: named linux.1 .. linux.8.
+        q.wait_for(
+            &format!("vm{vm}: 'linux.{}' killed", vm - 1),
+            DEFAULT_TIMEOUT,
+        );
     }
     let (free, total) = last_frames_free(&q.serial()).expect("a `frames free` teardown line");
     let (_, booted_free) = frames(&booted);
