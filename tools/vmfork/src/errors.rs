@@ -34,13 +34,16 @@ pub enum ErrorKind {
     /// The monitor speaks another protocol version, or sent something vmfork does not understand.
     Protocol,
     /// `vmfork console`: the VM went (powered off, was killed, crashed) while attached; all it
-    /// printed was shown first.
+    /// printed was shown first. `vmfork wait`: the VM stopped or went, so it can never reach
+    /// the state waited for.
     VmGone,
+    /// `vmfork wait`: the state was not reached within `--timeout`.
+    Timeout,
 }
 
 impl ErrorKind {
     /// Every kind, in exit-status order.
-    pub const ALL: [ErrorKind; 10] = [
+    pub const ALL: [ErrorKind; 11] = [
         ErrorKind::Internal,
         ErrorKind::Usage,
         ErrorKind::Connection,
@@ -51,6 +54,7 @@ impl ErrorKind {
         ErrorKind::Io,
         ErrorKind::Protocol,
         ErrorKind::VmGone,
+        ErrorKind::Timeout,
     ];
 
     /// The process exit status for this kind (0 is success).
@@ -66,6 +70,7 @@ impl ErrorKind {
             ErrorKind::Io => 8,
             ErrorKind::Protocol => 9,
             ErrorKind::VmGone => 10,
+            ErrorKind::Timeout => 11,
         }
     }
 
@@ -82,6 +87,7 @@ impl ErrorKind {
             ErrorKind::Io => "io",
             ErrorKind::Protocol => "protocol",
             ErrorKind::VmGone => "vm_gone",
+            ErrorKind::Timeout => "timeout",
         }
     }
 
@@ -101,7 +107,10 @@ impl ErrorKind {
             }
             ErrorKind::Io => "a local file cannot be read or written",
             ErrorKind::Protocol => "protocol version mismatch, or a reply vmfork cannot read",
-            ErrorKind::VmGone => "console: the VM went while attached (its last output was shown)",
+            ErrorKind::VmGone => {
+                "console: the VM went while attached (its last output was shown); wait: the VM stopped or went, it will never reach the state"
+            }
+            ErrorKind::Timeout => "wait: the state was not reached within --timeout",
         }
     }
 

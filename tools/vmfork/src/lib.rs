@@ -15,5 +15,6 @@ pub mod mux;
 pub mod savefile;
 pub mod socket;
 pub mod vmref;
+pub mod watch;
 
 pub use client::{Client, ClientError, ClientOptions};

@@ -15,6 +15,7 @@ use vmfork::mux::{Mux, MuxEnd, MuxLog, MuxOptions};
 use vmfork::savefile::{SaveError, SaveFile};
 use vmfork::socket::{self, Found};
 use vmfork::vmref::VmRef;
+use vmfork::watch::{self, Target};
 use vmfork_core::guest_spec;
 use vmfork_proto::snapshot::Snapshot;
 use vmfork_proto::{ErrorReply, GlobalStats, Request, VmId};
@@ -170,6 +171,59 @@ enum Command {
         /// Second VM: its id or its name.
         vm2: VmRef,
     },
+    /// Wait until a VM is in a state: running, paused, stopped, or gone (no longer listed).
+    ///
+    /// The monitor pushes no events: vmfork polls its list every --interval milliseconds.
+    /// Prints the VM's state line once it is there (JSON with --json). `stopped` is also
+    /// reached when the VM is gone. Fails at once (exit status 10, `vm_gone`) when the VM has
+    /// stopped or gone and so will never be running or paused; after --timeout with exit
+    /// status 11 (`timeout`).
+    Wait {
+        /// The VM: its id (3 or vm3) or its name.
+        vm: VmRef,
+        /// The state to wait for.
+        #[arg(long, value_enum, value_name = "STATE")]
+        state: Target,
+        /// Give up after this many seconds (fractions allowed) [default: wait for ever].
+        #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+        timeout: Option<Duration>,
+        /// Milliseconds between two looks at the monitor's list.
+        #[arg(long, value_name = "MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(1..))]
+        interval: u64,
+    },
+    /// Print what happens to VMs as JSON lines: created, forked, paused, resumed, stopped,
+    /// renamed, removed, and COW faults per second.
+    ///
+    /// The monitor pushes no events: vmfork polls its list every --interval milliseconds and
+    /// prints what changed (VMs that exist when it starts are not announced). Each line is one
+    /// object with "event", "vm", "name", "time" (seconds since `events` started) and the
+    /// event's fields: "parent" (created: null, forked: the parent's id), "reason" (paused,
+    /// stopped), "old_name" (renamed); once a second a "cow" event for each VM whose COW faults
+    /// grew, with "cow_faults_per_sec" and "cow_faults". A change undone within one interval is
+    /// not seen. Ends after --count events; fails (exit status 3) when the monitor goes.
+    Events {
+        /// Milliseconds between two looks at the monitor's list.
+        #[arg(long, value_name = "MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(1..))]
+        interval: u64,
+        /// Exit after this many events [default: never].
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+    },
+    /// A live table of the VMs: state, vCPU use, COW faults per second, private and shared
+    /// memory, uptime.
+    ///
+    /// The monitor pushes nothing: vmfork polls it every --interval milliseconds and redraws
+    /// the table (on a terminal; Ctrl-C ends). With --once, or when stdout is not a terminal,
+    /// it prints one table, its rates measured over one interval, and exits. VCPU% is the
+    /// time the VM's vCPUs ran over the time that passed (above 100 with several vCPUs busy).
+    Top {
+        /// Milliseconds between two looks (and redraws).
+        #[arg(long, value_name = "MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(1..))]
+        interval: u64,
+        /// Print one table and exit.
+        #[arg(long)]
+        once: bool,
+    },
     /// Share the monitor's one control socket among many vmfork processes.
     ///
     /// QEMU's socket serves one client at a time. The mux holds that connection and serves any
@@ -255,6 +309,14 @@ fn fail(e: &CliError, json: bool) -> ExitCode {
 fn read_file(p: &PathBuf) -> Result<Vec<u8>, CliError> {
     fs::read(p)
         .map_err(|e| CliError::new(ErrorKind::Io, format!("cannot read {}: {e}", p.display())))
+}
+
+/// `--timeout SECS`: seconds, fractions allowed.
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is not a valid timeout"))
 }
 
 fn usage(msg: String) -> CliError {
@@ -626,6 +688,23 @@ fn run(cli: Cli) -> Result<(), CliError> {
             } else {
                 println!("{vm}");
             }
+        }
+        Command::Wait {
+            vm,
+            state,
+            timeout,
+            interval,
+        } => {
+            let vm = resolve(&mut c, &vm)?;
+            let every = Duration::from_millis(interval);
+            watch::wait(&mut c, vm, state, timeout, every, json)?;
+        }
+        Command::Events { interval, count } => {
+            watch::events(&mut c, Duration::from_millis(interval), count)?;
+        }
+        Command::Top { interval, once } => {
+            let live = !once && io::stdout().is_terminal();
+            watch::top(&mut c, Duration::from_millis(interval), live)?;
         }
         Command::Diff { vm1, vm2 } => {
             let (vm1, vm2) = (resolve(&mut c, &vm1)?, resolve(&mut c, &vm2)?);
