@@ -36,11 +36,14 @@ pub enum ErrorKind {
     /// `vmfork console`: the VM went (powered off, was killed, crashed) while attached; all it
     /// printed was shown first.
     VmGone,
+    /// The VM has stopped (powered off, crashed, killed): it is listed until `vmfork rm`, but
+    /// only `info`, `console` and `rm` apply to it.
+    Stopped,
 }
 
 impl ErrorKind {
     /// Every kind, in exit-status order.
-    pub const ALL: [ErrorKind; 10] = [
+    pub const ALL: [ErrorKind; 11] = [
         ErrorKind::Internal,
         ErrorKind::Usage,
         ErrorKind::Connection,
@@ -51,6 +54,7 @@ impl ErrorKind {
         ErrorKind::Io,
         ErrorKind::Protocol,
         ErrorKind::VmGone,
+        ErrorKind::Stopped,
     ];
 
     /// The process exit status for this kind (0 is success).
@@ -66,6 +70,7 @@ impl ErrorKind {
             ErrorKind::Io => 8,
             ErrorKind::Protocol => 9,
             ErrorKind::VmGone => 10,
+            ErrorKind::Stopped => 11,
         }
     }
 
@@ -82,6 +87,7 @@ impl ErrorKind {
             ErrorKind::Io => "io",
             ErrorKind::Protocol => "protocol",
             ErrorKind::VmGone => "vm_gone",
+            ErrorKind::Stopped => "stopped",
         }
     }
 
@@ -102,6 +108,7 @@ impl ErrorKind {
             ErrorKind::Io => "a local file cannot be read or written",
             ErrorKind::Protocol => "protocol version mismatch, or a reply vmfork cannot read",
             ErrorKind::VmGone => "console: the VM went while attached (its last output was shown)",
+            ErrorKind::Stopped => "the VM has stopped (listed until `vmfork rm`)",
         }
     }
 
@@ -147,6 +154,7 @@ pub fn client_error_kind(e: &ClientError) -> ErrorKind {
             ErrorReply::Busy => ErrorKind::Busy,
             ErrorReply::VersionMismatch { .. } => ErrorKind::Protocol,
             ErrorReply::Internal(_) => ErrorKind::Internal,
+            ErrorReply::VmStopped(_) => ErrorKind::Stopped,
         },
     }
 }
