@@ -128,6 +128,8 @@ fn script(ep: &mut dyn Endpoint) -> String {
         mem_bytes,
         vcpus,
         cmdline: "console=ttyAMA0".into(),
+        paused: false,
+        remove_on_stop: false,
     };
     let r = call(ep, &mut log, create(k, 16 << 20, 1));
     assert_eq!(r, Response::Created { vm: VmId(1) }, "{log}");
@@ -148,6 +150,7 @@ fn script(ep: &mut dyn Endpoint) -> String {
                 vm: VmId(vm),
                 count,
                 paused: true,
+                remove_on_stop: false,
             },
         );
     }
@@ -189,7 +192,14 @@ fn script(ep: &mut dyn Endpoint) -> String {
     call(ep, &mut log, Request::Reset { vm: VmId(9) });
     call(ep, &mut log, Request::Resume { vm: VmId(9) });
     // The console of a paused VM.
-    call(ep, &mut log, Request::ConsoleAttach { vm: VmId(2) });
+    call(
+        ep,
+        &mut log,
+        Request::ConsoleAttach {
+            vm: VmId(2),
+            replay: true,
+        },
+    );
     call(
         ep,
         &mut log,
@@ -199,7 +209,14 @@ fn script(ep: &mut dyn Endpoint) -> String {
         },
     );
     call(ep, &mut log, Request::ConsoleDetach { vm: VmId(2) });
-    call(ep, &mut log, Request::ConsoleAttach { vm: VmId(9) });
+    call(
+        ep,
+        &mut log,
+        Request::ConsoleAttach {
+            vm: VmId(9),
+            replay: true,
+        },
+    );
     // Dump vm1 (from an internal fork, not listed, with an id of its own range), read it out in
     // order, restore it: the restored VM is vm4, the next id.
     let r = call(ep, &mut log, Request::Dump { vm: VmId(1) });
@@ -246,7 +263,15 @@ fn script(ep: &mut dyn Endpoint) -> String {
         },
     );
     let up = upload(ep, UploadPurpose::Snapshot, &snap, &mut log);
-    let r = call(ep, &mut log, Request::Restore { upload: up });
+    let r = call(
+        ep,
+        &mut log,
+        Request::Restore {
+            upload: up,
+            paused: false,
+            remove_on_stop: false,
+        },
+    );
     assert_eq!(r, Response::Created { vm: VmId(4) }, "{log}");
     call(ep, &mut log, Request::Pause { vm: VmId(4) });
     call(
@@ -257,7 +282,15 @@ fn script(ep: &mut dyn Endpoint) -> String {
             b: VmId(4),
         },
     );
-    call(ep, &mut log, Request::Restore { upload: up });
+    call(
+        ep,
+        &mut log,
+        Request::Restore {
+            upload: up,
+            paused: false,
+            remove_on_stop: false,
+        },
+    );
     // A snapshot that is not one.
     let bad = upload(
         ep,
@@ -265,7 +298,15 @@ fn script(ep: &mut dyn Endpoint) -> String {
         &snap[..snap.len() / 2],
         &mut log,
     );
-    call(ep, &mut log, Request::Restore { upload: bad });
+    call(
+        ep,
+        &mut log,
+        Request::Restore {
+            upload: bad,
+            paused: false,
+            remove_on_stop: false,
+        },
+    );
     // Uploads out of bounds.
     call(
         ep,

@@ -38,6 +38,7 @@ fn fork_reset_pause_resume_kill_through_the_monitor_api() {
         vm: VmId(1),
         count: 8,
         paused: false,
+        remove_on_stop: false,
     }) {
         Response::Forked { children } => children,
         other => panic!("fork: {other:?}"),
@@ -59,6 +60,7 @@ fn fork_reset_pause_resume_kill_through_the_monitor_api() {
         vm: VmId(2),
         count: 1,
         paused: true,
+        remove_on_stop: false,
     }) {
         Response::Forked { children } => children[0],
         other => panic!("fork --paused: {other:?}"),
@@ -117,6 +119,7 @@ fn fork_reset_pause_resume_kill_through_the_monitor_api() {
         vm: VmId(42),
         count: 1,
         paused: false,
+        remove_on_stop: false,
     }) {
         Response::Error(ErrorReply::NoSuchVm(VmId(42))) => {}
         other => panic!("fork of a missing VM: {other:?}"),
@@ -130,7 +133,13 @@ fn console_streams_and_diff_counts_pages() {
     let socket = ControlSocket::new();
     let mut q = boot("ctl_console", &socket);
     let mut c = ProtoClient::new(&socket, "vmfork-tests");
-    assert_eq!(c.call(Request::ConsoleAttach { vm: VmId(1) }), Response::Ok);
+    assert_eq!(
+        c.call(Request::ConsoleAttach {
+            vm: VmId(1),
+            replay: true
+        }),
+        Response::Ok
+    );
     let text = c.console_until(1, "counter: tick");
     assert!(text.contains("counter: tick"), "{text}");
 
@@ -141,6 +150,7 @@ fn console_streams_and_diff_counts_pages() {
         vm: VmId(1),
         count: 1,
         paused: true,
+        remove_on_stop: false,
     }) {
         Response::Forked { children } => children[0],
         other => panic!("{other:?}"),

@@ -278,7 +278,8 @@ fn channel_fork_batches_are_refused_when_the_heap_is_low() {
         c.call(Request::Fork {
             vm: VmId(1),
             count: 1,
-            paused: true
+            paused: true,
+            remove_on_stop: false,
         }),
         Response::Forked { .. }
     ));
@@ -385,6 +386,7 @@ fn open_uploads_are_bounded() {
         vm: VmId(1),
         count: 8,
         paused: true,
+        remove_on_stop: false,
     });
     assert!(matches!(forked, Response::Forked { .. }), "{forked:?}");
     assert_eq!(c.list().len(), 9);
@@ -420,6 +422,7 @@ fn open_uploads_are_bounded() {
         vm: VmId(1),
         count: 8,
         paused: true,
+        remove_on_stop: false,
     });
     assert!(matches!(forked, Response::Forked { .. }), "{forked:?}");
     assert_eq!(c.list().len(), 17);
@@ -727,11 +730,16 @@ fn ten_thousand_hostile_control_messages() {
                             purpose: UploadPurpose::Snapshot,
                             total_len: rng.next() >> rng.below(64),
                         },
-                        3 => Request::Restore { upload: h },
+                        3 => Request::Restore {
+                            upload: h,
+                            paused: false,
+                            remove_on_stop: false,
+                        },
                         4 => Request::Fork {
                             vm,
                             count: rng.below(2048) as u32,
                             paused: true,
+                            remove_on_stop: false,
                         },
                         5 => Request::Kill {
                             vm: VmId(h | 0x8000_0000),
@@ -748,6 +756,8 @@ fn ten_thousand_hostile_control_messages() {
                             mem_bytes: rng.next(),
                             vcpus: rng.next() as u32,
                             cmdline: "x".repeat(rng.below(1000) as usize),
+                            paused: false,
+                            remove_on_stop: false,
                         },
                         10 => Request::Stats { vm: Some(vm) },
                         _ => Request::List,

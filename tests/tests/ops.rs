@@ -88,6 +88,7 @@ fn a_vm_killed_while_a_fork_of_it_waits_answers_that_fork_at_once() {
             vm: VmId(1),
             count: 1,
             paused: false,
+            remove_on_stop: false,
         }) {
             Response::Forked { children } => children[0],
             other => panic!("fork of vm1: {other:?}"),
@@ -99,6 +100,7 @@ fn a_vm_killed_while_a_fork_of_it_waits_answers_that_fork_at_once() {
                 vm: child,
                 count: 1,
                 paused: true,
+                remove_on_stop: false,
             },
             Request::Kill { vm: child },
         ]);

@@ -41,7 +41,11 @@ fn restore_raw(socket: &ControlSocket, bytes: &[u8]) -> String {
         });
         assert!(matches!(r, Response::Ok), "chunk {i}: {r:?}");
     }
-    match c.call(Request::Restore { upload }) {
+    match c.call(Request::Restore {
+        upload,
+        paused: false,
+        remove_on_stop: false,
+    }) {
         Response::Error(ErrorReply::BadRequest(e)) => e,
         other => panic!("restore of a broken container answered {other:?}"),
     }

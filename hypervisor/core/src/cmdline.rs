@@ -171,7 +171,7 @@ pub fn parse_size(s: &str) -> Result<u64, CmdlineError> {
 }
 
 /// Limits on what the control channel and guests can make the monitor hold, from
-/// `max_vms=`, `max_forks_per_tree=`, `max_uploads=` and `max_upload_bytes=`.
+/// `max_vms=`, `max_forks_per_tree=`, `max_uploads=`, `max_upload_bytes=` and `max_stopped=`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// VMs alive at once, forks and internal snapshot forks included (`max_vms=`).
@@ -184,6 +184,9 @@ pub struct Limits {
     /// Bytes all open uploads may announce together (`max_upload_bytes=`, a size); `None`: half
     /// the monitor's heap, decided at boot.
     pub max_upload_bytes: Option<u64>,
+    /// Records of stopped VMs kept for `list` until removed (`max_stopped=`); beyond it the
+    /// record of the lowest id goes.
+    pub max_stopped: u32,
 }
 
 impl Limits {
@@ -193,6 +196,7 @@ impl Limits {
         max_forks_per_tree: 1024,
         max_uploads: 8,
         max_upload_bytes: None,
+        max_stopped: 1024,
     };
 }
 
@@ -244,6 +248,7 @@ pub fn limits(cmdline: &str) -> (Limits, Option<(&'static str, CmdlineError)>) {
         ("max_vms", &mut l.max_vms),
         ("max_forks_per_tree", &mut l.max_forks_per_tree),
         ("max_uploads", &mut l.max_uploads),
+        ("max_stopped", &mut l.max_stopped),
     ] {
         if let Some(v) = value(cmdline, key) {
             match parse_limit(v) {

@@ -490,7 +490,14 @@ impl World {
                     return Ok(());
                 };
                 let before = self.snapshot();
-                match self.request(id, PendingOp::Fork { count, paused }) {
+                match self.request(
+                    id,
+                    PendingOp::Fork {
+                        count,
+                        paused,
+                        remove_on_stop: false,
+                    },
+                ) {
                     Ok(children) => {
                         prop_assert!(!self.t.host.heap_low.get(), "a fork passed a low heap");
                         prop_assert_eq!(children.len(), count as usize);
@@ -571,6 +578,7 @@ impl World {
                     PendingOp::Fork {
                         count: 1,
                         paused: true,
+                        remove_on_stop: false,
                     },
                 ) {
                     Ok(c) => c[0],
@@ -829,7 +837,8 @@ fn a_failed_fork_under_a_low_heap_changes_nothing_and_a_paused_vgic_write_resume
             1,
             PendingOp::Fork {
                 count: 1,
-                paused: false
+                paused: false,
+                remove_on_stop: false,
             }
         ),
         Err(ForkError::OutOfMemory)
@@ -920,6 +929,7 @@ fn a_waiting_vcpu_seen_quiet_still_wakes_for_a_new_interrupt() {
             PendingOp::Fork {
                 count: 1,
                 paused: true,
+                remove_on_stop: false,
             },
         )
         .unwrap();

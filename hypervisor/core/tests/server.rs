@@ -83,6 +83,8 @@ impl<'a> Session<'a> {
             mem_bytes: mem,
             vcpus: 1,
             cmdline: String::new(),
+            paused: false,
+            remove_on_stop: false,
         })
     }
 }
@@ -130,6 +132,7 @@ fn a_whole_session_as_the_tool_drives_it() {
         vm: VmId(1),
         count: 3,
         paused: true,
+        remove_on_stop: false,
     }) else {
         panic!("no fork")
     };
@@ -183,7 +186,8 @@ fn a_whole_session_as_the_tool_drives_it() {
         s.call(Request::Fork {
             vm: VmId(1),
             count: 0,
-            paused: false
+            paused: false,
+            remove_on_stop: false,
         }),
         Response::Error(ErrorReply::BadRequest(_))
     ));
@@ -226,7 +230,11 @@ fn a_whole_session_as_the_tool_drives_it() {
     assert_eq!(snap.len() as u64, total_len);
     assert_eq!(s.call(Request::DumpClose { dump }), Response::Ok);
     let up = s.upload(UploadPurpose::Snapshot, &snap);
-    let Response::Created { vm: restored } = s.call(Request::Restore { upload: up }) else {
+    let Response::Created { vm: restored } = s.call(Request::Restore {
+        upload: up,
+        paused: false,
+        remove_on_stop: false,
+    }) else {
         panic!("no restore")
     };
     // The dump's own fork took no id from the user's range: ids do not skip.
@@ -273,7 +281,8 @@ fn request() -> impl Strategy<Value = Request> {
         (vm.clone(), 0u32..5, any::<bool>()).prop_map(|(vm, count, paused)| Request::Fork {
             vm,
             count,
-            paused
+            paused,
+            remove_on_stop: false,
         }),
         vm.clone().prop_map(|vm| Request::Pause { vm }),
         vm.clone().prop_map(|vm| Request::Resume { vm }),
@@ -293,7 +302,8 @@ fn request() -> impl Strategy<Value = Request> {
                 offset,
                 data
             }),
-        vm.clone().prop_map(|vm| Request::ConsoleAttach { vm }),
+        vm.clone()
+            .prop_map(|vm| Request::ConsoleAttach { vm, replay: true }),
         vm.clone().prop_map(|vm| Request::ConsoleDetach { vm }),
         (vm.clone(), prop::collection::vec(any::<u8>(), 0..16))
             .prop_map(|(vm, data)| Request::ConsoleInput { vm, data }),
@@ -306,7 +316,11 @@ fn request() -> impl Strategy<Value = Request> {
             }
         }),
         handle.clone().prop_map(|dump| Request::DumpClose { dump }),
-        handle.prop_map(|upload| Request::Restore { upload }),
+        handle.prop_map(|upload| Request::Restore {
+            upload,
+            paused: false,
+            remove_on_stop: false
+        }),
         (vm.clone(), vm.clone()).prop_map(|(a, b)| Request::Diff { a, b }),
         (
             vm,
@@ -418,6 +432,7 @@ fn what_a_previous_client_waited_for_is_not_answered_to_the_next() {
         vm: VmId(1),
         count: 1,
         paused: true,
+        remove_on_stop: false,
     });
     assert!(!s.replies.contains_key(&dump) && !s.replies.contains_key(&fork));
     // A new client; then the vCPU comes back and both operations run.
@@ -455,7 +470,10 @@ fn a_streamed_console_ends_with_the_last_output_and_why() {
         client: "console".into(),
     });
     assert_eq!(s.create(2 << 20), Response::Created { vm: VmId(1) });
-    let attach = s.send(&Request::ConsoleAttach { vm: VmId(1) });
+    let attach = s.send(&Request::ConsoleAttach {
+        vm: VmId(1),
+        replay: true,
+    });
     {
         let mut guard = vms.lock();
         let t = &mut *guard;
@@ -533,7 +551,10 @@ fn an_attach_replays_the_scrollback_then_streams() {
         vms.lock().vms.get(&1).unwrap().scrollback.len(),
         SCROLLBACK_BYTES
     );
-    let attach = s.send(&Request::ConsoleAttach { vm: VmId(1) });
+    let attach = s.send(&Request::ConsoleAttach {
+        vm: VmId(1),
+        replay: true,
+    });
     print(b"after\n");
     s.call(Request::List);
     let events = s.replies.remove(&attach).unwrap();

@@ -25,7 +25,7 @@ pub use msg::{
 pub use wire::DecodeError;
 
 /// Protocol version spoken by this build. A peer with another version is refused.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Size of the pieces large transfers (uploads, dumps, console input) are cut into.
 pub const CHUNK_SIZE: usize = 64 * 1024;
 /// The largest request payload: a chunk plus its few fields. The monitor decodes requests with

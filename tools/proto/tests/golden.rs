@@ -37,9 +37,10 @@ fn request_name(r: &Request) -> &'static str {
         Request::Restore { .. } => "Restore",
         Request::Diff { .. } => "Diff",
         Request::Rename { .. } => "Rename",
+        Request::Remove { .. } => "Remove",
     }
 }
-const REQUEST_VARIANTS: usize = 21;
+const REQUEST_VARIANTS: usize = 22;
 
 fn response_name(r: &Response) -> &'static str {
     match r {
@@ -63,11 +64,12 @@ fn response_name(r: &Response) -> &'static str {
             ErrorReply::BadRequest(_) => "Error.BadRequest",
             ErrorReply::Busy => "Error.Busy",
             ErrorReply::Internal(_) => "Error.Internal",
+            ErrorReply::VmStopped(_) => "Error.VmStopped",
         },
     }
 }
-/// 13 non-error responses + 6 error replies.
-const RESPONSE_VARIANTS: usize = 19;
+/// 13 non-error responses + 7 error replies.
+const RESPONSE_VARIANTS: usize = 20;
 
 fn state_name(s: &VmState) -> &'static str {
     match s {
@@ -76,15 +78,19 @@ fn state_name(s: &VmState) -> &'static str {
             PauseReason::Requested => "Paused.Requested",
             PauseReason::Forked => "Paused.Forked",
             PauseReason::Restored => "Paused.Restored",
+            PauseReason::Created => "Paused.Created",
         },
         VmState::Stopped { reason } => match reason {
             StopReason::PowerOff => "Stopped.PowerOff",
             StopReason::Fault(_) => "Stopped.Fault",
             StopReason::OutOfMemory => "Stopped.OutOfMemory",
+            StopReason::Killed => "Stopped.Killed",
+            StopReason::SystemReset => "Stopped.SystemReset",
+            StopReason::Internal(_) => "Stopped.Internal",
         },
     }
 }
-const STATE_VARIANTS: usize = 7;
+const STATE_VARIANTS: usize = 11;
 
 fn purpose_name(p: UploadPurpose) -> &'static str {
     match p {
@@ -106,6 +112,9 @@ fn states() -> Vec<VmState> {
         VmState::Paused {
             reason: PauseReason::Restored,
         },
+        VmState::Paused {
+            reason: PauseReason::Created,
+        },
         VmState::Stopped {
             reason: StopReason::PowerOff,
         },
@@ -114,6 +123,15 @@ fn states() -> Vec<VmState> {
         },
         VmState::Stopped {
             reason: StopReason::OutOfMemory,
+        },
+        VmState::Stopped {
+            reason: StopReason::Killed,
+        },
+        VmState::Stopped {
+            reason: StopReason::SystemReset,
+        },
+        VmState::Stopped {
+            reason: StopReason::Internal("stage-2 walk failed".into()),
         },
     ]
 }
@@ -136,6 +154,8 @@ fn info(n: u32, state: VmState) -> VmInfo {
         cow_faults: 0x2122_2324_2526_2728 ^ b,
         forks: 0x3132_3334_3536_3738 ^ b,
         last_fork_ticks: 0x4142_4344_4546_4748 ^ b,
+        uptime_us: 0x5152_5354_5556_5758 ^ b,
+        vcpu_us: 0x6162_6364_6566_6768 ^ b,
     }
 }
 
@@ -151,6 +171,8 @@ fn global() -> GlobalStats {
         heap_reserve: 0x1010_0000_0000_0007,
         max_vms: 0x1111_0008,
         max_forks_per_tree: 0x1212_0009,
+        stopped_vms: 0x1313_000A,
+        max_stopped: 0x1414_000B,
     }
 }
 
@@ -172,6 +194,7 @@ fn requests() -> Vec<(String, Request)> {
             vm: VmId(0x1111_2222),
             count: 0x3333_4444,
             paused: true,
+            remove_on_stop: false,
         },
         Request::Pause {
             vm: VmId(0x0000_0011),
@@ -211,6 +234,8 @@ fn requests() -> Vec<(String, Request)> {
             mem_bytes: 0x0000_0001_0000_0000,
             vcpus: 4,
             cmdline: "console=hvc0 quiet".into(),
+            paused: false,
+            remove_on_stop: true,
         },
         Request::Create {
             kernel: 0x0000_0202,
@@ -218,9 +243,12 @@ fn requests() -> Vec<(String, Request)> {
             mem_bytes: 0x0000_0000_4000_0000,
             vcpus: 1,
             cmdline: String::new(),
+            paused: true,
+            remove_on_stop: false,
         },
         Request::ConsoleAttach {
             vm: VmId(0x0000_0055),
+            replay: true,
         },
         Request::ConsoleDetach {
             vm: VmId(0x0000_0066),
@@ -240,6 +268,8 @@ fn requests() -> Vec<(String, Request)> {
         Request::DumpClose { dump: 0xCAFE_0003 },
         Request::Restore {
             upload: 0xCAFE_0004,
+            paused: true,
+            remove_on_stop: true,
         },
         Request::Diff {
             a: VmId(0xAAAA_0001),
@@ -248,6 +278,10 @@ fn requests() -> Vec<(String, Request)> {
         Request::Rename {
             vm: VmId(0x0000_0099),
             name: String::from("web.1"),
+        },
+        Request::Remove {
+            vm: VmId(0x0000_00AB),
+            force: true,
         },
     ]);
     let mut seen = std::collections::HashMap::<&str, usize>::new();
@@ -360,6 +394,7 @@ fn responses() -> Vec<(String, Response)> {
             ErrorReply::BadRequest("unknown message kind 0x1234".into()),
             ErrorReply::Busy,
             ErrorReply::Internal("frame table corrupt".into()),
+            ErrorReply::VmStopped(VmId(0x0000_00BC)),
         ]
         .map(Response::Error),
     );

@@ -97,6 +97,15 @@ impl From<io::Error> for ClientError {
     }
 }
 
+/// How a new VM (created, forked or restored) starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StartFlags {
+    /// Paused before its first instruction (resume it with `Resume`).
+    pub paused: bool,
+    /// No record of it is kept once it stops: it leaves `list` at once.
+    pub remove_on_stop: bool,
+}
+
 /// Connection settings.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
@@ -337,7 +346,28 @@ impl Client {
 
     /// Forks `vm` `count` times; returns the children's ids.
     pub fn fork(&mut self, vm: VmId, count: u32, paused: bool) -> Result<Vec<VmId>, ClientError> {
-        match self.call(&Request::Fork { vm, count, paused })? {
+        let start = StartFlags {
+            paused,
+            remove_on_stop: false,
+        };
+        self.fork_with(vm, count, start)
+    }
+
+    /// Forks `vm` `count` times, the children paused and/or kept out of `list` once stopped as
+    /// `start` says; returns the children's ids.
+    pub fn fork_with(
+        &mut self,
+        vm: VmId,
+        count: u32,
+        start: StartFlags,
+    ) -> Result<Vec<VmId>, ClientError> {
+        let req = Request::Fork {
+            vm,
+            count,
+            paused: start.paused,
+            remove_on_stop: start.remove_on_stop,
+        };
+        match self.call(&req)? {
             Response::Forked { children } => Ok(children),
             other => Err(unexpected("Fork", &other)),
         }
@@ -380,6 +410,7 @@ impl Client {
     }
 
     /// Uploads a kernel (and initrd) and boots a new VM from them.
+    #[allow(clippy::too_many_arguments)] // one per field of the request, and the progress
     pub fn create(
         &mut self,
         kernel: &[u8],
@@ -387,6 +418,7 @@ impl Client {
         mem_bytes: u64,
         vcpus: u32,
         cmdline: &str,
+        start: StartFlags,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<VmId, ClientError> {
         let kernel = self.upload(UploadPurpose::Kernel, kernel, progress)?;
@@ -400,6 +432,8 @@ impl Client {
             mem_bytes,
             vcpus,
             cmdline: cmdline.to_string(),
+            paused: start.paused,
+            remove_on_stop: start.remove_on_stop,
         })? {
             Response::Created { vm } => Ok(vm),
             other => Err(unexpected("Create", &other)),
@@ -444,10 +478,16 @@ impl Client {
     pub fn restore(
         &mut self,
         snapshot: &[u8],
+        start: StartFlags,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<VmId, ClientError> {
         let upload = self.upload(UploadPurpose::Snapshot, snapshot, progress)?;
-        match self.call(&Request::Restore { upload })? {
+        let req = Request::Restore {
+            upload,
+            paused: start.paused,
+            remove_on_stop: start.remove_on_stop,
+        };
+        match self.call(&req)? {
             Response::Created { vm } => Ok(vm),
             other => Err(unexpected("Restore", &other)),
         }

@@ -22,6 +22,8 @@ pub struct ConsoleOptions {
     pub detach_key: Option<u8>,
     /// After the input ends (EOF), keep printing output this long before detaching.
     pub linger: Duration,
+    /// Show the VM's scroll-back (the last 4 KiB it printed) first.
+    pub replay: bool,
 }
 
 /// Why a console session ended.
@@ -52,7 +54,10 @@ pub fn run(
     output: &mut dyn Write,
     opts: &ConsoleOptions,
 ) -> Result<ConsoleEnd, ClientError> {
-    let attach_id = client.send(&Request::ConsoleAttach { vm })?;
+    let attach_id = client.send(&Request::ConsoleAttach {
+        vm,
+        replay: opts.replay,
+    })?;
     // Wait for the attach reply, printing output that may arrive with it.
     loop {
         let (id, msg) = client.recv()?;

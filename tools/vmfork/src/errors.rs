@@ -34,16 +34,19 @@ pub enum ErrorKind {
     /// The monitor speaks another protocol version, or sent something vmfork does not understand.
     Protocol,
     /// `vmfork console`: the VM went (powered off, was killed, crashed) while attached; all it
-    /// printed was shown first. `vmfork wait`: the VM stopped or went, so it can never reach
-    /// the state waited for.
+    /// printed was shown first. `vmfork wait`: the VM is gone, so it can never reach the state
+    /// waited for.
     VmGone,
+    /// The VM has stopped (powered off, crashed, killed): it is listed until `vmfork rm`, but
+    /// only `info`, `console` and `rm` apply to it.
+    Stopped,
     /// `vmfork wait`: the state was not reached within `--timeout`.
     Timeout,
 }
 
 impl ErrorKind {
     /// Every kind, in exit-status order.
-    pub const ALL: [ErrorKind; 11] = [
+    pub const ALL: [ErrorKind; 12] = [
         ErrorKind::Internal,
         ErrorKind::Usage,
         ErrorKind::Connection,
@@ -54,6 +57,7 @@ impl ErrorKind {
         ErrorKind::Io,
         ErrorKind::Protocol,
         ErrorKind::VmGone,
+        ErrorKind::Stopped,
         ErrorKind::Timeout,
     ];
 
@@ -70,7 +74,8 @@ impl ErrorKind {
             ErrorKind::Io => 8,
             ErrorKind::Protocol => 9,
             ErrorKind::VmGone => 10,
-            ErrorKind::Timeout => 11,
+            ErrorKind::Stopped => 11,
+            ErrorKind::Timeout => 12,
         }
     }
 
@@ -87,6 +92,7 @@ impl ErrorKind {
             ErrorKind::Io => "io",
             ErrorKind::Protocol => "protocol",
             ErrorKind::VmGone => "vm_gone",
+            ErrorKind::Stopped => "stopped",
             ErrorKind::Timeout => "timeout",
         }
     }
@@ -107,8 +113,9 @@ impl ErrorKind {
             }
             ErrorKind::Io => "a local file cannot be read or written",
             ErrorKind::Protocol => "protocol version mismatch, or a reply vmfork cannot read",
+            ErrorKind::Stopped => "the VM has stopped (listed until `vmfork rm`)",
             ErrorKind::VmGone => {
-                "console: the VM went while attached (its last output was shown); wait: the VM stopped or went, it will never reach the state"
+                "console: the VM went while attached (its last output was shown); wait: the VM is gone, it will never reach the state"
             }
             ErrorKind::Timeout => "wait: the state was not reached within --timeout",
         }
@@ -156,6 +163,7 @@ pub fn client_error_kind(e: &ClientError) -> ErrorKind {
             ErrorReply::Busy => ErrorKind::Busy,
             ErrorReply::VersionMismatch { .. } => ErrorKind::Protocol,
             ErrorReply::Internal(_) => ErrorKind::Internal,
+            ErrorReply::VmStopped(_) => ErrorKind::Stopped,
         },
     }
 }

@@ -63,8 +63,10 @@ pub fn vm_table(vms: &[VmInfo]) -> String {
         "PRIVATE",
         "SHARED",
         "COW-FAULTS",
+        "UPTIME",
+        "VCPU-TIME",
     ];
-    let rows: Vec<[String; 9]> = vms
+    let rows: Vec<[String; 11]> = vms
         .iter()
         .map(|v| {
             [
@@ -77,6 +79,8 @@ pub fn vm_table(vms: &[VmInfo]) -> String {
                 v.private_pages.to_string(),
                 v.shared_pages.to_string(),
                 v.cow_faults.to_string(),
+                duration_us(v.uptime_us),
+                duration_us(v.vcpu_us),
             ]
         })
         .collect();
@@ -87,7 +91,9 @@ pub fn vm_table(vms: &[VmInfo]) -> String {
         }
     }
     // Text columns left-aligned, numbers right-aligned.
-    let right = [true, true, false, false, true, true, true, true, true];
+    let right = [
+        true, true, false, false, true, true, true, true, true, true, true,
+    ];
     let mut out = String::new();
     let mut line = |cells: &[&str]| {
         let mut l = String::new();
@@ -140,7 +146,21 @@ pub fn vm_details(v: &VmInfo) -> String {
     let _ = writeln!(s, "cow faults:      {}", v.cow_faults);
     let _ = writeln!(s, "forks:           {}", v.forks);
     let _ = writeln!(s, "last fork ticks: {}", v.last_fork_ticks);
+    let _ = writeln!(s, "uptime:          {}", duration_us(v.uptime_us));
+    let _ = writeln!(s, "vcpu time:       {}", duration_us(v.vcpu_us));
     s
+}
+
+/// A duration in microseconds, as `list` shows it: `0.25s`, `42s`, `3m07s`, `2h05m`, `3d04h`.
+pub fn duration_us(us: u64) -> String {
+    let s = us / 1_000_000;
+    match s {
+        0..=9 => format!("{}.{:02}s", s, (us / 10_000) % 100),
+        10..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..=86_399 => format!("{}h{:02}m", s / 3600, (s / 60) % 60),
+        _ => format!("{}d{:02}h", s / 86_400, (s / 3600) % 24),
+    }
 }
 
 /// `vmfork stats` global part.
@@ -314,5 +334,17 @@ mod tests {
         assert_eq!(bytes(512), "512 B");
         assert_eq!(bytes(128 << 20), "128 MiB");
         assert_eq!(bytes(3 << 29), "1.5 GiB");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration_us(0), "0.00s");
+        assert_eq!(duration_us(250_000), "0.25s");
+        assert_eq!(duration_us(9_999_999), "9.99s");
+        assert_eq!(duration_us(42_000_000), "42s");
+        assert_eq!(duration_us(187_000_000), "3m07s");
+        assert_eq!(duration_us(7_500_000_000), "2h05m");
+        assert_eq!(duration_us(273_600_000_000), "3d04h");
+        assert_eq!(duration_us(u64::MAX), "213503982d08h");
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use serde_json::json;
-use vmfork::client::{Client, ClientError};
+use vmfork::client::{Client, ClientError, StartFlags};
 use vmfork::console::{self, ConsoleOptions, RawMode, DETACH_KEY};
 use vmfork::errors::{CliError, ErrorKind, MemoryFigures};
 use vmfork::format::{self, Progress};
@@ -43,7 +43,11 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// List every VM: id, parent, state, vCPUs, memory, private/shared pages, COW faults.
+    /// List every VM: id, parent, state, vCPUs, memory, private/shared pages, COW faults,
+    /// uptime and vCPU time.
+    ///
+    /// A VM that stopped (powered off, crashed, killed, reset by its guest) stays listed, with
+    /// why, until `vmfork rm` removes it (or it was made with --rm). It holds no memory.
     List,
     /// Show everything the monitor accounts for one VM.
     Info {
@@ -65,6 +69,9 @@ enum Command {
         /// Leave the children paused (resume them with `vmfork resume`).
         #[arg(long)]
         paused: bool,
+        /// Keep no record of the children once they stop (they leave `list` at once).
+        #[arg(long)]
+        rm: bool,
         /// Name the child NAME (several: NAME.1, NAME.2, ...) [default: the monitor's,
         /// `<parent name>.<child id>`].
         #[arg(long, value_name = "NAME")]
@@ -93,10 +100,20 @@ enum Command {
         /// The VM: its id (3 or vm3) or its name.
         vm: VmRef,
     },
-    /// Destroy a VM (its forks live on).
+    /// Stop a VM and free its memory (its forks live on). It stays listed as stopped (killed)
+    /// until `vmfork rm`.
     Kill {
         /// The VM: its id (3 or vm3) or its name.
         vm: VmRef,
+    },
+    /// Remove stopped VMs from the list; with --force, kill live ones first.
+    Rm {
+        /// The VMs: ids (3 or vm3) or names.
+        #[arg(required = true)]
+        vms: Vec<VmRef>,
+        /// Kill a VM that is still live, then remove it.
+        #[arg(long, short = 'f')]
+        force: bool,
     },
     /// Boot a new guest on the running monitor; the images travel over the channel. Prints the id.
     Create {
@@ -118,6 +135,12 @@ enum Command {
         /// The VM's name [default: the kernel's file name, when it is a valid name].
         #[arg(long, value_name = "NAME")]
         name: Option<String>,
+        /// Leave it paused before its first instruction (start it with `vmfork resume`).
+        #[arg(long)]
+        paused: bool,
+        /// Keep no record of it once it stops (it leaves `list` at once).
+        #[arg(long)]
+        rm: bool,
     },
     /// Attach to a VM's console: its output streams to stdout, stdin goes to the guest.
     ///
@@ -134,6 +157,9 @@ enum Command {
         /// Milliseconds to keep printing output after stdin ends.
         #[arg(long, value_name = "MS", default_value_t = 300)]
         linger: u64,
+        /// Do not show the VM's scroll-back (the last 4 KiB it printed) first.
+        #[arg(long)]
+        no_replay: bool,
     },
     /// Write a self-describing snapshot of a VM (vCPU and device state, all memory) to FILE.
     ///
@@ -159,6 +185,12 @@ enum Command {
         /// The new VM's name [default: the name in the snapshot].
         #[arg(long, value_name = "NAME")]
         name: Option<String>,
+        /// Leave it paused (start it with `vmfork resume`).
+        #[arg(long)]
+        paused: bool,
+        /// Keep no record of it once it stops (it leaves `list` at once).
+        #[arg(long)]
+        rm: bool,
     },
     /// Which guest pages differ between two VMs, with counts and IPA ranges.
     ///
@@ -175,9 +207,9 @@ enum Command {
     ///
     /// The monitor pushes no events: vmfork polls its list every --interval milliseconds.
     /// Prints the VM's state line once it is there (JSON with --json). `stopped` is also
-    /// reached when the VM is gone. Fails at once (exit status 10, `vm_gone`) when the VM has
-    /// stopped or gone and so will never be running or paused; after --timeout with exit
-    /// status 11 (`timeout`).
+    /// reached when the VM is gone (removed). Fails at once when the VM can never be running or
+    /// paused: exit status 11 (`stopped`) when it has stopped, 10 (`vm_gone`) when it is gone;
+    /// after --timeout with exit status 12 (`timeout`).
     Wait {
         /// The VM: its id (3 or vm3) or its name.
         vm: VmRef,
@@ -489,6 +521,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             vm,
             count,
             paused,
+            rm,
             name,
         } => {
             let vm = resolve(&mut c, &vm)?;
@@ -499,7 +532,11 @@ fn run(cli: Cli) -> Result<(), CliError> {
                         .map_err(|why| usage(format!("name {longest:?}: {why}")))?;
                 }
             }
-            let children = c.fork(VmId(vm), count, paused)?;
+            let start = StartFlags {
+                paused,
+                remove_on_stop: rm,
+            };
+            let children = c.fork_with(VmId(vm), count, start)?;
             if let Some(n) = &name {
                 for (k, child) in children.iter().enumerate() {
                     let child_name = if children.len() == 1 {
@@ -541,6 +578,22 @@ fn run(cli: Cli) -> Result<(), CliError> {
             let vm = VmId(resolve(&mut c, &vm)?);
             simple(&mut c, Request::Kill { vm }, json)?
         }
+        Command::Rm { vms, force } => {
+            // All resolved first: a name that names nothing removes nothing.
+            let ids = vms
+                .iter()
+                .map(|v| resolve(&mut c, v))
+                .collect::<Result<Vec<u32>, CliError>>()?;
+            for &vm in &ids {
+                c.simple(&Request::Remove {
+                    vm: VmId(vm),
+                    force,
+                })?;
+            }
+            if json {
+                print_json(&json!({ "removed": ids }))?;
+            }
+        }
         Command::Create {
             kernel,
             initrd,
@@ -548,7 +601,13 @@ fn run(cli: Cli) -> Result<(), CliError> {
             cpus,
             cmdline,
             name,
+            paused,
+            rm,
         } => {
+            let start = StartFlags {
+                paused,
+                remove_on_stop: rm,
+            };
             // The kernel's file name, when it can name a VM.
             let name = name.or_else(|| {
                 kernel
@@ -567,7 +626,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             let k = read_file(&kernel)?;
             let i = initrd.as_ref().map(read_file).transpose()?;
             let mut bar = progress_bar("upload");
-            let vm = c.create(&k, i.as_deref(), mem, cpus, &cmdline, &mut |d, t| {
+            let vm = c.create(&k, i.as_deref(), mem, cpus, &cmdline, start, &mut |d, t| {
                 if let Some(b) = bar.as_mut() {
                     b.update(d, t)
                 }
@@ -585,7 +644,11 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 println!("{vm}");
             }
         }
-        Command::Console { vm, linger } => {
+        Command::Console {
+            vm,
+            linger,
+            no_replay,
+        } => {
             let vm = resolve(&mut c, &vm)?;
             let stdin = io::stdin();
             let tty = stdin.is_terminal();
@@ -605,6 +668,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             let opts = ConsoleOptions {
                 detach_key: tty.then_some(DETACH_KEY),
                 linger: Duration::from_millis(linger),
+                replay: !no_replay,
             };
             let mut out = io::stdout();
             let end = console::run(c, VmId(vm), Box::new(io::stdin()), &mut out, &opts);
@@ -660,7 +724,16 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 );
             }
         }
-        Command::Restore { file, name } => {
+        Command::Restore {
+            file,
+            name,
+            paused,
+            rm,
+        } => {
+            let start = StartFlags {
+                paused,
+                remove_on_stop: rm,
+            };
             let bytes = read_file(&file)?;
             // Check it here, to say clearly what is wrong with the file.
             let header = Snapshot::visit(&bytes, |_, _| {}).map_err(|e| {
@@ -670,7 +743,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 )
             })?;
             let mut bar = progress_bar("restore");
-            let vm = c.restore(&bytes, &mut |d, t| {
+            let vm = c.restore(&bytes, start, &mut |d, t| {
                 if let Some(b) = bar.as_mut() {
                     b.update(d, t)
                 }

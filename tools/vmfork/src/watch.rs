@@ -50,8 +50,8 @@ pub enum WaitStatus {
     Reached,
     /// Not yet.
     NotYet,
-    /// It never will be: why.
-    Never(String),
+    /// It never will be: the error kind (`stopped`, `vm_gone`) and why.
+    Never(ErrorKind, String),
 }
 
 /// Whether a VM in the list as `vm` (`None`: not listed) is in `target` (pure).
@@ -59,19 +59,21 @@ pub fn wait_status(id: u32, target: Target, vm: Option<&VmInfo>) -> WaitStatus {
     match (target, vm) {
         (Target::Gone, None) | (Target::Stopped, None) => WaitStatus::Reached,
         (Target::Gone, Some(_)) => WaitStatus::NotYet,
-        (_, None) => WaitStatus::Never(format!(
-            "vm{id} is gone (killed or removed): it will never be {}",
-            target.name()
-        )),
+        (_, None) => WaitStatus::Never(
+            ErrorKind::VmGone,
+            format!(
+                "vm{id} is gone (removed): it will never be {}",
+                target.name()
+            ),
+        ),
         (_, Some(v)) => match (&v.state, target) {
             (VmState::Running, Target::Running)
             | (VmState::Paused { .. }, Target::Paused)
             | (VmState::Stopped { .. }, Target::Stopped) => WaitStatus::Reached,
-            (VmState::Stopped { .. }, _) => WaitStatus::Never(format!(
-                "vm{id} is {}: it will never be {}",
-                v.state,
-                target.name()
-            )),
+            (VmState::Stopped { .. }, _) => WaitStatus::Never(
+                ErrorKind::Stopped,
+                format!("vm{id} is {}: it will never be {}", v.state, target.name()),
+            ),
             _ => WaitStatus::NotYet,
         },
     }
@@ -335,18 +337,8 @@ pub fn replay(view: &mut Replayed, events: &[Event]) {
     }
 }
 
-/// Generic-counter ticks the VM has existed for (frozen once stopped), when the monitor says.
-pub fn uptime_ticks(_v: &VmInfo) -> Option<u64> {
-    None
-}
-
-/// Generic-counter ticks its vCPUs spent on a physical CPU, when the monitor says.
-pub fn vcpu_ticks(_v: &VmInfo) -> Option<u64> {
-    None
-}
-
-/// vCPU use in percent: `vcpu` ticks run over `elapsed` ticks of time (above 100 with several
-/// vCPUs busy); `None` when no time passed.
+/// vCPU use in percent: `vcpu` microseconds run over `elapsed` microseconds of the VM's uptime
+/// (above 100 with several vCPUs busy); `None` when no time passed.
 pub fn vcpu_percent(vcpu: u64, elapsed: u64) -> Option<f64> {
     (elapsed > 0).then(|| vcpu as f64 * 100.0 / elapsed as f64)
 }
@@ -375,9 +367,10 @@ pub fn top_table(g: &GlobalStats, prev: Option<&[VmInfo]>, cur: &[VmInfo], elaps
     let page = |n: u64| format::bytes(n.saturating_mul(4096));
     let _ = writeln!(
         out,
-        "vmfork top - {} VMs (at most {}), memory {} free of {}, heap {} free",
+        "vmfork top - {} VMs live (at most {}), {} stopped, memory {} free of {}, heap {} free",
         g.vms,
         g.max_vms,
+        g.stopped_vms,
         page(g.free_frames),
         page(g.total_frames),
         format::bytes(g.heap_free),
@@ -394,8 +387,8 @@ pub fn top_table(g: &GlobalStats, prev: Option<&[VmInfo]>, cur: &[VmInfo], elaps
             let o = old.get(&v.id.0);
             let vcpu = o
                 .and_then(|o| {
-                    let run = vcpu_ticks(v)?.checked_sub(vcpu_ticks(o)?)?;
-                    let time = uptime_ticks(v)?.checked_sub(uptime_ticks(o)?)?;
+                    let run = v.vcpu_us.checked_sub(o.vcpu_us)?;
+                    let time = v.uptime_us.checked_sub(o.uptime_us)?;
                     vcpu_percent(run, time)
                 })
                 .map_or_else(|| "-".into(), |p| format!("{p:.1}"));
@@ -403,9 +396,7 @@ pub fn top_table(g: &GlobalStats, prev: Option<&[VmInfo]>, cur: &[VmInfo], elaps
                 .filter(|_| elapsed > 0.0)
                 .map(|o| rate(v.cow_faults.saturating_sub(o.cow_faults), elapsed))
                 .map_or_else(|| "-".into(), |r| format!("{r:.0}"));
-            let up = uptime_ticks(v)
-                .filter(|_| g.counter_hz > 0)
-                .map_or_else(|| "-".into(), |t| duration(t / g.counter_hz));
+            let up = duration(v.uptime_us / 1_000_000);
             [
                 v.id.to_string(),
                 v.name.clone(),
@@ -485,7 +476,7 @@ pub fn wait(
                 }
                 return Ok(());
             }
-            WaitStatus::Never(why) => return Err(CliError::new(ErrorKind::VmGone, why)),
+            WaitStatus::Never(kind, why) => return Err(CliError::new(kind, why)),
             WaitStatus::NotYet => {}
         }
         if let Some(t) = timeout {
@@ -589,6 +580,8 @@ mod tests {
             cow_faults: 0,
             forks: 0,
             last_fork_ticks: 0,
+            uptime_us: 0,
+            vcpu_us: 0,
         }
     }
 
@@ -616,11 +609,15 @@ mod tests {
         assert_eq!(wait_status(3, Target::Stopped, None), Reached);
         assert_eq!(wait_status(3, Target::Gone, Some(&s)), NotYet);
         assert_eq!(wait_status(3, Target::Gone, None), Reached);
-        let Never(why) = wait_status(3, Target::Running, Some(&s)) else {
+        let Never(kind, why) = wait_status(3, Target::Running, Some(&s)) else {
             panic!()
         };
+        assert_eq!(kind, ErrorKind::Stopped);
         assert_eq!(why, "vm3 is stopped (power off): it will never be running");
-        assert!(matches!(wait_status(3, Target::Paused, None), Never(_)));
+        assert!(matches!(
+            wait_status(3, Target::Paused, None),
+            Never(ErrorKind::VmGone, _)
+        ));
         assert_eq!(state_line(3, Some(&p)), "vm3 a paused (requested)");
         assert_eq!(state_line(3, None), "vm3 gone");
         let j = state_json(3, Some(&p), 0.5);
@@ -728,6 +725,8 @@ mod tests {
             heap_reserve: 0,
             max_vms: 64,
             max_forks_per_tree: 64,
+            stopped_vms: 1,
+            max_stopped: 64,
         }
     }
 
@@ -738,13 +737,19 @@ mod tests {
             vm(1, None, "parent", VmState::Running),
         ];
         a[1].cow_faults = 10;
+        a[1].uptime_us = 10_000_000;
+        a[1].vcpu_us = 1_000_000;
         let mut b = a.clone();
         b[1].cow_faults = 30;
+        b[1].uptime_us = 3_600_000_000 + 10_500_000;
+        b[1].vcpu_us = 1_000_000 + (3_600_000_000 + 500_000) / 4;
         let t = top_table(&stats(), Some(&a), &b, 0.5);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 4, "{t}");
         assert!(
-            lines[0].contains("2 VMs") && lines[0].contains("3.9 MiB free of 4 MiB"),
+            lines[0].contains("2 VMs live")
+                && lines[0].contains("1 stopped")
+                && lines[0].contains("3.9 MiB free of 4 MiB"),
             "{t}"
         );
         let cols: Vec<&str> = lines[1].split_whitespace().collect();
@@ -754,6 +759,9 @@ mod tests {
         );
         assert!(lines[2].starts_with(" 1  parent  running"), "{t}");
         assert!(lines[2].contains(" 40 "), "COW/s of vm1: {t}");
+        assert!(lines[2].contains(" 25.0 "), "VCPU% of vm1: {t}");
+        assert!(lines[2].ends_with("1h00m"), "UPTIME of vm1: {t}");
+        assert!(lines[3].contains(" 0s") || lines[3].ends_with("0s"), "{t}");
         assert!(
             lines[3].starts_with(" 2  kid     paused (requested)"),
             "{t}"

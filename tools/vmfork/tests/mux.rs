@@ -252,7 +252,13 @@ fn two_consoles_on_one_vm_both_get_output_while_another_client_lists_and_forks()
     let e = env();
     let mut a = Raw::hello(&e.listen);
     assert_eq!(
-        a.call(10, &Request::ConsoleAttach { vm: VmId(1) }),
+        a.call(
+            10,
+            &Request::ConsoleAttach {
+                vm: VmId(1),
+                replay: true
+            }
+        ),
         Response::Ok
     );
     // A busy third client, concurrently.
@@ -275,7 +281,13 @@ fn two_consoles_on_one_vm_both_get_output_while_another_client_lists_and_forks()
     // A second console on the same VM: answered by the mux, fed by the same upstream attach.
     let mut c = Raw::hello(&e.listen);
     assert_eq!(
-        c.call(77, &Request::ConsoleAttach { vm: VmId(1) }),
+        c.call(
+            77,
+            &Request::ConsoleAttach {
+                vm: VmId(1),
+                replay: true
+            }
+        ),
         Response::Ok
     );
     input(&mut b, 1, "poke 2\n");
@@ -294,7 +306,13 @@ fn two_consoles_on_one_vm_both_get_output_while_another_client_lists_and_forks()
     a.quiet(Duration::from_millis(300));
     // One client on two VMs.
     assert_eq!(
-        c.call(78, &Request::ConsoleAttach { vm: VmId(2) }),
+        c.call(
+            78,
+            &Request::ConsoleAttach {
+                vm: VmId(2),
+                replay: true
+            }
+        ),
         Response::Ok
     );
     input(&mut b, 2, "two\n");
@@ -307,7 +325,13 @@ fn a_client_that_vanishes_mid_request_does_not_disturb_the_others() {
     {
         let mut v = Raw::hello(&e.listen);
         assert_eq!(
-            v.call(2, &Request::ConsoleAttach { vm: VmId(1) }),
+            v.call(
+                2,
+                &Request::ConsoleAttach {
+                    vm: VmId(1),
+                    replay: true
+                }
+            ),
             Response::Ok
         );
         v.send(3, &Request::List);
@@ -317,6 +341,7 @@ fn a_client_that_vanishes_mid_request_does_not_disturb_the_others() {
                 vm: VmId(1),
                 count: 3,
                 paused: false,
+                remove_on_stop: false,
             },
         );
         v.send(5, &Request::Dump { vm: VmId(1) });
@@ -331,7 +356,13 @@ fn a_client_that_vanishes_mid_request_does_not_disturb_the_others() {
     // Its console attachment went with it; a new one works (attached upstream afresh).
     let mut a = Raw::hello(&e.listen);
     assert_eq!(
-        a.call(9, &Request::ConsoleAttach { vm: VmId(1) }),
+        a.call(
+            9,
+            &Request::ConsoleAttach {
+                vm: VmId(1),
+                replay: true
+            }
+        ),
         Response::Ok
     );
     input(&mut b, 1, "after\n");
@@ -351,7 +382,13 @@ fn garbage_from_one_client_is_skipped_and_affects_nobody_else() {
     let e = env();
     let mut a = Raw::hello(&e.listen);
     assert_eq!(
-        a.call(1, &Request::ConsoleAttach { vm: VmId(1) }),
+        a.call(
+            1,
+            &Request::ConsoleAttach {
+                vm: VmId(1),
+                replay: true
+            }
+        ),
         Response::Ok
     );
     let mut g = Raw::connect(&e.listen);
@@ -413,11 +450,23 @@ fn killing_a_vm_tells_its_console_clients_once() {
     let mut a = Raw::hello(&e.listen);
     let mut c = Raw::hello(&e.listen);
     assert_eq!(
-        a.call(5, &Request::ConsoleAttach { vm: VmId(2) }),
+        a.call(
+            5,
+            &Request::ConsoleAttach {
+                vm: VmId(2),
+                replay: true
+            }
+        ),
         Response::Ok
     );
     assert_eq!(
-        c.call(6, &Request::ConsoleAttach { vm: VmId(2) }),
+        c.call(
+            6,
+            &Request::ConsoleAttach {
+                vm: VmId(2),
+                replay: true
+            }
+        ),
         Response::Ok
     );
     b.simple(&Request::Kill { vm: VmId(2) }).unwrap();
@@ -436,7 +485,13 @@ fn when_the_monitor_goes_waiting_clients_get_an_error_and_the_mux_ends() {
     let mut e = env();
     let mut a = Raw::hello(&e.listen);
     assert_eq!(
-        a.call(5, &Request::ConsoleAttach { vm: VmId(1) }),
+        a.call(
+            5,
+            &Request::ConsoleAttach {
+                vm: VmId(1),
+                replay: true
+            }
+        ),
         Response::Ok
     );
     drop(e.fake.take());
@@ -635,7 +690,7 @@ impl ModelMonitor {
         );
         let req = Request::decode(f.kind, &f.payload).unwrap();
         let resp = match req {
-            Request::ConsoleAttach { vm } => {
+            Request::ConsoleAttach { vm, .. } => {
                 self.attached.insert(vm.0, f.id);
                 Response::Ok
             }
@@ -908,9 +963,14 @@ impl Harness {
 
     fn apply(&mut self, op: Op) {
         match op {
-            Op::Attach(c, vm) => {
-                self.send(c, Request::ConsoleAttach { vm: VmId(vm) }, Sent::Attach(vm))
-            }
+            Op::Attach(c, vm) => self.send(
+                c,
+                Request::ConsoleAttach {
+                    vm: VmId(vm),
+                    replay: true,
+                },
+                Sent::Attach(vm),
+            ),
             Op::Detach(c, vm) => {
                 self.send(c, Request::ConsoleDetach { vm: VmId(vm) }, Sent::Detach(vm))
             }
@@ -1011,12 +1071,24 @@ fn upstream_loss_answers_every_waiting_request_once() {
     r.client_bytes(1, &frame(2, &Request::List), &mut out);
     r.client_bytes(
         1,
-        &frame(3, &Request::ConsoleAttach { vm: VmId(1) }),
+        &frame(
+            3,
+            &Request::ConsoleAttach {
+                vm: VmId(1),
+                replay: true,
+            },
+        ),
         &mut out,
     );
     r.client_bytes(
         2,
-        &frame(4, &Request::ConsoleAttach { vm: VmId(1) }),
+        &frame(
+            4,
+            &Request::ConsoleAttach {
+                vm: VmId(1),
+                replay: true,
+            },
+        ),
         &mut out,
     );
     r.client_bytes(

@@ -530,6 +530,7 @@ fn hypercall(vm: &mut Vm, vcpu: usize, ctx: &mut VcpuCtx, kicks: &mut Kicks) -> 
             let op = PendingOp::Fork {
                 count: 1,
                 paused: false,
+                remove_on_stop: false,
             };
             match super::ops::guest_request(vm, vcpu, op, kicks) {
                 Ok(()) => {

@@ -54,6 +54,8 @@ pub enum PendingOp {
         count: u32,
         /// Leave the children paused at the fork point.
         paused: bool,
+        /// Keep no record of the children once they stop.
+        remove_on_stop: bool,
     },
     /// Put the VM back to its reset point.
     Reset,
@@ -83,6 +85,10 @@ pub struct VmStats {
     /// The root of this VM's fork tree (the VM created or restored that it descends from), or
     /// `None` when this VM is a root. Kept when the VMs between them are gone.
     pub tree_root: Option<u32>,
+    /// When it was created, forked or restored (counter ticks).
+    pub born: u64,
+    /// Counter ticks its vCPUs have spent on physical CPUs, all summed.
+    pub vcpu_ticks: u64,
 }
 
 /// Why a fork or reset failed. Nothing was changed.
@@ -315,7 +321,22 @@ impl<H: Host> VmTable<H> {
                 Waiter::Ticket(_) => None,
             };
             let result = match w.op {
-                PendingOp::Fork { count, paused } => self.fork_now(id, count, paused, caller),
+                PendingOp::Fork {
+                    count,
+                    paused,
+                    remove_on_stop,
+                } => {
+                    let r = self.fork_now(id, count, paused, caller);
+                    // Under the table lock still: no child has run yet.
+                    if let (Ok(kids), true) = (&r, remove_on_stop) {
+                        for c in kids {
+                            if let Some(mut vm) = self.vms.get_mut(c) {
+                                vm.remove_on_stop = true;
+                            }
+                        }
+                    }
+                    r
+                }
                 PendingOp::Reset => self.reset_now(id).map(|()| Vec::new()),
                 PendingOp::DumpFork => self.fork_many(id, 1, true, None, true),
             };

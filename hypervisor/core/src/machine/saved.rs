@@ -315,6 +315,7 @@ pub fn restore<H: Host>(t: &mut VmTable<H>, bytes: &[u8]) -> Result<u32, String>
         genid,
     );
     vm.generation = generation;
+    vm.stats.born = now;
     // A restored VM is a new clone of the one dumped: its new ID is already in place
     // (guest_memory wrote it); tell it through the vmgenid interrupt.
     vm.new_identity = NewIdentity::Pending;

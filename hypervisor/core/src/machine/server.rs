@@ -273,14 +273,20 @@ impl<'a, H: Host> Server<'a, H> {
             Request::List => {
                 // One VM per hold of the VM lock, not the whole table at once.
                 // The monitor's own forks (a dump's) are not listed.
-                let ids: Vec<u32> = self
-                    .vms
-                    .lock()
-                    .vms
-                    .iter()
-                    .filter(|(_, v)| !v.internal)
-                    .map(|(id, _)| id)
-                    .collect();
+                // Stopped VMs' records are listed among them, in id order.
+                let ids: Vec<u32> = {
+                    let t = self.vms.lock();
+                    let mut ids: Vec<u32> = t
+                        .vms
+                        .iter()
+                        .filter(|(_, v)| !v.internal)
+                        .map(|(id, _)| id)
+                        .collect();
+                    ids.extend(t.stopped.keys().copied());
+                    ids.sort_unstable();
+                    drop(t);
+                    ids
+                };
                 // Building the reply takes about four times its encoded size (~120 bytes a
                 // VM) at once: that may use the heap's reserve, which is kept for it, but
                 // never more than is free.
@@ -292,16 +298,21 @@ impl<'a, H: Host> Server<'a, H> {
                 }
                 for vm in ids {
                     let t = self.vms.lock();
-                    if let Some(v) = t.vms.get(&vm) {
-                        list.push(info(&t.host, &v));
+                    let one = match t.vms.get(&vm) {
+                        Some(v) => Some(info(&t.host, &v)),
+                        None => t.stopped.get(&vm).map(|r| r.info.clone()),
                     };
+                    list.extend(one);
                 }
                 Response::VmList(list)
             }
             Request::Info { vm } => {
                 let t = self.vms.lock();
                 let r = match t.vms.get(&vm.0) {
-                    None => Response::Error(ErrorReply::NoSuchVm(vm)),
+                    None => match t.stopped.get(&vm.0) {
+                        Some(r) => Response::VmInfo(r.info.clone()),
+                        None => Response::Error(ErrorReply::NoSuchVm(vm)),
+                    },
                     Some(v) => Response::VmInfo(info(&t.host, &v)),
                 };
                 r
@@ -316,18 +327,34 @@ impl<'a, H: Host> Server<'a, H> {
                             global,
                             vm: Some(info(&t.host, &x)),
                         },
-                        None => Response::Error(ErrorReply::NoSuchVm(v)),
+                        None => match t.stopped.get(&v.0) {
+                            Some(r) => Response::Stats {
+                                global,
+                                vm: Some(r.info.clone()),
+                            },
+                            None => Response::Error(ErrorReply::NoSuchVm(v)),
+                        },
                     },
                 };
                 r
             }
-            Request::Fork { vm, count, paused } => {
+            Request::Fork {
+                vm,
+                count,
+                paused,
+                remove_on_stop,
+            } => {
                 if count == 0 || count > 1024 {
                     Response::Error(ErrorReply::BadRequest(format!(
                         "fork count {count}: must be 1 to 1024"
                     )))
                 } else {
-                    return self.start_op(id, vm, PendingOp::Fork { count, paused }, out);
+                    let op = PendingOp::Fork {
+                        count,
+                        paused,
+                        remove_on_stop,
+                    };
+                    return self.start_op(id, vm, op, out);
                 }
             }
             Request::Reset { vm } => {
@@ -335,8 +362,9 @@ impl<'a, H: Host> Server<'a, H> {
             }
             Request::Pause { vm } => {
                 let mut t = self.vms.lock();
+                let absent = missing(&t, vm);
                 let kicks = match t.vms.get_mut(&vm.0) {
-                    None => return reply(out, id, Response::Error(ErrorReply::NoSuchVm(vm))),
+                    None => return reply(out, id, Response::Error(absent)),
                     Some(mut v) => match v.state {
                         VmState::Stopping(_) => {
                             return reply(
@@ -362,8 +390,9 @@ impl<'a, H: Host> Server<'a, H> {
             }
             Request::Resume { vm } => {
                 let mut t = self.vms.lock();
+                let absent = missing(&t, vm);
                 let r = match t.vms.get_mut(&vm.0) {
-                    None => Response::Error(ErrorReply::NoSuchVm(vm)),
+                    None => Response::Error(absent),
                     Some(mut v) => match v.state {
                         VmState::Paused(_) => {
                             v.state = VmState::Running;
@@ -383,7 +412,7 @@ impl<'a, H: Host> Server<'a, H> {
             Request::Kill { vm } => {
                 let mut t = self.vms.lock();
                 if !t.vms.contains_key(&vm.0) {
-                    Response::Error(ErrorReply::NoSuchVm(vm))
+                    Response::Error(missing(&t, vm))
                 } else {
                     let kicks = t.stop(vm.0, machine::StopReason::Killed);
                     drop(t);
@@ -393,8 +422,30 @@ impl<'a, H: Host> Server<'a, H> {
                     Response::Ok
                 }
             }
-            Request::ConsoleAttach { vm } => {
+            Request::ConsoleAttach { vm, replay } => {
                 let mut guard = self.vms.lock();
+                // A stopped VM's console: its last output, then why it went.
+                let record = match guard.vms.contains_key(&vm.0) {
+                    true => None,
+                    false => guard.stopped.get(&vm.0).map(|r| {
+                        let history: Vec<u8> = if replay {
+                            r.scrollback.iter().copied().collect()
+                        } else {
+                            Vec::new()
+                        };
+                        (history, r.why.clone())
+                    }),
+                };
+                if let Some((history, why)) = record {
+                    drop(guard);
+                    reply(out, id, Response::Ok);
+                    for chunk in history.chunks(CONSOLE_CHUNK) {
+                        let data = chunk.to_vec();
+                        reply(out, id, Response::ConsoleOutput { vm, data });
+                    }
+                    let closed = Response::ConsoleClosed { vm, reason: why };
+                    return reply(out, id, closed);
+                }
                 let t = &mut *guard;
                 let attached = match t.vms.get_mut(&vm.0) {
                     None => Err(Response::Error(ErrorReply::NoSuchVm(vm))),
@@ -412,7 +463,11 @@ impl<'a, H: Host> Server<'a, H> {
                         v.drain_console(&t.host);
                         v.console_attached = true;
                         v.console_tap.clear();
-                        let history: Vec<u8> = v.scrollback.iter().copied().collect();
+                        let history: Vec<u8> = if replay {
+                            v.scrollback.iter().copied().collect()
+                        } else {
+                            Vec::new()
+                        };
                         self.consoles.insert(vm.0, id);
                         Ok(history)
                     }
@@ -448,8 +503,9 @@ impl<'a, H: Host> Server<'a, H> {
                 let mut guard = self.vms.lock();
                 let t = &mut *guard;
                 let mut kicks = Kicks::new();
+                let absent = missing(t, vm);
                 let r = match t.vms.get_mut(&vm.0) {
-                    None => Response::Error(ErrorReply::NoSuchVm(vm)),
+                    None => Response::Error(absent),
                     Some(mut v) => {
                         if let Some(k) = v.type_input(&t.host, &data) {
                             v.kick_vcpu(k, &mut kicks);
@@ -473,9 +529,15 @@ impl<'a, H: Host> Server<'a, H> {
                 mem_bytes,
                 vcpus,
                 cmdline,
-            } => self.create(kernel, initrd, mem_bytes, vcpus, cmdline),
+                paused,
+                remove_on_stop,
+            } => {
+                let flags = (paused, remove_on_stop);
+                self.create(kernel, initrd, mem_bytes, vcpus, cmdline, flags)
+            }
             Request::Rename { vm, name } => {
                 let mut t = self.vms.lock();
+                let absent = missing(&t, vm);
                 let r = match t.vms.get_mut(&vm.0) {
                     Some(mut v) if !v.internal => match crate::guest_spec::check_name(&name) {
                         Err(why) => {
@@ -486,10 +548,12 @@ impl<'a, H: Host> Server<'a, H> {
                             Response::Ok
                         }
                     },
-                    _ => Response::Error(ErrorReply::NoSuchVm(vm)),
+                    Some(_) => Response::Error(ErrorReply::NoSuchVm(vm)),
+                    None => Response::Error(absent),
                 };
                 r
             }
+            Request::Remove { vm, force } => self.remove(vm, force),
             Request::Diff { a, b } => match diff_start(self.vms, id, a, b) {
                 Ok(job) => return self.diffs.push_back(job),
                 Err(e) => Response::Error(e),
@@ -516,7 +580,11 @@ impl<'a, H: Host> Server<'a, H> {
                 }
             },
             Request::DumpClose { dump } => self.close_dump(dump),
-            Request::Restore { upload } => {
+            Request::Restore {
+                upload,
+                paused,
+                remove_on_stop,
+            } => {
                 if let Err(e) = self.vms.lock().check_vm_limit(1) {
                     self.uploads.remove(&upload);
                     return reply(out, id, Response::Error(fork_error(e)));
@@ -524,10 +592,19 @@ impl<'a, H: Host> Server<'a, H> {
                 match self.take_upload(upload, UploadPurpose::Snapshot) {
                     Err(e) => Response::Error(e),
                     Ok(bytes) => {
-                        let result = dumpfile::restore(&mut self.vms.lock(), &bytes);
+                        let mut t = self.vms.lock();
+                        let result = dumpfile::restore(&mut t, &bytes);
+                        if let Ok(vm) = result {
+                            // Under the table lock still: it has not run yet.
+                            set_start(&mut t, vm, paused, machine::PauseReason::Restored);
+                            if let Some(mut v) = t.vms.get_mut(&vm) {
+                                v.remove_on_stop = remove_on_stop;
+                            }
+                        }
+                        drop(t);
                         match result {
                             Ok(vm) => {
-                                self.kicks.idle = true;
+                                self.kicks.idle |= !paused;
                                 Response::Created { vm: VmId(vm) }
                             }
                             Err(e) => Response::Error(ErrorReply::BadRequest(e)),
@@ -658,8 +735,47 @@ impl<'a, H: Host> Server<'a, H> {
                 self.waiting.push((id, ticket, what));
                 self.pump(out);
             }
+            Err(ForkError::NoSuchVm(v)) => {
+                let e = missing(&self.vms.lock(), VmId(v));
+                reply(out, id, Response::Error(e))
+            }
             Err(e) => reply(out, id, Response::Error(fork_error(e))),
         }
+    }
+
+    /// `Remove`: forgets a stopped VM's record; a live VM only with `force`, killed and then
+    /// not recorded.
+    fn remove(&mut self, vm: VmId, force: bool) -> Response {
+        let mut t = self.vms.lock();
+        if t.remove_record(vm.0) {
+            return Response::Ok;
+        }
+        let state = match t.vms.get_mut(&vm.0) {
+            Some(mut v) if !v.internal => {
+                if force {
+                    v.remove_on_stop = true;
+                }
+                v.state.clone()
+            }
+            _ => return Response::Error(ErrorReply::NoSuchVm(vm)),
+        };
+        if !force {
+            return Response::Error(ErrorReply::BadRequest(format!(
+                "vm{} is {}: kill it first, or remove it with force (vmfork rm --force)",
+                vm.0,
+                match state {
+                    VmState::Running => "running",
+                    VmState::Paused(_) => "paused",
+                    VmState::Stopping(_) => "stopping",
+                }
+            )));
+        }
+        if !matches!(state, VmState::Stopping(_)) {
+            let kicks = t.stop(vm.0, machine::StopReason::Killed);
+            drop(t);
+            self.kicks.merge(kicks);
+        }
+        Response::Ok
     }
 
     /// Opens an upload. Nothing is reserved yet: the buffer grows as chunks arrive. Bounded by
@@ -764,6 +880,7 @@ impl<'a, H: Host> Server<'a, H> {
         mem: u64,
         vcpus: u32,
         cmdline: String,
+        (paused, remove_on_stop): (bool, bool),
     ) -> Response {
         // The guest limits boot configs and the tool check too (one set of rules).
         if let Err(why) = crate::guest_spec::check_mem(mem) {
@@ -803,10 +920,19 @@ impl<'a, H: Host> Server<'a, H> {
             cpus: vcpus,
             cmdline,
         };
-        let result = self.vms.lock().create(&spec);
+        let mut t = self.vms.lock();
+        let result = t.create(&spec);
+        if let Ok(vm) = result {
+            // Under the table lock still: it has not run yet.
+            set_start(&mut t, vm, paused, machine::PauseReason::Created);
+            if let Some(mut v) = t.vms.get_mut(&vm) {
+                v.remove_on_stop = remove_on_stop;
+            }
+        }
+        drop(t);
         match result {
             Ok(id) => {
-                self.kicks.idle = true;
+                self.kicks.idle |= !paused;
                 Response::Created { vm: VmId(id) }
             }
             Err(machine::CreateError::Stage2(crate::stage2::Stage2Error::OutOfMemory)) => {
@@ -814,6 +940,25 @@ impl<'a, H: Host> Server<'a, H> {
             }
             Err(e) => Response::Error(ErrorReply::BadRequest(format!("{e}"))),
         }
+    }
+}
+
+/// Leaves new VM `vm` paused for `why` when `paused`.
+fn set_start<H: Host>(t: &mut VmTable<H>, vm: u32, paused: bool, why: machine::PauseReason) {
+    if paused {
+        if let Some(mut v) = t.vms.get_mut(&vm) {
+            v.state = VmState::Paused(why);
+        }
+    }
+}
+
+/// The error for a request that needs live VM `vm`, which is not in the table: it stopped
+/// (its record is kept), or there is no such VM.
+fn missing<H: Host>(t: &VmTable<H>, vm: VmId) -> ErrorReply {
+    if t.stopped.contains_key(&vm.0) {
+        ErrorReply::VmStopped(vm)
+    } else {
+        ErrorReply::NoSuchVm(vm)
     }
 }
 
@@ -840,6 +985,7 @@ fn fork_error(e: ForkError) -> ErrorReply {
 /// count guest RAM: the `microsoft,vmgenid` page, mapped outside RAM, is left out, so a 64 MiB
 /// VM has 16,384 pages in all, as `diff` compares.
 pub fn info<H: Host>(host: &H, vm: &Vm) -> VmInfo {
+    let mut info = info_without_pages(host, vm);
     let counts = vm.s2.as_ref().map(|s2| {
         host.with_mem(|cx| {
             let u = s2.usage_private(cx.frames, &*cx.mem);
@@ -859,6 +1005,14 @@ pub fn info<H: Host>(host: &H, vm: &Vm) -> VmInfo {
         }
         None => (0, 0),
     };
+    info.private_pages = private;
+    info.shared_pages = shared;
+    info
+}
+
+/// [`info`] without the page counts (0): no walk of its tables. What a stopped VM's record
+/// keeps.
+pub fn info_without_pages<H: Host>(host: &H, vm: &Vm) -> VmInfo {
     let cow = vm.s2.as_ref().map_or(0, |s| {
         let st = s.stats();
         st.cow_copies + st.cow_reuses
@@ -874,13 +1028,24 @@ pub fn info<H: Host>(host: &H, vm: &Vm) -> VmInfo {
         VmState::Paused(machine::PauseReason::Requested) => ProtoState::Paused {
             reason: PauseReason::Requested,
         },
-        VmState::Stopping(machine::StopReason::PowerOff) => ProtoState::Stopped {
-            reason: StopReason::PowerOff,
+        VmState::Paused(machine::PauseReason::Created) => ProtoState::Paused {
+            reason: PauseReason::Created,
+        },
+        VmState::Paused(machine::PauseReason::Restored) => ProtoState::Paused {
+            reason: PauseReason::Restored,
         },
         VmState::Stopping(r) => ProtoState::Stopped {
-            reason: StopReason::Fault(format!("{r}")),
+            reason: stop_reason(r).unwrap_or(StopReason::Killed),
         },
     };
+    // A vCPU on a CPU now has run since it was put there.
+    let now = host.now();
+    let running: u64 = vm
+        .vcpus
+        .iter()
+        .filter(|v| matches!(v.state, machine::VcpuState::Running(_)))
+        .map(|v| now.saturating_sub(v.on_cpu_since))
+        .sum();
     VmInfo {
         id: VmId(vm.id),
         parent: vm.parent.map(VmId),
@@ -888,12 +1053,28 @@ pub fn info<H: Host>(host: &H, vm: &Vm) -> VmInfo {
         state,
         vcpus: vm.vcpus.len() as u32,
         mem_bytes: vm.ram_size,
-        private_pages: private,
-        shared_pages: shared,
+        private_pages: 0,
+        shared_pages: 0,
         cow_faults: cow,
         forks: vm.stats.forks,
         last_fork_ticks: vm.stats.last_fork_ticks,
+        uptime_us: host.micros(now.saturating_sub(vm.stats.born)),
+        vcpu_us: host.micros(vm.stats.vcpu_ticks.saturating_add(running)),
     }
+}
+
+/// What the protocol calls a stop for `r`; `None` for the monitor's own (a dump's fork read
+/// out or discarded), which users never see.
+pub fn stop_reason(r: &machine::StopReason) -> Option<StopReason> {
+    use machine::StopReason as S;
+    Some(match r {
+        S::PowerOff => StopReason::PowerOff,
+        S::SystemReset => StopReason::SystemReset,
+        S::Killed => StopReason::Killed,
+        S::Fault(s) => StopReason::Fault(s.clone()),
+        S::Internal(s) => StopReason::Internal(s.clone()),
+        S::DumpDone | S::DumpDiscarded => return None,
+    })
 }
 
 fn global_stats<H: Host>(t: &VmTable<H>) -> GlobalStats {
@@ -913,6 +1094,8 @@ fn global_stats<H: Host>(t: &VmTable<H>) -> GlobalStats {
         heap_reserve: heap.reserve as u64,
         max_vms: limits.max_vms,
         max_forks_per_tree: limits.max_forks_per_tree,
+        stopped_vms: t.stopped.len() as u32,
+        max_stopped: limits.max_stopped,
     }
 }
 
@@ -952,8 +1135,8 @@ fn diff_start<H: Host>(
 }
 
 fn gone<H: Host>(t: &VmTable<H>, a: VmId, b: VmId) -> ErrorReply {
-    let missing = if t.vms.contains_key(&a.0) { b } else { a };
-    ErrorReply::NoSuchVm(missing)
+    let absent = if t.vms.contains_key(&a.0) { b } else { a };
+    missing(t, absent)
 }
 
 /// Compares the next [`DIFF_PAGES_PER_LOCK`] pages of `job`; returns its reply once done. Pages

@@ -212,6 +212,21 @@ pub struct VmTable<H: Host> {
     /// has not had yet, and why it went. The control server sends these and ends the stream
     /// ([`VmTable::take_closed_console`]); at most [`CLOSED_CONSOLES_KEPT`], oldest dropped.
     closed_consoles: VecDeque<(u32, Vec<u8>, String)>,
+    /// Records of the VMs that stopped (powered off, crashed, killed, ...), by id, for `list`
+    /// and `info` until `Remove`: they hold no memory. At most `max_stopped=`; beyond it the
+    /// record of the lowest id goes.
+    pub stopped: BTreeMap<u32, StoppedVm>,
+}
+
+/// What is kept of a stopped VM: its last accounting, why it went and its last output.
+#[derive(Clone, Debug)]
+pub struct StoppedVm {
+    /// As `info` showed it when it stopped, in state `Stopped`, with no pages (it holds none).
+    pub info: vmfork_proto::VmInfo,
+    /// Why it went, as the monitor's log said it.
+    pub why: String,
+    /// The last of its console output ([`super::vm::SCROLLBACK_BYTES`] at most).
+    pub scrollback: VecDeque<u8>,
 }
 
 /// A vCPU picked to run ([`VmTable::pick_to_run`]).
@@ -245,6 +260,7 @@ impl<H: Host> VmTable<H> {
             results: BTreeMap::new(),
             next_ticket: 1,
             closed_consoles: VecDeque::new(),
+            stopped: BTreeMap::new(),
         }
     }
 
@@ -254,7 +270,8 @@ impl<H: Host> VmTable<H> {
     }
 
     /// Puts a new fork into the table, counting it in its tree.
-    pub fn insert_fork(&mut self, child: Box<Vm>) {
+    pub fn insert_fork(&mut self, mut child: Box<Vm>) {
+        child.stats.born = self.host.now();
         if let Some(root) = child.stats.tree_root {
             *self.tree_forks.entry(root).or_insert(0) += 1;
         }
@@ -316,7 +333,8 @@ impl<H: Host> VmTable<H> {
     /// Creates a VM from `spec`, loads its kernel, DTB and initrd, and makes vCPU 0 runnable.
     pub fn create(&mut self, spec: &GuestSpec) -> Result<u32, CreateError> {
         self.check_vm_limit(1).map_err(CreateError::Limit)?;
-        let vm = self.build(spec)?;
+        let mut vm = self.build(spec)?;
+        vm.stats.born = self.host.now();
         let id = vm.id;
         // Within the estimate the caller checked the heap for.
         self.vms.insert(id, Box::new(vm));
@@ -456,6 +474,7 @@ impl<H: Host> VmTable<H> {
         }
         let ctx = vm.vcpus[i].ctx.take()?;
         vm.vcpus[i].state = VcpuState::Running(cpu);
+        vm.vcpus[i].on_cpu_since = now;
         self.cursor = (id, i);
         Some((id, i, ctx))
     }
@@ -601,6 +620,7 @@ impl<H: Host> VmTable<H> {
     /// stopping and this was the last of its vCPUs on a CPU, or runs the forks and resets that
     /// wait for that. Returns what to wake.
     pub fn put_back(&mut self, id: u32, vcpu: usize, ctx: Box<VcpuCtx>, state: VcpuState) -> Kicks {
+        let now = self.host.now();
         let (stopping, pending) = {
             let Some(mut vm) = self.vms.get_mut(&id) else {
                 return Kicks::new();
@@ -608,8 +628,13 @@ impl<H: Host> VmTable<H> {
             let Some(v) = vm.vcpus.get_mut(vcpu) else {
                 return Kicks::new();
             };
+            let ran = match v.state {
+                VcpuState::Running(_) => now.saturating_sub(v.on_cpu_since),
+                _ => 0,
+            };
             v.ctx = Some(ctx);
             v.state = state;
+            vm.stats.vcpu_ticks = vm.stats.vcpu_ticks.saturating_add(ran);
             if vm.any_running() {
                 return Kicks::new();
             }
@@ -670,6 +695,8 @@ impl<H: Host> VmTable<H> {
         }
         vm.drain_console(&self.host);
         vm.flush_console_line(&self.host);
+        // Taken before its memory goes: the record keeps its COW count.
+        let record = self.record_of(&mut vm);
         if vm.console_attached {
             // The streaming client gets the rest of the output and why the VM went.
             if self.closed_consoles.len() >= CLOSED_CONSOLES_KEPT {
@@ -701,7 +728,18 @@ impl<H: Host> VmTable<H> {
             }
         }
         if self.focus == Some(id) {
-            self.focus = self.vms.keys().next().copied();
+            self.focus = self
+                .vms
+                .keys()
+                .copied()
+                .find(|&k| k < super::ops::INTERNAL_ID_BASE);
+            // Said on the monitor's console, where the focus is used.
+            match self.focus {
+                Some(next) => {
+                    log::info!("vm{id} had the console focus: input now goes to vm{next}")
+                }
+                None => log::info!("vm{id} had the console focus: no VM is left to type into"),
+            }
         }
         let (free, total) = self
             .host
@@ -715,7 +753,56 @@ impl<H: Host> VmTable<H> {
             vm.name,
             vm.ram_size >> 20
         );
+        if let Some(r) = record {
+            self.keep_record(id, r);
+        }
         self.host.vm_gone(id);
+    }
+
+    /// The record to keep of `vm`, which is being torn down: none for the monitor's own forks,
+    /// a VM that asked for none (`remove_on_stop`), or one not stopped for a reason a user sees
+    /// (a table entry destroyed directly, a dump's fork). Takes its scroll-back.
+    fn record_of(&self, vm: &mut Vm) -> Option<StoppedVm> {
+        if vm.internal || vm.remove_on_stop {
+            return None;
+        }
+        let VmState::Stopping(r) = &vm.state else {
+            return None;
+        };
+        let reason = super::server::stop_reason(r)?;
+        let why = alloc::format!("{r}");
+        let mut info = super::server::info_without_pages(&self.host, vm);
+        info.state = vmfork_proto::VmState::Stopped { reason };
+        Some(StoppedVm {
+            info,
+            why,
+            scrollback: core::mem::take(&mut vm.scrollback),
+        })
+    }
+
+    /// Files the record of stopped VM `id`, within `max_stopped=` and the heap's reserve (a
+    /// record the heap cannot take is dropped, and the log says so).
+    fn keep_record(&mut self, id: u32, r: StoppedVm) {
+        // A map node and the strings: a generous estimate.
+        let bytes = 256 + r.info.name.len() + r.why.len();
+        if let Err(e) = self.host.heap_check(bytes) {
+            log::warn!("vm{id}: no record kept of it (heap low: {e:?})");
+            return;
+        }
+        self.stopped.insert(id, r);
+        while self.stopped.len() > self.limits.max_stopped as usize {
+            if let Some((old, _)) = self.stopped.pop_first() {
+                log::info!(
+                    "vm{old}: its record dropped: more than max_stopped={} stopped VMs kept",
+                    self.limits.max_stopped
+                );
+            }
+        }
+    }
+
+    /// Forgets the record of stopped VM `id`; false if there was none.
+    pub fn remove_record(&mut self, id: u32) -> bool {
+        self.stopped.remove(&id).is_some()
     }
 
     /// Prints the unended console line of every VM that has had one for `max_age` counter

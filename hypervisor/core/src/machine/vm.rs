@@ -67,6 +67,8 @@ pub struct Vcpu {
     /// waiting vCPU of every VM at each pick, and a thousand forks waiting in WFI made each
     /// pick scan a quarter of a million interrupts.
     pub quiet_at: u64,
+    /// When it was last put on a physical CPU (counter ticks; meaningful while running).
+    pub on_cpu_since: u64,
 }
 
 impl Vcpu {
@@ -77,6 +79,7 @@ impl Vcpu {
             state,
             mpidr,
             quiet_at: 0,
+            on_cpu_since: 0,
         }
     }
 }
@@ -100,6 +103,10 @@ pub enum PauseReason {
     Requested,
     /// A fork made paused (`Fork { paused: true }`, the dump's own fork).
     Forked,
+    /// Created paused (`Create { paused: true }`).
+    Created,
+    /// Restored paused (`Restore { paused: true }`).
+    Restored,
     /// What the VM needed could not be had: no free frame or no heap above its reserve.
     OutOfMemory(MemoryWant),
 }
@@ -142,6 +149,8 @@ impl core::fmt::Display for PauseReason {
         match self {
             PauseReason::Requested => write!(f, "requested"),
             PauseReason::Forked => write!(f, "forked paused"),
+            PauseReason::Created => write!(f, "created paused"),
+            PauseReason::Restored => write!(f, "restored paused"),
             PauseReason::OutOfMemory(MemoryWant::VgicCopy) => write!(f, "out of memory: vGIC copy"),
             PauseReason::OutOfMemory(MemoryWant::NewIdentity) => {
                 write!(f, "out of memory writing its new vmgenid ID")
@@ -224,6 +233,8 @@ pub struct Vm {
     pub scrollback: VecDeque<u8>,
     /// The monitor's own fork (a dump's): not listed.
     pub internal: bool,
+    /// Keep no record of it once it stops (`--rm`): it leaves `list` at once.
+    pub remove_on_stop: bool,
     /// In its table's active set ([`super::vmmap`]): kept by [`super::vmmap::VmMap`] only.
     pub(super) active: bool,
 }
@@ -268,6 +279,7 @@ impl Vm {
             rx_pending: VecDeque::new(),
             scrollback: VecDeque::new(),
             internal: false,
+            remove_on_stop: false,
             active: false,
         }
     }

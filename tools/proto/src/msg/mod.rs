@@ -45,15 +45,17 @@ wire_enum! {
         Requested = 0,
         /// Created paused by `Fork { paused: true }`.
         Forked = 1,
-        /// Restored from a snapshot and not resumed yet (unused by the reference server, which
-        /// starts restored VMs running).
+        /// Restored from a snapshot by `Restore { paused: true }` and not resumed yet.
         Restored = 2,
+        /// Created by `Create { paused: true }` and not resumed yet.
+        Created = 3,
     }
 }
 
 wire_enum! {
     "stop reason";
-    /// Why a VM has stopped for good (until `Reset`).
+    /// Why a VM has stopped for good. A stopped VM holds no memory; its record stays in `List`
+    /// until `Remove`.
     #[derive(Clone, Debug, PartialEq, Eq)]
     #[cfg_attr(feature = "serde", derive(Serialize), serde(rename_all = "snake_case"))]
     pub enum StopReason {
@@ -61,8 +63,15 @@ wire_enum! {
         PowerOff = 0,
         /// The guest took an exception the monitor could not handle; the text names ESR/FAR/ELR.
         Fault(text: String) = 1,
-        /// A copy-on-write fault found no free frame.
+        /// A copy-on-write fault found no free frame (the VM is paused, not torn down: `Resume`
+        /// retries once memory is free).
         OutOfMemory = 2,
+        /// Killed by a `Kill` request.
+        Killed = 3,
+        /// The guest asked for a reset (PSCI SYSTEM_RESET); the monitor tears the VM down.
+        SystemReset = 4,
+        /// A bug in the monitor stopped it; the text says what.
+        Internal(text: String) = 5,
     }
 }
 
@@ -83,7 +92,8 @@ wire_enum! {
             /// Why.
             reason: PauseReason,
         } = 1,
-        /// It has stopped and only `Reset` or `Kill` apply.
+        /// It has stopped: only `Info`, `List`, `ConsoleAttach` (its last output) and `Remove`
+        /// apply to it.
         Stopped {
             /// Why.
             reason: StopReason,
@@ -99,7 +109,8 @@ impl fmt::Display for VmState {
                 let r = match reason {
                     PauseReason::Requested => "requested",
                     PauseReason::Forked => "forked paused",
-                    PauseReason::Restored => "restored",
+                    PauseReason::Restored => "restored paused",
+                    PauseReason::Created => "created paused",
                 };
                 write!(f, "paused ({r})")
             }
@@ -107,6 +118,9 @@ impl fmt::Display for VmState {
                 StopReason::PowerOff => write!(f, "stopped (power off)"),
                 StopReason::Fault(s) => write!(f, "stopped (fault: {s})"),
                 StopReason::OutOfMemory => write!(f, "stopped (out of memory)"),
+                StopReason::Killed => write!(f, "stopped (killed)"),
+                StopReason::SystemReset => write!(f, "stopped (system reset)"),
+                StopReason::Internal(s) => write!(f, "stopped (monitor error: {s})"),
             },
         }
     }
@@ -139,13 +153,17 @@ wire_struct! {
         pub forks: u64,
         /// Duration of the last fork of this VM, in generic-counter ticks (0 if never forked).
         pub last_fork_ticks: u64,
+        /// Microseconds since it was created, forked or restored; frozen once it stopped.
+        pub uptime_us: u64,
+        /// Microseconds its vCPUs have spent on a physical CPU, all vCPUs summed (a fork
+        /// starts at 0).
+        pub vcpu_us: u64,
     }
 }
 
-/// A lower bound, below the real smallest encoding (62 bytes): the bound the decoder has always
-/// used.
+/// A lower bound, below the real smallest encoding (78 bytes).
 impl Elem for VmInfo {
-    const MIN_SIZE: usize = 60;
+    const MIN_SIZE: usize = 76;
 }
 
 wire_struct! {
@@ -159,7 +177,7 @@ wire_struct! {
         pub used_frames: u64,
         /// All frames the allocator manages.
         pub total_frames: u64,
-        /// Live VMs.
+        /// Live VMs (stopped ones not counted).
         pub vms: u32,
         /// Generic-counter frequency (CNTFRQ_EL0) in Hz, to turn ticks into time.
         pub counter_hz: u64,
@@ -174,6 +192,10 @@ wire_struct! {
         pub max_vms: u32,
         /// Most forks alive at once in one fork tree (`max_forks_per_tree=`).
         pub max_forks_per_tree: u32,
+        /// Records of stopped VMs kept (listed until `Remove`).
+        pub stopped_vms: u32,
+        /// Most records of stopped VMs kept (`max_stopped=`); beyond it the oldest goes.
+        pub max_stopped: u32,
     }
 }
 
@@ -249,6 +271,8 @@ wire_enum! {
         Busy = 5,
         /// A bug in the monitor.
         Internal(message: String) = 6,
+        /// The VM has stopped (its record is kept until `Remove`): the request needs a live VM.
+        VmStopped(vm: VmId) = 7,
     }
 }
 
@@ -264,6 +288,10 @@ impl fmt::Display for ErrorReply {
             ErrorReply::BadRequest(r) => write!(f, "bad request: {r}"),
             ErrorReply::Busy => write!(f, "the monitor is busy, try again"),
             ErrorReply::Internal(m) => write!(f, "internal monitor error: {m}"),
+            ErrorReply::VmStopped(vm) => write!(
+                f,
+                "vm{vm} has stopped (see `vmfork info {vm}`; `vmfork rm {vm}` removes it)"
+            ),
         }
     }
 }
@@ -305,6 +333,8 @@ messages! {
             count: u32,
             /// Leave the children paused (`Paused { Forked }`).
             paused: bool,
+            /// Remove the children's records when they stop (no `Stopped` entry in `List`).
+            remove_on_stop: bool,
         } = FORK(0x0005),
         /// Reply: `Ok`.
         Pause {
@@ -322,7 +352,8 @@ messages! {
             /// The VM.
             vm: VmId,
         } = RESET(0x0008),
-        /// Destroy a VM; its children live on. Reply: `Ok`.
+        /// Stop a VM and free its memory; its children live on, its record stays (`Stopped {
+        /// Killed }`) until `Remove`. Reply: `Ok`.
         Kill {
             /// The VM.
             vm: VmId,
@@ -355,11 +386,19 @@ messages! {
             vcpus: u32,
             /// Kernel command line (`/chosen/bootargs`).
             cmdline: String,
+            /// Leave it paused before its first instruction (`Paused { Created }`).
+            paused: bool,
+            /// Remove its record when it stops.
+            remove_on_stop: bool,
         } = CREATE(0x000C),
-        /// Stream the VM's console to this connection. Reply: `Ok`, then `ConsoleOutput` events.
+        /// Stream the VM's console to this connection. Reply: `Ok`, then (with `replay`) what
+        /// it printed last, then `ConsoleOutput` events. A stopped VM's console replays and then
+        /// closes (`ConsoleClosed`).
         ConsoleAttach {
             /// The VM.
             vm: VmId,
+            /// Send the VM's scroll-back (the last 4 KiB it printed) first.
+            replay: bool,
         } = CONSOLE_ATTACH(0x000D),
         /// Stop streaming. Reply: `Ok`; no event for this VM follows it.
         ConsoleDetach {
@@ -393,10 +432,14 @@ messages! {
             /// Dump handle.
             dump: u32,
         } = DUMP_CLOSE(0x0012),
-        /// Start a running VM from a completed snapshot upload. Reply: `Created`.
+        /// Start a VM from a completed snapshot upload. Reply: `Created`.
         Restore {
             /// Upload handle.
             upload: u32,
+            /// Leave it paused (`Paused { Restored }`).
+            paused: bool,
+            /// Remove its record when it stops.
+            remove_on_stop: bool,
         } = RESTORE(0x0013),
         /// Compare two VMs' memory page by page. Reply: `Diff`.
         Diff {
@@ -406,14 +449,21 @@ messages! {
             b: VmId,
         } = DIFF(0x0014),
         /// Give a VM a new name: 1 to 32 of `[A-Za-z0-9._-]`, not only digits and not `vm` and
-        /// digits (those name VMs by id in the tool). Reply: `Ok`. Added within version 1: a
-        /// monitor without it answers `BadRequest`.
+        /// digits (those name VMs by id in the tool). Reply: `Ok`.
         Rename {
             /// The VM.
             vm: VmId,
             /// Its new name.
             name: String,
         } = RENAME(0x0015),
+        /// Forget a stopped VM's record. A live VM is refused with `BadRequest` unless `force`,
+        /// which kills it and keeps no record. Reply: `Ok`.
+        Remove {
+            /// The VM.
+            vm: VmId,
+            /// Kill it first if it is live.
+            force: bool,
+        } = REMOVE(0x0016),
     }
 
     /// A message from the monitor: the reply to a request, or a console event.

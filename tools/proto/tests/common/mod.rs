@@ -26,13 +26,17 @@ pub fn state() -> impl Strategy<Value = VmState> {
         prop_oneof![
             Just(PauseReason::Requested),
             Just(PauseReason::Forked),
-            Just(PauseReason::Restored)
+            Just(PauseReason::Restored),
+            Just(PauseReason::Created)
         ]
         .prop_map(|reason| VmState::Paused { reason }),
         prop_oneof![
             Just(StopReason::PowerOff),
             Just(StopReason::OutOfMemory),
-            text().prop_map(StopReason::Fault)
+            text().prop_map(StopReason::Fault),
+            Just(StopReason::Killed),
+            Just(StopReason::SystemReset),
+            text().prop_map(StopReason::Internal)
         ]
         .prop_map(|reason| VmState::Stopped { reason }),
     ]
@@ -45,7 +49,7 @@ pub fn info() -> impl Strategy<Value = VmInfo> {
         text(),
         state(),
         any::<u32>(),
-        any::<[u64; 6]>(),
+        any::<[u64; 8]>(),
     )
         .prop_map(|(id, parent, name, state, vcpus, n)| VmInfo {
             id,
@@ -59,6 +63,8 @@ pub fn info() -> impl Strategy<Value = VmInfo> {
             cow_faults: n[3],
             forks: n[4],
             last_fork_ticks: n[5],
+            uptime_us: n[6],
+            vcpu_us: n[7],
         })
 }
 
@@ -76,11 +82,14 @@ pub fn request() -> impl Strategy<Value = Request> {
         Just(Request::List),
         vm_id().prop_map(|vm| Request::Info { vm }),
         proptest::option::of(vm_id()).prop_map(|vm| Request::Stats { vm }),
-        (vm_id(), any::<u32>(), any::<bool>()).prop_map(|(vm, count, paused)| Request::Fork {
-            vm,
-            count,
-            paused
-        }),
+        (vm_id(), any::<u32>(), any::<bool>(), any::<bool>()).prop_map(
+            |(vm, count, paused, remove_on_stop)| Request::Fork {
+                vm,
+                count,
+                paused,
+                remove_on_stop
+            }
+        ),
         vm_id().prop_map(|vm| Request::Pause { vm }),
         vm_id().prop_map(|vm| Request::Resume { vm }),
         vm_id().prop_map(|vm| Request::Reset { vm }),
@@ -99,18 +108,23 @@ pub fn request() -> impl Strategy<Value = Request> {
             proptest::option::of(any::<u32>()),
             any::<u64>(),
             any::<u32>(),
-            text()
+            text(),
+            any::<(bool, bool)>()
         )
             .prop_map(
-                |(kernel, initrd, mem_bytes, vcpus, cmdline)| Request::Create {
-                    kernel,
-                    initrd,
-                    mem_bytes,
-                    vcpus,
-                    cmdline
+                |(kernel, initrd, mem_bytes, vcpus, cmdline, (paused, remove_on_stop))| {
+                    Request::Create {
+                        kernel,
+                        initrd,
+                        mem_bytes,
+                        vcpus,
+                        cmdline,
+                        paused,
+                        remove_on_stop,
+                    }
                 }
             ),
-        vm_id().prop_map(|vm| Request::ConsoleAttach { vm }),
+        (vm_id(), any::<bool>()).prop_map(|(vm, replay)| Request::ConsoleAttach { vm, replay }),
         vm_id().prop_map(|vm| Request::ConsoleDetach { vm }),
         (vm_id(), chunk()).prop_map(|(vm, data)| Request::ConsoleInput { vm, data }),
         vm_id().prop_map(|vm| Request::Dump { vm }),
@@ -122,8 +136,16 @@ pub fn request() -> impl Strategy<Value = Request> {
             }
         }),
         any::<u32>().prop_map(|dump| Request::DumpClose { dump }),
-        any::<u32>().prop_map(|upload| Request::Restore { upload }),
+        (any::<u32>(), any::<(bool, bool)>()).prop_map(|(upload, (paused, remove_on_stop))| {
+            Request::Restore {
+                upload,
+                paused,
+                remove_on_stop,
+            }
+        }),
         (vm_id(), vm_id()).prop_map(|(a, b)| Request::Diff { a, b }),
+        (vm_id(), text()).prop_map(|(vm, name)| Request::Rename { vm, name }),
+        (vm_id(), any::<bool>()).prop_map(|(vm, force)| Request::Remove { vm, force }),
     ]
 }
 
@@ -136,6 +158,7 @@ pub fn error_reply() -> impl Strategy<Value = ErrorReply> {
         text().prop_map(ErrorReply::BadRequest),
         Just(ErrorReply::Busy),
         text().prop_map(ErrorReply::Internal),
+        vm_id().prop_map(ErrorReply::VmStopped),
     ]
 }
 
@@ -148,7 +171,7 @@ pub fn response() -> impl Strategy<Value = Response> {
         info().prop_map(Response::VmInfo),
         (
             any::<[u64; 7]>(),
-            any::<[u32; 3]>(),
+            any::<[u32; 5]>(),
             proptest::option::of(info())
         )
             .prop_map(|(n, m, vm)| {
@@ -164,6 +187,8 @@ pub fn response() -> impl Strategy<Value = Response> {
                         heap_reserve: n[6],
                         max_vms: m[1],
                         max_forks_per_tree: m[2],
+                        stopped_vms: m[3],
+                        max_stopped: m[4],
                     },
                     vm,
                 }

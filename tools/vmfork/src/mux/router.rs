@@ -266,7 +266,7 @@ impl Router {
             return Self::reply(out, c, f.id, &Response::Error(e));
         }
         let what = match req {
-            Request::ConsoleAttach { vm } => return self.attach(c, f.id, vm, out),
+            Request::ConsoleAttach { vm, replay } => return self.attach(c, f.id, vm, replay, out),
             Request::ConsoleDetach { vm } => return self.detach(c, f.id, vm, out),
             Request::Kill { vm } => Expect::Kill(vm),
             Request::Dump { .. } => Expect::Dump,
@@ -290,7 +290,10 @@ impl Router {
         });
     }
 
-    fn attach(&mut self, c: ClientId, id: u32, vm: VmId, out: &mut Vec<Outgoing>) {
+    /// A client attaches to `vm`'s console. The first one's `replay` is what the one upstream
+    /// attachment asks for; a client that joins an attachment under way gets what streams from
+    /// then on.
+    fn attach(&mut self, c: ClientId, id: u32, vm: VmId, replay: bool, out: &mut Vec<Outgoing>) {
         match self.consoles.get_mut(&vm) {
             Some(con) if con.attached => {
                 // Like the monitor: a second attach from one connection replaces the first.
@@ -326,7 +329,7 @@ impl Router {
                 );
                 out.push(Outgoing {
                     dest: Dest::Upstream,
-                    frame: request_frame(uid, &Request::ConsoleAttach { vm }),
+                    frame: request_frame(uid, &Request::ConsoleAttach { vm, replay }),
                 });
             }
         }
