@@ -1148,3 +1148,130 @@ fn names_are_given_at_create_fork_restore_and_by_rename() {
         "vmfork: no such VM: 99"
     );
 }
+
+#[test]
+fn wait_for_states_timeout_and_never() {
+    let e = env();
+    assert_eq!(
+        e.ok(&["wait", "1", "--state", "running"]),
+        "vm1 hello running\n"
+    );
+    let err = e.fails(12, &["wait", "1", "--state", "paused", "--timeout", "0.3"]);
+    assert!(err.contains("was not paused within 0.3 s"), "{err}");
+    // A wait that a pause ends.
+    let child = bin()
+        .arg("--socket")
+        .arg(&e.sock)
+        .args(["wait", "hello", "--state", "paused", "--interval", "20"])
+        .args(["--timeout", "20"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    e.ok(&["pause", "1"]);
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "vm1 hello paused (requested)\n"
+    );
+    // A stopped VM will never run again: at once, with the `stopped` status.
+    e.ok(&["kill", "1"]);
+    let err = e.fails(11, &["wait", "1", "--state", "running", "--timeout", "30"]);
+    assert!(err.contains("will never be running"), "{err}");
+    let j: serde_json::Value =
+        serde_json::from_str(&e.ok(&["--json", "wait", "1", "--state", "stopped"])).unwrap();
+    assert_eq!(j["state"]["state"], "stopped");
+    assert_eq!(j["vm"], 1);
+    check_schema("wait", &j).unwrap();
+    let j: serde_json::Value =
+        serde_json::from_str(&e.ok(&["--json", "wait", "9", "--state", "gone"])).unwrap();
+    check_schema("wait", &j).unwrap();
+    let o = e.run(&["--json", "wait", "1", "--state", "paused"]);
+    assert_eq!(o.status.code(), Some(11));
+    check_schema("error", &serde_json::from_slice(&o.stdout).unwrap()).unwrap();
+    e.fails(4, &["wait", "99", "--state", "running"]);
+    assert_eq!(e.ok(&["wait", "99", "--state", "gone"]), "vm99 gone\n");
+}
+
+#[test]
+fn events_sees_a_fork_a_pause_and_a_rename() {
+    let e = env();
+    let child = bin()
+        .arg("--socket")
+        .arg(&e.sock)
+        .args(["events", "--count", "4", "--interval", "20"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    e.ok(&["fork", "1", "--paused"]);
+    std::thread::sleep(Duration::from_millis(200));
+    e.ok(&["rename", "2", "kid"]);
+    std::thread::sleep(Duration::from_millis(200));
+    e.ok(&["pause", "1"]);
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success());
+    let evs: Vec<serde_json::Value> = String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<(&str, u64)> = evs
+        .iter()
+        .map(|v| (v["event"].as_str().unwrap(), v["vm"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [("forked", 2), ("paused", 2), ("renamed", 2), ("paused", 1)]
+    );
+    for ev in &evs {
+        check_schema("event", ev).unwrap();
+    }
+    assert_eq!(evs[0]["parent"], 1);
+    assert_eq!(evs[1]["reason"], "forked");
+    assert_eq!(evs[2]["name"], "kid");
+    assert!(evs[3]["time"].as_f64().unwrap() > evs[0]["time"].as_f64().unwrap());
+}
+
+#[test]
+fn events_fails_when_the_monitor_goes() {
+    let e = env();
+    let child = bin()
+        .arg("--socket")
+        .arg(&e.sock)
+        .args(["events", "--interval", "20"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(e);
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn top_once_prints_one_table() {
+    let e = env();
+    e.ok(&["fork", "1", "--name", "kid"]);
+    let out = e.ok(&["top", "--once", "--interval", "50"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    assert!(lines[0].contains("2 VMs live"), "{out}");
+    for col in [
+        "ID", "NAME", "STATE", "VCPU%", "COW/s", "PRIVATE", "SHARED", "UPTIME",
+    ] {
+        assert!(lines[1].contains(col), "{out}");
+    }
+    assert!(lines[2].trim_start().starts_with("1  hello"), "{out}");
+    assert!(lines[3].trim_start().starts_with("2  kid"), "{out}");
+    assert!(!out.contains('\x1b'), "no escapes when piped: {out:?}");
+    let help = String::from_utf8(bin().arg("--help").output().unwrap().stdout).unwrap();
+    assert!(help.contains("  12  timeout "), "{help}");
+}
