@@ -1,0 +1,108 @@
+//! `vmfork wait`, `events` and `top` against the real monitor under QEMU (issue 16 item 3): one
+//! boot of the counter guest.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use vmfork_tests::{
+    vmfork_ok, vmfork_run, vmfork_tool, ControlSocket, Qemu, QemuConfig, DEFAULT_TIMEOUT,
+};
+
+#[test]
+fn wait_events_and_top_see_a_fork_and_a_pause() {
+    let socket = ControlSocket::new();
+    let mut q = Qemu::start(
+        QemuConfig::monitor()
+            .smp(2)
+            .mem_mib(512)
+            .name("lifecycle_watch")
+            .control(&socket)
+            .guest(0, "counter", "mem=16M"),
+    );
+    q.wait_for("[vm1] counter: tick 1", DEFAULT_TIMEOUT);
+
+    // The stream, started before anything happens: a fork (it runs) and then a pause.
+    let events = Command::new(vmfork_tool())
+        .arg("--socket")
+        .arg(socket.path())
+        .args(["events", "--count", "2", "--interval", "50"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("vmfork events");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(vmfork_ok(&socket, &["fork", "1"]).trim(), "2");
+    std::thread::sleep(Duration::from_millis(500));
+
+    // A wait that the pause ends.
+    let wait = Command::new(vmfork_tool())
+        .arg("--socket")
+        .arg(socket.path())
+        .args(["wait", "vm2", "--state", "paused", "--timeout", "30"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("vmfork wait");
+    std::thread::sleep(Duration::from_millis(500));
+    vmfork_ok(&socket, &["pause", "2"]);
+    let w = wait.wait_with_output().unwrap();
+    assert!(
+        w.status.success(),
+        "wait: {}",
+        String::from_utf8_lossy(&w.stderr)
+    );
+    let line = String::from_utf8_lossy(&w.stdout);
+    assert!(
+        line.starts_with("vm2 ") && line.contains("paused (requested)"),
+        "{line}"
+    );
+
+    let e = events.wait_with_output().unwrap();
+    assert!(
+        e.status.success(),
+        "events: {}",
+        String::from_utf8_lossy(&e.stderr)
+    );
+    let evs: Vec<serde_json::Value> = String::from_utf8_lossy(&e.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+        .collect();
+    assert_eq!(evs.len(), 2, "{evs:?}");
+    assert_eq!(evs[0]["event"], "forked", "{evs:?}");
+    assert_eq!(evs[0]["vm"], 2);
+    assert_eq!(evs[0]["parent"], 1);
+    assert_eq!(evs[1]["event"], "paused", "{evs:?}");
+    assert_eq!(evs[1]["vm"], 2);
+    assert_eq!(evs[1]["reason"], "requested");
+
+    // Already there, and a timeout.
+    let o = vmfork_run(
+        &socket,
+        &["wait", "1", "--state", "paused", "--timeout", "0.5"],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(12),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // One table of both VMs, the parent running and using its vCPU.
+    let top = vmfork_ok(&socket, &["top", "--once", "--interval", "500"]);
+    let lines: Vec<&str> = top.lines().collect();
+    assert_eq!(lines.len(), 4, "{top}");
+    assert!(lines[0].contains("2 VMs live"), "{top}");
+    assert!(
+        lines[1].contains("VCPU%") && lines[1].contains("UPTIME"),
+        "{top}"
+    );
+    let row1: Vec<&str> = lines[2].split_whitespace().collect();
+    assert_eq!(row1[0], "1", "{top}");
+    assert_eq!(row1[2], "running", "{top}");
+    assert_ne!(row1[3], "-", "vm1's VCPU%: {top}");
+    let row2: Vec<&str> = lines[3].split_whitespace().collect();
+    assert_eq!(row2[0], "2", "{top}");
+    assert_eq!(row2[2], "paused", "{top}");
+    q.expect_no("panic");
+    q.kill();
+}
