@@ -1,27 +1,66 @@
 //! `vmfork wait`, `events` and `top` against the real monitor under QEMU (issue 16 item 3): one
-//! boot of the counter guest.
+//! boot of the counter guest, behind `vmfork mux` (QEMU's socket serves one client at a time,
+//! and `events` and `wait` stay connected while other commands run).
 
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use vmfork_tests::{
     vmfork_ok, vmfork_run, vmfork_tool, ControlSocket, Qemu, QemuConfig, DEFAULT_TIMEOUT,
 };
 
+/// `vmfork mux` from QEMU's socket to another; killed when the test ends, however it ends.
+struct MuxProcess(Child);
+
+impl MuxProcess {
+    fn start(upstream: &ControlSocket, listen: &ControlSocket) -> MuxProcess {
+        let child = Command::new(vmfork_tool())
+            .arg("mux")
+            .arg("--upstream")
+            .arg(upstream.path())
+            .arg("--listen")
+            .arg(listen.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start vmfork mux");
+        let mut mux = MuxProcess(child);
+        let deadline = Instant::now() + DEFAULT_TIMEOUT;
+        while !vmfork_run(listen, &["list"]).status.success() {
+            if let Ok(Some(status)) = mux.0.try_wait() {
+                panic!("vmfork mux exited before serving: {status}");
+            }
+            assert!(Instant::now() < deadline, "vmfork mux never served");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        mux
+    }
+}
+
+impl Drop for MuxProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn wait_events_and_top_see_a_fork_and_a_pause() {
+    let qemu_socket = ControlSocket::new();
     let socket = ControlSocket::new();
     let mut q = Qemu::start(
         QemuConfig::monitor()
             .smp(2)
             .mem_mib(512)
             .name("lifecycle_watch")
-            .control(&socket)
+            .control(&qemu_socket)
             .guest(0, "counter", "mem=16M"),
     );
     q.wait_for("[vm1] counter: tick 1", DEFAULT_TIMEOUT);
+    let _mux = MuxProcess::start(&qemu_socket, &socket);
 
-    // The stream, started before anything happens: a fork (it runs) and then a pause.
+    // The stream, started before anything happens: a fork made paused is `forked` and then
+    // `paused` (one look at the list sees both, before any `cow` event of that look).
     let events = Command::new(vmfork_tool())
         .arg("--socket")
         .arg(socket.path())
@@ -31,8 +70,25 @@ fn wait_events_and_top_see_a_fork_and_a_pause() {
         .spawn()
         .expect("vmfork events");
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(vmfork_ok(&socket, &["fork", "1"]).trim(), "2");
-    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(vmfork_ok(&socket, &["fork", "1", "--paused"]).trim(), "2");
+    let e = events.wait_with_output().unwrap();
+    assert!(
+        e.status.success(),
+        "events: {}",
+        String::from_utf8_lossy(&e.stderr)
+    );
+    let evs: Vec<serde_json::Value> = String::from_utf8_lossy(&e.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+        .collect();
+    assert_eq!(evs.len(), 2, "{evs:?}");
+    assert_eq!(evs[0]["event"], "forked", "{evs:?}");
+    assert_eq!(evs[0]["vm"], 2);
+    assert_eq!(evs[0]["parent"], 1);
+    assert_eq!(evs[1]["event"], "paused", "{evs:?}");
+    assert_eq!(evs[1]["vm"], 2);
+    assert_eq!(evs[1]["reason"], "forked");
+    vmfork_ok(&socket, &["resume", "2"]);
 
     // A wait that the pause ends.
     let wait = Command::new(vmfork_tool())
@@ -56,24 +112,6 @@ fn wait_events_and_top_see_a_fork_and_a_pause() {
         line.starts_with("vm2 ") && line.contains("paused (requested)"),
         "{line}"
     );
-
-    let e = events.wait_with_output().unwrap();
-    assert!(
-        e.status.success(),
-        "events: {}",
-        String::from_utf8_lossy(&e.stderr)
-    );
-    let evs: Vec<serde_json::Value> = String::from_utf8_lossy(&e.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
-        .collect();
-    assert_eq!(evs.len(), 2, "{evs:?}");
-    assert_eq!(evs[0]["event"], "forked", "{evs:?}");
-    assert_eq!(evs[0]["vm"], 2);
-    assert_eq!(evs[0]["parent"], 1);
-    assert_eq!(evs[1]["event"], "paused", "{evs:?}");
-    assert_eq!(evs[1]["vm"], 2);
-    assert_eq!(evs[1]["reason"], "requested");
 
     // Already there, and a timeout.
     let o = vmfork_run(
