@@ -559,7 +559,25 @@ fn pause_resume_reset_kill() {
     e.ok(&["reset", "2"]);
     assert_eq!(e.fake.list()[1].private_pages, 0);
     e.ok(&["kill", "2"]);
+    // Killed, it stays listed, stopped, until removed; only info, console and rm apply.
+    let info = e.ok(&["info", "2"]);
+    assert!(info.contains("state:           stopped (killed)"), "{info}");
+    assert!(e.ok(&["list"]).contains("stopped (killed)"));
+    let err = e.fails(11, &["pause", "2"]);
+    assert!(err.contains("vm2 has stopped"), "{err}");
+    e.fails(11, &["kill", "2"]);
+    // A live VM is removed only with --force.
+    e.fails(7, &["rm", "1"]);
+    assert_eq!(e.ok(&["rm", "hello.1"]), "");
     assert_eq!(e.fails(4, &["info", "2"]), "vmfork: no such VM: 2");
+    assert_eq!(e.fake.list().len(), 1);
+    // --rm: no record once stopped; rm --force kills and removes.
+    assert_eq!(e.ok(&["fork", "1", "--rm"]).trim(), "3");
+    e.ok(&["kill", "3"]);
+    e.fails(4, &["info", "3"]);
+    assert_eq!(e.ok(&["fork", "1"]).trim(), "4");
+    e.ok(&["rm", "--force", "4"]);
+    e.fails(4, &["info", "4"]);
     assert_eq!(e.fake.list().len(), 1);
 }
 
@@ -1025,6 +1043,14 @@ fn json_output_matches_the_schema() {
     check("dump", &json(&["dump", "1", f.to_str().unwrap()]));
     check("ok", &json(&["kill", "3"]));
     check("created", &json(&["restore", f.to_str().unwrap()]));
+    // A stopped VM's record, and the error for what does not apply to it.
+    let stopped = json(&["info", "3"]);
+    assert_eq!(stopped["state"]["reason"], "killed", "{stopped}");
+    check("vm", &stopped);
+    let v = json(&["pause", "3"]);
+    check("error", &v);
+    assert_eq!(v["error"]["kind"], "stopped");
+    check("rm", &json(&["rm", "3"]));
     for args in [
         &["info", "99"][..],
         &["reset", "1"],
@@ -1064,7 +1090,12 @@ fn vms_are_named_by_id_vm_id_or_name() {
         serde_json::from_str(&e.ok(&["--json", "info", "hello"])).unwrap();
     assert_eq!(info["id"], 1);
     let by_vm: serde_json::Value = serde_json::from_str(&e.ok(&["--json", "info", "vm1"])).unwrap();
-    assert_eq!(by_vm, info);
+    let timeless = |mut v: serde_json::Value| {
+        let o = v.as_object_mut().unwrap();
+        assert!(o.remove("uptime_us").is_some() && o.remove("vcpu_us").is_some());
+        v
+    };
+    assert_eq!(timeless(by_vm), timeless(info.clone()));
     assert_eq!(e.ok(&["fork", "hello"]).trim(), "2");
     e.ok(&["pause", "hello.1"]);
     let child: serde_json::Value = serde_json::from_str(&e.ok(&["--json", "info", "vm2"])).unwrap();
