@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{CommandFactory, Parser, Subcommand};
 use serde_json::json;
 use vmfork::client::{Client, ClientError};
+use vmfork::complete;
 use vmfork::console::{self, ConsoleOptions, RawMode, DETACH_KEY};
 use vmfork::errors::{CliError, ErrorKind, MemoryFigures};
 use vmfork::format::{self, Progress};
@@ -206,13 +207,45 @@ enum Command {
         dir: Option<PathBuf>,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    ///
+    /// In bash, zsh and fish, VM arguments complete to the running monitor's VMs (ids as vmN,
+    /// and names), which the script asks `vmfork` for as it completes.
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
     },
 }
 
+/// `vmfork [--socket PATH] __complete-vms`, which the completion scripts run: the live VMs' ids
+/// (vmN) and names, one a line, nothing on any error. A command line of its own rather than a
+/// hidden subcommand of [`Cli`]: clap_complete would offer a hidden one among the commands.
+#[derive(Parser, Debug)]
+#[command(name = "vmfork", disable_help_flag = true, disable_version_flag = true)]
+struct CompleteVmsCli {
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: CompleteVmsCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum CompleteVmsCommand {
+    #[command(name = "__complete-vms")]
+    CompleteVms,
+}
+
 fn main() -> ExitCode {
+    if let Ok(c) = CompleteVmsCli::try_parse() {
+        // Quiet and quick whatever happens: its output goes into a command line.
+        if let Ok(path) = socket_path(c.socket.as_deref()) {
+            for vm in complete::live_candidates(&path) {
+                println!("{vm}");
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
     // Whether --json was asked for, for a command line clap refuses (it comes before `--`).
     let json_asked = std::env::args_os()
         .skip(1)
@@ -351,7 +384,7 @@ fn progress_bar(label: &str) -> Option<Progress> {
 
 fn run(cli: Cli) -> Result<(), CliError> {
     if let Command::Completions { shell } = cli.command {
-        clap_complete::generate(shell, &mut Cli::command(), "vmfork", &mut io::stdout());
+        print!("{}", complete::script(shell, &mut Cli::command()));
         return Ok(());
     }
     if let Command::Man { dir } = &cli.command {
