@@ -238,7 +238,9 @@ function __vmfork_vm_arg
     set -l sub
     set -l pos 0
     set -l skip 0
-    for w in (commandline -opc)[2..-1]
+    set -l tokens (commandline -opc)
+    set -e tokens[1]
+    for w in $tokens
         if test $skip -eq 1
             set skip 0
             continue
