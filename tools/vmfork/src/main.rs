@@ -789,3 +789,55 @@ fn top_man_page(mut cmd: clap::Command, w: &mut dyn Write) -> io::Result<()> {
     )?;
     man.render_version_section(w)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_vm_argument_completes_to_the_live_vms() {
+        let slots = complete::vm_slots(&Cli::command());
+        let got: Vec<(&str, &[usize])> = slots
+            .commands
+            .iter()
+            .map(|(c, s)| (c.as_str(), s.as_slice()))
+            .collect();
+        let one: &[usize] = &[0];
+        assert_eq!(
+            got,
+            [
+                ("info", one),
+                ("stats", one),
+                ("fork", one),
+                ("rename", one),
+                ("pause", one),
+                ("resume", one),
+                ("reset", one),
+                ("kill", one),
+                ("console", one),
+                ("dump", one),
+                ("diff", &[0, 1][..]),
+            ]
+        );
+        for opt in ["--socket", "--count", "-n", "--name", "--linger"] {
+            assert!(slots.value_options.iter().any(|o| o == opt), "{opt}");
+        }
+        assert!(!slots.value_options.iter().any(|o| o == "--json"));
+    }
+
+    #[test]
+    fn complete_vms_is_a_command_line_of_its_own() {
+        let ok = |args: &[&str]| CompleteVmsCli::try_parse_from(args).is_ok();
+        assert!(ok(&["vmfork", "__complete-vms"]));
+        assert!(ok(&["vmfork", "--socket", "s", "--json", "__complete-vms"]));
+        assert!(ok(&["vmfork", "__complete-vms", "--socket=s"]));
+        assert!(!ok(&["vmfork", "list"]));
+        assert!(!ok(&["vmfork", "--help"]));
+        assert!(!ok(&["vmfork", "__complete-vms", "extra"]));
+        // Never offered: not a subcommand of the real command line.
+        assert!(Cli::command()
+            .find_subcommand(complete::SUBCOMMAND)
+            .is_none());
+        assert!(Cli::try_parse_from(["vmfork", complete::SUBCOMMAND]).is_err());
+    }
+}
