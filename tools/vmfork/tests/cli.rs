@@ -1179,3 +1179,132 @@ fn names_are_given_at_create_fork_restore_and_by_rename() {
         "vmfork: no such VM: 99"
     );
 }
+
+/// Runs `script` in bash after sourcing `vmfork completions bash`, with the tool on PATH and
+/// `socket` as VMFORK_SOCKET; its stdout, and how long it took. None (and a message) when there
+/// is no bash.
+fn in_bash(socket: &std::path::Path, script: &str) -> Option<(String, Duration)> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("vmfork.bash");
+    let o = bin().args(["completions", "bash"]).output().unwrap();
+    assert!(o.status.success());
+    std::fs::write(&file, &o.stdout).unwrap();
+    let bin_dir = PathBuf::from(env!("CARGO_BIN_EXE_vmfork"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let path = std::env::join_paths(std::iter::once(bin_dir).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))
+    .unwrap();
+    // The function the script registers for vmfork, called as bash would.
+    let full = format!(
+        "source {:?} || exit 9\nf=$(complete -p vmfork | sed -n 's/.* -F \\([^ ]*\\) .*/\\1/p')\n[ -n \"$f\" ] || exit 8\ncomplete_at() {{ COMP_WORDS=(\"$@\"); COMP_CWORD=$(( $# - 1 )); COMPREPLY=(); \"$f\" vmfork \"${{COMP_WORDS[COMP_CWORD]}}\" \"${{COMP_WORDS[COMP_CWORD-1]}}\"; for w in \"${{COMPREPLY[@]}}\"; do echo \"$w\"; done | sort | tr '\\n' ' '; echo; }}\n{script}",
+        file
+    );
+    let start = std::time::Instant::now();
+    let o = match Command::new("bash")
+        .arg("--norc")
+        .arg("-c")
+        .arg(&full)
+        .env("PATH", path)
+        .env("VMFORK_SOCKET", socket)
+        .env("XDG_RUNTIME_DIR", no_runtime_dir())
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("skipped: no bash ({e})");
+            return None;
+        }
+    };
+    let took = start.elapsed();
+    assert!(
+        o.status.success(),
+        "bash: {:?} {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Some((String::from_utf8(o.stdout).unwrap(), took))
+}
+
+#[test]
+fn bash_completes_vm_arguments_with_the_live_vms() {
+    let e = env_with(FakeConfig {
+        initial_vms: vec![("web".into(), 2 << 20, 1), ("db".into(), 2 << 20, 1)],
+        ..FakeConfig::default()
+    });
+    e.ok(&["fork", "web", "--name", "web-kid"]);
+    let vms = e.fake.list();
+    assert_eq!(vms.len(), 3);
+    let mut all: Vec<String> = vms.iter().map(|v| format!("vm{}", v.id.0)).collect();
+    all.extend(vms.iter().map(|v| v.name.clone()));
+    all.sort();
+    let all = format!("{} ", all.join(" "));
+    let web = vms.iter().find(|v| v.name == "web").unwrap().id.0;
+    let Some((out, _)) = in_bash(
+        &e.sock,
+        &format!(
+            "complete_at vmfork pause ''
+complete_at vmfork diff vm{web} ''
+complete_at vmfork fork -n 2 --name=x w
+complete_at vmfork --socket {sock:?} --json info d
+VMFORK_SOCKET=/nonexistent complete_at vmfork --socket {sock:?} kill vm
+complete_at vmfork dump vm{web} ''
+complete_at vmfork pau
+complete_at vmfork pause vm{web} ''",
+            sock = e.sock
+        ),
+    ) else {
+        return;
+    };
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 8, "{out}");
+    assert_eq!(lines[0], all, "pause VM");
+    assert_eq!(lines[1], all, "diff's second VM");
+    assert_eq!(lines[2], "web web-kid ", "after options with values");
+    assert_eq!(lines[3], "db ", "--socket given");
+    let ids: Vec<String> = vms.iter().map(|v| format!("vm{}", v.id.0)).collect();
+    let mut ids = ids;
+    ids.sort();
+    assert_eq!(lines[4], format!("{} ", ids.join(" ")), "--socket wins");
+    // Not a VM argument: clap's completion (a file name; never a VM).
+    assert!(!lines[5].contains("web"), "dump's FILE: {}", lines[5]);
+    assert_eq!(lines[6], "pause ", "subcommands as before");
+    // pause takes one VM: then clap's options, no VM.
+    assert!(!lines[7].contains("vm"), "after pause's VM: {}", lines[7]);
+}
+
+#[test]
+fn bash_completion_without_a_monitor_is_quick_and_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    // No socket at all; then one that accepts connections and never answers.
+    let none = dir.path().join("none.sock");
+    let Some((out, took)) = in_bash(&none, "complete_at vmfork pause ''") else {
+        return;
+    };
+    assert_eq!(out, "\n");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    let mute = dir.path().join("mute.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&mute).unwrap();
+    let (out, took) = in_bash(&mute, "complete_at vmfork info ''").unwrap();
+    assert_eq!(out, "\n");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // The hidden command itself: exit 0, nothing on stdout or stderr.
+    let o = bin()
+        .args(["--socket", mute.to_str().unwrap(), "__complete-vms"])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert!(o.stdout.is_empty() && o.stderr.is_empty(), "{o:?}");
+}
+
+#[test]
+fn complete_vms_prints_ids_and_names() {
+    let e = env();
+    let vms = e.fake.list();
+    let out = e.ok(&["__complete-vms"]);
+    let mut want: Vec<String> = vms.iter().map(|v| format!("vm{}", v.id.0)).collect();
+    want.extend(vms.iter().map(|v| v.name.clone()));
+    assert_eq!(out.lines().collect::<Vec<_>>(), want);
+}
