@@ -741,6 +741,7 @@ fn a_stopped_vm_is_kept_with_its_last_output_until_removed() {
     {
         use vmfork_core::machine::VcpuState;
         let mut t = vms.lock();
+        t.host.clock.set(3_000_000 - 17);
         let (id, vcpu, ctx) = t.pick(0, 3_000_000).expect("runnable");
         t.host.clock.set(3_000_000 + 625_000 - 17);
         let _ = t.put_back(id, vcpu, ctx, VcpuState::Runnable);
@@ -847,7 +848,13 @@ fn a_stopped_vm_is_kept_with_its_last_output_until_removed() {
         panic!("no fork")
     };
     assert_eq!(children, [VmId(5)]);
+    assert_eq!(
+        vms.lock().focus,
+        Some(2),
+        "the monitor console types into vm2"
+    );
     power_off(&mut vms.lock(), 2, b"");
+    assert_eq!(vms.lock().focus, Some(3), "its death moved the focus on");
     for id in [3, 4, 5] {
         assert_eq!(s.call(Request::Kill { vm: VmId(id) }), Response::Ok);
     }
