@@ -99,6 +99,12 @@ fn fork_eight_list_console_pause_resume_reset_kill() {
     let err = fails(&socket, 7, &["reset", "1"]);
     assert!(err.contains("not a fork"), "{err}");
     vmfork_ok(&socket, &["kill", "1"]);
+    // Killed, it stays listed as stopped until removed.
+    let info = vmfork_ok(&socket, &["info", "1"]);
+    assert!(info.contains("stopped (killed)"), "{info}");
+    let err = fails(&socket, 11, &["pause", "1"]);
+    assert!(err.contains("has stopped"), "{err}");
+    vmfork_ok(&socket, &["rm", "1"]);
     let err = fails(&socket, 4, &["info", "1"]);
     assert!(err.contains("no such VM"), "{err}");
     let before = q.count("[vm9] counter: tick");

@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use vmfork_proto::msg::{ErrorReply, Request, Response, VmId, VmState};
+use vmfork_proto::msg::{ErrorReply, Request, Response, StopReason, VmId, VmState};
 use vmfork_proto::PROTOCOL_VERSION;
 use vmfork_tests::proto_client::ProtoClient;
 use vmfork_tests::{ControlSocket, Qemu, QemuConfig, DEFAULT_TIMEOUT};
@@ -111,9 +111,26 @@ fn fork_reset_pause_resume_kill_through_the_monitor_api() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // A killed VM's record: stopped, holding no pages, until removed.
+    match c.call(Request::Info { vm: VmId(1) }) {
+        Response::VmInfo(i)
+            if i.state
+                == (VmState::Stopped {
+                    reason: StopReason::Killed,
+                })
+                && i.private_pages + i.shared_pages == 0 => {}
+        other => panic!("info of a killed VM: {other:?}"),
+    }
+    assert_eq!(
+        c.call(Request::Remove {
+            vm: VmId(1),
+            force: false
+        }),
+        Response::Ok
+    );
     match c.call(Request::Info { vm: VmId(1) }) {
         Response::Error(ErrorReply::NoSuchVm(VmId(1))) => {}
-        other => panic!("info of a killed VM: {other:?}"),
+        other => panic!("info of a removed VM: {other:?}"),
     }
     match c.call(Request::Fork {
         vm: VmId(42),

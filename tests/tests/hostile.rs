@@ -179,14 +179,19 @@ fn ten_thousand_hypercalls_then_a_kill_give_every_frame_back() {
         &format!("vm{id}: 'hostile' killed by the control channel; destroyed"),
         DEFAULT_TIMEOUT,
     );
+    // Its record stays, stopped and holding nothing, until removed.
+    let listed = |list: &str| {
+        list.lines()
+            .find(|l| l.split_whitespace().next() == Some(&id.to_string()))
+            .map(str::to_string)
+    };
     let list = vmfork_ok(&socket, &["list"]);
-    assert!(
-        !list
-            .lines()
-            .any(|l| l.split_whitespace().next() == Some(&id.to_string())),
-        "{list}"
-    );
+    let row = listed(&list).unwrap_or_else(|| panic!("no record of vm{id}:\n{list}"));
+    assert!(row.contains("stopped (killed)"), "{list}");
     assert_eq!(free_frames(&socket), before, "frames lost to the attacker");
+    vmfork_ok(&socket, &["rm", &id.to_string()]);
+    let list = vmfork_ok(&socket, &["list"]);
+    assert_eq!(listed(&list), None, "{list}");
     // The well-behaved VM went on all along.
     let ticks = q.count("[vm1] counter: tick");
     wait_count(&q, "[vm1] counter: tick", ticks + 2);

@@ -181,13 +181,17 @@ impl Client {
         }
     }
 
-    /// Kills every VM but `keep` (pipelined) and waits until they are gone.
+    /// Kills every VM but `keep` (pipelined), keeping no record of them (`Remove` with force),
+    /// and waits until they are gone.
     fn kill_all_but(&mut self, keep: &[u32]) {
         let kills: Vec<Request> = self
             .list()
             .iter()
             .filter(|v| !keep.contains(&v.id.0))
-            .map(|v| Request::Kill { vm: v.id })
+            .map(|v| Request::Remove {
+                vm: v.id,
+                force: true,
+            })
             .collect();
         for chunk in kills.chunks(512) {
             let ids = self.pipeline(chunk);

@@ -14,6 +14,9 @@
 //! The model is plain data: a VM is a map of the words the test wrote, a register value, an
 //! interrupt-enable mask and, for a fork, a copy of all that as it was at the fork.
 
+mod common;
+use common::create_vm;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -25,8 +28,8 @@ use vmfork_core::guest_dtb::layout;
 use vmfork_core::machine::fake::FakeHost;
 use vmfork_core::machine::saved;
 use vmfork_core::machine::{
-    handle_sync, ForkError, GuestSpec, Host, MemoryWant, Next, PauseReason, PendingOp, StopReason,
-    Syndrome, VcpuState, VmState, VmTable,
+    handle_sync, ForkError, Host, MemoryWant, Next, PauseReason, PendingOp, StopReason, Syndrome,
+    VcpuState, VmState, VmTable,
 };
 use vmfork_core::mmio::{MmioAccess, MmioResult};
 use vmfork_core::physmem::PhysMem;
@@ -188,15 +191,6 @@ fn seen_count(what: Seen) -> u64 {
 }
 
 // ---- driving the real machine ----
-
-/// A tiny Linux arm64 `Image`: the header and a few instructions.
-fn kernel() -> Vec<u8> {
-    let mut b = vec![0u8; 4096];
-    b[0..4].copy_from_slice(&0x9100_0000u32.to_le_bytes());
-    b[16..24].copy_from_slice(&(4096u64).to_le_bytes()); // image_size
-    b[56..60].copy_from_slice(b"ARM\x64");
-    b
-}
 
 fn ipa(loc: Loc) -> u64 {
     layout::RAM_BASE + loc.0 * PAGE_SIZE + loc.1
@@ -377,17 +371,7 @@ impl World {
         t.vmids.set_limit(vmids);
         let mut model = BTreeMap::new();
         for name in ["a", "b"] {
-            let k = kernel();
-            let id = t
-                .create(&GuestSpec {
-                    name: name.to_string(),
-                    kernel: &k,
-                    initrd: None,
-                    mem: RAM,
-                    cpus: 1,
-                    cmdline: String::new(),
-                })
-                .expect("the first VMs fit");
+            let id = create_vm(&mut t, name, RAM, 1).expect("the first VMs fit");
             // The model starts from what the loader put there.
             let now = observe(&t, id);
             model.insert(
@@ -879,17 +863,7 @@ fn a_waiting_vcpu_seen_quiet_still_wakes_for_a_new_interrupt() {
         t.vms.get_mut(&id).unwrap().vcpus[0].state = VcpuState::Waiting;
     }
     let mut t = VmTable::new(FakeHost::new(FRAMES));
-    let k = kernel();
-    let id = t
-        .create(&GuestSpec {
-            name: "quiet".to_string(),
-            kernel: &k,
-            initrd: None,
-            mem: RAM,
-            cpus: 1,
-            cmdline: String::new(),
-        })
-        .unwrap();
+    let id = create_vm(&mut t, "quiet", RAM, 1).unwrap();
     wait(&mut t, id);
     assert!(t.pick(0, 0).is_none(), "nothing pending, no timer armed");
     {

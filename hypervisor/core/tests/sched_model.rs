@@ -8,11 +8,14 @@
 //! resumed and destroyed, time moving on and picks on two CPUs must give the same pick every
 //! time, and the same answers to `has_runnable` and `next_timer_deadline`.
 
+mod common;
+use common::create_vm;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 use vmfork_core::machine::fake::FakeHost;
-use vmfork_core::machine::{GuestSpec, PauseReason, VcpuState, VmState, VmTable};
+use vmfork_core::machine::{PauseReason, VcpuState, VmState, VmTable};
 use vmfork_core::mmio::{MmioAccess, MmioResult};
 use vmfork_core::vgic::regs::{GICD_CTLR, GICD_ISENABLER};
 use vmfork_core::vgic::{Vgic, GICR_SGI_BASE, GICR_STRIDE};
@@ -24,14 +27,6 @@ const SPI: u32 = 40;
 /// The virtual timer's PPI.
 const VTIMER: u32 = 27;
 const CNTV_ENABLE: u64 = 1;
-
-fn kernel() -> Vec<u8> {
-    let mut b = vec![0u8; 4096];
-    b[0..4].copy_from_slice(&0x9100_0000u32.to_le_bytes());
-    b[16..24].copy_from_slice(&(4096u64).to_le_bytes()); // image_size
-    b[56..60].copy_from_slice(b"ARM\x64");
-    b
-}
 
 fn written(r: MmioResult) {
     assert_eq!(r, MmioResult::Written);
@@ -146,19 +141,9 @@ impl World {
         let mut t = VmTable::new(FakeHost::new(4096));
         let mut model = BTreeMap::new();
         let mut ids = Vec::new();
-        let k = kernel();
         for n in 0..VMS {
             let cpus = 1 + (n % 2) as u32;
-            let id = t
-                .create(&GuestSpec {
-                    name: format!("s{n}"),
-                    kernel: &k,
-                    initrd: None,
-                    mem: 2 << 20,
-                    cpus,
-                    cmdline: String::new(),
-                })
-                .expect("the VMs fit");
+            let id = create_vm(&mut t, &format!("s{n}"), 2 << 20, cpus).expect("the VMs fit");
             let h = &t.host;
             let mut vm = t.vms.get_mut(&id).unwrap();
             enable_interrupts(vm.vgic_mut(h).unwrap(), cpus as usize);

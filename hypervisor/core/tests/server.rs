@@ -9,7 +9,8 @@ use vmfork_core::machine::fake::FakeHost;
 use vmfork_core::machine::fake::InProcess;
 use vmfork_core::machine::VmTable;
 use vmfork_proto::{
-    ErrorReply, Request, Response, UploadPurpose, VmId, VmState, CHUNK_SIZE, PROTOCOL_VERSION,
+    ErrorReply, Request, Response, StopReason, UploadPurpose, VmId, VmState, CHUNK_SIZE,
+    PROTOCOL_VERSION,
 };
 
 const FRAMES: usize = 16 * 1024;
@@ -250,7 +251,62 @@ fn a_whole_session_as_the_tool_drives_it() {
         "the restored VM's RAM is the dumped one's"
     );
 
+    // A killed VM stays listed, stopped, holding no memory, until removed.
     assert_eq!(s.call(Request::Kill { vm: VmId(2) }), Response::Ok);
+    let Response::VmInfo(killed) = s.call(Request::Info { vm: VmId(2) }) else {
+        panic!("no record of the killed VM")
+    };
+    assert_eq!(
+        killed.state,
+        VmState::Stopped {
+            reason: StopReason::Killed
+        }
+    );
+    assert_eq!((killed.private_pages, killed.shared_pages), (0, 0));
+    assert_eq!(killed.name, "web.1");
+    let Response::VmList(list) = s.call(Request::List) else {
+        panic!("no list")
+    };
+    let ids: Vec<u32> = list.iter().map(|v| v.id.0).collect();
+    assert_eq!(ids, [1, 2, 3, 4, 5], "the record is listed in id order");
+    for req in [
+        Request::Pause { vm: VmId(2) },
+        Request::Resume { vm: VmId(2) },
+        Request::Kill { vm: VmId(2) },
+        Request::Reset { vm: VmId(2) },
+        Request::Dump { vm: VmId(2) },
+        Request::Fork {
+            vm: VmId(2),
+            count: 1,
+            paused: false,
+            remove_on_stop: false,
+        },
+        Request::Diff {
+            a: VmId(1),
+            b: VmId(2),
+        },
+    ] {
+        assert_eq!(
+            s.call(req.clone()),
+            Response::Error(ErrorReply::VmStopped(VmId(2))),
+            "{req:?} on a stopped VM"
+        );
+    }
+    // A live VM is removed only with force.
+    assert!(matches!(
+        s.call(Request::Remove {
+            vm: VmId(3),
+            force: false
+        }),
+        Response::Error(ErrorReply::BadRequest(_))
+    ));
+    assert_eq!(
+        s.call(Request::Remove {
+            vm: VmId(2),
+            force: false
+        }),
+        Response::Ok
+    );
     assert_eq!(
         s.call(Request::Info { vm: VmId(2) }),
         Response::Error(ErrorReply::NoSuchVm(VmId(2)))
@@ -259,6 +315,7 @@ fn a_whole_session_as_the_tool_drives_it() {
         panic!("no stats")
     };
     assert_eq!(global.vms, 4, "vm1, vm3, vm4 and the restored VM");
+    assert_eq!(global.stopped_vms, 0, "vm2's record was removed");
     assert_eq!(global.total_frames, FRAMES as u64);
     for id in [1, 3, 4, restored.0] {
         assert_eq!(s.call(Request::Kill { vm: VmId(id) }), Response::Ok);
@@ -392,7 +449,12 @@ proptest! {
         // Whatever happened, every VM's pages add up to its RAM.
         if let Response::VmList(list) = s.call(Request::List) {
             for v in &list {
-                prop_assert_eq!(v.private_pages + v.shared_pages, v.mem_bytes / 4096, "{:?}", v);
+                // A stopped VM's record holds no pages.
+                let want = match v.state {
+                    VmState::Stopped { .. } => 0,
+                    _ => v.mem_bytes / 4096,
+                };
+                prop_assert_eq!(v.private_pages + v.shared_pages, want, "{:?}", v);
             }
         }
         drop(s);
@@ -600,4 +662,256 @@ fn an_unended_console_line_is_printed_after_a_while() {
     t.flush_stale_lines(since + 1000, 1000);
     assert!(printed(t), "printed once old enough");
     assert!(t.vms.get(&1).unwrap().line.is_empty());
+}
+
+/// Powers VM `id` off through the exit path (PSCI SYSTEM_OFF from vCPU 0), after it printed
+/// `last`; it is torn down when its vCPU comes back.
+fn power_off(t: &mut VmTable<FakeHost>, id: u32, last: &[u8]) {
+    use vmfork_core::esr::Esr;
+    use vmfork_core::machine::{handle_sync, Syndrome, VcpuState};
+    let mut vm = t.vms.get_mut(&id).unwrap();
+    guest_prints(&mut vm, last);
+    let mut ctx = vm.vcpus[0].ctx.take().unwrap();
+    vm.vcpus[0].state = VcpuState::Running(0);
+    vm.vcpus[0].on_cpu_since = vmfork_core::machine::Host::now(&t.host);
+    drop(vm);
+    ctx.regs.x[0] = 0x8400_0008;
+    let syn = Syndrome {
+        esr: Esr((0x16 << 26) | (1 << 25)),
+        far: 0,
+        hpfar: 0,
+    };
+    let _ = handle_sync(t, id, 0, &mut ctx, syn);
+    let _ = t.put_back(id, 0, ctx, VcpuState::Runnable);
+}
+
+/// The events of attach request `attach`: its output as text, and the rest.
+fn console_events(s: &mut Session, attach: u32) -> (String, Vec<Response>) {
+    s.call(Request::List);
+    let events = s.replies.remove(&attach).unwrap();
+    let mut text = Vec::new();
+    let mut rest = Vec::new();
+    for e in events {
+        match e {
+            Response::ConsoleOutput { data, .. } => text.extend(data),
+            other => rest.push(other),
+        }
+    }
+    (String::from_utf8_lossy(&text).into_owned(), rest)
+}
+
+/// A VM that stops stays listed, stopped and holding no memory, with its last output and why
+/// it went, until `Remove`; one made with `remove_on_stop` leaves no record; `paused` starts it
+/// paused; uptime and vCPU time are accounted.
+#[test]
+fn a_stopped_vm_is_kept_with_its_last_output_until_removed() {
+    let vms = Mutex::new(VmTable::new(FakeHost::new(FRAMES)));
+    let mut s = Session::new(&vms);
+    s.call(Request::Hello {
+        version: PROTOCOL_VERSION,
+        client: "lifecycle".into(),
+    });
+    let k = s.upload(UploadPurpose::Kernel, &kernel());
+    let created = s.call(Request::Create {
+        kernel: k,
+        initrd: None,
+        mem_bytes: 2 << 20,
+        vcpus: 1,
+        cmdline: String::new(),
+        paused: true,
+        remove_on_stop: false,
+    });
+    assert_eq!(created, Response::Created { vm: VmId(1) });
+    let Response::VmInfo(i) = s.call(Request::Info { vm: VmId(1) }) else {
+        panic!("no info")
+    };
+    assert_eq!(
+        i.state,
+        VmState::Paused {
+            reason: vmfork_proto::PauseReason::Created
+        }
+    );
+    assert_eq!(
+        vms.lock().pick(0, 2_000_000),
+        None,
+        "a paused VM is not run"
+    );
+    assert_eq!(s.call(Request::Resume { vm: VmId(1) }), Response::Ok);
+    // 62.5 MHz: 625,000 ticks on a CPU are 10 ms of vCPU time.
+    {
+        use vmfork_core::machine::VcpuState;
+        let mut t = vms.lock();
+        t.host.clock.set(3_000_000 - 17);
+        let (id, vcpu, ctx) = t.pick(0, 3_000_000).expect("runnable");
+        t.host.clock.set(3_000_000 + 625_000 - 17);
+        let _ = t.put_back(id, vcpu, ctx, VcpuState::Runnable);
+    }
+    let Response::VmInfo(i) = s.call(Request::Info { vm: VmId(1) }) else {
+        panic!("no info")
+    };
+    assert_eq!(i.vcpu_us, 625_000 / 62, "{i:?}");
+    assert!(i.uptime_us >= i.vcpu_us, "{i:?}");
+
+    power_off(&mut vms.lock(), 1, b"bye\n");
+    let Response::VmList(list) = s.call(Request::List) else {
+        panic!("no list")
+    };
+    assert_eq!(list.len(), 1);
+    let r = &list[0];
+    assert_eq!(
+        r.state,
+        VmState::Stopped {
+            reason: StopReason::PowerOff
+        }
+    );
+    assert_eq!((r.private_pages, r.shared_pages), (0, 0));
+    assert!(
+        r.vcpu_us >= i.vcpu_us && r.vcpu_us < i.vcpu_us + 10,
+        "{r:?}"
+    );
+    assert_eq!(vms.lock().host.free_frames(), FRAMES, "it holds no memory");
+    // Its console: the last output (with replay), then why it went; the attachment is over.
+    let attach = s.send(&Request::ConsoleAttach {
+        vm: VmId(1),
+        replay: true,
+    });
+    let (text, rest) = console_events(&mut s, attach);
+    assert!(text.contains("bye"), "{text:?}");
+    assert_eq!(
+        rest,
+        [
+            Response::Ok,
+            Response::ConsoleClosed {
+                vm: VmId(1),
+                reason: "powered off (PSCI SYSTEM_OFF)".into()
+            }
+        ]
+    );
+    let attach = s.send(&Request::ConsoleAttach {
+        vm: VmId(1),
+        replay: false,
+    });
+    let (text, rest) = console_events(&mut s, attach);
+    assert_eq!(text, "", "no replay asked for");
+    assert_eq!(rest.len(), 2);
+    assert_eq!(
+        s.call(Request::ConsoleInput {
+            vm: VmId(1),
+            data: b"x".to_vec()
+        }),
+        Response::Error(ErrorReply::VmStopped(VmId(1)))
+    );
+    assert_eq!(
+        s.call(Request::Remove {
+            vm: VmId(1),
+            force: false
+        }),
+        Response::Ok
+    );
+    assert_eq!(s.call(Request::List), Response::VmList(Vec::new()));
+    assert_eq!(
+        s.call(Request::Remove {
+            vm: VmId(1),
+            force: false
+        }),
+        Response::Error(ErrorReply::NoSuchVm(VmId(1)))
+    );
+
+    // remove_on_stop: no record once it stops; a fork's children too.
+    let k = s.upload(UploadPurpose::Kernel, &kernel());
+    let created = s.call(Request::Create {
+        kernel: k,
+        initrd: None,
+        mem_bytes: 2 << 20,
+        vcpus: 1,
+        cmdline: String::new(),
+        paused: false,
+        remove_on_stop: true,
+    });
+    assert_eq!(created, Response::Created { vm: VmId(2) });
+    let Response::Forked { children } = s.call(Request::Fork {
+        vm: VmId(2),
+        count: 2,
+        paused: true,
+        remove_on_stop: true,
+    }) else {
+        panic!("no fork")
+    };
+    assert_eq!(children, [VmId(3), VmId(4)]);
+    // A fork without the flag is kept.
+    let Response::Forked { children } = s.call(Request::Fork {
+        vm: VmId(2),
+        count: 1,
+        paused: true,
+        remove_on_stop: false,
+    }) else {
+        panic!("no fork")
+    };
+    assert_eq!(children, [VmId(5)]);
+    assert_eq!(
+        vms.lock().focus,
+        Some(2),
+        "the monitor console types into vm2"
+    );
+    power_off(&mut vms.lock(), 2, b"");
+    assert_eq!(vms.lock().focus, Some(3), "its death moved the focus on");
+    for id in [3, 4, 5] {
+        assert_eq!(s.call(Request::Kill { vm: VmId(id) }), Response::Ok);
+    }
+    let Response::VmList(list) = s.call(Request::List) else {
+        panic!("no list")
+    };
+    let ids: Vec<u32> = list.iter().map(|v| v.id.0).collect();
+    assert_eq!(
+        ids,
+        [5],
+        "only the fork made without remove_on_stop is kept"
+    );
+    // Remove with force kills a live VM and keeps no record.
+    let k = s.upload(UploadPurpose::Kernel, &kernel());
+    s.call(Request::Create {
+        kernel: k,
+        initrd: None,
+        mem_bytes: 2 << 20,
+        vcpus: 1,
+        cmdline: String::new(),
+        paused: false,
+        remove_on_stop: false,
+    });
+    assert_eq!(
+        s.call(Request::Remove {
+            vm: VmId(6),
+            force: true
+        }),
+        Response::Ok
+    );
+    let Response::Stats { global, .. } = s.call(Request::Stats { vm: None }) else {
+        panic!("no stats")
+    };
+    assert_eq!((global.vms, global.stopped_vms), (0, 1));
+    assert_eq!(global.max_stopped, 1024);
+    assert_eq!(vms.lock().host.free_frames(), FRAMES);
+}
+
+/// Beyond `max_stopped` records, the one of the lowest id goes.
+#[test]
+fn records_are_bounded_by_max_stopped() {
+    let vms = Mutex::new(VmTable::new(FakeHost::new(FRAMES)));
+    vms.lock().limits.max_stopped = 2;
+    let mut s = Session::new(&vms);
+    s.call(Request::Hello {
+        version: PROTOCOL_VERSION,
+        client: "bounded".into(),
+    });
+    for id in 1..=4 {
+        assert_eq!(s.create(2 << 20), Response::Created { vm: VmId(id) });
+    }
+    for id in [3, 1, 4, 2] {
+        assert_eq!(s.call(Request::Kill { vm: VmId(id) }), Response::Ok);
+    }
+    let Response::VmList(list) = s.call(Request::List) else {
+        panic!("no list")
+    };
+    let ids: Vec<u32> = list.iter().map(|v| v.id.0).collect();
+    assert_eq!(ids, [3, 4]);
 }

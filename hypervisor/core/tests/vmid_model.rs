@@ -14,25 +14,18 @@
 //! * a pick finds a vCPU whenever the reference has one runnable, unless every VMID is held by
 //!   a VM on a CPU (only possible with fewer VMIDs than CPUs).
 
+mod common;
+use common::create_vm;
+
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use vmfork_core::machine::fake::FakeHost;
-use vmfork_core::machine::{
-    GuestSpec, PauseReason, StopReason, VcpuCtx, VcpuState, VmState, VmTable,
-};
+use vmfork_core::machine::{PauseReason, StopReason, VcpuCtx, VcpuState, VmState, VmTable};
 use vmfork_core::stage2::Vmid;
 
 const CPUS: usize = 3;
 const MAX_VMS: usize = 10;
-
-fn kernel() -> Vec<u8> {
-    let mut b = vec![0u8; 4096];
-    b[0..4].copy_from_slice(&0x9100_0000u32.to_le_bytes());
-    b[16..24].copy_from_slice(&(4096u64).to_le_bytes()); // image_size
-    b[56..60].copy_from_slice(b"ARM\x64");
-    b
-}
 
 /// A table with `vms` VMs of 2 MiB (the odd ones with two vCPUs, both runnable) and `limit`
 /// VMIDs.
@@ -41,24 +34,10 @@ fn table(vms: usize, limit: u16) -> (VmTable<FakeHost>, Vec<u32>) {
     t.vmids.set_limit(limit);
     t.limits.max_vms = 64;
     t.limits.max_forks_per_tree = 64;
-    let k = kernel();
     let mut ids = Vec::new();
     for n in 0..vms {
         let cpus = 1 + (n % 2) as u32;
-        let id = t
-            .create(&GuestSpec {
-                name: format!("v{n}"),
-                kernel: &k,
-                initrd: None,
-                mem: 2 << 20,
-                cpus,
-                cmdline: String::new(),
-            })
-            .expect("the VMs fit");
-        let mut vm = t.vms.get_mut(&id).unwrap();
-        for v in vm.vcpus.iter_mut() {
-            v.state = VcpuState::Runnable;
-        }
+        let id = create_vm(&mut t, &format!("v{n}"), 2 << 20, cpus).expect("the VMs fit");
         ids.push(id);
     }
     (t, ids)

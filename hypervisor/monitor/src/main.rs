@@ -219,11 +219,12 @@ fn boot(dtb: &[u8], platform: Platform, image: (u64, u64), heap: (u64, u64)) -> 
     }
     limits.max_upload_bytes = Some(limits.max_upload_bytes.unwrap_or(heap::size() as u64 / 2));
     log::info!(
-        "limits: max_vms={} max_forks_per_tree={} max_uploads={} max_upload_bytes={}; heap {} KiB, reserve {} KiB",
+        "limits: max_vms={} max_forks_per_tree={} max_uploads={} max_upload_bytes={} max_stopped={}; heap {} KiB, reserve {} KiB",
         limits.max_vms,
         limits.max_forks_per_tree,
         limits.max_uploads,
         limits.max_upload_bytes.unwrap_or(0),
+        limits.max_stopped,
         heap::size() >> 10,
         heap::margin() >> 10
     );

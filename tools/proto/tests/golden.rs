@@ -79,6 +79,7 @@ fn state_name(s: &VmState) -> &'static str {
             PauseReason::Forked => "Paused.Forked",
             PauseReason::Restored => "Paused.Restored",
             PauseReason::Created => "Paused.Created",
+            PauseReason::OutOfMemory => "Paused.OutOfMemory",
         },
         VmState::Stopped { reason } => match reason {
             StopReason::PowerOff => "Stopped.PowerOff",
@@ -90,7 +91,7 @@ fn state_name(s: &VmState) -> &'static str {
         },
     }
 }
-const STATE_VARIANTS: usize = 11;
+const STATE_VARIANTS: usize = 12;
 
 fn purpose_name(p: UploadPurpose) -> &'static str {
     match p {
@@ -114,6 +115,9 @@ fn states() -> Vec<VmState> {
         },
         VmState::Paused {
             reason: PauseReason::Created,
+        },
+        VmState::Paused {
+            reason: PauseReason::OutOfMemory,
         },
         VmState::Stopped {
             reason: StopReason::PowerOff,

@@ -42,6 +42,7 @@ use std::sync::{Arc, Mutex as StdMutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+use crate::mux::is_retry;
 use spin::Mutex;
 use vmfork_core::addr::{Ipa, PhysAddr, PAGE_SIZE};
 use vmfork_core::esr::Esr;
@@ -229,16 +230,7 @@ fn serve(shared: &Shared, mut stream: UnixStream) {
         let n = match stream.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) =>
-            {
-                0
-            }
+            Err(e) if is_retry(&e) => 0,
             Err(_) => break,
         };
         let mut out = Vec::new();

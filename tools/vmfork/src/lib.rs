@@ -6,6 +6,7 @@
 //! a small fake guest, for the tests to run the tool against.
 
 pub mod client;
+pub mod complete;
 pub mod console;
 pub mod errors;
 #[cfg(feature = "fake")]

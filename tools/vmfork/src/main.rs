@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{CommandFactory, Parser, Subcommand};
 use serde_json::json;
 use vmfork::client::{Client, ClientError, StartFlags};
+use vmfork::complete;
 use vmfork::console::{self, ConsoleOptions, RawMode, DETACH_KEY};
 use vmfork::errors::{CliError, ErrorKind, MemoryFigures};
 use vmfork::format::{self, Progress};
@@ -109,8 +110,8 @@ enum Command {
     /// Remove stopped VMs from the list; with --force, kill live ones first.
     Rm {
         /// The VMs: ids (3 or vm3) or names.
-        #[arg(required = true)]
-        vms: Vec<VmRef>,
+        #[arg(required = true, value_name = "VM")]
+        vm: Vec<VmRef>,
         /// Kill a VM that is still live, then remove it.
         #[arg(long, short = 'f')]
         force: bool,
@@ -292,13 +293,45 @@ enum Command {
         dir: Option<PathBuf>,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    ///
+    /// In bash, zsh and fish, VM arguments complete to the running monitor's VMs (ids as vmN,
+    /// and names), which the script asks `vmfork` for as it completes.
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
     },
 }
 
+/// `vmfork [--socket PATH] __complete-vms`, which the completion scripts run: the live VMs' ids
+/// (vmN) and names, one a line, nothing on any error. A command line of its own rather than a
+/// hidden subcommand of [`Cli`]: clap_complete would offer a hidden one among the commands.
+#[derive(Parser, Debug)]
+#[command(name = "vmfork", disable_help_flag = true, disable_version_flag = true)]
+struct CompleteVmsCli {
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: CompleteVmsCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum CompleteVmsCommand {
+    #[command(name = "__complete-vms")]
+    CompleteVms,
+}
+
 fn main() -> ExitCode {
+    if let Ok(c) = CompleteVmsCli::try_parse() {
+        // Quiet and quick whatever happens: its output goes into a command line.
+        if let Ok(path) = socket_path(c.socket.as_deref()) {
+            for vm in complete::live_candidates(&path) {
+                println!("{vm}");
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
     // Whether --json was asked for, for a command line clap refuses (it comes before `--`).
     let json_asked = std::env::args_os()
         .skip(1)
@@ -445,7 +478,7 @@ fn progress_bar(label: &str) -> Option<Progress> {
 
 fn run(cli: Cli) -> Result<(), CliError> {
     if let Command::Completions { shell } = cli.command {
-        clap_complete::generate(shell, &mut Cli::command(), "vmfork", &mut io::stdout());
+        print!("{}", complete::script(shell, &mut Cli::command()));
         return Ok(());
     }
     if let Command::Man { dir } = &cli.command {
@@ -578,9 +611,9 @@ fn run(cli: Cli) -> Result<(), CliError> {
             let vm = VmId(resolve(&mut c, &vm)?);
             simple(&mut c, Request::Kill { vm }, json)?
         }
-        Command::Rm { vms, force } => {
+        Command::Rm { vm, force } => {
             // All resolved first: a name that names nothing removes nothing.
-            let ids = vms
+            let ids = vm
                 .iter()
                 .map(|v| resolve(&mut c, v))
                 .collect::<Result<Vec<u32>, CliError>>()?;
@@ -907,4 +940,58 @@ fn top_man_page(mut cmd: clap::Command, w: &mut dyn Write) -> io::Result<()> {
         )
     )?;
     man.render_version_section(w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_vm_argument_completes_to_the_live_vms() {
+        let slots = complete::vm_slots(&Cli::command());
+        let got: Vec<(&str, &[usize])> = slots
+            .commands
+            .iter()
+            .map(|(c, s)| (c.as_str(), s.as_slice()))
+            .collect();
+        let one: &[usize] = &[0];
+        assert_eq!(
+            got,
+            [
+                ("info", one),
+                ("stats", one),
+                ("fork", one),
+                ("rename", one),
+                ("pause", one),
+                ("resume", one),
+                ("reset", one),
+                ("kill", one),
+                ("rm", one),
+                ("console", one),
+                ("dump", one),
+                ("diff", &[0, 1][..]),
+                ("wait", one),
+            ]
+        );
+        for opt in ["--socket", "--count", "-n", "--name", "--linger"] {
+            assert!(slots.value_options.iter().any(|o| o == opt), "{opt}");
+        }
+        assert!(!slots.value_options.iter().any(|o| o == "--json"));
+    }
+
+    #[test]
+    fn complete_vms_is_a_command_line_of_its_own() {
+        let ok = |args: &[&str]| CompleteVmsCli::try_parse_from(args).is_ok();
+        assert!(ok(&["vmfork", "__complete-vms"]));
+        assert!(ok(&["vmfork", "--socket", "s", "--json", "__complete-vms"]));
+        assert!(ok(&["vmfork", "__complete-vms", "--socket=s"]));
+        assert!(!ok(&["vmfork", "list"]));
+        assert!(!ok(&["vmfork", "--help"]));
+        assert!(!ok(&["vmfork", "__complete-vms", "extra"]));
+        // Never offered: not a subcommand of the real command line.
+        assert!(Cli::command()
+            .find_subcommand(complete::SUBCOMMAND)
+            .is_none());
+        assert!(Cli::try_parse_from(["vmfork", complete::SUBCOMMAND]).is_err());
+    }
 }

@@ -89,20 +89,27 @@ impl VmRef {
         }
     }
 
-    /// The id this names among `vms` (the monitor's list).
+    /// The id this names among `vms` (the monitor's list). A name several VMs have names the
+    /// one of them that is live, if only one is: a stopped VM's record keeps its name, and a
+    /// new VM of that name (the guest booted again) must not make the name useless.
     pub fn resolve(&self, vms: &[VmInfo]) -> Result<u32, ResolveError> {
         match self {
             VmRef::Id(id) => Ok(*id),
             VmRef::Name(name) => {
-                let ids: Vec<u32> = vms
+                let named: Vec<&VmInfo> = vms.iter().filter(|v| &v.name == name).collect();
+                let live: Vec<u32> = named
                     .iter()
-                    .filter(|v| &v.name == name)
+                    .filter(|v| !matches!(v.state, vmfork_proto::VmState::Stopped { .. }))
                     .map(|v| v.id.0)
                     .collect();
-                match ids.as_slice() {
-                    [] => Err(ResolveError::NoSuchName(name.clone())),
-                    [one] => Ok(*one),
-                    _ => Err(ResolveError::Ambiguous(name.clone(), ids)),
+                match (named.as_slice(), live.as_slice()) {
+                    ([], _) => Err(ResolveError::NoSuchName(name.clone())),
+                    ([one], _) => Ok(one.id.0),
+                    (_, [one]) => Ok(*one),
+                    (all, _) => Err(ResolveError::Ambiguous(
+                        name.clone(),
+                        all.iter().map(|v| v.id.0).collect(),
+                    )),
                 }
             }
         }
@@ -173,5 +180,25 @@ mod tests {
         );
         // An id is taken as it is, listed or not: the monitor answers for it.
         assert_eq!(VmRef::Id(9).resolve(&vms), Ok(9));
+    }
+
+    #[test]
+    fn a_name_a_stopped_vm_shares_names_the_live_one() {
+        let stopped = |id, name| VmInfo {
+            state: VmState::Stopped {
+                reason: vmfork_proto::StopReason::PowerOff,
+            },
+            ..vm(id, name)
+        };
+        let vms = [stopped(1, "counter"), vm(2, "counter"), stopped(3, "echo")];
+        assert_eq!(VmRef::Name("counter".into()).resolve(&vms), Ok(2));
+        // A record alone is named by its name (to `rm` or `info` it).
+        assert_eq!(VmRef::Name("echo".into()).resolve(&vms), Ok(3));
+        // Two records and no live VM: ambiguous.
+        let vms = [stopped(1, "counter"), stopped(2, "counter")];
+        assert_eq!(
+            VmRef::Name("counter".into()).resolve(&vms),
+            Err(ResolveError::Ambiguous("counter".into(), vec![1, 2]))
+        );
     }
 }

@@ -559,7 +559,25 @@ fn pause_resume_reset_kill() {
     e.ok(&["reset", "2"]);
     assert_eq!(e.fake.list()[1].private_pages, 0);
     e.ok(&["kill", "2"]);
+    // Killed, it stays listed, stopped, until removed; only info, console and rm apply.
+    let info = e.ok(&["info", "2"]);
+    assert!(info.contains("state:           stopped (killed)"), "{info}");
+    assert!(e.ok(&["list"]).contains("stopped (killed)"));
+    let err = e.fails(11, &["pause", "2"]);
+    assert!(err.contains("vm2 has stopped"), "{err}");
+    e.fails(11, &["kill", "2"]);
+    // A live VM is removed only with --force.
+    e.fails(7, &["rm", "1"]);
+    assert_eq!(e.ok(&["rm", "hello.1"]), "");
     assert_eq!(e.fails(4, &["info", "2"]), "vmfork: no such VM: 2");
+    assert_eq!(e.fake.list().len(), 1);
+    // --rm: no record once stopped; rm --force kills and removes.
+    assert_eq!(e.ok(&["fork", "1", "--rm"]).trim(), "3");
+    e.ok(&["kill", "3"]);
+    e.fails(4, &["info", "3"]);
+    assert_eq!(e.ok(&["fork", "1"]).trim(), "4");
+    e.ok(&["rm", "--force", "4"]);
+    e.fails(4, &["info", "4"]);
     assert_eq!(e.fake.list().len(), 1);
 }
 
@@ -1025,6 +1043,14 @@ fn json_output_matches_the_schema() {
     check("dump", &json(&["dump", "1", f.to_str().unwrap()]));
     check("ok", &json(&["kill", "3"]));
     check("created", &json(&["restore", f.to_str().unwrap()]));
+    // A stopped VM's record, and the error for what does not apply to it.
+    let stopped = json(&["info", "3"]);
+    assert_eq!(stopped["state"]["reason"], "killed", "{stopped}");
+    check("vm", &stopped);
+    let v = json(&["pause", "3"]);
+    check("error", &v);
+    assert_eq!(v["error"]["kind"], "stopped");
+    check("rm", &json(&["rm", "3"]));
     for args in [
         &["info", "99"][..],
         &["reset", "1"],
@@ -1064,7 +1090,12 @@ fn vms_are_named_by_id_vm_id_or_name() {
         serde_json::from_str(&e.ok(&["--json", "info", "hello"])).unwrap();
     assert_eq!(info["id"], 1);
     let by_vm: serde_json::Value = serde_json::from_str(&e.ok(&["--json", "info", "vm1"])).unwrap();
-    assert_eq!(by_vm, info);
+    let timeless = |mut v: serde_json::Value| {
+        let o = v.as_object_mut().unwrap();
+        assert!(o.remove("uptime_us").is_some() && o.remove("vcpu_us").is_some());
+        v
+    };
+    assert_eq!(timeless(by_vm), timeless(info.clone()));
     assert_eq!(e.ok(&["fork", "hello"]).trim(), "2");
     e.ok(&["pause", "hello.1"]);
     let child: serde_json::Value = serde_json::from_str(&e.ok(&["--json", "info", "vm2"])).unwrap();
@@ -1274,4 +1305,133 @@ fn top_once_prints_one_table() {
     assert!(!out.contains('\x1b'), "no escapes when piped: {out:?}");
     let help = String::from_utf8(bin().arg("--help").output().unwrap().stdout).unwrap();
     assert!(help.contains("  12  timeout "), "{help}");
+}
+
+/// Runs `script` in bash after sourcing `vmfork completions bash`, with the tool on PATH and
+/// `socket` as VMFORK_SOCKET; its stdout, and how long it took. None (and a message) when there
+/// is no bash.
+fn in_bash(socket: &std::path::Path, script: &str) -> Option<(String, Duration)> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("vmfork.bash");
+    let o = bin().args(["completions", "bash"]).output().unwrap();
+    assert!(o.status.success());
+    std::fs::write(&file, &o.stdout).unwrap();
+    let bin_dir = PathBuf::from(env!("CARGO_BIN_EXE_vmfork"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let path = std::env::join_paths(std::iter::once(bin_dir).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))
+    .unwrap();
+    // The function the script registers for vmfork, called as bash would.
+    let full = format!(
+        "source {:?} || exit 9\nf=$(complete -p vmfork | sed -n 's/.* -F \\([^ ]*\\) .*/\\1/p')\n[ -n \"$f\" ] || exit 8\ncomplete_at() {{ COMP_WORDS=(\"$@\"); COMP_CWORD=$(( $# - 1 )); COMPREPLY=(); \"$f\" vmfork \"${{COMP_WORDS[COMP_CWORD]}}\" \"${{COMP_WORDS[COMP_CWORD-1]}}\"; for w in \"${{COMPREPLY[@]}}\"; do echo \"$w\"; done | sort | tr '\\n' ' '; echo; }}\n{script}",
+        file
+    );
+    let start = std::time::Instant::now();
+    let o = match Command::new("bash")
+        .arg("--norc")
+        .arg("-c")
+        .arg(&full)
+        .env("PATH", path)
+        .env("VMFORK_SOCKET", socket)
+        .env("XDG_RUNTIME_DIR", no_runtime_dir())
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("skipped: no bash ({e})");
+            return None;
+        }
+    };
+    let took = start.elapsed();
+    assert!(
+        o.status.success(),
+        "bash: {:?} {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Some((String::from_utf8(o.stdout).unwrap(), took))
+}
+
+#[test]
+fn bash_completes_vm_arguments_with_the_live_vms() {
+    let e = env_with(FakeConfig {
+        initial_vms: vec![("web".into(), 2 << 20, 1), ("db".into(), 2 << 20, 1)],
+        ..FakeConfig::default()
+    });
+    e.ok(&["fork", "web", "--name", "web-kid"]);
+    let vms = e.fake.list();
+    assert_eq!(vms.len(), 3);
+    let mut all: Vec<String> = vms.iter().map(|v| format!("vm{}", v.id.0)).collect();
+    all.extend(vms.iter().map(|v| v.name.clone()));
+    all.sort();
+    let all = format!("{} ", all.join(" "));
+    let web = vms.iter().find(|v| v.name == "web").unwrap().id.0;
+    let Some((out, _)) = in_bash(
+        &e.sock,
+        &format!(
+            "complete_at vmfork pause ''
+complete_at vmfork diff vm{web} ''
+complete_at vmfork fork -n 2 --name=x w
+complete_at vmfork --socket {sock:?} --json info d
+VMFORK_SOCKET=/nonexistent complete_at vmfork --socket {sock:?} kill vm
+complete_at vmfork dump vm{web} ''
+complete_at vmfork pau
+complete_at vmfork pause vm{web} ''",
+            sock = e.sock
+        ),
+    ) else {
+        return;
+    };
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 8, "{out}");
+    assert_eq!(lines[0], all, "pause VM");
+    assert_eq!(lines[1], all, "diff's second VM");
+    assert_eq!(lines[2], "web web-kid ", "after options with values");
+    assert_eq!(lines[3], "db ", "--socket given");
+    let ids: Vec<String> = vms.iter().map(|v| format!("vm{}", v.id.0)).collect();
+    let mut ids = ids;
+    ids.sort();
+    assert_eq!(lines[4], format!("{} ", ids.join(" ")), "--socket wins");
+    // Not a VM argument: clap's completion (a file name; never a VM).
+    assert!(!lines[5].contains("web"), "dump's FILE: {}", lines[5]);
+    assert_eq!(lines[6], "pause ", "subcommands as before");
+    // pause takes one VM: then clap's options, no VM.
+    assert!(!lines[7].contains("vm"), "after pause's VM: {}", lines[7]);
+}
+
+#[test]
+fn bash_completion_without_a_monitor_is_quick_and_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    // No socket at all; then one that accepts connections and never answers.
+    let none = dir.path().join("none.sock");
+    let Some((out, took)) = in_bash(&none, "complete_at vmfork pause ''") else {
+        return;
+    };
+    assert_eq!(out, "\n");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    let mute = dir.path().join("mute.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&mute).unwrap();
+    let (out, took) = in_bash(&mute, "complete_at vmfork info ''").unwrap();
+    assert_eq!(out, "\n");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // The hidden command itself: exit 0, nothing on stdout or stderr.
+    let o = bin()
+        .args(["--socket", mute.to_str().unwrap(), "__complete-vms"])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert!(o.stdout.is_empty() && o.stderr.is_empty(), "{o:?}");
+}
+
+#[test]
+fn complete_vms_prints_ids_and_names() {
+    let e = env();
+    let vms = e.fake.list();
+    let out = e.ok(&["__complete-vms"]);
+    let mut want: Vec<String> = vms.iter().map(|v| format!("vm{}", v.id.0)).collect();
+    want.extend(vms.iter().map(|v| v.name.clone()));
+    assert_eq!(out.lines().collect::<Vec<_>>(), want);
 }

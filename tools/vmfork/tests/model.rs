@@ -1,8 +1,9 @@
 //! Model-based property test: random sequences of fork / pause / resume / reset / kill / console
 //! writes sent through the client library to the fake monitor, checked against a plain model of
-//! the VM tree (ids, parents, states, errors) and the accounting invariants.
+//! the VM tree (ids, parents, states, errors) and the accounting invariants. A killed VM stays
+//! listed as stopped until `rm` removes it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 use vmfork::client::{Client, ClientError};
@@ -17,6 +18,7 @@ enum Op {
     Reset(u32),
     Kill(u32),
     Poke(u32, u8),
+    Rm(u32, bool),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -28,7 +30,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => vm.clone().prop_map(Op::Resume),
         1 => vm.clone().prop_map(Op::Reset),
         1 => vm.clone().prop_map(Op::Kill),
-        2 => (vm, 1u8..20).prop_map(|(v, n)| Op::Poke(v, n)),
+        2 => (vm.clone(), 1u8..20).prop_map(|(v, n)| Op::Poke(v, n)),
+        1 => (vm, any::<bool>()).prop_map(|(v, f)| Op::Rm(v, f)),
     ]
 }
 
@@ -38,10 +41,20 @@ struct M {
     paused: Option<PauseReason>,
 }
 
-fn expect_no_such(r: Result<impl std::fmt::Debug, ClientError>, vm: u32) {
+/// A request to VM `vm`, absent from the live model, failed as it should: `VmStopped` when it
+/// is a stopped VM's record, else `NoSuchVm`.
+fn expect_absent(r: Result<impl std::fmt::Debug, ClientError>, vm: u32, stopped: &BTreeSet<u32>) {
     match r {
-        Err(ClientError::Monitor(ErrorReply::NoSuchVm(VmId(v)))) => assert_eq!(v, vm),
-        other => panic!("expected NoSuchVm({vm}), got {other:?}"),
+        Err(ClientError::Monitor(ErrorReply::VmStopped(VmId(v)))) if stopped.contains(&vm) => {
+            assert_eq!(v, vm)
+        }
+        Err(ClientError::Monitor(ErrorReply::NoSuchVm(VmId(v)))) if !stopped.contains(&vm) => {
+            assert_eq!(v, vm)
+        }
+        other => panic!(
+            "expected the error for absent vm{vm} (stopped: {}), got {other:?}",
+            stopped.contains(&vm)
+        ),
     }
 }
 
@@ -57,6 +70,7 @@ proptest! {
         let mut c = Client::connect(&sock).unwrap();
         let mut model: BTreeMap<u32, M> = BTreeMap::new();
         model.insert(1, M { parent: None, paused: None });
+        let mut stopped: BTreeSet<u32> = BTreeSet::new();
         let mut next = 2u32;
         for op in ops {
             match op {
@@ -70,7 +84,22 @@ proptest! {
                         }
                         next += n;
                     } else {
-                        expect_no_such(r, v);
+                        expect_absent(r, v, &stopped);
+                    }
+                }
+                Op::Rm(v, force) => {
+                    let r = c.simple(&Request::Remove { vm: VmId(v), force });
+                    if stopped.remove(&v) {
+                        r.unwrap();
+                    } else if model.contains_key(&v) {
+                        if force {
+                            r.unwrap();
+                            model.remove(&v);
+                        } else {
+                            prop_assert!(matches!(&r, Err(ClientError::Monitor(ErrorReply::BadRequest(_)))), "{:?}", r);
+                        }
+                    } else {
+                        prop_assert!(matches!(&r, Err(ClientError::Monitor(ErrorReply::NoSuchVm(_)))), "{:?}", r);
                     }
                 }
                 Op::Pause(v) | Op::Resume(v) | Op::Reset(v) | Op::Kill(v) | Op::Poke(v, _) => {
@@ -80,11 +109,11 @@ proptest! {
                         Op::Reset(_) => Request::Reset { vm: VmId(v) },
                         Op::Kill(_) => Request::Kill { vm: VmId(v) },
                         Op::Poke(_, n) => Request::ConsoleInput { vm: VmId(v), data: format!("poke {n}\n").into_bytes() },
-                        Op::Fork(..) => unreachable!(),
+                        Op::Fork(..) | Op::Rm(..) => unreachable!(),
                     };
                     let r = c.simple(&req);
                     let Some(m) = model.get_mut(&v) else {
-                        expect_no_such(r, v);
+                        expect_absent(r, v, &stopped);
                         continue;
                     };
                     if matches!(op, Op::Reset(_)) && m.parent.is_none() {
@@ -101,14 +130,24 @@ proptest! {
                         // fork made paused), leaves it paused because it was asked to.
                         Op::Pause(_) => m.paused = Some(PauseReason::Requested),
                         Op::Resume(_) | Op::Reset(_) => m.paused = None,
-                        Op::Kill(_) => { model.remove(&v); }
+                        Op::Kill(_) => {
+                            model.remove(&v);
+                            stopped.insert(v);
+                        }
                         _ => {}
                     }
                 }
             }
             // Compare the tree and states, and check the accounting invariants.
             let list = c.list().unwrap();
-            let got: BTreeMap<u32, M> = list.iter().map(|i| (i.id.0, M {
+            let records: BTreeSet<u32> = list
+                .iter()
+                .filter(|i| matches!(i.state, VmState::Stopped { .. }))
+                .map(|i| i.id.0)
+                .collect();
+            prop_assert_eq!(&records, &stopped);
+            let live: Vec<_> = list.iter().filter(|i| !records.contains(&i.id.0)).collect();
+            let got: BTreeMap<u32, M> = live.iter().map(|i| (i.id.0, M {
                 parent: i.parent.map(|p| p.0),
                 paused: match &i.state {
                     VmState::Paused { reason } => Some(*reason),
@@ -117,7 +156,7 @@ proptest! {
                 },
             })).collect();
             prop_assert_eq!(&got, &model);
-            for i in &list {
+            for i in &live {
                 prop_assert_eq!(i.private_pages + i.shared_pages, i.mem_bytes / 4096);
                 prop_assert!(i.private_pages <= i.cow_faults + 256);
                 let d = c.diff(i.id, i.id).unwrap();

@@ -204,7 +204,7 @@ fn the_mux_answers_hello_itself_with_the_monitors_version_checks() {
     }
     // A frame of another version.
     let mut b = Vec::new();
-    encode_frame(2, kind::HELLO, 4, &[2, 0, 0, 0, 0, 0], &mut b).unwrap();
+    encode_frame(3, kind::HELLO, 4, &[3, 0, 0, 0, 0, 0], &mut b).unwrap();
     r.s.write_all(&b).unwrap();
     assert_eq!(
         r.recv(),
@@ -212,7 +212,7 @@ fn the_mux_answers_hello_itself_with_the_monitors_version_checks() {
             4,
             Response::Error(ErrorReply::VersionMismatch {
                 ours: PROTOCOL_VERSION,
-                theirs: 2
+                theirs: 3
             })
         )
     );

@@ -1019,8 +1019,8 @@ pub fn info_without_pages<H: Host>(host: &H, vm: &Vm) -> VmInfo {
     });
     let state = match &vm.state {
         VmState::Running => ProtoState::Running,
-        VmState::Paused(machine::PauseReason::OutOfMemory(_)) => ProtoState::Stopped {
-            reason: StopReason::OutOfMemory,
+        VmState::Paused(machine::PauseReason::OutOfMemory(_)) => ProtoState::Paused {
+            reason: PauseReason::OutOfMemory,
         },
         VmState::Paused(machine::PauseReason::Forked) => ProtoState::Paused {
             reason: PauseReason::Forked,

@@ -474,7 +474,9 @@ impl<H: Host> VmTable<H> {
         }
         let ctx = vm.vcpus[i].ctx.take()?;
         vm.vcpus[i].state = VcpuState::Running(cpu);
-        vm.vcpus[i].on_cpu_since = now;
+        // The host's clock, as `put_back` reads it (the caller's `now` is for timers and may
+        // be another count in tests).
+        vm.vcpus[i].on_cpu_since = self.host.now();
         self.cursor = (id, i);
         Some((id, i, ctx))
     }

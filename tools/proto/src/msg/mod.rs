@@ -49,6 +49,9 @@ wire_enum! {
         Restored = 2,
         /// Created by `Create { paused: true }` and not resumed yet.
         Created = 3,
+        /// A copy-on-write fault (or the copy of a shared device) found no free frame or heap:
+        /// `Resume` retries once memory is free.
+        OutOfMemory = 4,
     }
 }
 
@@ -63,8 +66,8 @@ wire_enum! {
         PowerOff = 0,
         /// The guest took an exception the monitor could not handle; the text names ESR/FAR/ELR.
         Fault(text: String) = 1,
-        /// A copy-on-write fault found no free frame (the VM is paused, not torn down: `Resume`
-        /// retries once memory is free).
+        /// Not used since version 2 (a VM out of memory is `Paused { OutOfMemory }`); the tag
+        /// stays taken.
         OutOfMemory = 2,
         /// Killed by a `Kill` request.
         Killed = 3,
@@ -111,6 +114,7 @@ impl fmt::Display for VmState {
                     PauseReason::Forked => "forked paused",
                     PauseReason::Restored => "restored paused",
                     PauseReason::Created => "created paused",
+                    PauseReason::OutOfMemory => "out of memory",
                 };
                 write!(f, "paused ({r})")
             }

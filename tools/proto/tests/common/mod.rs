@@ -27,7 +27,8 @@ pub fn state() -> impl Strategy<Value = VmState> {
             Just(PauseReason::Requested),
             Just(PauseReason::Forked),
             Just(PauseReason::Restored),
-            Just(PauseReason::Created)
+            Just(PauseReason::Created),
+            Just(PauseReason::OutOfMemory)
         ]
         .prop_map(|reason| VmState::Paused { reason }),
         prop_oneof![

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use vmfork_proto::{Decoder, ErrorReply, Response};
 
-use super::{dispatch, lock, read_some, ClientId, MuxError, MuxLog, Phase, Shared, Sink, Startup};
+use super::{
+    dispatch, is_retry, lock, read_some, ClientId, MuxError, MuxLog, Phase, Shared, Sink, Startup,
+};
 
 /// Makes `link` a symbolic link to `target` unless something live serves `link` already.
 /// Returns whether it did.
@@ -140,13 +142,7 @@ fn early_client(st: Arc<Startup>, mut stream: UnixStream) {
             Ok(0) => return,
             Ok(n) if bytes.len() + n > MAX_EARLY_BYTES => return,
             Ok(n) => bytes.extend_from_slice(&buf[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) => {}
+            Err(e) if is_retry(&e) => {}
             Err(_) => return,
         }
     }

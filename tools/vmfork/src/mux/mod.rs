@@ -27,6 +27,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -44,6 +45,16 @@ pub use router::{ClientId, Dest, Outgoing, Router, UPSTREAM_LOST};
 
 use clients::{accept_loop, bind, claim_link, release_link};
 use upstream::{reach_monitor, upstream_reader, upstream_writer};
+
+/// Whether a socket read or write that failed with `e` is worth trying again: a read timeout
+/// (`WouldBlock` or `TimedOut`, by platform) or a signal. The mux's and the fake monitor's
+/// polling loops use it.
+pub(crate) fn is_retry(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
 
 /// How a running mux ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

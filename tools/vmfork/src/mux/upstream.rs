@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use vmfork_proto::{Decoder, ErrorReply, FrameError, Request, Response, PROTOCOL_VERSION};
 
 use super::{
-    dispatch, lock, read_some, shut_down, MuxEnd, MuxError, MuxLog, MuxOptions, Shared, Startup,
+    dispatch, is_retry, lock, read_some, shut_down, MuxEnd, MuxError, MuxLog, MuxOptions, Shared,
+    Startup,
 };
 
 /// Logs `msg` the first time and then every 30 s while a wait goes on.
@@ -140,16 +141,7 @@ fn handshake(
         let n = match stream.read(&mut buf) {
             Ok(0) => return Err(MuxError::Closed),
             Ok(n) => n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue
-            }
+            Err(e) if is_retry(&e) => continue,
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Err(MuxError::Closed),
             Err(e) => return Err(MuxError::Io(e)),
         };
