@@ -49,6 +49,7 @@
 //! - `timing`: the default timeout and the timeout overrides from the environment.
 
 pub mod linux;
+pub mod mux;
 pub mod proto_client;
 
 mod config;
@@ -62,5 +63,6 @@ pub use config::QemuConfig;
 pub use control::{vmfork_ok, vmfork_run, ControlSocket};
 pub use images::{guest_image, monitor_image, vmfork_tool, workspace_root};
 pub use lines::{complete_lines, plain_lines, vm_lines, wait_count};
+pub use mux::MuxProcess;
 pub use qemu::Qemu;
 pub use timing::DEFAULT_TIMEOUT;

@@ -8,45 +8,8 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use vmfork_tests::{
-    vmfork_ok, vmfork_run, vmfork_tool, ControlSocket, Qemu, QemuConfig, DEFAULT_TIMEOUT,
+    vmfork_ok, vmfork_tool, ControlSocket, MuxProcess, Qemu, QemuConfig, DEFAULT_TIMEOUT,
 };
-
-/// The mux process; killed when the test ends, however it ends.
-struct MuxProcess(Child);
-
-impl MuxProcess {
-    /// Starts `vmfork mux` between QEMU's socket and `listen`, and waits until it serves (it
-    /// listens at once, and answers clients once the monitor has answered it).
-    fn start(upstream: &ControlSocket, listen: &ControlSocket) -> MuxProcess {
-        let child = Command::new(vmfork_tool())
-            .arg("mux")
-            .arg("--upstream")
-            .arg(upstream.path())
-            .arg("--listen")
-            .arg(listen.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start vmfork mux");
-        let mut mux = MuxProcess(child);
-        let deadline = Instant::now() + DEFAULT_TIMEOUT;
-        while !vmfork_run(listen, &["list"]).status.success() {
-            if let Ok(Some(status)) = mux.0.try_wait() {
-                panic!("vmfork mux exited before serving: {status}");
-            }
-            assert!(Instant::now() < deadline, "vmfork mux never served");
-            thread::sleep(Duration::from_millis(50));
-        }
-        mux
-    }
-}
-
-impl Drop for MuxProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// `vmfork console VM --linger MS` in a child process, its output collected as it comes.
 struct Console {

@@ -2,47 +2,13 @@
 //! boot of the counter guest, behind `vmfork mux` (QEMU's socket serves one client at a time,
 //! and `events` and `wait` stay connected while other commands run).
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use vmfork_tests::{
-    vmfork_ok, vmfork_run, vmfork_tool, ControlSocket, Qemu, QemuConfig, DEFAULT_TIMEOUT,
+    vmfork_ok, vmfork_run, vmfork_tool, ControlSocket, MuxProcess, Qemu, QemuConfig,
+    DEFAULT_TIMEOUT,
 };
-
-/// `vmfork mux` from QEMU's socket to another; killed when the test ends, however it ends.
-struct MuxProcess(Child);
-
-impl MuxProcess {
-    fn start(upstream: &ControlSocket, listen: &ControlSocket) -> MuxProcess {
-        let child = Command::new(vmfork_tool())
-            .arg("mux")
-            .arg("--upstream")
-            .arg(upstream.path())
-            .arg("--listen")
-            .arg(listen.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start vmfork mux");
-        let mut mux = MuxProcess(child);
-        let deadline = Instant::now() + DEFAULT_TIMEOUT;
-        while !vmfork_run(listen, &["list"]).status.success() {
-            if let Ok(Some(status)) = mux.0.try_wait() {
-                panic!("vmfork mux exited before serving: {status}");
-            }
-            assert!(Instant::now() < deadline, "vmfork mux never served");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        mux
-    }
-}
-
-impl Drop for MuxProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[test]
 fn wait_events_and_top_see_a_fork_and_a_pause() {

@@ -84,41 +84,44 @@ pub fn vm_table(vms: &[VmInfo]) -> String {
             ]
         })
         .collect();
-    let mut width = header.map(str::len);
-    for r in &rows {
-        for (w, c) in width.iter_mut().zip(r) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
     // Text columns left-aligned, numbers right-aligned.
     let right = [
         true, true, false, false, true, true, true, true, true, true, true,
     ];
+    table(&header, &rows, &right)
+}
+
+/// A table: `header` and `rows` in columns two spaces apart, each as wide as its widest cell,
+/// right-aligned where `right` says so; no trailing blanks.
+pub fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]], right: &[bool; N]) -> String {
+    let mut width = header.map(str::len);
+    for r in rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
     let mut out = String::new();
-    let mut line = |cells: &[&str]| {
+    let mut line = |cells: [&str; N]| {
         let mut l = String::new();
         for (i, c) in cells.iter().enumerate() {
             if i > 0 {
                 l.push_str("  ");
             }
-            let pad = width[i].saturating_sub(c.chars().count());
+            let pad = " ".repeat(width[i].saturating_sub(c.chars().count()));
             if right[i] {
-                l.push_str(&" ".repeat(pad));
+                l.push_str(&pad);
                 l.push_str(c);
             } else {
                 l.push_str(c);
-                if i + 1 < cells.len() {
-                    l.push_str(&" ".repeat(pad));
-                }
+                l.push_str(&pad);
             }
         }
         out.push_str(l.trim_end());
         out.push('\n');
     };
-    line(&header);
-    for r in &rows {
-        let cells: Vec<&str> = r.iter().map(String::as_str).collect();
-        line(&cells);
+    line(*header);
+    for r in rows {
+        line(r.each_ref().map(String::as_str));
     }
     out
 }

@@ -409,36 +409,8 @@ pub fn top_table(g: &GlobalStats, prev: Option<&[VmInfo]>, cur: &[VmInfo], elaps
             ]
         })
         .collect();
-    let mut width = header.map(str::len);
-    for r in &rows {
-        for (w, c) in width.iter_mut().zip(r) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
     let right = [true, false, false, true, true, true, true, true];
-    let mut line = |cells: &[&str]| {
-        let mut l = String::new();
-        for (i, c) in cells.iter().enumerate() {
-            if i > 0 {
-                l.push_str("  ");
-            }
-            let pad = " ".repeat(width[i].saturating_sub(c.chars().count()));
-            if right[i] {
-                l.push_str(&pad);
-                l.push_str(c);
-            } else {
-                l.push_str(c);
-                l.push_str(&pad);
-            }
-        }
-        out.push_str(l.trim_end());
-        out.push('\n');
-    };
-    line(&header);
-    for r in &rows {
-        let cells: Vec<&str> = r.iter().map(String::as_str).collect();
-        line(&cells);
-    }
+    out.push_str(&crate::format::table(&header, &rows, &right));
     out
 }
 
