@@ -10,7 +10,9 @@
 //! `/memory@…`, `/intc@8000000` (GICv3 distributor + one redistributor region), `/timer` (the
 //! Generic Timer's four PPIs), `/psci`, `/apb-pclk` (a fixed clock) and `/pl011@9000000` (which
 //! the Linux AMBA bus needs to name its `apb_pclk`), `/chosen` and, when asked for,
-//! `/rng@…` with `compatible = "microsoft,vmgenid"`. There are no virtio-mmio nodes: the monitor's
+//! `/rng@…` with `compatible = "microsoft,vmgenid"` and, with
+//! [`GuestDtbConfig::power_button`] (off by default), `/pl061@9030000` (a PL061 GPIO controller)
+//! and `/gpio-keys` with a `poweroff` key on its line 3. There are no virtio-mmio nodes: the monitor's
 //! control device on QEMU's virtio-mmio bus is never shown to a guest.
 //!
 //! The writer is rust-vmm's `vm-fdt`, built with `default-features = false, features = ["alloc"]`
@@ -861,6 +863,48 @@ mod tests {
             "clock-names = \"uartclk\", \"apb_pclk\";",
             "method = \"hvc\";",
             "#redistributor-regions = <0x01>;",
+        ] {
+            assert!(dts.contains(needle), "{needle} missing from:\n{dts}");
+        }
+    }
+
+    /// The power-button nodes pass `dtc`'s checks too (the `gpios` phandle and `#gpio-cells`);
+    /// skipped when `dtc` is not installed.
+    #[test]
+    fn dtc_accepts_the_power_button() {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        let blob = build(&GuestDtbConfig {
+            power_button: true,
+            ..full_cfg()
+        })
+        .unwrap();
+        let Ok(mut child) = Command::new("dtc")
+            .args(["-I", "dtb", "-O", "dts", "-o", "-", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+        else {
+            std::eprintln!("dtc not installed: skipping the dtc check");
+            return;
+        };
+        child.stdin.take().unwrap().write_all(&blob).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "dtc failed: {stderr}");
+        assert!(stderr.trim().is_empty(), "dtc warnings: {stderr}");
+        let dts = String::from_utf8(out.stdout)
+            .unwrap()
+            .replace("\\0", "\", \"");
+        for needle in [
+            "pl061@9030000 {",
+            "compatible = \"arm,pl061\", \"arm,primecell\";",
+            "gpio-controller;",
+            "gpio-keys {",
+            "poweroff {",
+            "linux,code = <0x74>;",
+            "gpios = <0x03 0x03 0x00>;",
         ] {
             assert!(dts.contains(needle), "{needle} missing from:\n{dts}");
         }
