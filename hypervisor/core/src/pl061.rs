@@ -442,10 +442,10 @@ mod tests {
         }
 
         fn read(&self, off: u64, size: u8) -> MmioResult {
-            if ![1, 2, 4].contains(&size) || off % u64::from(size) != 0 || off >= 0x1000 {
+            if ![1, 2, 4].contains(&size) || !off.is_multiple_of(u64::from(size)) || off >= 0x1000 {
                 return MmioResult::Fault;
             }
-            if off % 4 != 0 {
+            if !off.is_multiple_of(4) {
                 return MmioResult::Read(0);
             }
             let v: [bool; 8] = match off {
@@ -476,18 +476,18 @@ mod tests {
         }
 
         fn write(&mut self, off: u64, size: u8, val: u64) -> MmioResult {
-            if ![1, 2, 4].contains(&size) || off % u64::from(size) != 0 || off >= 0x1000 {
+            if ![1, 2, 4].contains(&size) || !off.is_multiple_of(u64::from(size)) || off >= 0x1000 {
                 return MmioResult::Fault;
             }
-            if off % 4 != 0 {
+            if !off.is_multiple_of(4) {
                 return MmioResult::Written;
             }
             let b = bits(val as u8);
             match off {
                 0..=0x3fc => {
-                    for i in 0..8 {
+                    for (i, (latch, &new)) in self.latch.iter_mut().zip(&b).enumerate() {
                         if (off >> 2) & (1 << i) != 0 {
-                            self.latch[i] = b[i];
+                            *latch = new;
                         }
                     }
                 }
@@ -497,9 +497,9 @@ mod tests {
                 0x40c => self.high = b,
                 0x410 => self.enabled = b,
                 0x41c => {
-                    for i in 0..8 {
-                        if b[i] {
-                            self.edge[i] = false;
+                    for (edge, &clear) in self.edge.iter_mut().zip(&b) {
+                        if clear {
+                            *edge = false;
                         }
                     }
                 }
