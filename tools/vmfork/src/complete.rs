@@ -332,6 +332,8 @@ mod tests {
             cow_faults: 0,
             forks: 0,
             last_fork_ticks: 0,
+            uptime_us: 0,
+            vcpu_us: 0,
         }
     }
 
