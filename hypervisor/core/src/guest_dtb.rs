@@ -10,7 +10,9 @@
 //! `/memory@…`, `/intc@8000000` (GICv3 distributor + one redistributor region), `/timer` (the
 //! Generic Timer's four PPIs), `/psci`, `/apb-pclk` (a fixed clock) and `/pl011@9000000` (which
 //! the Linux AMBA bus needs to name its `apb_pclk`), `/chosen` and, when asked for,
-//! `/rng@…` with `compatible = "microsoft,vmgenid"`. There are no virtio-mmio nodes: the monitor's
+//! `/rng@…` with `compatible = "microsoft,vmgenid"` and, with
+//! [`GuestDtbConfig::power_button`] (off by default), `/pl061@9030000` (a PL061 GPIO controller)
+//! and `/gpio-keys` with a `poweroff` key on its line 3. There are no virtio-mmio nodes: the monitor's
 //! control device on QEMU's virtio-mmio bus is never shown to a guest.
 //!
 //! The writer is rust-vmm's `vm-fdt`, built with `default-features = false, features = ["alloc"]`
@@ -46,6 +48,17 @@ pub mod layout {
     pub const UART_SIZE: u64 = 0x1000;
     /// The PL011's interrupt, as an SPI number (INTID = 32 + SPI).
     pub const UART_SPI: u32 = 1;
+    /// PL061 GPIO controller base (QEMU `virt`'s `VIRT_GPIO`), present only with
+    /// [`GuestDtbConfig::power_button`](super::GuestDtbConfig::power_button).
+    pub const GPIO_BASE: u64 = crate::pl061::PL061_BASE;
+    /// Size of the PL061 register frame.
+    pub const GPIO_SIZE: u64 = crate::pl061::PL061_SIZE;
+    /// The PL061's interrupt, as an SPI number (INTID 39).
+    pub const GPIO_SPI: u32 = crate::pl061::PL061_SPI;
+    /// The PL061 line of the `gpio-keys` power button.
+    pub const POWER_BUTTON_LINE: u32 = crate::pl061::POWER_BUTTON_LINE;
+    /// The key code the power button reports (`KEY_POWER` in Linux's input-event-codes.h).
+    pub const KEY_POWER: u32 = 116;
     /// Frequency of the fixed `apb_pclk` clock given to the PL011 (as on QEMU `virt`).
     pub const APB_PCLK_HZ: u32 = 24_000_000;
 
@@ -108,6 +121,8 @@ pub const MAX_DTB_SIZE: usize = 2 << 20;
 const PHANDLE_GIC: u32 = 1;
 /// phandle of the `apb-pclk` fixed clock.
 const PHANDLE_APB_PCLK: u32 = 2;
+/// phandle of the PL061 GPIO controller (only with a power button).
+const PHANDLE_GPIO: u32 = 3;
 
 /// DT interrupt specifier type cell for an SPI.
 const GIC_SPI: u32 = 0;
@@ -156,6 +171,10 @@ pub struct GuestDtbConfig {
     pub vmgenid: Option<u64>,
     /// Bytes for `/chosen/rng-seed` (and the first 8 for `kaslr-seed`), if any.
     pub rng_seed: Option<[u8; 32]>,
+    /// Describe the power button: `/pl061@9030000` (a PL061 GPIO controller on SPI 7) and
+    /// `/gpio-keys` whose `poweroff` key (`KEY_POWER`) is its line 3, as on QEMU `virt`. Off by
+    /// default: the monitor does not emulate the PL061 for guests yet.
+    pub power_button: bool,
 }
 
 impl Default for GuestDtbConfig {
@@ -169,6 +188,7 @@ impl Default for GuestDtbConfig {
             psci_method: PsciMethodName::Hvc,
             vmgenid: Some(layout::VMGENID_BASE),
             rng_seed: None,
+            power_button: false,
         }
     }
 }
@@ -264,9 +284,15 @@ fn validate(cfg: &GuestDtbConfig) -> Result<(), DtbError> {
             (layout::UART_BASE, layout::UART_SIZE),
             (cfg.ram_base, cfg.ram_size),
         ];
+        let gpio = cfg
+            .power_button
+            .then_some((layout::GPIO_BASE, layout::GPIO_SIZE));
         if !ipa.is_multiple_of(size)
             || ipa.checked_add(size).is_none()
-            || devices.iter().any(|&(b, l)| overlaps(ipa, size, b, l))
+            || devices
+                .iter()
+                .chain(gpio.iter())
+                .any(|&(b, l)| overlaps(ipa, size, b, l))
         {
             return Err(DtbError::BadVmgenid(ipa));
         }
@@ -402,6 +428,36 @@ pub fn build(cfg: &GuestDtbConfig) -> Result<Vec<u8>, DtbError> {
     )?;
     w.end_node(uart)?;
 
+    // /pl061 and /gpio-keys: the power button.
+    if cfg.power_button {
+        let gpio = w.begin_node(&alloc::format!("pl061@{:x}", layout::GPIO_BASE))?;
+        w.property_string_list(
+            "compatible",
+            alloc::vec!["arm,pl061".into(), "arm,primecell".into()],
+        )?;
+        w.property_array_u64("reg", &[layout::GPIO_BASE, layout::GPIO_SIZE])?;
+        w.property_array_u32(
+            "interrupts",
+            &[GIC_SPI, layout::GPIO_SPI, IRQ_TYPE_LEVEL_HIGH],
+        )?;
+        w.property_null("gpio-controller")?;
+        w.property_u32("#gpio-cells", 2)?;
+        w.property_u32("clocks", PHANDLE_APB_PCLK)?;
+        w.property_string("clock-names", "apb_pclk")?;
+        w.property_phandle(PHANDLE_GPIO)?;
+        w.end_node(gpio)?;
+
+        let keys = w.begin_node("gpio-keys")?;
+        w.property_string("compatible", "gpio-keys")?;
+        let key = w.begin_node("poweroff")?;
+        w.property_string("label", "GPIO Key Poweroff")?;
+        w.property_u32("linux,code", layout::KEY_POWER)?;
+        // Flags 0: GPIO_ACTIVE_HIGH.
+        w.property_array_u32("gpios", &[PHANDLE_GPIO, layout::POWER_BUTTON_LINE, 0])?;
+        w.end_node(key)?;
+        w.end_node(keys)?;
+    }
+
     // /rng: the VM Generation ID (Linux 6.10+ reseeds its RNG when it changes).
     if let Some(ipa) = cfg.vmgenid {
         let node = w.begin_node(&alloc::format!("rng@{ipa:x}"))?;
@@ -486,6 +542,7 @@ mod tests {
             psci_method: PsciMethodName::Hvc,
             vmgenid: Some(layout::VMGENID_BASE),
             rng_seed: Some([7; 32]),
+            power_button: false,
         }
     }
 
@@ -648,6 +705,70 @@ mod tests {
     }
 
     #[test]
+    fn power_button_nodes() {
+        // Off by default: neither node, and the default tree is unchanged otherwise.
+        let off = build(&full_cfg()).unwrap();
+        let fdt = Fdt::new(&off).unwrap();
+        assert!(fdt.find_compatible(&["arm,pl061"]).is_none());
+        assert!(fdt.find_node("/gpio-keys").is_none());
+        assert!(fdt.find_phandle(PHANDLE_GPIO).is_none());
+        assert!(!GuestDtbConfig::default().power_button);
+
+        let cfg = GuestDtbConfig {
+            power_button: true,
+            ..full_cfg()
+        };
+        let blob = build(&cfg).unwrap();
+        let fdt = Fdt::new(&blob).unwrap();
+        let g = "/pl061@9030000";
+        assert_eq!(
+            strs(prop(&fdt, g, "compatible")),
+            ["arm,pl061", "arm,primecell"]
+        );
+        assert_eq!(be64s(prop(&fdt, g, "reg")), [0x0903_0000, 0x1000]);
+        assert_eq!(
+            be32s(prop(&fdt, g, "interrupts")),
+            [GIC_SPI, 7, IRQ_TYPE_LEVEL_HIGH]
+        );
+        assert_eq!(layout::spi_intid(layout::GPIO_SPI), 39);
+        assert!(prop(&fdt, g, "gpio-controller").is_empty());
+        assert_eq!(be32s(prop(&fdt, g, "#gpio-cells")), [2]);
+        assert_eq!(be32s(prop(&fdt, g, "clocks")), [PHANDLE_APB_PCLK]);
+        assert_eq!(strs(prop(&fdt, g, "clock-names")), ["apb_pclk"]);
+        assert_eq!(be32s(prop(&fdt, g, "phandle")), [PHANDLE_GPIO]);
+        assert_eq!(
+            fdt.find_phandle(PHANDLE_GPIO).unwrap().name,
+            "pl061@9030000"
+        );
+
+        assert_eq!(strs(prop(&fdt, "/gpio-keys", "compatible")), ["gpio-keys"]);
+        let k = "/gpio-keys/poweroff";
+        assert_eq!(strs(prop(&fdt, k, "label")), ["GPIO Key Poweroff"]);
+        assert_eq!(be32s(prop(&fdt, k, "linux,code")), [116]);
+        assert_eq!(be32s(prop(&fdt, k, "gpios")), [PHANDLE_GPIO, 3, 0]);
+
+        // Everything else is as without the button.
+        assert_eq!(
+            fdt.all_nodes().count(),
+            Fdt::new(&off).unwrap().all_nodes().count() + 3
+        );
+        // The vmgenid page may not sit on the PL061 then (and may without it).
+        let on_gpio = GuestDtbConfig {
+            vmgenid: Some(layout::GPIO_BASE),
+            ..cfg.clone()
+        };
+        assert_eq!(
+            build(&on_gpio),
+            Err(DtbError::BadVmgenid(layout::GPIO_BASE))
+        );
+        assert!(build(&GuestDtbConfig {
+            power_button: false,
+            ..on_gpio
+        })
+        .is_ok());
+    }
+
+    #[test]
     fn rejects_bad_configs() {
         let ok = GuestDtbConfig::default();
         let with = |f: &dyn Fn(&mut GuestDtbConfig)| {
@@ -742,6 +863,48 @@ mod tests {
             "clock-names = \"uartclk\", \"apb_pclk\";",
             "method = \"hvc\";",
             "#redistributor-regions = <0x01>;",
+        ] {
+            assert!(dts.contains(needle), "{needle} missing from:\n{dts}");
+        }
+    }
+
+    /// The power-button nodes pass `dtc`'s checks too (the `gpios` phandle and `#gpio-cells`);
+    /// skipped when `dtc` is not installed.
+    #[test]
+    fn dtc_accepts_the_power_button() {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        let blob = build(&GuestDtbConfig {
+            power_button: true,
+            ..full_cfg()
+        })
+        .unwrap();
+        let Ok(mut child) = Command::new("dtc")
+            .args(["-I", "dtb", "-O", "dts", "-o", "-", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+        else {
+            std::eprintln!("dtc not installed: skipping the dtc check");
+            return;
+        };
+        child.stdin.take().unwrap().write_all(&blob).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "dtc failed: {stderr}");
+        assert!(stderr.trim().is_empty(), "dtc warnings: {stderr}");
+        let dts = String::from_utf8(out.stdout)
+            .unwrap()
+            .replace("\\0", "\", \"");
+        for needle in [
+            "pl061@9030000 {",
+            "compatible = \"arm,pl061\", \"arm,primecell\";",
+            "gpio-controller;",
+            "gpio-keys {",
+            "poweroff {",
+            "linux,code = <0x74>;",
+            "gpios = <0x03 0x03 0x00>;",
         ] {
             assert!(dts.contains(needle), "{needle} missing from:\n{dts}");
         }

@@ -23,6 +23,7 @@ pub mod machine;
 pub mod mmio;
 pub mod opqueue;
 pub mod physmem;
+pub mod pl061;
 pub mod platform;
 pub mod psci;
 pub mod ratelimit;
