@@ -93,7 +93,11 @@ pub fn vm_table(vms: &[VmInfo]) -> String {
 
 /// A table: `header` and `rows` in columns two spaces apart, each as wide as its widest cell,
 /// right-aligned where `right` says so; no trailing blanks.
-pub fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]], right: &[bool; N]) -> String {
+pub fn table<const N: usize>(
+    header: &[&str; N],
+    rows: &[[String; N]],
+    right: &[bool; N],
+) -> String {
     let mut width = header.map(str::len);
     for r in rows {
         for (w, c) in width.iter_mut().zip(r) {
