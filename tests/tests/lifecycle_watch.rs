@@ -110,3 +110,104 @@ fn wait_events_and_top_see_a_fork_and_a_pause() {
     q.expect_no("panic");
     q.kill();
 }
+
+/// The lifecycle on the real monitor: `create --paused` runs nothing until resumed; a guest that
+/// powers off stays listed, stopped, with its last words on its console, until `rm`; `--rm`
+/// keeps no record; `restore --paused`; `rm --force` of a live VM.
+#[test]
+fn stopped_vms_stay_listed_until_rm_and_paused_starts_run_nothing() {
+    let socket = ControlSocket::new();
+    let mut q = Qemu::start(
+        QemuConfig::monitor()
+            .smp(2)
+            .mem_mib(512)
+            .name("lifecycle_flags")
+            .control(&socket),
+    );
+    q.wait_for("monitor: ready", DEFAULT_TIMEOUT);
+    let row = |id: u32| {
+        let list = vmfork_ok(&socket, &["list"]);
+        list.lines()
+            .find(|l| l.split_whitespace().next() == Some(&id.to_string()))
+            .map(str::to_string)
+    };
+    let hello = vmfork_tests::guest_image("hello");
+    let hello = hello.to_str().unwrap();
+    let counter = vmfork_tests::guest_image("counter");
+    let counter = counter.to_str().unwrap();
+
+    // Created paused: it has not run, so it has not said hello.
+    let id = vmfork_ok(
+        &socket,
+        &["create", "--kernel", hello, "--mem", "16M", "--paused"],
+    );
+    assert_eq!(id.trim(), "1");
+    assert!(
+        row(1).unwrap().contains("paused (created paused)"),
+        "{:?}",
+        row(1)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(q.count("[vm1] hello:"), 0, "a VM created paused ran");
+    // Resumed, it says hello and powers off: its record stays, with its last words.
+    vmfork_ok(&socket, &["resume", "hello"]);
+    q.wait_for("vm1: 'hello' powered off", DEFAULT_TIMEOUT);
+    let r = row(1).expect("no record of the VM that powered off");
+    assert!(r.contains("stopped (power off)"), "{r}");
+    let o = vmfork_run(&socket, &["console", "1"]);
+    assert_eq!(o.status.code(), Some(10), "console of a stopped VM");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("hello: bye"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("vm1 powered off"));
+    let o = vmfork_run(&socket, &["pause", "1"]);
+    assert_eq!(o.status.code(), Some(11), "pause of a stopped VM");
+    vmfork_ok(&socket, &["rm", "hello"]);
+    assert_eq!(row(1), None);
+
+    // --rm: gone from the list as soon as it stops.
+    let id = vmfork_ok(
+        &socket,
+        &["create", "--kernel", hello, "--mem", "16M", "--rm"],
+    );
+    assert_eq!(id.trim(), "2");
+    q.wait_for("vm2: 'hello' powered off", DEFAULT_TIMEOUT);
+    let o = vmfork_run(&socket, &["info", "2"]);
+    assert_eq!(o.status.code(), Some(4), "a --rm VM left a record");
+
+    // restore --paused: the copy waits; rm --force kills a live VM and keeps nothing.
+    let id = vmfork_ok(&socket, &["create", "--kernel", counter, "--mem", "16M"]);
+    assert_eq!(id.trim(), "3");
+    q.wait_for("[vm3] counter: tick 2", DEFAULT_TIMEOUT);
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("counter.snap");
+    vmfork_ok(&socket, &["dump", "3", snap.to_str().unwrap()]);
+    let id = vmfork_ok(&socket, &["restore", snap.to_str().unwrap(), "--paused"]);
+    assert_eq!(id.trim(), "4");
+    assert!(
+        row(4).unwrap().contains("paused (restored paused)"),
+        "{:?}",
+        row(4)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        q.count("[vm4] counter: tick"),
+        0,
+        "a VM restored paused ran"
+    );
+    vmfork_ok(&socket, &["resume", "4"]);
+    q.wait_for("[vm4] counter: tick", DEFAULT_TIMEOUT);
+    let o = vmfork_run(&socket, &["rm", "4"]);
+    assert_eq!(o.status.code(), Some(7), "rm of a live VM without --force");
+    vmfork_ok(&socket, &["rm", "--force", "4"]);
+    q.wait_for(
+        "vm4: 'counter' killed by the control channel",
+        DEFAULT_TIMEOUT,
+    );
+    assert_eq!(row(4), None);
+    assert!(row(3).unwrap().contains("running"));
+    q.expect_no("panic");
+    q.kill();
+}
